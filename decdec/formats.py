@@ -1,0 +1,137 @@
+"""Bit layouts of our tensors: ap bit-planes, LUT-GEMM binary codes, residual nibbles.
+
+Every layout here is shared by the pure-PyTorch reference (``decdec.reference``) and the CUDA
+kernels in ``csrc/``; change one and you must change the other.
+
+ap (any-precision, non-uniform)
+    ``qweight [b, out, in/32] int32``: bit ``j`` of word ``qweight[p, r, w]`` is bit ``p`` of the
+    code of weight ``(r, 32*w + j)``. ``lut [out, 2**b]``: ``W[r, i] = lut[r, code[r, i]]``.
+
+lutgemm (binary-coding quantization, groups of ``group = in / n_groups`` channels along ``in``;
+    128 by default, any multiple of 32 allowed -- SmolLM2's in=576 uses 64)
+    ``binary [in/32, b, out] int32``: bit ``j`` of word ``binary[w, p, r]`` is ``bit_p(r, 32*w + j)``;
+    ``alpha [n_groups, b, out]``, ``q_bias [n_groups, out]``;
+    ``W[r, i] = sum_p alpha[g, p, r] * (2 * bit_p - 1) + q_bias[g, r]`` with ``g = i // group``.
+
+residual ("cheatsheet")
+    ``q_residual [in, out/8] int32``: nibble ``n`` (bits ``4n..4n+3``) of word ``[i, c]`` holds
+    ``q(E[8c + n, i]) + 8`` in 1..15; ``scales [out]``; ``E[r, i] ~= scales[r] * (nibble - 8)``.
+    Row ``i`` is what one selected input channel costs to fetch: ``out / 2`` bytes.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+if sys.byteorder != "little":  # the unpackers reinterpret int32 words as bytes
+    raise ImportError("decdec's bit layouts assume a little-endian host, as CUDA devices are")
+
+BCQ_GROUP = 128
+RESIDUAL_LEVELS = 7  # symmetric 4-bit: integer levels -7..7, stored +8
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """Reinterpret non-negative int64 values < 2**32 as int32 (two's complement)."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _pack_bits_last(bits: torch.Tensor) -> torch.Tensor:
+    """bits [..., n*32] in {0,1} -> int32 [..., n]; element 32*w + j goes to bit j of word w."""
+    *lead, n = bits.shape
+    if n % 32:
+        raise ValueError(f"bit count {n} is not a multiple of 32")
+    shifts = torch.arange(32, dtype=torch.int64, device=bits.device)
+    words = (bits.reshape(*lead, n // 32, 32).to(torch.int64) << shifts).sum(-1)
+    return _to_int32(words)
+
+
+def _unpack_bits_last(words: torch.Tensor) -> torch.Tensor:
+    """int32 [..., n] -> uint8 bits [..., n*32] (inverse of ``_pack_bits_last``).
+
+    Works on the little-endian bytes of each word (byte k holds bits 8k..8k+7): uint8 shifts are
+    4x less memory traffic than int32 ones, which keeps the CPU reference usable for decoding.
+    """
+    by = words.contiguous().view(torch.uint8).unsqueeze(-1)  # [..., 4n, 1]
+    shifts = torch.arange(8, dtype=torch.uint8, device=words.device)
+    return ((by >> shifts) & 1).reshape(*words.shape[:-1], words.shape[-1] * 32)
+
+
+# ---------------------------------------------------------------------------- ap bit-planes
+def pack_bitplanes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [out, in] integers in 0..2**bits-1 -> qweight [bits, out, in/32] int32."""
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be 2-D [out, in], got shape {tuple(codes.shape)}")
+    c = codes.to(torch.int64)
+    if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 2**bits):
+        raise ValueError(f"codes must lie in 0..{2**bits - 1}")
+    planes = torch.stack([(c >> p) & 1 for p in range(bits)])  # [b, out, in]
+    return _pack_bits_last(planes)
+
+
+def unpack_bitplanes(qweight: torch.Tensor) -> torch.Tensor:
+    """qweight [b, out, in/32] int32 -> codes [out, in] int64."""
+    codes = _unpack_bits_last(qweight[0])
+    for p in range(1, qweight.shape[0]):
+        codes |= _unpack_bits_last(qweight[p]) << p
+    return codes.to(torch.int64)
+
+
+# ---------------------------------------------------------------------------- lutgemm BCQ
+def pack_bcq(bit_planes: torch.Tensor) -> torch.Tensor:
+    """bit_planes [b, out, in] in {0,1} -> binary [in/32, b, out] int32."""
+    words = _pack_bits_last(bit_planes)  # [b, out, in/32]
+    return words.permute(2, 0, 1).contiguous()
+
+
+def unpack_bcq(binary: torch.Tensor) -> torch.Tensor:
+    """binary [in/32, b, out] int32 -> bit planes [b, out, in] uint8."""
+    return _unpack_bits_last(binary.permute(1, 2, 0))
+
+
+def uniform_to_bcq(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact conversion of group-wise asymmetric uniform quantization to binary coding.
+
+    q [out, in] integer codes 0..2**b-1, scale/zero [out, n_groups]; ``W = scale * (q - zero)``.
+    Returns (binary [in/32, b, out] int32, alpha [n_groups, b, out] fp32, q_bias [n_groups, out] fp32)
+    with ``alpha_p = scale * 2**(p-1)`` and ``q_bias = scale * ((2**b - 1)/2 - zero)``.
+    """
+    qi = q.to(torch.int64)
+    planes = torch.stack([(qi >> p) & 1 for p in range(bits)])  # [b, out, in]
+    binary = pack_bcq(planes)
+    s = scale.to(torch.float32).t()  # [in/128, out]
+    z = zero.to(torch.float32).t()
+    alpha = torch.stack([s * 2.0 ** (p - 1) for p in range(bits)], dim=1)  # [g, b, out]
+    q_bias = s * ((2**bits - 1) / 2 - z)
+    return binary, alpha.contiguous(), q_bias.contiguous()
+
+
+# ---------------------------------------------------------------------------- residual nibbles
+def pack_residual(levels: torch.Tensor) -> torch.Tensor:
+    """levels [out, in] integers in -7..7 -> q_residual [in, out/8] int32."""
+    out, inp = levels.shape
+    if out % 8:
+        raise ValueError(f"residual needs out % 8 == 0, got out={out}")
+    lv = levels.to(torch.int64)
+    if lv.numel() and (int(lv.min()) < -RESIDUAL_LEVELS or int(lv.max()) > RESIDUAL_LEVELS):
+        raise ValueError("residual levels must lie in -7..7")
+    nib = (lv + 8).t().reshape(inp, out // 8, 8)  # [in, c, n] = level of row 8c+n
+    shifts = 4 * torch.arange(8, dtype=torch.int64, device=levels.device)
+    return _to_int32((nib << shifts).sum(-1))
+
+
+def unpack_residual(q_residual: torch.Tensor) -> torch.Tensor:
+    """q_residual [in, out/8] int32 -> signed levels [out, in] int64 (nibble - 8)."""
+    inp, c = q_residual.shape
+    shifts = 4 * torch.arange(8, dtype=torch.int32, device=q_residual.device)
+    nib = (q_residual.unsqueeze(-1) >> shifts) & 0xF  # [in, c, 8]
+    return (nib.to(torch.int64) - 8).reshape(inp, c * 8).t()
+
+
+def reference_scales_to_natural(reordered: torch.Tensor) -> torch.Tensor:
+    """The original DecDEC tools store the scale of output ``8c+n`` at ``n*(out/8)+c``."""
+    out = reordered.numel()
+    return reordered.reshape(8, out // 8).t().reshape(out)

@@ -1,0 +1,228 @@
+"""The ``torch.ops.decdec`` custom ops: schema + fake kernel + CPU kernel (= ``decdec.reference``).
+
+CUDA kernels live in ``csrc/`` and register themselves for the same schemas through
+``TORCH_LIBRARY_IMPL(decdec, CUDA, m)`` when the compiled extension ``decdec._C`` is imported
+(``load_cuda_kernels``). The schemas stay here so that ``torch.compile`` sees the ops on any
+machine, with or without the extension.
+
+Shapes (``M`` tokens, ``b`` bits): ``x [M, in]``; ap ``qweight [b, out, in/32] int32``,
+``lut [out, 2**b]``; lutgemm ``binary [in/32, b, out] int32``, ``alpha [n_groups, b, out]``,
+``q_bias [n_groups, out]`` (group = in / n_groups, 128 by default); DEC ``q_residual [in, out/8] int32``, ``scales [out]``,
+``bounds [2] fp32`` (``a, b`` of DESIGN.md §2). Every GEMV returns ``[M, out]`` in ``x.dtype``.
+``n_tb`` is the DEC kernel's thread-block count; the CPU kernels accept and ignore it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from decdec import reference
+
+_lib = torch.library.Library("decdec", "DEF")  # noqa: the library object must outlive the module
+
+_SCHEMAS = {
+    "ap_gemv": "ap_gemv(Tensor x, Tensor qweight, Tensor lut) -> Tensor",
+    "ap_dequant": "ap_dequant(Tensor qweight, Tensor lut) -> Tensor",
+    "lutgemm_gemv": "lutgemm_gemv(Tensor x, Tensor binary, Tensor alpha, Tensor q_bias) -> Tensor",
+    "lutgemm_dequant": "lutgemm_dequant(Tensor binary, Tensor alpha, Tensor q_bias) -> Tensor",
+    "dec": "dec(Tensor x, Tensor q_residual, Tensor scales, Tensor bounds, int k_chunk, int n_tb) -> Tensor",
+    "ap_gemv_dec": (
+        "ap_gemv_dec(Tensor x, Tensor qweight, Tensor lut, Tensor q_residual, Tensor scales,"
+        " Tensor bounds, int k_chunk, int n_tb) -> Tensor"
+    ),
+    "lutgemm_gemv_dec": (
+        "lutgemm_gemv_dec(Tensor x, Tensor binary, Tensor alpha, Tensor q_bias, Tensor q_residual,"
+        " Tensor scales, Tensor bounds, int k_chunk, int n_tb) -> Tensor"
+    ),
+}
+for _schema in _SCHEMAS.values():
+    _lib.define(_schema)
+
+
+# ---------------------------------------------------------------------------- shape checks
+def _check_x(x: torch.Tensor, in_features: int) -> None:
+    torch._check(x.dim() == 2, lambda: f"x must be [M, in], got shape {tuple(x.shape)}")
+    torch._check(x.shape[1] == in_features, lambda: f"x has {x.shape[1]} input channels, weights expect {in_features}")
+
+
+def _ap_shape(qweight: torch.Tensor, lut: torch.Tensor) -> tuple[int, int]:
+    torch._check(qweight.dim() == 3 and qweight.dtype == torch.int32, lambda: "qweight must be [b, out, in/32] int32")
+    bits, out, words = qweight.shape
+    torch._check(lut.shape == (out, 2**bits), lambda: f"lut must be [{out}, {2 ** bits}], got {tuple(lut.shape)}")
+    return out, words * 32
+
+
+def _lutgemm_shape(binary: torch.Tensor, alpha: torch.Tensor, q_bias: torch.Tensor) -> tuple[int, int]:
+    torch._check(binary.dim() == 3 and binary.dtype == torch.int32, lambda: "binary must be [in/32, b, out] int32")
+    words, bits, out = binary.shape
+    in_features = words * 32
+    groups = alpha.shape[0]
+    torch._check(
+        groups > 0 and in_features % groups == 0 and (in_features // groups) % 32 == 0,
+        lambda: f"lutgemm groups must split in={in_features} into multiples of 32 channels, got {groups} groups",
+    )
+    torch._check(alpha.shape == (groups, bits, out), lambda: f"alpha must be [{groups}, {bits}, {out}], got {tuple(alpha.shape)}")
+    torch._check(q_bias.shape == (groups, out), lambda: f"q_bias must be [{groups}, {out}], got {tuple(q_bias.shape)}")
+    return out, in_features
+
+
+def _check_dec(q_residual, scales, bounds, k_chunk, n_tb, out, in_features) -> None:
+    torch._check(
+        q_residual.shape == (in_features, out // 8) and q_residual.dtype == torch.int32,
+        lambda: f"q_residual must be [{in_features}, {out // 8}] int32, got {tuple(q_residual.shape)} {q_residual.dtype}",
+    )
+    torch._check(scales.shape == (out,), lambda: f"scales must be [{out}], got {tuple(scales.shape)}")
+    torch._check(bounds.shape == (2,), lambda: f"bounds must be [2], got {tuple(bounds.shape)}")
+    torch._check(0 <= k_chunk <= 1024, lambda: f"k_chunk must be in 0..1024, got {k_chunk}")
+    torch._check(n_tb >= 1, lambda: f"n_tb must be >= 1, got {n_tb}")
+
+
+def _empty_out(x: torch.Tensor, out: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], out))
+
+
+# ---------------------------------------------------------------------------- fake kernels
+@torch.library.register_fake("decdec::ap_gemv")
+def _(x, qweight, lut):
+    out, n = _ap_shape(qweight, lut)
+    _check_x(x, n)
+    return _empty_out(x, out)
+
+
+@torch.library.register_fake("decdec::ap_dequant")
+def _(qweight, lut):
+    out, n = _ap_shape(qweight, lut)
+    return lut.new_empty((out, n))
+
+
+@torch.library.register_fake("decdec::lutgemm_gemv")
+def _(x, binary, alpha, q_bias):
+    out, n = _lutgemm_shape(binary, alpha, q_bias)
+    _check_x(x, n)
+    return _empty_out(x, out)
+
+
+@torch.library.register_fake("decdec::lutgemm_dequant")
+def _(binary, alpha, q_bias):
+    out, n = _lutgemm_shape(binary, alpha, q_bias)
+    return alpha.new_empty((out, n))
+
+
+@torch.library.register_fake("decdec::dec")
+def _(x, q_residual, scales, bounds, k_chunk, n_tb):
+    out = scales.shape[0]
+    _check_x(x, q_residual.shape[0])
+    _check_dec(q_residual, scales, bounds, k_chunk, n_tb, out, x.shape[1])
+    return _empty_out(x, out)
+
+
+@torch.library.register_fake("decdec::ap_gemv_dec")
+def _(x, qweight, lut, q_residual, scales, bounds, k_chunk, n_tb):
+    out, n = _ap_shape(qweight, lut)
+    _check_x(x, n)
+    _check_dec(q_residual, scales, bounds, k_chunk, n_tb, out, n)
+    return _empty_out(x, out)
+
+
+@torch.library.register_fake("decdec::lutgemm_gemv_dec")
+def _(x, binary, alpha, q_bias, q_residual, scales, bounds, k_chunk, n_tb):
+    out, n = _lutgemm_shape(binary, alpha, q_bias)
+    _check_x(x, n)
+    _check_dec(q_residual, scales, bounds, k_chunk, n_tb, out, n)
+    return _empty_out(x, out)
+
+
+# ---------------------------------------------------------------------------- CPU kernels = reference
+@torch.library.impl(_lib, "ap_gemv", "CPU")
+def _(x, qweight, lut):
+    out, n = _ap_shape(qweight, lut)
+    _check_x(x, n)
+    return reference.ap_gemv(x, qweight, lut)
+
+
+@torch.library.impl(_lib, "ap_dequant", "CPU")
+def _(qweight, lut):
+    _ap_shape(qweight, lut)
+    return reference.ap_dequant(qweight, lut)
+
+
+@torch.library.impl(_lib, "lutgemm_gemv", "CPU")
+def _(x, binary, alpha, q_bias):
+    out, n = _lutgemm_shape(binary, alpha, q_bias)
+    _check_x(x, n)
+    return reference.lutgemm_gemv(x, binary, alpha, q_bias)
+
+
+@torch.library.impl(_lib, "lutgemm_dequant", "CPU")
+def _(binary, alpha, q_bias):
+    _lutgemm_shape(binary, alpha, q_bias)
+    return reference.lutgemm_dequant(binary, alpha, q_bias)
+
+
+@torch.library.impl(_lib, "dec", "CPU")
+def _(x, q_residual, scales, bounds, k_chunk, n_tb):
+    _check_x(x, q_residual.shape[0])
+    _check_dec(q_residual, scales, bounds, k_chunk, n_tb, scales.shape[0], x.shape[1])
+    return reference.dec(x, q_residual, scales, bounds, k_chunk)
+
+
+@torch.library.impl(_lib, "ap_gemv_dec", "CPU")
+def _(x, qweight, lut, q_residual, scales, bounds, k_chunk, n_tb):
+    out, n = _ap_shape(qweight, lut)
+    _check_x(x, n)
+    _check_dec(q_residual, scales, bounds, k_chunk, n_tb, out, n)
+    return reference.ap_gemv_dec(x, qweight, lut, q_residual, scales, bounds, k_chunk)
+
+
+@torch.library.impl(_lib, "lutgemm_gemv_dec", "CPU")
+def _(x, binary, alpha, q_bias, q_residual, scales, bounds, k_chunk, n_tb):
+    out, n = _lutgemm_shape(binary, alpha, q_bias)
+    _check_x(x, n)
+    _check_dec(q_residual, scales, bounds, k_chunk, n_tb, out, n)
+    return reference.lutgemm_gemv_dec(x, binary, alpha, q_bias, q_residual, scales, bounds, k_chunk)
+
+
+# ---------------------------------------------------------------------------- CUDA extension
+class KernelsUnavailable(RuntimeError):
+    pass
+
+
+_CUDA_HINT = (
+    "build the CUDA kernels first: on a machine with nvcc and a CUDA build of torch run "
+    "`pip install -e . --no-build-isolation` (arch from TORCH_CUDA_ARCH_LIST or the visible GPU), "
+    "or `python scripts/build_kernels.py` for a JIT build"
+)
+
+
+def load_cuda_kernels() -> str:
+    """Import the compiled extension (registers the CUDA kernels). Returns its file path.
+
+    Raises ``KernelsUnavailable`` with the build command when it cannot be loaded.
+    """
+    try:
+        mod = importlib.import_module("decdec._C")
+    except ImportError as e:
+        raise KernelsUnavailable(f"decdec CUDA kernels are not built ({e}); {_CUDA_HINT}") from e
+    return getattr(mod, "__file__", "decdec._C")
+
+
+def kernel_path(device: torch.device) -> str:
+    """Human-readable name of the kernels that run on ``device`` (recorded in env.yaml)."""
+    if device.type == "cpu":
+        return "cpu-reference (decdec.reference via torch.ops.decdec CPU kernels)"
+    return f"cuda ({load_cuda_kernels()})"
+
+
+def place_residual(q_residual: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Put a ``q_residual [in, out/8] int32`` where DEC reads it from on ``device``.
+
+    CPU: the tensor itself. CUDA: pinned, mapped host memory exposed as a CUDA tensor, so the DEC
+    kernel reads selected rows over PCIe (zero-copy) and no GPU memory is used. That memory is
+    allocated and freed by ``decdec._C`` alone (freed when the returned tensor dies).
+    """
+    if device.type == "cpu":
+        return q_residual
+    load_cuda_kernels()
+    raise KernelsUnavailable("decdec._C does not provide pinned residual mapping yet")

@@ -1,0 +1,146 @@
+"""Pure-PyTorch oracle of every DecDEC op (DESIGN.md §2-3). Runs on any device; the CPU kernels
+of ``decdec.ops`` are these functions and the CUDA kernels are tested against them.
+
+Shapes: ``x [M, in]`` (M tokens; decode has M = 1), outputs ``[M, out]`` in ``x.dtype``.
+All arithmetic is fp32; the result is cast once at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from decdec import formats
+
+CHUNK = 1024  # DEC selects per chunk of 1024 input channels
+N_BUCKETS = 32
+
+
+# ---------------------------------------------------------------------------- base weights
+def ap_dequant(qweight: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """qweight [b, out, in/32] int32, lut [out, 2**b] -> W [out, in] in lut.dtype."""
+    codes = formats.unpack_bitplanes(qweight)  # [out, in]
+    return torch.gather(lut, 1, codes)
+
+
+def lutgemm_dequant(binary: torch.Tensor, alpha: torch.Tensor, q_bias: torch.Tensor) -> torch.Tensor:
+    """binary [in/32, b, out], alpha [n_groups, b, out], q_bias [n_groups, out] -> W [out, in]."""
+    signs = formats.unpack_bcq(binary).to(torch.float32) * 2 - 1  # [b, out, in]
+    group = binary.shape[0] * 32 // alpha.shape[0]
+    a = alpha.to(torch.float32).permute(1, 2, 0).repeat_interleave(group, dim=2)  # [b, out, in]
+    qb = q_bias.to(torch.float32).t().repeat_interleave(group, dim=1)  # [out, in]
+    return ((signs * a).sum(0) + qb).to(alpha.dtype)
+
+
+def ap_gemv(x: torch.Tensor, qweight: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    w = ap_dequant(qweight, lut.to(torch.float32))
+    return (x.to(torch.float32) @ w.t()).to(x.dtype)
+
+
+def lutgemm_gemv(x: torch.Tensor, binary: torch.Tensor, alpha: torch.Tensor, q_bias: torch.Tensor) -> torch.Tensor:
+    w = lutgemm_dequant(binary, alpha.to(torch.float32), q_bias.to(torch.float32))
+    return (x.to(torch.float32) @ w.t()).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------- DEC selection
+def k_total(k_chunk: int, in_features: int) -> int:
+    """Residual rows selected in total for one token: floor(k_chunk * in / 1024)."""
+    return k_chunk * in_features // CHUNK
+
+
+def chunk_quotas(k_chunk: int, in_features: int) -> list[int]:
+    """Rows each 1024-channel chunk selects; a ragged last chunk of length L gets floor(k*L/1024)."""
+    lengths = [min(CHUNK, in_features - s) for s in range(0, in_features, CHUNK)]
+    return [k_chunk * n // CHUNK for n in lengths]
+
+
+def bounds_from_thresholds(thresholds: torch.Tensor, k_chunk: int) -> torch.Tensor:
+    """The two bucket boundaries ``[a, b]`` (fp32): ``a = thresholds[0]``, ``b = thresholds[k-1]``."""
+    k = max(k_total(k_chunk, thresholds.numel()), 1)
+    t = thresholds.to(torch.float32)
+    return torch.stack([t[0], t[k - 1]])
+
+
+def bucket_floors(bounds: torch.Tensor) -> torch.Tensor:
+    """bounds [2] fp32 -> floors [32] fp32; the kernels evaluate these exact fp32 expressions:
+    ``floor_i = a + ((b - a) * i) / 15`` for i < 16, ``floor_i = (b * (31 - i)) / 16`` for i >= 16.
+    """
+    a, b = bounds[0].to(torch.float32), bounds[1].to(torch.float32)
+    i = torch.arange(16, dtype=torch.float32, device=bounds.device)
+    upper = a + ((b - a) * i) / 15.0
+    lower = (b * (31.0 - torch.arange(16, 32, dtype=torch.float32, device=bounds.device))) / 16.0
+    return torch.cat([upper, lower])
+
+
+def bucket_index(x: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """Bucket of each channel: ``#{i : floor_i > |x|}`` (0 = largest values, 31 = smallest)."""
+    floors = bucket_floors(bounds)
+    ax = x.to(torch.float32).abs().unsqueeze(-1)
+    return (floors > ax).sum(-1)
+
+
+def select_channels(x: torch.Tensor, bounds: torch.Tensor, k_chunk: int) -> torch.Tensor:
+    """DEC's channel selection. x [M, in] -> bool mask [M, in].
+
+    Per chunk, buckets are taken from 0 downward until the chunk's quota is full; inside the
+    bucket that overflows the lowest channel indices win (the kernel's choice there is free).
+    """
+    m, n = x.shape
+    n_chunks = -(-n // CHUNK)
+    pad = n_chunks * CHUNK - n
+    bucket = bucket_index(x, bounds)
+    bucket = torch.nn.functional.pad(bucket, (0, pad), value=N_BUCKETS)  # padding never selected
+    bucket = bucket.view(m, n_chunks, CHUNK)
+    quota = torch.tensor(chunk_quotas(k_chunk, n), device=x.device).view(1, n_chunks, 1)
+
+    counts = torch.zeros(m, n_chunks, N_BUCKETS + 1, dtype=torch.int64, device=x.device)
+    counts.scatter_add_(2, bucket, torch.ones_like(bucket))
+    cum = counts.cumsum(2)  # channels in buckets <= i
+    overflow = (cum < quota).sum(2, keepdim=True)  # first bucket whose cumulative count reaches quota
+    before = torch.where(overflow > 0, cum.gather(2, (overflow - 1).clamp(min=0)), 0)
+    in_overflow = bucket == overflow
+    rank = in_overflow.cumsum(2) - 1  # order inside the overflow bucket, by channel index
+    mask = (bucket < overflow) | (in_overflow & (rank < quota - before))
+    return mask.view(m, n_chunks * CHUNK)[:, :n]
+
+
+# ---------------------------------------------------------------------------- DEC
+def residual_rows(q_residual: torch.Tensor, scales: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Dequantized residual of the given input channels: [len(rows), out] fp32."""
+    levels = formats.unpack_residual(q_residual[rows]).t()  # [len(rows), out]
+    return levels.to(torch.float32) * scales.to(torch.float32)
+
+
+def dec_residual(
+    x: torch.Tensor, q_residual: torch.Tensor, scales: torch.Tensor, bounds: torch.Tensor, k_chunk: int
+) -> torch.Tensor:
+    """The error-compensation term ``sum_{j in S} x_j * scale_r * (nibble_rj - 8)``: [M, out] fp32."""
+    m = x.shape[0]
+    out = scales.numel()
+    if k_chunk == 0:
+        return torch.zeros(m, out, dtype=torch.float32, device=x.device)
+    mask = select_channels(x, bounds, k_chunk)
+    rows = mask.any(0).nonzero().flatten()  # only the selected rows are read (like the kernel)
+    xs = (x.to(torch.float32) * mask)[:, rows]
+    return xs @ residual_rows(q_residual, scales, rows)
+
+
+def dec(x, q_residual, scales, bounds, k_chunk):
+    """DEC alone, in x.dtype."""
+    return dec_residual(x, q_residual, scales, bounds, k_chunk).to(x.dtype)
+
+
+def ap_gemv_dec(x, qweight, lut, q_residual, scales, bounds, k_chunk):
+    """Base ap GEMV plus DEC; ``k_chunk == 0`` is bit-identical to ``ap_gemv``."""
+    if k_chunk == 0:
+        return ap_gemv(x, qweight, lut)
+    w = ap_dequant(qweight, lut.to(torch.float32))
+    y = x.to(torch.float32) @ w.t() + dec_residual(x, q_residual, scales, bounds, k_chunk)
+    return y.to(x.dtype)
+
+
+def lutgemm_gemv_dec(x, binary, alpha, q_bias, q_residual, scales, bounds, k_chunk):
+    if k_chunk == 0:
+        return lutgemm_gemv(x, binary, alpha, q_bias)
+    w = lutgemm_dequant(binary, alpha.to(torch.float32), q_bias.to(torch.float32))
+    y = x.to(torch.float32) @ w.t() + dec_residual(x, q_residual, scales, bounds, k_chunk)
+    return y.to(x.dtype)
