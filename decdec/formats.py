@@ -99,7 +99,18 @@ def uniform_to_bcq(
     Returns (binary [in/32, b, out] int32, alpha [n_groups, b, out] fp32, q_bias [n_groups, out] fp32)
     with ``alpha_p = scale * 2**(p-1)`` and ``q_bias = scale * ((2**b - 1)/2 - zero)``.
     """
+    if q.dim() != 2:
+        raise ValueError(f"q must be 2-D [out, in], got shape {tuple(q.shape)}")
+    out, inp = q.shape
+    if (scale.dim() != 2 or scale.shape[0] != out or zero.shape != scale.shape
+            or not scale.shape[1] or inp % scale.shape[1] or (inp // scale.shape[1]) % 32):
+        raise ValueError(
+            f"scale/zero must be [out={out}, n_groups], n_groups splitting in={inp} into multiples of 32, "
+            f"got {tuple(scale.shape)} and {tuple(zero.shape)}"
+        )
     qi = q.to(torch.int64)
+    if qi.numel() and (int(qi.min()) < 0 or int(qi.max()) >= 2**bits):
+        raise ValueError(f"q must lie in 0..{2**bits - 1}, got {int(qi.min())}..{int(qi.max())}")
     planes = torch.stack([(qi >> p) & 1 for p in range(bits)])  # [b, out, in]
     binary = pack_bcq(planes)
     s = scale.to(torch.float32).t()  # [in/128, out]
@@ -134,4 +145,6 @@ def unpack_residual(q_residual: torch.Tensor) -> torch.Tensor:
 def reference_scales_to_natural(reordered: torch.Tensor) -> torch.Tensor:
     """The original DecDEC tools store the scale of output ``8c+n`` at ``n*(out/8)+c``."""
     out = reordered.numel()
+    if reordered.dim() != 1 or out % 8:
+        raise ValueError(f"scales must be 1-D with out % 8 == 0, got shape {tuple(reordered.shape)}")
     return reordered.reshape(8, out // 8).t().reshape(out)

@@ -62,13 +62,15 @@ def bounds_from_thresholds(thresholds: torch.Tensor, k_chunk: int) -> torch.Tens
 
 def bucket_floors(bounds: torch.Tensor) -> torch.Tensor:
     """bounds [2] fp32 -> floors [32] fp32; the kernels evaluate these exact fp32 expressions:
-    ``floor_i = a + ((b - a) * i) / 15`` for i < 16, ``floor_i = (b * (31 - i)) / 16`` for i >= 16.
+    ``floor_i = a + ((b - a) * i) / 15`` for i < 15, ``floor_15 = b`` exactly (the formula at
+    i = 15 misses b by an ulp in ~30 % of fp32 cases, which would push ``|x| == b`` -- a calibrated
+    threshold value -- out of bucket 15), ``floor_i = (b * (31 - i)) / 16`` for i >= 16.
     """
     a, b = bounds[0].to(torch.float32), bounds[1].to(torch.float32)
-    i = torch.arange(16, dtype=torch.float32, device=bounds.device)
+    i = torch.arange(15, dtype=torch.float32, device=bounds.device)
     upper = a + ((b - a) * i) / 15.0
     lower = (b * (31.0 - torch.arange(16, 32, dtype=torch.float32, device=bounds.device))) / 16.0
-    return torch.cat([upper, lower])
+    return torch.cat([upper, b.reshape(1), lower])
 
 
 def bucket_index(x: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
