@@ -1,0 +1,337 @@
+"""Decoder-only Transformer (Llama-3, Phi-3, SmolLM2) with a static KV cache, gpt-fast style.
+
+Build on ``meta``, load with ``load_state_dict(sd, assign=True)``, then ``setup_caches``.
+The four projections of every layer are always fused (``wqkv``, ``wo``, ``w1w3``, ``w2``) and
+are built by a caller-supplied ``make_linear`` so quantized linears plug in without touching
+this file. RoPE uses HF's rotate_half convention, so HF q/k weights load without permutation.
+
+Shapes: B batch, S tokens this call, L = max_seq_length of the cache, D = dim,
+H / Hkv query / key-value heads, Dh head_dim, R rotary dims (= Dh unless partial rotary), V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+# config key -> module path inside a layer (``layers[i].<path>``)
+PROJECTIONS = {"qkv": "attention.wqkv", "o": "attention.wo", "gate_up": "feed_forward.w1w3", "down": "feed_forward.w2"}
+
+MakeLinear = Callable[[str, int, int, int], nn.Module]  # (proj, layer_idx, in_features, out_features)
+
+_ARCH_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "phi3": "phi3"}
+_ROPE_TYPES = ("default", "llama3")
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+@dataclass
+class ModelArgs:
+    arch: str  # "llama" | "phi3" (phi3 differs only in its HF checkpoint: fused qkv_proj / gate_up_proj)
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None  # None = default RoPE; else {"rope_type": "llama3", factor, ...}
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    partial_rotary_factor: float = 1.0  # fraction of head_dim that is rotated (Phi-style)
+    sliding_window: int | None = None  # key j is visible to query i iff i - window < j <= i (HF semantics)
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @classmethod
+    def from_hf_config(cls, config: dict) -> "ModelArgs":
+        """Args from the dict of an HF ``config.json`` (or ``PretrainedConfig.to_dict()``).
+
+        Accepts model_type llama / mistral / phi3, old-style ``rope_scaling`` + ``rope_theta`` and
+        transformers-5 ``rope_parameters``. Raises ValueError for anything this model would
+        silently get wrong (unknown model_type, missing keys, biases, other activations or RoPE types).
+        """
+        model_type = config.get("model_type")
+        if model_type not in _ARCH_OF_MODEL_TYPE:
+            raise ValueError(
+                f"unsupported model_type {model_type!r}: decdec.model supports {sorted(_ARCH_OF_MODEL_TYPE)}"
+            )
+        required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "intermediate_size", "rms_norm_eps", "max_position_embeddings")
+        missing = [k for k in required if config.get(k) is None]
+        if missing:
+            raise ValueError(f"HF config (model_type {model_type!r}) lacks required keys {missing}")
+        if config.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {config['hidden_act']!r}: only 'silu'")
+        for flag in ("attention_bias", "mlp_bias"):
+            if config.get(flag):
+                raise ValueError(f"unsupported {flag}=True: decdec.model has bias-free projections")
+
+        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in _ROPE_TYPES:
+            raise ValueError(f"unsupported rope type {rope_type!r}: decdec.model supports {list(_ROPE_TYPES)}")
+        rope_scaling = None
+        if rope_type == "llama3":
+            lacking = [k for k in _LLAMA3_KEYS if k not in rope]
+            if lacking:
+                raise ValueError(f"llama3 rope_scaling lacks keys {lacking}")
+            rope_scaling = {"rope_type": "llama3", **{k: rope[k] for k in _LLAMA3_KEYS}}
+
+        n_heads = config["num_attention_heads"]
+        return cls(
+            arch=_ARCH_OF_MODEL_TYPE[model_type],
+            vocab_size=config["vocab_size"],
+            dim=config["hidden_size"],
+            n_layers=config["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=config.get("num_key_value_heads") or n_heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
+            intermediate_size=config["intermediate_size"],
+            norm_eps=float(config["rms_norm_eps"]),
+            rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=config["max_position_embeddings"],
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            partial_rotary_factor=float(rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))),
+            sliding_window=config.get("sliding_window"),
+        )
+
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """{proj: (in_features, out_features)} of the four fused projections of every layer."""
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        return {
+            "qkv": (self.dim, q + 2 * kv),
+            "o": (q, self.dim),
+            "gate_up": (self.dim, 2 * self.intermediate_size),
+            "down": (self.intermediate_size, self.dim),
+        }
+
+
+def _default_linear(proj: str, layer_idx: int, in_features: int, out_features: int) -> nn.Module:
+    return nn.Linear(in_features, out_features, bias=False)
+
+
+def rope_inv_freq(args: ModelArgs) -> Tensor:
+    """Inverse frequencies [R/2] float32 (default or llama3-scaled), same formulas as HF."""
+    r = args.rotary_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, r, 2, dtype=torch.int64).float() / r))
+    if args.rope_scaling is None:
+        return inv_freq
+    s = args.rope_scaling
+    factor, lo, hi, old_len = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # long wavelengths (> old_len/lo) are slowed by `factor`, short ones (< old_len/hi) kept, smooth in between
+    scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, S, nH, Dh]; cos/sin [S, R] float32 -> [B, S, nH, Dh] (first R dims rotated, rotate_half)."""
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r].float(), x[..., r:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # [S, 1, R] broadcasts over B and heads
+    out = x_rot * cos + rotated * sin
+    return torch.cat([out.type_as(x), x_pass], dim=-1)
+
+
+class KVCache(nn.Module):
+    def __init__(self, max_batch_size: int, max_seq_length: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (max_batch_size, n_kv_heads, max_seq_length, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """input_pos [S]; k, v [B, Hkv, S, Dh] -> full caches [B, Hkv, L, Dh] after writing."""
+        k_out, v_out = self.k_cache[: k.shape[0]], self.v_cache[: k.shape[0]]
+        k_out[:, :, input_pos] = k.to(k_out.dtype)
+        v_out[:, :, input_pos] = v.to(v_out.dtype)
+        return k_out, v_out
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [..., D] -> [..., D]; normalised in float32 like HF, then scaled in x's dtype."""
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int, make_linear: MakeLinear):
+        super().__init__()
+        shapes = args.projection_shapes()
+        self.wqkv = make_linear("qkv", layer_idx, *shapes["qkv"])
+        self.wo = make_linear("o", layer_idx, *shapes["o"])
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+        """x [B, S, D]; cos/sin [S, R]; mask [1, 1, S, L] bool; input_pos [S] -> [B, S, D]."""
+        B, S, _ = x.shape
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rope(q.view(B, S, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(B, S, self.n_kv_heads, self.head_dim), cos, sin)
+        v = v.view(B, S, self.n_kv_heads, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, nH, S, Dh]
+        k, v = self.kv_cache.update(input_pos, k, v)  # [B, Hkv, L, Dh]
+        rep = self.n_heads // self.n_kv_heads
+        k = k.repeat_interleave(rep, dim=1)  # GQA: [B, H, L, Dh]
+        v = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)  # [B, H, S, Dh]
+        return self.wo(y.transpose(1, 2).reshape(B, S, q_size))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int, make_linear: MakeLinear):
+        super().__init__()
+        shapes = args.projection_shapes()
+        self.w1w3 = make_linear("gate_up", layer_idx, *shapes["gate_up"])
+        self.w2 = make_linear("down", layer_idx, *shapes["down"])
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B, S, D] -> [B, S, D]; w1w3 gives [B, S, 2I] = (gate, up)."""
+        gate, up = self.w1w3(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int, make_linear: MakeLinear):
+        super().__init__()
+        self.attention = Attention(args, layer_idx, make_linear)
+        self.feed_forward = FeedForward(args, layer_idx, make_linear)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+        """x [B, S, D] -> [B, S, D] (pre-norm residual block)."""
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, make_linear: MakeLinear | None = None):
+        super().__init__()
+        self.args = args
+        make_linear = make_linear or _default_linear
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, i, make_linear) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+            # load_state_dict(assign=True) replaces tok_embeddings.weight: re-tie afterwards, and
+            # accept state dicts without output.weight (HF omits lm_head for tied models).
+            self.register_load_state_dict_post_hook(_retie_output)
+        self.max_batch_size = self.max_seq_length = -1
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype: torch.dtype, device) -> None:
+        """Allocate KV caches [max_batch_size, Hkv, max_seq_length, Dh] in `dtype`, RoPE tables
+        [max_seq_length, R] float32 and the causal (+ sliding window) mask [L, L] bool on `device`."""
+        self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
+        a = self.args
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, a.n_kv_heads, a.head_dim, dtype, device)
+        freqs = torch.outer(torch.arange(max_seq_length, dtype=torch.float32), rope_inv_freq(a))  # [L, R/2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [L, R], HF rotate_half layout
+        self.register_buffer("rope_cos", emb.cos().to(device), persistent=False)
+        self.register_buffer("rope_sin", emb.sin().to(device), persistent=False)
+        pos = torch.arange(max_seq_length, device=device)
+        mask = pos[None, :] <= pos[:, None]  # [L(query), L(key)]
+        if a.sliding_window is not None:
+            mask &= pos[None, :] > pos[:, None] - a.sliding_window
+        self.register_buffer("causal_mask", mask, persistent=False)
+
+    def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
+        """idx [B, S] int64 tokens at positions input_pos [S] int64 -> logits [B, S, V] in the
+        dtype of `output.weight` (cast to float32 for losses). Writes K/V at input_pos in the cache."""
+        if self.max_seq_length < 0:
+            raise RuntimeError("call setup_caches(...) before forward")
+        mask = self.causal_mask[input_pos][None, None]  # [1, 1, S, L]
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [S, R]
+        x = self.tok_embeddings(idx)  # [B, S, D]
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, input_pos)
+        return self.output(self.norm(x))
+
+    def linears(self) -> Iterator[tuple[str, int, nn.Module]]:
+        """(proj, layer_idx, module) for all 4 * n_layers projections, layer-major, PROJECTIONS order."""
+        for i, layer in enumerate(self.layers):
+            for proj, path in PROJECTIONS.items():
+                yield proj, i, layer.get_submodule(path)
+
+
+def _retie_output(module: Transformer, incompatible_keys) -> None:
+    module.output.weight = module.tok_embeddings.weight
+    missing = incompatible_keys.missing_keys
+    if "output.weight" in missing:
+        missing.remove("output.weight")
+
+
+def hf_to_decdec_state_dict(state_dict: dict[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:
+    """Rename (and fuse) an HF LlamaForCausalLM / Phi3ForCausalLM state dict to ours.
+
+    q/k/v [*, D] -> layers.i.attention.wqkv.weight [(H + 2 Hkv) Dh, D] (cat on dim 0, no permutation);
+    gate/up -> layers.i.feed_forward.w1w3.weight [2I, D]; Phi-3's qkv_proj / gate_up_proj are already
+    fused in that order. With tied embeddings only tok_embeddings.weight is emitted (lm_head ignored).
+    Raises KeyError listing missing tensors, and for unexpected ones (e.g. biases) rather than drop them.
+    """
+    sd = {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
+    used: set[str] = set()
+    missing: list[str] = []
+
+    def take(name: str) -> Tensor | None:
+        if name not in sd:
+            missing.append(name)
+            return None
+        used.add(name)
+        return sd[name]
+
+    def cat(*names: str) -> Tensor | None:
+        parts = [take(n) for n in names]
+        return None if any(p is None for p in parts) else torch.cat(parts, dim=0)
+
+    out = {"tok_embeddings.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
+    if args.tie_word_embeddings:
+        used.add("lm_head.weight")
+    else:
+        out["output.weight"] = take("lm_head.weight")
+    for i in range(args.n_layers):
+        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        if args.arch == "phi3":
+            wqkv, w1w3 = take(hf + "self_attn.qkv_proj.weight"), take(hf + "mlp.gate_up_proj.weight")
+        else:
+            wqkv = cat(*(hf + f"self_attn.{p}_proj.weight" for p in "qkv"))
+            w1w3 = cat(hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight")
+        out[ours + "attention.wqkv.weight"] = wqkv
+        out[ours + "attention.wo.weight"] = take(hf + "self_attn.o_proj.weight")
+        out[ours + "feed_forward.w1w3.weight"] = w1w3
+        out[ours + "feed_forward.w2.weight"] = take(hf + "mlp.down_proj.weight")
+        out[ours + "attention_norm.weight"] = take(hf + "input_layernorm.weight")
+        out[ours + "ffn_norm.weight"] = take(hf + "post_attention_layernorm.weight")
+    if missing:
+        raise KeyError(f"HF state dict ({args.arch}, {args.n_layers} layers) lacks {len(missing)} tensors: {missing}")
+    unexpected = sorted(set(sd) - used)
+    if unexpected:
+        raise KeyError(f"HF state dict has tensors decdec.model does not use: {unexpected}")
+    return out

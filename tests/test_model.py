@@ -1,0 +1,159 @@
+"""decdec.model against transformers' Llama / Phi-3 on tiny random checkpoints (CPU, fp32)."""
+
+import pytest
+import torch
+import torch.nn as nn
+import transformers
+
+from decdec.model import PROJECTIONS, ModelArgs, Transformer, hf_to_decdec_state_dict, rope_inv_freq
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
+def hf_llama(**over):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**{**TINY, **over})
+    return transformers.LlamaForCausalLM(cfg).eval(), {**TINY, "model_type": "llama", **over}
+
+
+def hf_phi3(**over):
+    torch.manual_seed(0)
+    cfg = transformers.Phi3Config(**{**TINY, "pad_token_id": 0, **over})
+    return transformers.Phi3ForCausalLM(cfg).eval(), {**TINY, "model_type": "phi3", **over}
+
+
+def ours_from(hf_model, config: dict, max_seq: int = 32, batch: int = 2) -> Transformer:
+    args = ModelArgs.from_hf_config(config)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict(hf_to_decdec_state_dict(hf_model.state_dict(), args), assign=True)
+    model.setup_caches(batch, max_seq, torch.float32, "cpu")
+    return model.eval()
+
+
+CASES = {
+    "llama3_gqa": lambda: hf_llama(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0),
+    "smollm2_tied": lambda: hf_llama(hidden_size=72, num_attention_heads=9, num_key_value_heads=3,
+                                      tie_word_embeddings=True),
+    "phi3_fused": lambda: hf_phi3(),
+    "phi3_window_partial": lambda: hf_phi3(sliding_window=5, partial_rotary_factor=0.5),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@torch.no_grad()
+def test_prefill_matches_hf(case):
+    hf, config = CASES[case]()
+    model = ours_from(hf, config)
+    idx = torch.randint(0, TINY["vocab_size"], (2, 12))
+    expected = hf(idx).logits
+    got = model(idx, torch.arange(12))
+    assert got.shape == (2, 12, TINY["vocab_size"])
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["llama3_gqa", "phi3_window_partial"])
+@torch.no_grad()
+def test_decode_matches_full_forward(case):
+    hf, config = CASES[case]()
+    model = ours_from(hf, config)
+    idx = torch.randint(0, TINY["vocab_size"], (2, 10))
+    full = model(idx, torch.arange(10))
+    # prefill 4 tokens, then decode one at a time from the static cache
+    steps = [model(idx[:, :4], torch.arange(4))]
+    steps += [model(idx[:, p : p + 1], torch.tensor([p])) for p in range(4, 10)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_tied_embeddings_share_parameter_after_load():
+    hf, config = CASES["smollm2_tied"]()
+    model = ours_from(hf, config)
+    assert model.output.weight is model.tok_embeddings.weight
+    assert "output.weight" not in hf_to_decdec_state_dict(hf.state_dict(), model.args)
+    # our own state dict (which lists output.weight) round-trips into a fresh meta model too
+    with torch.device("meta"):
+        again = Transformer(model.args)
+    again.load_state_dict(model.state_dict(), assign=True)
+    assert again.output.weight is again.tok_embeddings.weight
+    assert not any(t.is_meta for t in again.parameters())
+
+
+def test_llama3_rope_matches_hf():
+    hf, config = CASES["llama3_gqa"]()
+    ref = hf.model.rotary_emb.inv_freq
+    got = rope_inv_freq(ModelArgs.from_hf_config(config))
+    torch.testing.assert_close(got, ref)
+    # the three regimes (kept, smoothed, divided by factor) are all exercised
+    default = rope_inv_freq(ModelArgs.from_hf_config({**config, "rope_scaling": None}))
+    ratio = default / got
+    assert (ratio == 1).any() and (ratio == 8).any() and ((ratio > 1) & (ratio < 8)).any()
+
+
+def test_from_hf_config_parses_and_rejects():
+    args = ModelArgs.from_hf_config({**TINY, "model_type": "llama", "rope_scaling": LLAMA3_ROPE})
+    assert (args.arch, args.n_kv_heads, args.head_dim) == ("llama", 2, 16)
+    assert args.rope_scaling["rope_type"] == "llama3" and not args.tie_word_embeddings
+    # transformers-5 style to_dict() (rope_parameters) gives the same args
+    hf_dict = transformers.LlamaConfig(**TINY, rope_scaling=LLAMA3_ROPE).to_dict()
+    assert ModelArgs.from_hf_config(hf_dict) == args
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
+        ModelArgs.from_hf_config({**TINY, "model_type": "gpt2"})
+    with pytest.raises(ValueError, match="lacks required keys \\['hidden_size'\\]"):
+        ModelArgs.from_hf_config({**{k: v for k, v in TINY.items() if k != "hidden_size"}, "model_type": "llama"})
+    with pytest.raises(ValueError, match="rope type 'longrope'"):
+        ModelArgs.from_hf_config({**TINY, "model_type": "phi3", "rope_scaling": {"type": "longrope"}})
+    with pytest.raises(ValueError, match="attention_bias"):
+        ModelArgs.from_hf_config({**TINY, "model_type": "llama", "attention_bias": True})
+
+
+def test_hf_state_dict_missing_and_unexpected_keys():
+    hf, config = CASES["phi3_fused"]()
+    args = ModelArgs.from_hf_config(config)
+    sd = hf.state_dict()
+    with pytest.raises(KeyError, match="model.layers.1.mlp.gate_up_proj.weight"):
+        hf_to_decdec_state_dict({k: v for k, v in sd.items() if "1.mlp.gate_up" not in k}, args)
+    with pytest.raises(KeyError, match="does not use.*self_attn.o_proj.bias"):
+        hf_to_decdec_state_dict({**sd, "model.layers.0.self_attn.o_proj.bias": torch.zeros(64)}, args)
+
+
+class Recording(nn.Linear):
+    """A stand-in for a quantized linear: only `module(x)` [B, S, in] -> [B, S, out] is relied on."""
+
+    def __init__(self, proj, layer_idx, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+        self.key = (proj, layer_idx, in_features, out_features)
+
+
+@torch.no_grad()
+def test_make_linear_gets_projection_shapes():
+    calls = []
+
+    def make_linear(proj, layer_idx, in_features, out_features):
+        calls.append((proj, layer_idx, in_features, out_features))
+        return Recording(proj, layer_idx, in_features, out_features)
+
+    config = {**TINY, "model_type": "llama", "head_dim": 24}  # head_dim != hidden / heads
+    args = ModelArgs.from_hf_config(config)
+    assert args.projection_shapes() == {"qkv": (64, 4 * 24 + 2 * 2 * 24), "o": (96, 64),
+                                        "gate_up": (64, 192), "down": (96, 64)}
+    model = Transformer(args, make_linear)
+    shapes = args.projection_shapes()
+    assert sorted(calls) == sorted((p, i, *shapes[p]) for i in range(2) for p in PROJECTIONS)
+    listed = list(model.linears())
+    assert [(p, i) for p, i, _ in listed] == [(p, i) for i in range(2) for p in PROJECTIONS]
+    assert all(m.key == (p, i, *shapes[p]) and m is model.layers[i].get_submodule(PROJECTIONS[p])
+               for p, i, m in listed)
+    model.setup_caches(1, 8, torch.float32, "cpu")
+    assert model(torch.zeros(1, 3, dtype=torch.long), torch.arange(3)).shape == (1, 3, TINY["vocab_size"])
+
+
+def test_state_dict_has_no_buffers():
+    hf, config = CASES["llama3_gqa"]()
+    model = ours_from(hf, config)
+    keys = set(model.state_dict())
+    assert keys == set(hf_to_decdec_state_dict(hf.state_dict(), model.args))
+    assert not any("cache" in k or "rope" in k or "mask" in k for k in keys)
