@@ -35,7 +35,7 @@ def ours_from(hf_model, config: dict, max_seq: int = 32, batch: int = 2) -> Tran
 
 
 CASES = {
-    "llama3_gqa": lambda: hf_llama(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0),
+    "llama3_gqa": lambda: hf_llama(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0, max_position_embeddings=256),
     "smollm2_tied": lambda: hf_llama(hidden_size=72, num_attention_heads=9, num_key_value_heads=3,
                                       tie_word_embeddings=True),
     "phi3_fused": lambda: hf_phi3(),
@@ -66,6 +66,27 @@ def test_decode_matches_full_forward(case):
     steps = [model(idx[:, :4], torch.arange(4))]
     steps += [model(idx[:, p : p + 1], torch.tensor([p])) for p in range(4, 10)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_compiles_fullgraph_and_batch_below_cache_size():
+    hf, config = CASES["llama3_gqa"]()
+    model = ours_from(hf, config, batch=4)  # cache for 4 sequences, run with 2
+    idx = torch.randint(0, TINY["vocab_size"], (2, 7))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # graph breaks raise
+    steps = [compiled(idx[:, :6], torch.arange(6)), compiled(idx[:, 6:], torch.tensor([6]))]
+    torch.testing.assert_close(torch.cat(steps, dim=1), hf(idx).logits, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_bf16_model_and_cache():
+    hf, config = CASES["smollm2_tied"]()
+    model = ours_from(hf, config).to(torch.bfloat16)
+    model.setup_caches(2, 32, torch.bfloat16, "cpu")
+    idx = torch.randint(0, TINY["vocab_size"], (2, 5))
+    logits = model(idx, torch.arange(5))
+    assert logits.dtype == torch.bfloat16 and model.output.weight is model.tok_embeddings.weight
+    torch.testing.assert_close(logits.float(), hf(idx).logits, atol=0.1, rtol=0.05)
 
 
 @torch.no_grad()
