@@ -79,14 +79,20 @@ def _kmeans_block(x: torch.Tensor, cw: torch.Tensor | None, k: int, iters: int) 
     p0 = torch.cat([zero, ws.cumsum(1)], 1)  # [R, n+1] weight mass
     p1 = torch.cat([zero, (ws * xs.to(torch.float64)).cumsum(1)], 1)  # weighted sum
 
-    # Init: weighted quantiles at the centres of k equal-mass bins.
-    total = p0[:, -1:]
-    targets = total * (torch.arange(k, dtype=torch.float64) + 0.5) / k  # [R, k]
-    pos = torch.searchsorted(p0[:, 1:].contiguous(), targets.contiguous()).clamp_(max=n - 1)
-    c = xs.gather(1, pos).to(torch.float64)  # [R, k], non-decreasing
-
     first = torch.zeros(r, 1, dtype=torch.int64)
     last = torch.full((r, 1), n, dtype=torch.int64)
+    # Init: split each sorted row at weighted quantiles into k bins of equal weight mass; the
+    # weighted mean of each bin (the median element where a bin is empty) starts its centroid.
+    # Bin means reach into the tails, where plain quantile points would not.
+    total = p0[:, -1:]
+    targets = total * torch.arange(1, k, dtype=torch.float64) / k  # [R, k-1]
+    cuts = torch.searchsorted(p0.contiguous(), targets.contiguous()).clamp_(max=n)
+    bounds = torch.cat([first, cuts, last], 1)
+    s0 = _segment_sums(p0, bounds)
+    centre = total * (torch.arange(k, dtype=torch.float64) + 0.5) / k  # [R, k]
+    median = xs.gather(1, torch.searchsorted(p0[:, 1:].contiguous(), centre).clamp_(max=n - 1))
+    c = torch.where(s0 > 0, _segment_sums(p1, bounds) / s0.clamp_min(1e-300), median.to(torch.float64))
+    c = c.sort(dim=1).values
     for _ in range(iters):
         mids = ((c[:, 1:] + c[:, :-1]) / 2).to(torch.float32).contiguous()
         # Elements <= mid_j belong to clusters <= j (ties go to the lower centroid, as in ap_codes).
