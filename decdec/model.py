@@ -103,7 +103,8 @@ class ModelArgs:
             max_position_embeddings=config["max_position_embeddings"],
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             partial_rotary_factor=float(rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))),
-            sliding_window=config.get("sliding_window"),
+            # HF's Llama ignores a sliding_window key; Phi-3 / Mistral apply it
+            sliding_window=config.get("sliding_window") if model_type != "llama" else None,
         )
 
     def projection_shapes(self) -> dict[str, tuple[int, int]]:

@@ -118,6 +118,8 @@ def test_from_hf_config_parses_and_rejects():
     args = ModelArgs.from_hf_config({**TINY, "model_type": "llama", "rope_scaling": LLAMA3_ROPE})
     assert (args.arch, args.n_kv_heads, args.head_dim) == ("llama", 2, 16)
     assert args.rope_scaling["rope_type"] == "llama3" and not args.tie_word_embeddings
+    assert args.sliding_window is None and ModelArgs.from_hf_config(
+        {**TINY, "model_type": "phi3", "sliding_window": 2047}).sliding_window == 2047
     # transformers-5 style to_dict() (rope_parameters) gives the same args
     hf_dict = transformers.LlamaConfig(**TINY, rope_scaling=LLAMA3_ROPE).to_dict()
     assert ModelArgs.from_hf_config(hf_dict) == args
