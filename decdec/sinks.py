@@ -10,7 +10,10 @@ network access and a W&B login::
 
     wandb sync <run_dir>/wandb/offline-run-*
 
-or every run of a sweep at once: ``wandb sync outputs/multirun/<date>/<time>/*/wandb/offline-run-*``.
+or every job of a sweep at once::
+
+    wandb sync outputs/multirun/<date>/<time>/*/wandb/offline-run-*
+
 ``read_offline_run`` reads such a run back here, without network (tests and
 ``scripts/report.py`` use it).
 """
@@ -118,7 +121,8 @@ class WandbSink:
     ``wandb.run``. In offline mode nothing contacts the network or asks for a login.
     ``name``/``group``/``tags``/``run_dir`` given here win over those in ``start``'s ``info``.
     After ``start``, ``run_path`` is the offline run directory
-    (``<run_dir>/wandb/offline-run-*``; see the module docstring for ``wandb sync``).
+    (``<run_dir>/wandb/offline-run-*``; see the module docstring for ``wandb sync``), the local
+    ``run-*`` directory online, None when ``mode="disabled"``.
     """
 
     def __init__(
@@ -178,7 +182,8 @@ class WandbSink:
             reinit="create_new",
             settings=settings,
         )
-        self.run_path = Path(self.run.settings.sync_dir)
+        # disabled mode writes nothing; its settings still name a (nonexistent) directory
+        self.run_path = None if self.mode == "disabled" else Path(self.run.settings.sync_dir)
 
     def log(self, record: dict, step: int) -> None:
         if self.run is None:
@@ -377,10 +382,10 @@ def read_offline_run(path: Path) -> dict:
             run = {
                 "id": r.run_id,
                 "project": r.project,
-                "name": r.display_name,
-                "group": r.run_group,
+                "name": r.display_name or None,
+                "group": r.run_group or None,
                 "tags": list(r.tags),
-                "job_type": r.job_type,
+                "job_type": r.job_type or None,
             }
             apply_config(r.config)
         elif kind == "config":

@@ -208,6 +208,25 @@ def test_read_offline_run_large_records_span_blocks(tmp_path: Path):
     assert run["summary"]["done"] is True
 
 
+def test_read_offline_run_of_interrupted_run(wandb_runs, tmp_path: Path):
+    # A run killed mid-write leaves a .wandb file cut anywhere: what was flushed still reads.
+    _, recs, (sink, _), _ = wandb_runs
+    data = next(sink.run_path.glob("*.wandb")).read_bytes()
+    full = read_offline_run(sink.run_path)
+    assert full["complete"]
+    cut_sizes = [len(data) - 3, len(data) // 2, 200]
+    n_rows = []
+    for i, size in enumerate(cut_sizes):
+        f = tmp_path / f"run-cut{i}.wandb"
+        f.write_bytes(data[:size])
+        part = read_offline_run(f)
+        assert not part["complete"]
+        assert part["history"] == full["history"][: len(part["history"])]
+        n_rows.append(len(part["history"]))
+    assert n_rows == sorted(n_rows, reverse=True) and n_rows[-1] == 0
+    assert read_offline_run(tmp_path / "run-cut1.wandb")["config"] == CONFIG  # run record is early
+
+
 def test_read_offline_run_rejects_garbage(tmp_path: Path):
     bad = tmp_path / "run-x.wandb"
     bad.write_bytes(b"not a wandb file at all")
@@ -215,6 +234,28 @@ def test_read_offline_run_rejects_garbage(tmp_path: Path):
         read_offline_run(bad)
     with pytest.raises(FileNotFoundError):
         read_offline_run(tmp_path / "missing")
+
+
+
+def test_read_offline_run_detects_corruption(wandb_runs, tmp_path: Path):
+    _, _, (sink, _), _ = wandb_runs
+    data = bytearray(next(sink.run_path.glob("*.wandb")).read_bytes())
+    data[40] ^= 0xFF  # inside the first record's payload
+    f = tmp_path / "run-bad.wandb"
+    f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        read_offline_run(f)
+
+
+def test_wandb_disabled_writes_nothing(tmp_path: Path):
+    sink = WandbSink(project="p", mode="disabled", run_dir=tmp_path / "d")
+    sink.start({"a": 1}, {"name": "n"})
+    sink.log({"latency_s": 1.0}, step=0)
+    sink.finish({"num_samples": 1})
+    assert sink.run_path is None
+    assert not (tmp_path / "d" / "wandb").exists()
+    with pytest.raises(ValueError, match="offline, online or disabled"):
+        WandbSink(project="p", mode="dryrun")
 
 
 def test_make_sinks(tmp_path: Path):
