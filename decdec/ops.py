@@ -48,14 +48,20 @@ def _check_x(x: torch.Tensor, in_features: int) -> None:
 
 
 def _ap_shape(qweight: torch.Tensor, lut: torch.Tensor) -> tuple[int, int]:
-    torch._check(qweight.dim() == 3 and qweight.dtype == torch.int32, lambda: "qweight must be [b, out, in/32] int32")
+    torch._check(
+        qweight.dim() == 3 and qweight.dtype == torch.int32,
+        lambda: f"qweight must be [b, out, in/32] int32, got {tuple(qweight.shape)} {qweight.dtype}",
+    )
     bits, out, words = qweight.shape
     torch._check(lut.shape == (out, 2**bits), lambda: f"lut must be [{out}, {2 ** bits}], got {tuple(lut.shape)}")
     return out, words * 32
 
 
 def _lutgemm_shape(binary: torch.Tensor, alpha: torch.Tensor, q_bias: torch.Tensor) -> tuple[int, int]:
-    torch._check(binary.dim() == 3 and binary.dtype == torch.int32, lambda: "binary must be [in/32, b, out] int32")
+    torch._check(
+        binary.dim() == 3 and binary.dtype == torch.int32,
+        lambda: f"binary must be [in/32, b, out] int32, got {tuple(binary.shape)} {binary.dtype}",
+    )
     words, bits, out = binary.shape
     in_features = words * 32
     groups = alpha.shape[0]
@@ -69,6 +75,7 @@ def _lutgemm_shape(binary: torch.Tensor, alpha: torch.Tensor, q_bias: torch.Tens
 
 
 def _check_dec(q_residual, scales, bounds, k_chunk, n_tb, out, in_features) -> None:
+    torch._check(out % 8 == 0, lambda: f"DEC needs out % 8 == 0 (8 nibbles per residual word), got out={out}")
     torch._check(
         q_residual.shape == (in_features, out // 8) and q_residual.dtype == torch.int32,
         lambda: f"q_residual must be [{in_features}, {out // 8}] int32, got {tuple(q_residual.shape)} {q_residual.dtype}",

@@ -1,0 +1,238 @@
+"""torch.ops.decdec: opcheck, CPU kernels == reference, error messages, fake shapes, torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import decdec.ops  # noqa: F401  registers torch.ops.decdec
+from decdec import formats, reference
+
+OPS = torch.ops.decdec
+IN, OUT, BITS, GROUP, M = 1152, 64, 3, 64, 2  # in = one full and one ragged 1024-chunk
+
+
+def _inputs(dtype=torch.float32, m=M, seed=0):
+    """Realistic small inputs for every op, weights in ``dtype`` where the format has floats."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**BITS, (OUT, IN), generator=g)
+    planes = torch.randint(0, 2, (BITS, OUT, IN), generator=g, dtype=torch.uint8)
+    levels = torch.randint(-7, 8, (OUT, IN), generator=g)
+    x = torch.randn(m, IN, generator=g) * torch.exp(torch.randn(IN, generator=g))
+    calib = torch.randn(16, IN, generator=g) * torch.exp(torch.randn(IN, generator=g))
+    thresholds = calib.abs().sort(1, descending=True).values.max(0).values
+    return dict(
+        x=x.to(dtype),
+        qweight=formats.pack_bitplanes(codes, BITS),
+        lut=torch.randn(OUT, 2**BITS, generator=g).to(dtype),
+        binary=formats.pack_bcq(planes),
+        alpha=(torch.rand(IN // GROUP, BITS, OUT, generator=g) * 0.1).to(dtype),
+        q_bias=(torch.randn(IN // GROUP, OUT, generator=g) * 0.05).to(dtype),
+        q_residual=formats.pack_residual(levels),
+        scales=(torch.rand(OUT, generator=g) * 0.01).to(dtype),
+        bounds=reference.bounds_from_thresholds(thresholds, 16),
+    )
+
+
+def _args(name, d, k_chunk=16, n_tb=4):
+    """Positional arguments of op ``name`` from an ``_inputs`` dict."""
+    return {
+        "ap_gemv": (d["x"], d["qweight"], d["lut"]),
+        "ap_dequant": (d["qweight"], d["lut"]),
+        "lutgemm_gemv": (d["x"], d["binary"], d["alpha"], d["q_bias"]),
+        "lutgemm_dequant": (d["binary"], d["alpha"], d["q_bias"]),
+        "dec": (d["x"], d["q_residual"], d["scales"], d["bounds"], k_chunk, n_tb),
+        "ap_gemv_dec": (d["x"], d["qweight"], d["lut"], d["q_residual"], d["scales"], d["bounds"], k_chunk, n_tb),
+        "lutgemm_gemv_dec": (
+            d["x"], d["binary"], d["alpha"], d["q_bias"], d["q_residual"], d["scales"], d["bounds"], k_chunk, n_tb
+        ),
+    }[name]
+
+
+ALL_OPS = ["ap_gemv", "ap_dequant", "lutgemm_gemv", "lutgemm_dequant", "dec", "ap_gemv_dec", "lutgemm_gemv_dec"]
+EXPECTED_SHAPE = {"ap_dequant": (OUT, IN), "lutgemm_dequant": (OUT, IN)}
+
+
+def _reference(name, args):
+    if name in ("dec", "ap_gemv_dec", "lutgemm_gemv_dec"):
+        return getattr(reference, name)(*args[:-1])  # the reference has no n_tb
+    return getattr(reference, name)(*args)
+
+
+def test_every_schema_is_registered():
+    for name in ALL_OPS:
+        assert hasattr(OPS, name), name
+        assert str(getattr(OPS, name).default._schema).startswith(f"decdec::{name}(")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ALL_OPS)
+def test_opcheck(name, dtype):
+    d = _inputs(dtype)
+    test_utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    if dtype == torch.bfloat16:  # the dynamic-shape AOT check is dtype-independent; keep the suite fast
+        test_utils = ("test_schema", "test_faketensor")
+    result = torch.library.opcheck(getattr(OPS, name).default, _args(name, d), test_utils=test_utils)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_opcheck_k_chunk_zero_and_full():
+    d = _inputs(seed=1)
+    for k in (0, 1024):
+        result = torch.library.opcheck(OPS.ap_gemv_dec.default, _args("ap_gemv_dec", d, k_chunk=k))
+        assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ALL_OPS)
+def test_ops_equal_reference(name, dtype):
+    d = _inputs(dtype, seed=2)
+    args = _args(name, d)
+    got = getattr(OPS, name)(*args)
+    want = _reference(name, args)
+    assert got.dtype == want.dtype
+    assert got.shape == EXPECTED_SHAPE.get(name, (M, OUT))
+    assert torch.equal(got, want)
+
+
+def test_n_tb_is_ignored_on_cpu():
+    d = _inputs(seed=3)
+    a = OPS.lutgemm_gemv_dec(*_args("lutgemm_gemv_dec", d, n_tb=1))
+    b = OPS.lutgemm_gemv_dec(*_args("lutgemm_gemv_dec", d, n_tb=132))
+    assert torch.equal(a, b)
+
+
+def test_fused_ops_k_chunk_zero_bit_identical_to_base():
+    d = _inputs(torch.bfloat16, seed=4)
+    assert torch.equal(OPS.ap_gemv_dec(*_args("ap_gemv_dec", d, k_chunk=0)), OPS.ap_gemv(*_args("ap_gemv", d)))
+    assert torch.equal(
+        OPS.lutgemm_gemv_dec(*_args("lutgemm_gemv_dec", d, k_chunk=0)), OPS.lutgemm_gemv(*_args("lutgemm_gemv", d))
+    )
+
+
+def test_fused_op_is_base_plus_dec():
+    d = _inputs(seed=5)
+    y = OPS.ap_gemv_dec(*_args("ap_gemv_dec", d, k_chunk=64))
+    parts = OPS.ap_gemv(*_args("ap_gemv", d)) + OPS.dec(*_args("dec", d, k_chunk=64))
+    torch.testing.assert_close(y, parts, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(y, OPS.ap_gemv(*_args("ap_gemv", d)))  # DEC did something
+
+
+# ---------------------------------------------------------------------------- fake tensors
+@pytest.mark.parametrize("m", [1, 7])
+@pytest.mark.parametrize("name", ALL_OPS)
+def test_fake_shapes(name, m):
+    d = _inputs(torch.bfloat16, m=m, seed=6)
+    with FakeTensorMode() as mode:
+        fake = {k: mode.from_tensor(v) for k, v in d.items()}
+        y = getattr(OPS, name)(*_args(name, fake))
+    assert y.shape == EXPECTED_SHAPE.get(name, (m, OUT))
+    assert y.dtype == torch.bfloat16
+
+
+def test_meta_tensors_give_shapes():
+    d = {k: v.to("meta") for k, v in _inputs(seed=7).items()}
+    y = OPS.lutgemm_gemv_dec(*_args("lutgemm_gemv_dec", d))
+    assert y.device.type == "meta" and y.shape == (M, OUT)
+
+
+# ---------------------------------------------------------------------------- errors
+def _bad(**changes):
+    d = _inputs(seed=8)
+    d.update({k: (v(d) if callable(v) else v) for k, v in changes.items()})
+    return d
+
+
+ERROR_CASES = [
+    ("ap_gemv", dict(x=lambda d: d["x"][:, :500]), "x has 500 input channels, weights expect 1152"),
+    ("ap_gemv", dict(x=lambda d: d["x"][0]), r"x must be \[M, in\], got shape \(1152,\)"),
+    ("ap_gemv", dict(lut=lambda d: d["lut"].repeat(1, 2)), r"lut must be \[64, 8\], got \(64, 16\)"),
+    ("ap_gemv", dict(qweight=lambda d: d["qweight"].long()), r"qweight must be .* int32, got \(3, 64, 36\) torch.int64"),
+    ("ap_dequant", dict(qweight=lambda d: d["qweight"][0]), r"qweight must be .*got \(64, 36\)"),
+    ("lutgemm_gemv", dict(binary=lambda d: d["binary"].float()), r"binary must be .*got \(36, 3, 64\) torch.float32"),
+    ("lutgemm_gemv", dict(alpha=lambda d: d["alpha"][:, :2]), r"alpha must be \[18, 3, 64\], got \(18, 2, 64\)"),
+    ("lutgemm_gemv", dict(q_bias=lambda d: d["q_bias"][:, :32]), r"q_bias must be \[18, 64\], got \(18, 32\)"),
+    ("lutgemm_dequant", dict(alpha=lambda d: d["alpha"][:5], q_bias=lambda d: d["q_bias"][:5]),
+     "split in=1152 into multiples of 32 channels, got 5 groups"),
+    ("lutgemm_gemv", dict(alpha=lambda d: d["alpha"][:1].repeat(72, 1, 1), q_bias=lambda d: d["q_bias"][:1].repeat(72, 1)),
+     "got 72 groups"),  # group 16
+    ("ap_gemv_dec", dict(q_residual=lambda d: d["q_residual"][:, :4]),
+     r"q_residual must be \[1152, 8\] int32, got \(1152, 4\) torch.int32"),
+    ("ap_gemv_dec", dict(q_residual=lambda d: d["q_residual"].long()), r"got \(1152, 8\) torch.int64"),
+    ("lutgemm_gemv_dec", dict(scales=lambda d: d["scales"][:32]), r"scales must be \[64\], got \(32,\)"),
+    ("ap_gemv_dec", dict(bounds=torch.ones(3)), r"bounds must be \[2\], got \(3,\)"),
+    ("dec", dict(x=lambda d: d["x"][:, :1000]), "x has 1000 input channels, weights expect 1152"),
+    ("dec", dict(q_residual=lambda d: d["q_residual"][:, :4]), r"q_residual must be \[1152, 8\]"),
+]
+
+
+@pytest.mark.parametrize("name, changes, message", ERROR_CASES)
+def test_shape_and_dtype_errors_name_the_values(name, changes, message):
+    d = _bad(**changes)
+    with pytest.raises(RuntimeError, match=message):
+        getattr(OPS, name)(*_args(name, d))
+    with FakeTensorMode() as mode, pytest.raises(RuntimeError, match=message):
+        getattr(OPS, name)(*_args(name, {k: mode.from_tensor(v) for k, v in d.items()}))
+
+
+@pytest.mark.parametrize("name", ["dec", "ap_gemv_dec", "lutgemm_gemv_dec"])
+@pytest.mark.parametrize(
+    "k_chunk, n_tb, message",
+    [(1025, 4, "k_chunk must be in 0..1024, got 1025"), (-1, 4, "got -1"), (8, 0, "n_tb must be >= 1, got 0")],
+)
+def test_int_argument_errors(name, k_chunk, n_tb, message):
+    d = _inputs(seed=9)
+    with pytest.raises(RuntimeError, match=message):
+        getattr(OPS, name)(*_args(name, d, k_chunk=k_chunk, n_tb=n_tb))
+
+
+def test_dec_rejects_out_not_multiple_of_8():
+    g = torch.Generator().manual_seed(10)
+    out = 12
+    qweight = formats.pack_bitplanes(torch.randint(0, 8, (out, 64), generator=g), 3)
+    lut = torch.randn(out, 8, generator=g)
+    q_residual = torch.zeros(64, 1, dtype=torch.int32)  # out // 8 == 1 would pass a shape-only check
+    with pytest.raises(RuntimeError, match="out % 8 == 0.*got out=12"):
+        OPS.ap_gemv_dec(torch.randn(1, 64), qweight, lut, q_residual, torch.ones(out), torch.tensor([2.0, 1.0]), 8, 1)
+
+
+# ---------------------------------------------------------------------------- torch.compile
+def _decode_step(ops_args):
+    def step(x):
+        # x: [M, in]; a little surrounding math so the op sits inside a real graph
+        y = OPS.ap_gemv_dec(x * 0.5, *ops_args["ap"])
+        z = OPS.lutgemm_gemv_dec(x, *ops_args["lutgemm"])
+        return torch.nn.functional.silu(y) * z + OPS.dec(x, *ops_args["dec"])
+
+    return step
+
+
+def _compile_args(dtype):
+    d = _inputs(dtype, seed=11)
+    rest = (d["q_residual"], d["scales"], d["bounds"], 32, 8)
+    return d["x"], {
+        "ap": (d["qweight"], d["lut"], *rest),
+        "lutgemm": (d["binary"], d["alpha"], d["q_bias"], *rest),
+        "dec": rest,
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compile_aot_eager_fullgraph_matches_eager(dtype):
+    torch._dynamo.reset()
+    x, ops_args = _compile_args(dtype)
+    step = _decode_step(ops_args)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    want = step(x)
+    assert torch.equal(compiled(x), want)
+    x2 = torch.randn_like(x)
+    assert torch.equal(compiled(x2), step(x2))
+
+
+def test_compile_inductor_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    x, ops_args = _compile_args(torch.float32)
+    step = _decode_step(ops_args)
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+    torch.testing.assert_close(compiled(x), step(x), rtol=1e-5, atol=1e-5)
