@@ -426,3 +426,8 @@ def print_summary_table(summary: dict, title: str) -> None:
             text = str(value)
         table.add_row(str(key), text)
     Console().print(table)
+
+
+def write_yaml(path: Path, data: Any, what: str = "data") -> None:
+    """Write plain data (numbers, strings, lists, dicts) to ``path`` atomically."""
+    _atomic_write_yaml(Path(path), _plain(data, what))

