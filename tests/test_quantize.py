@@ -198,13 +198,13 @@ def test_clip_search_never_worse_than_no_clip():
 
 
 # ---------------------------------------------------------------------------- residual
-def _brute_force_residual(e: torch.Tensor):
+def _brute_force_residual(e: torch.Tensor, lmax: int = 7):
     """Per row: errors of all 32 candidate scales, computed independently in fp64."""
     amax = e.abs().amax(1, keepdim=True).double()
     t = torch.arange(1, 33, dtype=torch.float64)
-    cand = (amax / 7) * t / 32  # [out, 32]
+    cand = (amax / lmax) * t / 32  # [out, 32]
     ed = e.double().unsqueeze(1)
-    lv = (ed / cand.unsqueeze(-1)).round().clamp(-7, 7)
+    lv = (ed / cand.unsqueeze(-1)).round().clamp(-lmax, lmax)
     errs = (ed - lv * cand.unsqueeze(-1)).square().sum(-1)  # [out, 32]
     return cand, errs
 
@@ -227,6 +227,21 @@ def test_residual_round_trip_matches_brute_force():
     assert torch.allclose(scales.double(), cand.gather(1, best_t[:, None]).squeeze(1), rtol=1e-6)
     # The analysis variant agrees with the packed 4-bit residual.
     assert torch.allclose(quantize.residual_dequant(w, w_q, bits=4), approx)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_residual_other_bits_match_brute_force(bits):
+    w = _gaussian(32, 128, seed=9)
+    w_q = reference.ap_dequant(*quantize.quantize_ap(w, 2))
+    e = w - w_q
+    got = quantize.residual_dequant(w, w_q, bits=bits)
+    lmax = 2 ** (bits - 1) - 1
+    cand, errs = _brute_force_residual(e, lmax)
+    got_err = (e.double() - got.double()).square().sum(1)
+    assert bool((got_err <= errs.min(1).values * (1 + 1e-5) + 1e-20).all())
+    # The output lies on the brute-force argmin scale's grid, within -lmax..lmax steps.
+    steps = got.double() / cand.gather(1, errs.argmin(1, keepdim=True))
+    assert torch.allclose(steps, steps.round(), atol=1e-4) and float(steps.abs().max()) <= lmax + 1e-4
 
 
 def test_residual_chunking_and_zero_rows():

@@ -1,0 +1,92 @@
+"""Time the quantizers on SmolLM2-135M's linear shapes (random weights, same shapes), or on one
+Llama-3-8B layer with --llama3. Prints a table; asserts nothing (see tests/test_quantize.py).
+
+    /work/venv/bin/python scripts/bench_quantize.py [--layers 30] [--bits 3] [--tokens 512] [--llama3]
+
+Random weights: speed does not depend on the values. Activations are random with per-channel
+scales spread over 10x (a stand-in for calibration data, used by the clip search and as ap's
+channel weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from decdec import quantize, reference
+
+# W [out, in] per projection (DESIGN.md names; q,k,v and gate,up fused on out).
+SMOLLM2 = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
+LLAMA3_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--bits", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=512, help="calibration tokens per linear")
+    ap.add_argument("--llama3", action="store_true", help="one Llama-3-8B layer instead of SmolLM2")
+    args = ap.parse_args()
+    shapes = LLAMA3_8B if args.llama3 else SMOLLM2
+    layers = 1 if args.llama3 else args.layers
+    group = 128 if args.llama3 else 64  # SmolLM2: 576 = 4.5 * 128, so 64
+
+    g = torch.Generator().manual_seed(0)
+    steps = ["calibrate", "ap", "lutgemm_rtn", "lutgemm_clip", "residual(ap)"]
+    times = {(name, s): 0.0 for name in shapes for s in steps}
+    numel = {name: 0 for name in shapes}
+    for _ in range(layers):
+        for name, (out, inp) in shapes.items():
+            w = torch.randn(out, inp, generator=g) * 0.02
+            x = torch.randn(args.tokens, inp, generator=g) * torch.logspace(-0.5, 0.5, inp)
+            numel[name] += w.numel()
+
+            t = time.perf_counter()
+            cal = quantize.ThresholdCalibrator(inp)
+            cal.update(x)
+            cw = cal.channel_energy
+            times[name, "calibrate"] += time.perf_counter() - t
+
+            t = time.perf_counter()
+            qweight, lut = quantize.quantize_ap(w, args.bits, channel_weight=cw)
+            times[name, "ap"] += time.perf_counter() - t
+
+            t = time.perf_counter()
+            quantize.quantize_lutgemm(w, args.bits, group)
+            times[name, "lutgemm_rtn"] += time.perf_counter() - t
+
+            t = time.perf_counter()
+            quantize.quantize_lutgemm(w, args.bits, group, x=x)
+            times[name, "lutgemm_clip"] += time.perf_counter() - t
+
+            w_q = reference.ap_dequant(qweight, lut)  # not timed: the pipeline has it anyway
+            t = time.perf_counter()
+            quantize.residual_cheatsheet(w, w_q)
+            times[name, "residual(ap)"] += time.perf_counter() - t
+
+    model = "Llama-3-8B (1 layer)" if args.llama3 else f"SmolLM2-135M ({layers} layers)"
+    table = Table(title=f"{model}, {args.bits}-bit, lutgemm group {group}, {args.tokens} calibration tokens: seconds")
+    table.add_column("projection")
+    table.add_column("W [out, in]")
+    table.add_column("weights (M)", justify="right")
+    for s in steps:
+        table.add_column(s, justify="right")
+    for name, (out, inp) in shapes.items():
+        table.add_row(name, f"{out}x{inp}", f"{numel[name] / 1e6:.1f}", *(f"{times[name, s]:.2f}" for s in steps))
+    table.add_row("total", "", f"{sum(numel.values()) / 1e6:.1f}",
+                  *(f"{sum(times[n, s] for n in shapes):.2f}" for s in steps), style="bold")
+    console = Console(width=150)
+    console.print(table)
+    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+                  f"peak RSS {rss_gb:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()
