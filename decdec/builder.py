@@ -78,6 +78,8 @@ def chunk_quotas_for(m: QuantLinear) -> list[int]:
 
 def _check_shapes(model: Transformer, sd: dict[str, torch.Tensor], path: Path) -> None:
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if model.args.tie_word_embeddings:
+        want.pop("output.weight", None)  # tied to tok_embeddings; checkpoints store it once
     missing = sorted(set(want) - set(sd))
     unexpected = sorted(set(sd) - set(want))
     wrong = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {want[k]}" for k in want if k in sd and tuple(sd[k].shape) != want[k]]
