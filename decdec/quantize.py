@@ -33,10 +33,12 @@ def _check_weight(w: torch.Tensor, name: str = "w") -> torch.Tensor:
     return w
 
 
-def _row_blocks(n_rows: int, row_len: int, per_row: int = 1, chunk_rows: int | None = None):
-    """Yield (start, stop) row ranges of at most ``CHUNK_ELEMENTS / (row_len * per_row)`` rows."""
+def _row_blocks(n_rows: int, row_len: int, per_row: int = 1, chunk_rows: int | None = None, multiple: int = 1):
+    """Yield (start, stop) row ranges of at most ``CHUNK_ELEMENTS / (row_len * per_row)`` rows
+    (or ``chunk_rows``), rounded to a multiple of ``multiple`` rows (at least one multiple)."""
     if chunk_rows is None:
         chunk_rows = max(1, CHUNK_ELEMENTS // max(1, row_len * per_row))
+    chunk_rows = max(multiple, chunk_rows // multiple * multiple)
     for s in range(0, n_rows, chunk_rows):
         yield s, min(n_rows, s + chunk_rows)
 
@@ -169,11 +171,12 @@ def quantize_ap(
         cw = cw.clamp_min(mean * 1e-6)
     k = 2**bits
     lut = torch.empty(out, k, dtype=torch.float32)
+    qweight = torch.empty(bits, out, inp // 32, dtype=torch.int32)
     # The sort, the float64 prefix sums and gathers need ~8 buffers of the block.
     for s, e in _row_blocks(out, inp, per_row=4):
         lut[s:e] = _kmeans_block(w[s:e], cw, k, iters)
-    codes = ap_codes(w, lut)
-    return formats.pack_bitplanes(codes, bits), lut
+        qweight[:, s:e] = formats.pack_bitplanes(ap_codes(w[s:e], lut[s:e]), bits)
+    return qweight, lut
 
 
 def dequantize_ap(qweight: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
@@ -322,10 +325,17 @@ def quantize_lutgemm(
     ``q_bias [in/group, out] fp32`` (``formats.uniform_to_bcq``).
     """
     w = _check_weight(w)
-    _check_group(w.shape[1], group_size, need_32=True)
+    out, inp = w.shape
+    ng = _check_group(inp, group_size, need_32=True)
     clip = None if x is None else search_clip(w, x, bits, group_size)
-    q, scale, zero = quantize_uniform(w, bits, group_size, clip)
-    return formats.uniform_to_bcq(q, scale, zero, bits)
+    binary = torch.empty(inp // 32, bits, out, dtype=torch.int32)
+    alpha = torch.empty(ng, bits, out, dtype=torch.float32)
+    q_bias = torch.empty(ng, out, dtype=torch.float32)
+    # Row blocks keep the int64 codes and bit planes of a 28672x4096 matrix out of memory.
+    for s, e in _row_blocks(out, inp, per_row=bits + 1):
+        q, scale, zero = quantize_uniform(w[s:e], bits, group_size, None if clip is None else clip[s:e])
+        binary[:, :, s:e], alpha[:, :, s:e], q_bias[:, s:e] = formats.uniform_to_bcq(q, scale, zero, bits)
+    return binary, alpha, q_bias
 
 
 def dequantize_lutgemm(binary: torch.Tensor, alpha: torch.Tensor, q_bias: torch.Tensor) -> torch.Tensor:
@@ -394,12 +404,12 @@ def residual_cheatsheet(
     out, inp = w.shape
     if out % 8:
         raise ValueError(f"the residual packs 8 output rows per word: out={out} must be a multiple of 8")
-    levels = torch.empty(out, inp, dtype=torch.int8)
+    q_residual = torch.empty(inp, out // 8, dtype=torch.int32)
     scales = torch.empty(out, dtype=torch.float32)
-    for s, e in _row_blocks(out, inp, per_row=4, chunk_rows=chunk_rows):
-        lv, sc = _residual_levels(w[s:e] - w_q[s:e], 4)
-        levels[s:e], scales[s:e] = lv.to(torch.int8), sc
-    return formats.pack_residual(levels), scales
+    for s, e in _row_blocks(out, inp, per_row=4, chunk_rows=chunk_rows, multiple=8):
+        lv, scales[s:e] = _residual_levels(w[s:e] - w_q[s:e], 4)
+        q_residual[:, s // 8 : e // 8] = formats.pack_residual(lv)
+    return q_residual, scales
 
 
 def residual_dequant(w: torch.Tensor, w_q: torch.Tensor, bits: int = 4, chunk_rows: int | None = None) -> torch.Tensor:

@@ -158,6 +158,15 @@ def test_lutgemm_is_exact_bcq_conversion(bits, group):
     assert torch.allclose(got, expect, rtol=0, atol=4 * float(scale.max()) * 2**-23 * 2**bits)
 
 
+def test_lutgemm_chunking_matches_single_block(monkeypatch):
+    w = _heavy(40, 128)
+    x = torch.randn(32, 128, generator=_gen(6))
+    ref = quantize.quantize_lutgemm(w, 3, 64, x=x)
+    monkeypatch.setattr(quantize, "CHUNK_ELEMENTS", 128 * 4 * 3)  # 3-row blocks
+    got = quantize.quantize_lutgemm(w, 3, 64, x=x)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+
+
 def test_lutgemm_group_errors():
     w = torch.randn(8, 576)
     with pytest.raises(ValueError, match="multiple of 32"):
@@ -249,7 +258,7 @@ def test_residual_chunking_and_zero_rows():
     w_q = w.clone()
     w_q[3:] = reference.ap_dequant(*quantize.quantize_ap(w, 2))[3:]  # rows 0..2: zero residual
     q1, s1 = quantize.residual_cheatsheet(w, w_q)
-    q2, s2 = quantize.residual_cheatsheet(w, w_q, chunk_rows=3)
+    q2, s2 = quantize.residual_cheatsheet(w, w_q, chunk_rows=3)  # rounded up to 8 rows
     assert torch.equal(q1, q2) and torch.equal(s1, s2)
     assert bool(torch.isfinite(s1).all()) and bool((s1[:3] == 0).all()) and bool((s1[3:] > 0).all())
     assert bool((formats.unpack_residual(q1)[:3] == 0).all())
