@@ -42,13 +42,14 @@ def resolve_dec(dec: DecConfig, backend: str, bitwidths: set[int], mixed: bool) 
     if not mixed:
         c = choice(dec.n_tb, dec.k_chunk, "dec")
         return {b: c for b in bitwidths}
-    have = set(dec.per_bits)
+    have = {int(b) for b in dec.per_bits}
     if have != set(bitwidths):
         raise ValueError(
             f"mixed precision uses bit-widths {sorted(bitwidths)} but dec.per_bits gives {sorted(have)}: give exactly one "
             f"entry (n_tb, k_chunk) per bit-width, e.g. dec.per_bits.3.k_chunk.down=8"
         )
-    return {b: choice(dec.per_bits[b].n_tb, dec.per_bits[b].k_chunk, f"dec.per_bits.{b}") for b in bitwidths}
+    per = {int(b): v for b, v in dec.per_bits.items()}
+    return {b: choice(per[b].n_tb, per[b].k_chunk, f"dec.per_bits.{b}") for b in bitwidths}
 
 
 @dataclass

@@ -81,8 +81,9 @@ class DecConfig:
     enabled: bool = True
     n_tb: int = 8  # DEC kernel thread blocks
     k_chunk: KChunk = field(default_factory=KChunk)
-    # Mixed precision only: one entry per bit-width of bitwidth_map.json, e.g. {3: {...}, 4: {...}}.
-    per_bits: Dict[int, DecBits] = field(default_factory=dict)
+    # Mixed precision only: one entry per bit-width of bitwidth_map.json, e.g. {"3": {...}, "4": {...}}.
+    # String keys: OmegaConf cannot address int keys by a dotted path, so `dec.per_bits.3.n_tb=4` needs them.
+    per_bits: Dict[str, DecBits] = field(default_factory=dict)
     selection: str = "dynamic"  # dynamic (the paper's bucket top-k) | exact_topk | static | random
 
 
