@@ -247,6 +247,7 @@ class Run:
         env = environment(self.device, kernel)
         env.update({"checkpoint": str(path), "manifest": checkpoint.manifest, "dtype": str(self.dtype).removeprefix("torch."),
                     "overrides": self.overrides})
+        self.run_dir.mkdir(parents=True, exist_ok=True)  # Hydra makes it; an in-process Run may not have
         sinks.write_yaml(self.run_dir / "env.yaml", env, "env")
         info = {"name": self.run_dir.name, "run_dir": self.run_dir,
                 "tags": [cfg.model.name, cfg.backend.name, cfg.precision.name, f"dec={cfg.dec.name}"]}
