@@ -54,7 +54,7 @@ def ap_codes(w: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"lut must be [out={w.shape[0]}, 2**b], got shape {tuple(lut.shape)}")
     lut = lut.to(torch.float32)
     mids = ((lut[:, 1:] + lut[:, :-1]) / 2).contiguous()  # [out, K-1]
-    codes = torch.empty(w.shape, dtype=torch.int64)
+    codes = torch.empty(w.shape, dtype=torch.int64, device=w.device)
     for s, e in _row_blocks(*w.shape):
         codes[s:e] = torch.searchsorted(mids[s:e], w[s:e].contiguous())
     return codes
@@ -77,21 +77,21 @@ def _kmeans_block(x: torch.Tensor, cw: torch.Tensor | None, k: int, iters: int) 
     xs, order = x.sort(dim=1)  # [R, n]
     xs = xs.contiguous()
     ws = (cw[order] if cw is not None else torch.ones_like(xs)).to(torch.float64)
-    zero = torch.zeros(r, 1, dtype=torch.float64)
+    zero = torch.zeros(r, 1, dtype=torch.float64, device=x.device)
     p0 = torch.cat([zero, ws.cumsum(1)], 1)  # [R, n+1] weight mass
     p1 = torch.cat([zero, (ws * xs.to(torch.float64)).cumsum(1)], 1)  # weighted sum
 
-    first = torch.zeros(r, 1, dtype=torch.int64)
-    last = torch.full((r, 1), n, dtype=torch.int64)
+    first = torch.zeros(r, 1, dtype=torch.int64, device=x.device)
+    last = torch.full((r, 1), n, dtype=torch.int64, device=x.device)
     # Init: split each sorted row at weighted quantiles into k bins of equal weight mass; the
     # weighted mean of each bin (the median element where a bin is empty) starts its centroid.
     # Bin means reach into the tails, where plain quantile points would not.
     total = p0[:, -1:]
-    targets = total * torch.arange(1, k, dtype=torch.float64) / k  # [R, k-1]
+    targets = total * torch.arange(1, k, dtype=torch.float64, device=x.device) / k  # [R, k-1]
     cuts = torch.searchsorted(p0.contiguous(), targets.contiguous()).clamp_(max=n)
     bounds = torch.cat([first, cuts, last], 1)
     s0 = _segment_sums(p0, bounds)
-    centre = total * (torch.arange(k, dtype=torch.float64) + 0.5) / k  # [R, k]
+    centre = total * (torch.arange(k, dtype=torch.float64, device=x.device) + 0.5) / k  # [R, k]
     median = xs.gather(1, torch.searchsorted(p0[:, 1:].contiguous(), centre).clamp_(max=n - 1))
     c = torch.where(s0 > 0, _segment_sums(p1, bounds) / s0.clamp_min(1e-300), median.to(torch.float64))
     c = c.sort(dim=1).values
@@ -128,7 +128,7 @@ def _reseed_empty(x: torch.Tensor, cw: torch.Tensor | None, c: torch.Tensor, emp
     j = empty.to(torch.int64).argmax(dim=1)  # first empty cluster
     new = c.clone()
     fill = best_err > 0
-    rows = torch.arange(c.shape[0])
+    rows = torch.arange(c.shape[0], device=c.device)
     new[rows[fill], j[fill]] = xd[rows[fill], best[fill]]
     return new
 
@@ -160,7 +160,7 @@ def quantize_ap(
         raise ValueError(f"iters must be >= 0, got {iters}")
     cw = None
     if channel_weight is not None:
-        cw = channel_weight.detach().to(torch.float32).flatten()
+        cw = channel_weight.detach().to(device=w.device, dtype=torch.float32).flatten()
         if cw.numel() != inp:
             raise ValueError(f"channel_weight must have in={inp} entries, got {cw.numel()}")
         if not bool(torch.isfinite(cw).all()) or bool((cw < 0).any()):
@@ -170,8 +170,8 @@ def quantize_ap(
             raise ValueError("channel_weight is all zeros; pass None for uniform weights")
         cw = cw.clamp_min(mean * 1e-6)
     k = 2**bits
-    lut = torch.empty(out, k, dtype=torch.float32)
-    qweight = torch.empty(bits, out, inp // 32, dtype=torch.int32)
+    lut = torch.empty(out, k, dtype=torch.float32, device=w.device)
+    qweight = torch.empty(bits, out, inp // 32, dtype=torch.int32, device=w.device)
     # The sort, the float64 prefix sums and gathers need ~8 buffers of the block.
     for s, e in _row_blocks(out, inp, per_row=4):
         lut[s:e] = _kmeans_block(w[s:e], cw, k, iters)
@@ -246,9 +246,9 @@ def quantize_uniform(
             raise ValueError(f"clip must be [out={out}, in/group={ng}], got {tuple(clip.shape)}")
         if bool((clip <= 0).any()) or bool((clip > 1).any()):
             raise ValueError("clip factors must lie in (0, 1]")
-    q = torch.empty(out, inp, dtype=torch.int64)
-    scale = torch.empty(out, ng, dtype=torch.float32)
-    zero = torch.empty(out, ng, dtype=torch.float32)
+    q = torch.empty(out, inp, dtype=torch.int64, device=w.device)
+    scale = torch.empty(out, ng, dtype=torch.float32, device=w.device)
+    zero = torch.empty(out, ng, dtype=torch.float32, device=w.device)
     for s, e in _row_blocks(out, inp):
         wg = w[s:e].view(e - s, ng, group_size)
         sc, z = _minmax(wg, bits, None if clip is None else clip[s:e])
@@ -292,17 +292,17 @@ def search_clip(
     ng = _check_group(inp, group_size)
     if x.dim() < 2 or x.shape[-1] != inp:
         raise ValueError(f"x must be [T, in={inp}] activations, got shape {tuple(x.shape)}")
-    xf = x.reshape(-1, inp).to(torch.float64)
+    xf = x.reshape(-1, inp).to(device=w.device, dtype=torch.float64)
     xg = xf.view(-1, ng, group_size).transpose(0, 1)  # [ng, T, gs]
     gram = (xg.transpose(1, 2) @ xg).to(torch.float32)  # [ng, gs, gs]
     ratios = clip_ratios(grid, max_shrink)
-    clip = torch.empty(out, ng, dtype=torch.float32)
+    clip = torch.empty(out, ng, dtype=torch.float32, device=w.device)
     for s, e in _row_blocks(out, inp, per_row=2):
         wg = w[s:e].view(e - s, ng, group_size)
-        best = torch.full((e - s, ng), math.inf)
-        best_ratio = torch.ones(e - s, ng)
+        best = torch.full((e - s, ng), math.inf, device=w.device)
+        best_ratio = torch.ones(e - s, ng, device=w.device)
         for ratio in ratios.tolist():
-            rt = torch.full((e - s, ng), ratio)
+            rt = torch.full((e - s, ng), ratio, device=w.device)
             sc, z = _minmax(wg, bits, rt)
             d = wg - (_fake_quant(wg, sc, z, bits) - z.unsqueeze(-1)) * sc.unsqueeze(-1)  # [R, ng, gs]
             dt = d.transpose(0, 1)  # [ng, R, gs]
@@ -328,9 +328,9 @@ def quantize_lutgemm(
     out, inp = w.shape
     ng = _check_group(inp, group_size, need_32=True)
     clip = None if x is None else search_clip(w, x, bits, group_size)
-    binary = torch.empty(inp // 32, bits, out, dtype=torch.int32)
-    alpha = torch.empty(ng, bits, out, dtype=torch.float32)
-    q_bias = torch.empty(ng, out, dtype=torch.float32)
+    binary = torch.empty(inp // 32, bits, out, dtype=torch.int32, device=w.device)
+    alpha = torch.empty(ng, bits, out, dtype=torch.float32, device=w.device)
+    q_bias = torch.empty(ng, out, dtype=torch.float32, device=w.device)
     # Row blocks keep the int64 codes and bit planes of a 28672x4096 matrix out of memory.
     for s, e in _row_blocks(out, inp, per_row=bits + 1):
         q, scale, zero = quantize_uniform(w[s:e], bits, group_size, None if clip is None else clip[s:e])
@@ -362,12 +362,12 @@ def _residual_levels(e: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
     a = e.abs().sort(dim=1).values  # [R, n] ascending
     amax = a[:, -1]  # [R]
     ad = a.to(torch.float64)
-    zero = torch.zeros(r, 1, dtype=torch.float64)
+    zero = torch.zeros(r, 1, dtype=torch.float64, device=e.device)
     p1 = torch.cat([zero, ad.cumsum(1)], 1)  # [R, n+1]
     p2 = torch.cat([zero, ad.square().cumsum(1)], 1)
-    t = torch.arange(1, RESIDUAL_CANDIDATES + 1, dtype=torch.float32)
+    t = torch.arange(1, RESIDUAL_CANDIDATES + 1, dtype=torch.float32, device=e.device)
     cand = amax.unsqueeze(1) / lmax * t / RESIDUAL_CANDIDATES  # [R, 32] fp32, as stored
-    k = torch.arange(lmax + 1, dtype=torch.float64)  # levels 0..L
+    k = torch.arange(lmax + 1, dtype=torch.float64, device=e.device)  # levels 0..L
     # Elements of level <= k: |e| < s*(k+1/2) (boundary ties have equal error either way).
     edges = cand.to(torch.float64).unsqueeze(2) * (k[:-1] + 0.5)  # [R, 32, L]
     idx = torch.searchsorted(ad, edges.view(r, -1).contiguous()).view(r, RESIDUAL_CANDIDATES, lmax)
@@ -404,8 +404,8 @@ def residual_cheatsheet(
     out, inp = w.shape
     if out % 8:
         raise ValueError(f"the residual packs 8 output rows per word: out={out} must be a multiple of 8")
-    q_residual = torch.empty(inp, out // 8, dtype=torch.int32)
-    scales = torch.empty(out, dtype=torch.float32)
+    q_residual = torch.empty(inp, out // 8, dtype=torch.int32, device=w.device)
+    scales = torch.empty(out, dtype=torch.float32, device=w.device)
     for s, e in _row_blocks(out, inp, per_row=4, chunk_rows=chunk_rows, multiple=8):
         lv, scales[s:e] = _residual_levels(w[s:e] - w_q[s:e], 4)
         q_residual[:, s // 8 : e // 8] = formats.pack_residual(lv)
@@ -425,7 +425,7 @@ def residual_dequant(w: torch.Tensor, w_q: torch.Tensor, bits: int = 4, chunk_ro
     if not 2 <= bits <= 8:
         raise ValueError(f"residual bits must be in 2..8, got {bits}")
     out, inp = w.shape
-    res = torch.empty(out, inp, dtype=torch.float32)
+    res = torch.empty(out, inp, dtype=torch.float32, device=w.device)
     for s, e in _row_blocks(out, inp, per_row=4, chunk_rows=chunk_rows):
         lv, sc = _residual_levels(w[s:e] - w_q[s:e], bits)
         res[s:e] = lv.to(torch.float32) * sc.unsqueeze(1)
@@ -441,6 +441,7 @@ class ThresholdCalibrator:
     (non-increasing); ``channel_energy [in] fp32``: mean over tokens of x_i^2 (ap's
     ``channel_weight``); ``channel_hits [in] int64``: tokens in which channel i was among the
     top ``ceil(in/16)`` by |x| (for the static-selection ablation); ``tokens``: tokens seen.
+    Statistics live on the CPU whatever the device of x.
     """
 
     def __init__(self, in_features: int):
@@ -459,15 +460,16 @@ class ThresholdCalibrator:
             raise ValueError(f"x must be [..., in={self.in_features}], got shape {tuple(x.shape)}")
         xf = x.detach().reshape(-1, self.in_features)
         for s, e in _row_blocks(xf.shape[0], self.in_features, per_row=2):
-            blk = xf[s:e].to(device="cpu", dtype=torch.float32)
+            # Work on x's device (the GPU during a real calibration); only [in] vectors come back.
+            blk = xf[s:e].to(torch.float32)
             if not bool(torch.isfinite(blk).all()):
                 raise ValueError("activations contain NaN or inf")
             a = blk.abs()
             srt = a.sort(dim=1, descending=True).values
-            torch.maximum(self._max_sorted, srt.amax(0), out=self._max_sorted)
-            self._energy += blk.to(torch.float64).square().sum(0)
+            torch.maximum(self._max_sorted, srt.amax(0).cpu(), out=self._max_sorted)
+            self._energy += blk.to(torch.float64).square().sum(0).cpu()
             top = a.topk(self.hit_k, dim=1).indices.flatten()
-            self._hits += torch.bincount(top, minlength=self.in_features)
+            self._hits += torch.bincount(top, minlength=self.in_features).cpu()
         self.tokens += xf.shape[0]
 
     def _need(self) -> None:

@@ -334,3 +334,29 @@ def test_thresholds_errors():
         cal.thresholds
     with pytest.raises(ValueError, match="in=32"):
         cal.update(torch.randn(4, 16))
+
+
+# ---------------------------------------------------------------------------- device
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_quantizers_on_cuda_agree_with_cpu():
+    w = _heavy(256, 512, seed=31)
+    x = torch.randn(128, 512, generator=_gen(32))
+    wc, xc = w.cuda(), x.cuda()
+    qw, lut = quantize.quantize_ap(w, 3, channel_weight=x.square().mean(0))
+    qw_c, lut_c = quantize.quantize_ap(wc, 3, channel_weight=xc.square().mean(0))
+    assert qw_c.is_cuda and lut_c.is_cuda
+    assert torch.allclose(lut_c.cpu(), lut, atol=1e-6)
+    codes, codes_c = formats.unpack_bitplanes(qw), formats.unpack_bitplanes(qw_c.cpu())
+    assert float((codes == codes_c).float().mean()) > 0.999
+    bcq, bcq_c = quantize.quantize_lutgemm(w, 3, 128, x=x), quantize.quantize_lutgemm(wc, 3, 128, x=xc)
+    deq, deq_c = quantize.dequantize_lutgemm(*bcq), quantize.dequantize_lutgemm(*(t.cpu() for t in bcq_c))
+    assert float(((deq - deq_c).abs() < 1e-6).float().mean()) > 0.99  # clip ties may flip a group
+    w_q = reference.ap_dequant(qw, lut)
+    qr, sc = quantize.residual_cheatsheet(w, w_q)
+    qr_c, sc_c = quantize.residual_cheatsheet(wc, w_q.cuda())
+    assert float((sc_c.cpu() == sc).float().mean()) > 0.99
+    cal, cal_c = quantize.ThresholdCalibrator(512), quantize.ThresholdCalibrator(512)
+    cal.update(x)
+    cal_c.update(xc)
+    assert torch.equal(cal.thresholds, cal_c.thresholds)
