@@ -1,0 +1,156 @@
+"""QuantLinear per backend against dense math on the unpacked weights, and its DEC state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from decdec import formats, reference
+from decdec.linear import QuantLinear
+
+IN, OUT = 2048 + 256, 48  # two full 1024-channel chunks and a ragged one
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def make_linear(backend: str, bits: int = 3, inp: int = IN, out: int = OUT, group: int = 128, seed: int = 0):
+    """A QuantLinear with random packed weights and the dense W_q [out, in] fp64 they encode."""
+    g = _gen(seed)
+    lin = QuantLinear(backend, inp, out, bits=bits, group_size=group, dtype=torch.float32)
+    if backend == "ap":
+        codes = torch.randint(0, 2**bits, (out, inp), generator=g)
+        lut = torch.randn(out, 2**bits, generator=g).sort(dim=1).values
+        lin.qweight = formats.pack_bitplanes(codes, bits)
+        lin.lut = lut
+        dense = lut.double().gather(1, codes)
+    elif backend == "lutgemm":
+        planes = torch.randint(0, 2, (bits, out, inp), generator=g, dtype=torch.uint8)
+        alpha = torch.rand(inp // group, bits, out, generator=g) * 0.1
+        q_bias = torch.randn(inp // group, out, generator=g) * 0.01
+        lin.binary, lin.alpha, lin.q_bias = formats.pack_bcq(planes), alpha, q_bias
+        a = alpha.double().permute(1, 2, 0).repeat_interleave(group, dim=2)  # [b, out, in]
+        dense = ((planes.double() * 2 - 1) * a).sum(0) + q_bias.double().t().repeat_interleave(group, dim=1)
+    else:
+        dense = torch.randn(out, inp, generator=g).double()
+        lin.weight = dense.float()
+    return lin, dense
+
+
+def attach_random_dec(lin: QuantLinear, seed: int = 1):
+    """Attach a random residual; returns (levels [out, in], scales [out], thresholds [in])."""
+    g = _gen(seed)
+    levels = torch.randint(-7, 8, (lin.out_features, lin.in_features), generator=g)
+    scales = torch.rand(lin.out_features, generator=g) * 0.01
+    thr = torch.rand(lin.in_features, generator=g).sort(descending=True).values * 3
+    lin.attach_dec(formats.pack_residual(levels), scales, thr, torch.device("cpu"))
+    return levels, scales, thr
+
+
+@pytest.mark.parametrize("backend,bits", [("ap", 3), ("ap", 4), ("lutgemm", 3), ("lutgemm", 4), ("fp16", 16)])
+def test_one_token_equals_dense_gemv(backend, bits):
+    lin, dense = make_linear(backend, bits)
+    x = torch.randn(1, 1, IN, generator=_gen(5))
+    y = lin(x)
+    assert y.shape == (1, 1, OUT) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), x.double() @ dense.t(), rtol=1e-4, atol=1e-4)
+    if backend == "ap":
+        assert torch.equal(y.view(1, OUT), reference.ap_gemv(x.view(1, IN), lin.qweight, lin.lut))
+    elif backend == "lutgemm":
+        assert torch.equal(y.view(1, OUT), reference.lutgemm_gemv(x.view(1, IN), lin.binary, lin.alpha, lin.q_bias))
+
+
+@pytest.mark.parametrize("backend", ["ap", "lutgemm"])
+def test_prefill_is_dequant_matmul_without_dec(backend):
+    lin, dense = make_linear(backend)
+    torch.testing.assert_close(lin.dequantize().double(), dense, rtol=1e-6, atol=1e-6)
+    x = torch.randn(2, 5, IN, generator=_gen(6))
+    base = lin(x)
+    torch.testing.assert_close(base.double(), x.double() @ dense.t(), rtol=1e-4, atol=1e-4)
+    attach_random_dec(lin)
+    lin.set_dec(1024, 4)
+    assert torch.equal(lin(x), base)  # prefill never runs DEC (DESIGN.md §1)
+
+
+@pytest.mark.parametrize("backend", ["ap", "lutgemm"])
+def test_dec_k_chunk_zero_is_bit_identical_and_full_adds_whole_residual(backend):
+    lin, dense = make_linear(backend)
+    x = torch.randn(1, IN, generator=_gen(7))
+    base = lin(x)
+    levels, scales, _ = attach_random_dec(lin)
+    lin.set_dec(0, 8)
+    assert torch.equal(lin(x), base)
+    lin.set_dec(1024, 8)  # every channel selected: W_q + R
+    full = x.double() @ (dense + levels.double() * scales.double().unsqueeze(1)).t()
+    torch.testing.assert_close(lin(x).double(), full, rtol=1e-4, atol=1e-4)
+    lin.set_dec(16, 8)  # a partial selection changes the output, but less than the full residual
+    part = lin(x)
+    assert not torch.equal(part, base)
+    assert (part.double() - base.double()).abs().sum() < (full - base.double()).abs().sum() * 1.5
+
+
+def test_set_dec_validates():
+    lin, _ = make_linear("ap", inp=64, out=16)
+    with pytest.raises(ValueError, match="no residual attached"):
+        lin.set_dec(8, 1)
+    lin.set_dec(0, 1)  # off without a residual is fine
+    assert lin.k_chunk == 0
+    attach_random_dec(lin)
+    for k in (-1, 1025):
+        with pytest.raises(ValueError, match=r"0\.\.1024"):
+            lin.set_dec(k, 1)
+    with pytest.raises(ValueError, match="n_tb must be >= 1"):
+        lin.set_dec(8, 0)
+    lin.set_dec(1024, 1)
+    assert lin.k_chunk == 1024 and "k_chunk=1024" in repr(lin)
+
+
+def test_attach_dec_validates():
+    lin, _ = make_linear("lutgemm", inp=128, out=16)
+    cpu = torch.device("cpu")
+    q = formats.pack_residual(torch.zeros(16, 128, dtype=torch.int64))
+    s, t = torch.ones(16), torch.ones(128)
+    with pytest.raises(ValueError, match=r"q_residual must be \[128, 2\] int32"):
+        lin.attach_dec(q.t().contiguous(), s, t, cpu)
+    with pytest.raises(ValueError, match="int32"):
+        lin.attach_dec(q.to(torch.int64), s, t, cpu)
+    with pytest.raises(ValueError, match="scales must have 16"):
+        lin.attach_dec(q, torch.ones(8), t, cpu)
+    with pytest.raises(ValueError, match="thresholds 128"):
+        lin.attach_dec(q, s, torch.ones(64), cpu)
+    assert lin.dec is None  # nothing attached by a failed call
+    dense, _ = make_linear("fp16", inp=128, out=16)
+    with pytest.raises(ValueError, match="dec=off"):
+        dense.attach_dec(q, s, t, cpu)
+
+
+def test_constructor_validates():
+    with pytest.raises(ValueError, match="in_features % 32"):
+        QuantLinear("ap", 48, 16)
+    with pytest.raises(ValueError, match="group_size=128 must divide in_features=192"):
+        QuantLinear("lutgemm", 192, 16)
+    with pytest.raises(ValueError, match="choose ap, lutgemm or fp16"):
+        QuantLinear("int8", 64, 16)
+
+
+def test_dec_bounds_follow_thresholds():
+    lin, _ = make_linear("ap")
+    _, _, thr = attach_random_dec(lin)
+    for k in (1, 8, 64, 1024):
+        lin.set_dec(k, 2)
+        kt = k * IN // 1024
+        assert torch.equal(lin.dec.bounds, torch.stack([thr[0], thr[kt - 1]]))
+        assert lin.dec.k_chunk == k and lin.dec.n_tb == 2
+    lin.set_dec(0, 1)
+    assert lin.dec.bounds[0] == thr[0]
+
+
+def test_dec_state_dtypes_and_not_a_buffer():
+    lin, _ = make_linear("ap", inp=64, out=16)
+    lin.lut = lin.lut.to(torch.bfloat16)
+    attach_random_dec(lin)
+    d = lin.dec
+    assert d.scales.dtype == torch.bfloat16 and d.thresholds.dtype == torch.float32 and d.bounds.dtype == torch.float32
+    # the residual lives outside the module's state: .to(device) / state_dict never carry it
+    assert not any("residual" in k for k in lin.state_dict())
