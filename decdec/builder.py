@@ -140,7 +140,8 @@ def build_model(checkpoint: ckpt.Checkpoint, backend: str, bits: int, mixed: boo
         for proj, layer, mod in model.linears():
             name = f"layers.{layer}.{_module_path(proj)}"
             try:
-                mod.attach_dec(cheat[f"{name}.q_residual"], cheat[f"{name}.scales"], thr[f"{name}.thresholds"], device)
+                mod.attach_dec(cheat[f"{name}.q_residual"], cheat[f"{name}.scales"], thr[f"{name}.thresholds"], device,
+                               channel_hits=thr.get(f"{name}.channel_hits"))
             except KeyError as e:
                 raise ckpt.CheckpointError(f"{checkpoint.path}: cheatsheet/thresholds lack {e}; re-create the checkpoint") from None
             c = choices[bitwidths[layer]]

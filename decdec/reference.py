@@ -146,3 +146,41 @@ def lutgemm_gemv_dec(x, binary, alpha, q_bias, q_residual, scales, bounds, k_chu
     w = lutgemm_dequant(binary, alpha.to(torch.float32), q_bias.to(torch.float32))
     y = x.to(torch.float32) @ w.t() + dec_residual(x, q_residual, scales, bounds, k_chunk)
     return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------- selection ablations
+def _per_chunk_topk(scores: torch.Tensor, k_chunk: int) -> torch.Tensor:
+    """scores [M, in] -> mask [M, in] of the floor(k_chunk*L/1024) highest scores of every chunk
+    (ties: lowest channel index first, like ``select_channels``)."""
+    m, n = scores.shape
+    mask = torch.zeros(m, n, dtype=torch.bool, device=scores.device)
+    for c, quota in enumerate(chunk_quotas(k_chunk, n)):
+        if quota == 0:
+            continue
+        s = scores[:, c * CHUNK:(c + 1) * CHUNK]
+        order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :quota]
+        mask[:, c * CHUNK:(c + 1) * CHUNK].scatter_(1, order, True)
+    return mask
+
+
+def select_exact_topk(x: torch.Tensor, k_chunk: int) -> torch.Tensor:
+    """The exact per-chunk top-|x| channels (what the bucket approximation approximates)."""
+    return _per_chunk_topk(x.to(torch.float32).abs(), k_chunk)
+
+
+def select_static(channel_hits: torch.Tensor, m: int, k_chunk: int) -> torch.Tensor:
+    """The same channels for every token: per chunk, the ones most often in calibration's top set."""
+    return _per_chunk_topk(channel_hits.to(torch.float32).view(1, -1), k_chunk).expand(m, -1)
+
+
+def select_random(m: int, n: int, k_chunk: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Uniformly random channels, per token and chunk (the quota is the same as DEC's)."""
+    return _per_chunk_topk(torch.rand(m, n, generator=generator), k_chunk)
+
+
+def dec_residual_masked(x: torch.Tensor, mask: torch.Tensor, q_residual: torch.Tensor,
+                        scales: torch.Tensor) -> torch.Tensor:
+    """``sum_{j: mask[m, j]} x_mj * R[:, j]`` for any selection mask [M, in] -> [M, out] fp32."""
+    rows = mask.any(0).nonzero().flatten()
+    xs = (x.to(torch.float32) * mask)[:, rows]
+    return xs @ residual_rows(q_residual, scales, rows)

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from decdec import checkpoint as ckpt
 from decdec import metrics, ops, sinks
-from decdec.config import BACKENDS, COMPILE_MODES, DTYPES, Config
+from decdec.config import BACKENDS, COMPILE_MODES, DTYPES, SELECTIONS, Config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -74,8 +74,10 @@ def validate(cfg: Config, device: torch.device) -> None:
         )
     if m.source not in ("embedded", "random", "checkpoint"):
         raise ConfigError(f"model.source={m.source!r}; choose embedded, random or checkpoint")
-    if cfg.dec.selection != "dynamic":
-        raise ConfigError(f"dec.selection={cfg.dec.selection!r} is for task=perplexity; generation uses dec.selection=dynamic")
+    if cfg.dec.selection not in SELECTIONS:
+        raise ConfigError(f"dec.selection={cfg.dec.selection!r}; choose one of {list(SELECTIONS)}")
+    if cfg.dec.selection != "dynamic" and cfg.task.name != "perplexity":
+        raise ConfigError(f"dec.selection={cfg.dec.selection!r} is an ablation for task=perplexity; generation uses dec.selection=dynamic")
     # DEC values (ranges, per-bit-width entries) are validated by builder.resolve_dec, before loading.
     from decdec.builder import resolve_dec
 
@@ -217,42 +219,98 @@ class Run:
     def execute(self) -> dict:
         if self.cfg.task.name == "generate":
             return self.generate()
-        raise ConfigError(f"task={self.cfg.task.name!r} is not available; choose task=generate")
+        if self.cfg.task.name == "perplexity":
+            return self.perplexity()
+        raise ConfigError(f"task={self.cfg.task.name!r} is not available; choose task=generate or task=perplexity")
 
-    # ------------------------------------------------------------------ generate
-    def generate(self) -> dict:
-        from transformers import AutoTokenizer
-
+    def _build(self):
+        """Resolve, open, check and build the model; write env.yaml; start the sinks."""
         from decdec.builder import build_model
-        from decdec.generate import Generator
 
-        cfg, t = self.cfg, self.cfg.task
-        torch.manual_seed(cfg.seed)
+        cfg = self.cfg
         path = resolve_checkpoint(cfg)
         checkpoint = ckpt.Checkpoint.open(path)
         _check_model_matches(cfg, checkpoint)
         t0 = time.perf_counter()
         built = build_model(checkpoint, cfg.backend.name, cfg.precision.bits, cfg.precision.mixed, self.dtype,
                             self.device, cfg.dec)
-        load_s = time.perf_counter() - t0
+        self.load_s = time.perf_counter() - t0
         self.model = built.model
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        prompt = _encode_prompt(tokenizer, t.prompt, t.chat and cfg.model.chat_template)
-        max_seq = t.max_seq_length or (prompt.numel() + t.max_new_tokens)
-        if t.max_new_tokens < 1:
-            raise ConfigError(f"task.max_new_tokens must be >= 1, got {t.max_new_tokens}")
-        gen = Generator(built.model, self.device, self.dtype, max_seq, cfg.compile.mode)
-
-        kernel = ops.kernel_path(self.device) if cfg.backend.name != "fp16" else f"dense torch matmul on {self.device}"
-        env = environment(self.device, kernel)
+        self.kernel = ops.kernel_path(self.device) if cfg.backend.name != "fp16" else f"dense torch matmul on {self.device}"
+        env = environment(self.device, self.kernel)
         env.update({"checkpoint": str(path), "manifest": checkpoint.manifest, "dtype": str(self.dtype).removeprefix("torch."),
                     "overrides": self.overrides})
         self.run_dir.mkdir(parents=True, exist_ok=True)  # Hydra makes it; an in-process Run may not have
         sinks.write_yaml(self.run_dir / "env.yaml", env, "env")
         info = {"name": self.run_dir.name, "run_dir": self.run_dir,
-                "tags": [cfg.model.name, cfg.backend.name, cfg.precision.name, f"dec={cfg.dec.name}"]}
+                "tags": [cfg.model.name, cfg.backend.name, cfg.precision.name, f"dec={cfg.dec.name}", f"task={cfg.task.name}"]}
         self._start_sinks(info)
+        return path, built
 
+    def _common_summary(self, built) -> dict:
+        cfg = self.cfg
+        return {"status": "ok", "task": cfg.task.name, "model": cfg.model.name, "backend": cfg.backend.name,
+                "precision": cfg.precision.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "compile": cfg.compile.mode, "dec_enabled": bool(built.dec_rows_per_token()),
+                "dec_rows_per_token": built.dec_rows_per_token(), "dec_bytes_per_token": built.dec_bytes_per_token(),
+                "k_chunk": _k_chunk_summary(built), "load_s": self.load_s, "kernel_path": self.kernel}
+
+    # ------------------------------------------------------------------ perplexity
+    def perplexity(self) -> dict:
+        from transformers import AutoTokenizer
+
+        from decdec import evaluate
+
+        cfg, t = self.cfg, self.cfg.task
+        text = _evaluation_text(cfg, t.text)
+        path, built = self._build()
+        tok = AutoTokenizer.from_pretrained(path)
+        ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        if t.max_tokens:
+            ids = ids[: t.max_tokens]
+        window = t.window or built.args.max_position_embeddings
+        window = min(window, built.args.max_position_embeddings - int(t.bos))
+        stride = t.stride or window
+        bos = tok.bos_token_id if t.bos else None
+        if t.bos and bos is None:
+            raise ConfigError("task.bos=true but the tokenizer has no BOS token; set task.bos=false")
+        evaluate.set_teacher_forced(built.model, cfg.dec.selection, seed=cfg.seed)
+
+        def on_window(w):
+            rec = w.to_dict()
+            for s in self.sinks:
+                s.log(rec, step=w.index)
+            if t.print_windows:
+                print(f"window {w.index}: {w.tokens} tokens, ppl {rec['ppl']:.3f}")
+
+        t0 = time.perf_counter()
+        res = evaluate.perplexity(built.model, ids, window, stride, self.device, self.dtype, bos, on_window)
+        elapsed = time.perf_counter() - t0
+        summary = {**res, "window": window, "stride": stride, "bos": bool(t.bos), "text": t.text,
+                   "selection": cfg.dec.selection, "eval_s": elapsed, **self._common_summary(built)}
+        print(f"Perplexity: {res['perplexity']:.4f} over {res['tokens_evaluated']} tokens "
+              f"({res['windows']} windows of {window}, stride {stride}) in {elapsed:.1f} s")
+        sinks.print_summary_table(summary, title=f"decdec perplexity {cfg.model.name} / {cfg.backend.name} / {cfg.precision.name}")
+        self._finish(summary)
+        return summary
+
+    # ------------------------------------------------------------------ generate
+    def generate(self) -> dict:
+        from transformers import AutoTokenizer
+
+        from decdec.generate import Generator
+
+        cfg, t = self.cfg, self.cfg.task
+        torch.manual_seed(cfg.seed)
+        if t.max_new_tokens < 1:
+            raise ConfigError(f"task.max_new_tokens must be >= 1, got {t.max_new_tokens}")
+        path, built = self._build()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        prompt = _encode_prompt(tokenizer, t.prompt, t.chat and cfg.model.chat_template)
+        max_seq = t.max_seq_length or (prompt.numel() + t.max_new_tokens)
+        gen = Generator(built.model, self.device, self.dtype, max_seq, cfg.compile.mode)
+        kernel, load_s = self.kernel, self.load_s
+        env = {"dtype": str(self.dtype).removeprefix("torch.")}
         dec_rows = built.dec_rows_per_token()
         print(f"[decdec] {cfg.model.name} {cfg.backend.name} {cfg.precision.name} on {self.device} ({env['dtype']}), "
               f"DEC {'on' if dec_rows else 'off'}: {dec_rows} residual rows "
@@ -275,13 +333,7 @@ class Run:
                 print(text)
             for s in self.sinks:
                 s.log(rec.to_dict(), step=i)
-        summary = metrics.summarize(records)
-        summary.update({
-            "status": "ok", "model": cfg.model.name, "backend": cfg.backend.name, "precision": cfg.precision.name,
-            "device": str(self.device), "dtype": env["dtype"], "compile": cfg.compile.mode,
-            "dec_enabled": bool(dec_rows), "dec_rows_per_token": dec_rows, "dec_bytes_per_token": built.dec_bytes_per_token(),
-            "load_s": load_s, "kernel_path": kernel,
-        })
+        summary = {**metrics.summarize(records), **self._common_summary(built)}
         print(f"Average tokens/sec: {summary['mean_tokens_per_s']:.2f}")
         sinks.print_summary_table(summary, title=f"decdec {cfg.model.name} / {cfg.backend.name} / {cfg.precision.name}")
         self._finish(summary)
@@ -290,6 +342,28 @@ class Run:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _k_chunk_summary(built) -> dict:
+    """k_chunk per projection (per bit-width when mixed), for summaries and W&B."""
+    if len(built.dec) == 1:
+        return dict(next(iter(built.dec.values())).k_chunk)
+    return {str(b): dict(c.k_chunk) for b, c in built.dec.items()}
+
+
+def _evaluation_text(cfg: Config, name: str) -> str:
+    if name == "britannica":
+        from decdec import embedded
+
+        return embedded.evaluation_text(Path(cfg.cache_dir).expanduser())
+    if name == "builtin":
+        from decdec import tiny
+
+        return tiny.TEXT
+    p = Path(name).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"task.text={name!r} is neither britannica, builtin nor a readable file")
+    return p.read_text(encoding="utf-8")
 
 
 def _check_model_matches(cfg: Config, checkpoint: ckpt.Checkpoint) -> None:
