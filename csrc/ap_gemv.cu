@@ -1,0 +1,257 @@
+// ap (any-precision / SqueezeLLM-style) GEMV and dequantize.
+//
+// qweight [b, out, in/32] int32: bit j of word [p, r, w] is bit p of the code of weight (r, 32w+j);
+// lut [out, 2^b]. W[r, i] = lut[r, code(r, i)].
+//
+// GEMV design (decode, M = 1 per grid.y): a warp holds RW = 32 / 2^b rows x KL = 2^b k-lanes, so the
+// RW fp32 LUTs of the warp fill the 32 shared-memory banks exactly and every LUT lookup of the warp
+// is conflict-free (same-row lanes hit distinct banks or broadcast). Each lane streams VEC words of
+// each bit-plane (16-byte loads when in % 128 == 0) and turns them into byte-spaced codes with two
+// LOP3s per plane and one funnel rotate per 4 codes: byte m of `u` holds 4*code(8m+k) + 4*2^b*rr,
+// so one PRMT against the 256-byte aligned LUT base gives the shared-memory address of the
+// centroid. x is staged in fp32 in shared memory, permuted so that the 4 channels a lane needs
+// next (8m+k, m = 0..3) are one 16-byte load, padded to 36 floats per word (conflict-free).
+// Accumulation is fp32 (FFMA), like the reference. Warps of a block split K (KS ways) when out is
+// small, so that enough blocks exist; partial sums are reduced in shared memory, no atomics.
+#include "common.cuh"
+
+namespace decdec {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kTileWords = 128;  // x tile: 4096 channels
+constexpr int kXPad = 36;        // floats per word in the x tile
+
+template <int BITS, int VEC, typename T>
+__global__ void __launch_bounds__(kThreads, 4)
+    ap_gemv_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qw, const T* __restrict__ lut,
+                   T* __restrict__ y, int in, int out, int ks_log2, Fused fused) {
+  constexpr int LUTN = 1 << BITS;
+  constexpr int KL = LUTN;       // k-lanes per row
+  constexpr int RW = 32 / LUTN;  // rows per warp
+  constexpr int STEP = KL * VEC; // words per warp step
+  constexpr uint32_t CODEMASK = (uint32_t)((LUTN - 1) << 2) * 0x01010101u;
+
+  __shared__ __align__(256) float lut_s[kWarps][64];
+  __shared__ __align__(16) float xs[kTileWords * kXPad];
+  __shared__ float red[kWarps][RW];
+  __shared__ int flags[kThreads];
+
+  const int KS = 1 << ks_log2;
+  const int RB = (kWarps >> ks_log2) * RW;
+  const int words = in >> 5;
+  const int m = blockIdx.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int rg = warp >> ks_log2, ks = warp & (KS - 1);
+  const int rr = lane / KL, kl = lane % KL;
+  const int row0 = blockIdx.x * RB;
+  const int row = row0 + rg * RW + rr;
+  const bool row_ok = row < out;
+
+  for (int i = threadIdx.x; i < RB * LUTN; i += kThreads) {
+    const int r = i / LUTN, c = i % LUTN, gr = row0 + r;
+    lut_s[r / RW][(r % RW) * LUTN + c] = gr < out ? to_f32(lut[(size_t)gr * LUTN + c]) : 0.f;
+  }
+  const uint32_t lut_base = (uint32_t)__cvta_generic_to_shared(&lut_s[rg][0]);
+  const uint32_t rowbyte = (uint32_t)(rr * LUTN * 4) * 0x01010101u;
+
+  const size_t plane_stride = (size_t)out * words;
+  const uint32_t* qrow = qw + (size_t)(row_ok ? row : 0) * words;
+  const T* xm = x + (size_t)m * in;
+  float acc0 = 0.f, acc1 = 0.f, acc2 = 0.f, acc3 = 0.f;
+
+  uint32_t cur[BITS][VEC], nxt[BITS][VEC];
+  auto load = [&](uint32_t (&dst)[BITS][VEC], int gw) {
+#pragma unroll
+    for (int q = 0; q < BITS; ++q) {
+      const uint32_t* p = qrow + q * plane_stride + gw;
+      if constexpr (VEC == 4) {
+        const uint4 v = ldg_stream_v4(p);
+        dst[q][0] = v.x; dst[q][1] = v.y; dst[q][2] = v.z; dst[q][3] = v.w;
+      } else {
+        dst[q][0] = ldg_stream(p);
+      }
+    }
+  };
+
+  for (int tw0 = 0; tw0 < words; tw0 += kTileWords) {
+    const int tw = min(kTileWords, words - tw0);
+    const int nsteps = ceil_div(tw, STEP);
+    int st = ks;
+    bool have = row_ok && st < nsteps && st * STEP + kl * VEC < tw;
+    if (have) load(cur, tw0 + st * STEP + kl * VEC);  // in flight while x is staged
+    __syncthreads();  // previous tile consumed (and LUT stored, first time)
+    for (int i = threadIdx.x; i < tw * 32; i += kThreads) {
+      const int wl = i >> 5, c = i & 31;
+      xs[wl * kXPad + (c & 7) * 4 + (c >> 3)] = to_f32(xm[(size_t)(tw0 + wl) * 32 + c]);
+    }
+    __syncthreads();
+    while (st < nsteps) {
+      const int st_n = st + KS;
+      const bool have_n = row_ok && st_n < nsteps && st_n * STEP + kl * VEC < tw;
+      if (have_n) load(nxt, tw0 + st_n * STEP + kl * VEC);
+      if (have) {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          uint32_t rp[BITS];
+          rp[0] = cur[0][v];
+#pragma unroll
+          for (int q = 1; q < BITS; ++q) rp[q] = __funnelshift_l(cur[q][v], cur[q][v], q);
+          const float* xw = xs + (st * STEP + kl * VEC + v) * kXPad;
+#pragma unroll
+          for (int k = 0; k < 8; ++k) {
+            uint32_t t = rp[0];
+#pragma unroll
+            for (int q = 1; q < BITS; ++q) {
+              const uint32_t msk = 0x01010101u << ((k + q) & 7);
+              t = (rp[q] & msk) | (t & ~msk);
+            }
+            const uint32_t u = (__funnelshift_r(t, t, (k + 30) & 31) & CODEMASK) | rowbyte;
+            const float4 xv = *reinterpret_cast<const float4*>(xw + k * 4);
+            acc0 = fmaf(lds_f32(__byte_perm(u, lut_base, 0x7650)), xv.x, acc0);
+            acc1 = fmaf(lds_f32(__byte_perm(u, lut_base, 0x7651)), xv.y, acc1);
+            acc2 = fmaf(lds_f32(__byte_perm(u, lut_base, 0x7652)), xv.z, acc2);
+            acc3 = fmaf(lds_f32(__byte_perm(u, lut_base, 0x7653)), xv.w, acc3);
+          }
+        }
+      }
+      if (have_n) {
+#pragma unroll
+        for (int q = 0; q < BITS; ++q)
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) cur[q][v] = nxt[q][v];
+      }
+      have = have_n;
+      st = st_n;
+    }
+  }
+
+  float acc = (acc0 + acc1) + (acc2 + acc3);
+#pragma unroll
+  for (int off = KL / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (kl == 0) red[warp][rr] = acc;
+  __syncthreads();
+  float* gpart = fused.on() ? fused.gpart + (size_t)m * out : nullptr;
+  for (int i = threadIdx.x; i < RB; i += kThreads) {
+    const int r = row0 + i;
+    if (r >= out) continue;
+    const int g = i / RW, q = i % RW;
+    float s = 0.f;
+    for (int k = 0; k < KS; ++k) s += red[g * KS + k][q];
+    if (gpart) gpart[r] = s;
+    else y[(size_t)m * out + r] = from_f32<T>(s);
+  }
+  if (fused.on()) fused_arrive<T>(fused, m, blockIdx.x, blockIdx.x + 1, out, flags);
+}
+
+template <int BITS, typename T>
+__global__ void __launch_bounds__(256)
+    ap_dequant_kernel(const uint32_t* __restrict__ qw, const T* __restrict__ lut, T* __restrict__ w, int in, int out) {
+  constexpr int LUTN = 1 << BITS;
+  const int words = in >> 5;
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (long long)out * words) return;
+  const int r = (int)(i / words), wd = (int)(i % words);
+  uint32_t p[BITS];
+#pragma unroll
+  for (int q = 0; q < BITS; ++q) p[q] = __ldg(qw + ((size_t)q * out + r) * words + wd);
+  T vals[LUTN];
+#pragma unroll
+  for (int c = 0; c < LUTN; ++c) vals[c] = lut[(size_t)r * LUTN + c];
+  T* dst = w + (size_t)r * in + (size_t)wd * 32;
+#pragma unroll
+  for (int j0 = 0; j0 < 32; j0 += 8) {
+    __align__(16) T o[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      int code = 0;
+#pragma unroll
+      for (int q = 0; q < BITS; ++q) code |= ((p[q] >> (j0 + j)) & 1u) << q;
+      T v = vals[0];
+#pragma unroll
+      for (int c = 1; c < LUTN; ++c) v = code == c ? vals[c] : v;  // no local-memory indexing
+      o[j] = v;
+    }
+    if ((in & 7) == 0) *reinterpret_cast<uint4*>(dst + j0) = *reinterpret_cast<const uint4*>(o);
+    else for (int j = 0; j < 8; ++j) dst[j0 + j] = o[j];
+  }
+}
+
+int ks_log2_for(int bits, int in, int out) {
+  const int RW = 32 >> bits;
+  const int vec = ((in >> 5) % 4 == 0) ? 4 : 1;
+  const int steps = ceil_div(min(in >> 5, kTileWords), (1 << bits) * vec);
+  int sms = 132;
+  int dev = 0;
+  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  int ks = 0;
+  while (ks < 3 && (1 << (ks + 1)) <= steps && ceil_div(out, (kWarps >> ks) * RW) < 4 * sms) ++ks;
+  return ks;
+}
+
+template <int BITS, typename T>
+cudaError_t launch_gemv(const void* x, const uint32_t* qw, const void* lut, void* y, int M, int in, int out,
+                        const Fused& fused, cudaStream_t stream) {
+  const int ks = ks_log2_for(BITS, in, out);
+  const int RB = (kWarps >> ks) * (32 >> BITS);
+  const dim3 grid(ceil_div(out, RB), M);
+  if ((in >> 5) % 4 == 0)
+    ap_gemv_kernel<BITS, 4, T><<<grid, kThreads, 0, stream>>>(
+        static_cast<const T*>(x), qw, static_cast<const T*>(lut), static_cast<T*>(y), in, out, ks, fused);
+  else
+    ap_gemv_kernel<BITS, 1, T><<<grid, kThreads, 0, stream>>>(
+        static_cast<const T*>(x), qw, static_cast<const T*>(lut), static_cast<T*>(y), in, out, ks, fused);
+  return cudaGetLastError();
+}
+
+template <int BITS, typename T>
+cudaError_t launch_dequant(const uint32_t* qw, const void* lut, void* w, int in, int out, cudaStream_t stream) {
+  const long long n = (long long)out * (in >> 5);
+  if (n == 0) return cudaSuccess;
+  ap_dequant_kernel<BITS, T><<<(unsigned)((n + 255) / 256), 256, 0, stream>>>(qw, static_cast<const T*>(lut),
+                                                                               static_cast<T*>(w), in, out);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t gemv_dispatch(int bits, const void* x, const uint32_t* qw, const void* lut, void* y, int M, int in,
+                          int out, const Fused& f, cudaStream_t s) {
+  switch (bits) {
+    case 2: return launch_gemv<2, T>(x, qw, lut, y, M, in, out, f, s);
+    case 3: return launch_gemv<3, T>(x, qw, lut, y, M, in, out, f, s);
+    case 4: return launch_gemv<4, T>(x, qw, lut, y, M, in, out, f, s);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T>
+cudaError_t dequant_dispatch(int bits, const uint32_t* qw, const void* lut, void* w, int in, int out, cudaStream_t s) {
+  switch (bits) {
+    case 2: return launch_dequant<2, T>(qw, lut, w, in, out, s);
+    case 3: return launch_dequant<3, T>(qw, lut, w, in, out, s);
+    case 4: return launch_dequant<4, T>(qw, lut, w, in, out, s);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+bool ap_bits_supported(int bits) { return bits >= 2 && bits <= 4; }
+
+int ap_gemv_tile_rows(int bits, int in, int out) { return (kWarps >> ks_log2_for(bits, in, out)) * (32 >> bits); }
+
+cudaError_t ap_gemv(DType dt, const void* x, const uint32_t* qweight, const void* lut, void* y, int M, int in,
+                    int out, int bits, const Fused& fused, cudaStream_t stream) {
+  if (M == 0 || out == 0) return cudaSuccess;
+  return dt == DType::F16 ? gemv_dispatch<__half>(bits, x, qweight, lut, y, M, in, out, fused, stream)
+                          : gemv_dispatch<__nv_bfloat16>(bits, x, qweight, lut, y, M, in, out, fused, stream);
+}
+
+cudaError_t ap_dequant(DType dt, const uint32_t* qweight, const void* lut, void* w, int in, int out, int bits,
+                       cudaStream_t stream) {
+  return dt == DType::F16 ? dequant_dispatch<__half>(bits, qweight, lut, w, in, out, stream)
+                          : dequant_dispatch<__nv_bfloat16>(bits, qweight, lut, w, in, out, stream);
+}
+
+}  // namespace decdec

@@ -1,0 +1,368 @@
+// Thin torch binding of the decdec CUDA kernels: checks every tensor (device, dtype, shape,
+// contiguity, sizes) with messages that name the values, then calls the raw-pointer launchers of
+// kernels.h on the current stream. Registers CUDA kernels for the schemas declared in
+// decdec/ops.py, and owns the pinned (mapped) residual memory and the fused op's tile counters.
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+#include "kernels.h"
+
+namespace {
+
+using decdec::DType;
+
+void cuda_ok(cudaError_t e, const char* what) {
+  TORCH_CHECK(e == cudaSuccess, "decdec: ", what, " failed: ", cudaGetErrorString(e), " (", static_cast<int>(e), ")");
+}
+
+DType dtype_of(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "decdec: x must be float16 or bfloat16, got ", x.scalar_type());
+  return x.scalar_type() == at::kHalf ? DType::F16 : DType::BF16;
+}
+
+void check_tensor(const at::Tensor& t, const char* name, const at::Device& dev, at::ScalarType dt) {
+  TORCH_CHECK(t.is_cuda(), "decdec: ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.device() == dev, "decdec: ", name, " is on ", t.device(), " but x is on ", dev);
+  TORCH_CHECK(t.scalar_type() == dt, "decdec: ", name, " must be ", dt, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "decdec: ", name, " must be contiguous, got shape ", t.sizes(), " strides ",
+              t.strides());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "decdec: ", name,
+              " must be 16-byte aligned (a view with a storage offset?), got pointer ", t.data_ptr());
+}
+
+void check_x(const at::Tensor& x) {
+  TORCH_CHECK(x.is_cuda(), "decdec: x must be a CUDA tensor, got device ", x.device());
+  dtype_of(x);
+  TORCH_CHECK(x.dim() == 2, "decdec: x must be [M, in], got shape ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(), "decdec: x must be contiguous, got strides ", x.strides());
+  TORCH_CHECK(x.size(0) <= 65535, "decdec: at most 65535 tokens per call, got M=", x.size(0));
+}
+
+int i32(int64_t v, const char* what) {
+  TORCH_CHECK(v >= 0 && v <= INT32_MAX, "decdec: ", what, " = ", v, " does not fit in int32");
+  return static_cast<int>(v);
+}
+
+struct Ap {
+  int bits, out, in;
+};
+Ap check_ap(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& lut) {
+  check_x(x);
+  TORCH_CHECK(qweight.dim() == 3, "decdec: qweight must be [b, out, in/32], got shape ", qweight.sizes());
+  check_tensor(qweight, "qweight", x.device(), at::kInt);
+  Ap s{i32(qweight.size(0), "bits"), i32(qweight.size(1), "out"), i32(qweight.size(2) * 32, "in")};
+  TORCH_CHECK(decdec::ap_bits_supported(s.bits), "decdec: ap kernels support 2..4 bits, got b=", s.bits);
+  TORCH_CHECK(x.size(1) == s.in, "decdec: x has ", x.size(1), " input channels, qweight expects ", s.in);
+  TORCH_CHECK(lut.dim() == 2 && lut.size(0) == s.out && lut.size(1) == (int64_t{1} << s.bits), "decdec: lut must be [",
+              s.out, ", ", (1 << s.bits), "], got ", lut.sizes());
+  check_tensor(lut, "lut", x.device(), x.scalar_type());
+  return s;
+}
+
+struct Lg {
+  int bits, out, in, group;
+};
+Lg check_lutgemm(const at::Tensor& x, const at::Tensor& binary, const at::Tensor& alpha, const at::Tensor& q_bias) {
+  check_x(x);
+  TORCH_CHECK(binary.dim() == 3, "decdec: binary must be [in/32, b, out], got shape ", binary.sizes());
+  check_tensor(binary, "binary", x.device(), at::kInt);
+  Lg s{i32(binary.size(1), "bits"), i32(binary.size(2), "out"), i32(binary.size(0) * 32, "in"), 0};
+  TORCH_CHECK(decdec::lutgemm_bits_supported(s.bits), "decdec: lutgemm kernels support 1..8 bits, got b=", s.bits);
+  TORCH_CHECK(x.size(1) == s.in, "decdec: x has ", x.size(1), " input channels, binary expects ", s.in);
+  TORCH_CHECK(alpha.dim() == 3 && alpha.size(0) > 0, "decdec: alpha must be [n_groups, b, out], got ", alpha.sizes());
+  const int64_t groups = alpha.size(0);
+  TORCH_CHECK(s.in % groups == 0 && (s.in / groups) % 32 == 0, "decdec: lutgemm groups must split in=", s.in,
+              " into multiples of 32 channels, got ", groups, " groups");
+  s.group = static_cast<int>(s.in / groups);
+  TORCH_CHECK(alpha.size(1) == s.bits && alpha.size(2) == s.out, "decdec: alpha must be [", groups, ", ", s.bits, ", ",
+              s.out, "], got ", alpha.sizes());
+  TORCH_CHECK(q_bias.dim() == 2 && q_bias.size(0) == groups && q_bias.size(1) == s.out, "decdec: q_bias must be [",
+              groups, ", ", s.out, "], got ", q_bias.sizes());
+  check_tensor(alpha, "alpha", x.device(), x.scalar_type());
+  check_tensor(q_bias, "q_bias", x.device(), x.scalar_type());
+  return s;
+}
+
+// The occupancy query costs microseconds; decoding asks the same few shapes again and again.
+int cached_max_blocks(int dev, int in, int out, int k_chunk, int n_tb) {
+  static std::mutex mu;
+  static std::unordered_map<std::string, int> cache;
+  const size_t smem = decdec::dec_smem_bytes(in, out, k_chunk, n_tb);
+  const std::string key = std::to_string(dev) + "/" + std::to_string(out) + "/" + std::to_string(smem) + "/" +
+                          std::to_string(decdec::dec_slice_size(out, n_tb));
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int mb = 0;
+  cuda_ok(decdec::dec_max_blocks(dev, in, out, k_chunk, n_tb, &mb), "DEC occupancy query");
+  cache[key] = mb;
+  return mb;
+}
+
+void check_dec(const at::Tensor& x, const at::Tensor& q_residual, const at::Tensor& scales, const at::Tensor& bounds,
+               int64_t k_chunk, int64_t n_tb, int out, int in) {
+  TORCH_CHECK(out % 8 == 0, "decdec: DEC needs out % 8 == 0, got out=", out);
+  TORCH_CHECK(q_residual.dim() == 2 && q_residual.size(0) == in && q_residual.size(1) == out / 8,
+              "decdec: q_residual must be [", in, ", ", out / 8, "], got ", q_residual.sizes());
+  TORCH_CHECK(q_residual.is_cuda(), "decdec: q_residual must be a CUDA tensor (pinned host memory from "
+              "decdec.ops.place_residual, or device memory), got device ", q_residual.device());
+  check_tensor(q_residual, "q_residual", x.device(), at::kInt);
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == out, "decdec: scales must be [", out, "], got ", scales.sizes());
+  check_tensor(scales, "scales", x.device(), x.scalar_type());
+  TORCH_CHECK(bounds.dim() == 1 && bounds.size(0) == 2, "decdec: bounds must be [2], got ", bounds.sizes());
+  check_tensor(bounds, "bounds", x.device(), at::kFloat);
+  TORCH_CHECK(k_chunk >= 0 && k_chunk <= 1024, "decdec: k_chunk must be in 0..1024, got ", k_chunk);
+  TORCH_CHECK(n_tb >= 1, "decdec: n_tb must be >= 1, got ", n_tb);
+  if (k_chunk == 0) return;
+  const int max_blocks = cached_max_blocks(x.get_device(), in, out, (int)k_chunk, (int)std::min<int64_t>(n_tb, INT32_MAX));
+  TORCH_CHECK(n_tb <= max_blocks, "decdec: n_tb=", n_tb, " exceeds the ", max_blocks,
+              " DEC thread blocks that can be co-resident on this GPU for in=", in, ", out=", out,
+              ", k_chunk=", k_chunk, " (shared memory ", decdec::dec_smem_bytes(in, out, (int)k_chunk, (int)n_tb),
+              " bytes per block)");
+}
+
+// ---------------------------------------------------------------------------- fused-op tile counters
+// One zero-initialised int32 buffer per device, reset to zero by the kernels themselves, so the
+// fused op needs no memset. Fused ops on one device must not run concurrently on two streams
+// (decoding runs the linears one after another on one stream).
+std::mutex g_ws_mu;
+std::unordered_map<int, std::pair<int*, size_t>> g_ws;
+
+int* tile_counters(int device, size_t n, cudaStream_t stream) {
+  std::lock_guard<std::mutex> lock(g_ws_mu);
+  auto& w = g_ws[device];
+  if (w.second >= n) return w.first;
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  cuda_ok(cudaStreamIsCapturing(stream, &st), "cudaStreamIsCapturing");
+  TORCH_CHECK(st == cudaStreamCaptureStatusNone, "decdec: the fused op needs ", n,
+              " tile counters but the workspace holds ", w.second,
+              "; call it once outside CUDA-graph capture (a warm-up) with this shape first");
+  if (w.first) {
+    cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    cuda_ok(cudaFree(w.first), "cudaFree(tile counters)");
+    w = {nullptr, 0};
+  }
+  const size_t cap = std::max<size_t>(n, size_t{1} << 20);
+  int* p = nullptr;
+  cuda_ok(cudaMalloc(&p, cap * sizeof(int)), "cudaMalloc(tile counters)");
+  cuda_ok(cudaMemset(p, 0, cap * sizeof(int)), "cudaMemset(tile counters)");
+  cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  w = {p, cap};
+  return p;
+}
+
+struct ForkJoin {  // cached events of the side-stream fork/join, one pair per device and thread
+  at::cuda::CUDAEvent fork{cudaEventDisableTiming}, join{cudaEventDisableTiming};
+};
+ForkJoin& fork_join(int device) {
+  thread_local std::unordered_map<int, std::unique_ptr<ForkJoin>> ev;
+  auto& p = ev[device];
+  if (!p) p = std::make_unique<ForkJoin>();
+  return *p;
+}
+
+// ---------------------------------------------------------------------------- ops
+at::Tensor ap_gemv_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& lut) {
+  const Ap s = check_ap(x, qweight, lut);
+  c10::cuda::CUDAGuard guard(x.device());
+  auto y = at::empty({x.size(0), s.out}, x.options());
+  cuda_ok(decdec::ap_gemv(dtype_of(x), x.data_ptr(), reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
+                          lut.data_ptr(), y.data_ptr(), (int)x.size(0), s.in, s.out, s.bits, decdec::Fused{},
+                          at::cuda::getCurrentCUDAStream()),
+          "ap_gemv launch");
+  return y;
+}
+
+at::Tensor ap_dequant_cuda(const at::Tensor& qweight, const at::Tensor& lut) {
+  TORCH_CHECK(lut.is_cuda(), "decdec: lut must be a CUDA tensor, got ", lut.device());
+  const Ap s = check_ap(at::empty({1, qweight.dim() == 3 ? qweight.size(2) * 32 : 0}, lut.options()), qweight, lut);
+  c10::cuda::CUDAGuard guard(lut.device());
+  auto w = at::empty({s.out, s.in}, lut.options());
+  cuda_ok(decdec::ap_dequant(dtype_of(lut), reinterpret_cast<const uint32_t*>(qweight.data_ptr()), lut.data_ptr(),
+                             w.data_ptr(), s.in, s.out, s.bits, at::cuda::getCurrentCUDAStream()),
+          "ap_dequant launch");
+  return w;
+}
+
+at::Tensor lutgemm_gemv_cuda(const at::Tensor& x, const at::Tensor& binary, const at::Tensor& alpha,
+                             const at::Tensor& q_bias) {
+  const Lg s = check_lutgemm(x, binary, alpha, q_bias);
+  c10::cuda::CUDAGuard guard(x.device());
+  auto y = at::empty({x.size(0), s.out}, x.options());
+  cuda_ok(decdec::lutgemm_gemv(dtype_of(x), x.data_ptr(), reinterpret_cast<const uint32_t*>(binary.data_ptr()),
+                               alpha.data_ptr(), q_bias.data_ptr(), y.data_ptr(), (int)x.size(0), s.in, s.out, s.bits,
+                               s.group, decdec::Fused{}, at::cuda::getCurrentCUDAStream()),
+          "lutgemm_gemv launch");
+  return y;
+}
+
+at::Tensor lutgemm_dequant_cuda(const at::Tensor& binary, const at::Tensor& alpha, const at::Tensor& q_bias) {
+  TORCH_CHECK(alpha.is_cuda(), "decdec: alpha must be a CUDA tensor, got ", alpha.device());
+  const Lg s = check_lutgemm(at::empty({1, binary.dim() == 3 ? binary.size(0) * 32 : 0}, alpha.options()), binary,
+                             alpha, q_bias);
+  c10::cuda::CUDAGuard guard(alpha.device());
+  auto w = at::empty({s.out, s.in}, alpha.options());
+  cuda_ok(decdec::lutgemm_dequant(dtype_of(alpha), reinterpret_cast<const uint32_t*>(binary.data_ptr()),
+                                  alpha.data_ptr(), q_bias.data_ptr(), w.data_ptr(), s.in, s.out, s.bits, s.group,
+                                  at::cuda::getCurrentCUDAStream()),
+          "lutgemm_dequant launch");
+  return w;
+}
+
+at::Tensor dec_cuda(const at::Tensor& x, const at::Tensor& q_residual, const at::Tensor& scales,
+                    const at::Tensor& bounds, int64_t k_chunk, int64_t n_tb) {
+  check_x(x);
+  TORCH_CHECK(scales.dim() == 1, "decdec: scales must be [out], got ", scales.sizes());
+  const int out = i32(scales.size(0), "out"), in = i32(x.size(1), "in");
+  check_dec(x, q_residual, scales, bounds, k_chunk, n_tb, out, in);
+  c10::cuda::CUDAGuard guard(x.device());
+  if (k_chunk == 0) return at::zeros({x.size(0), out}, x.options());
+  auto y = at::empty({x.size(0), out}, x.options());
+  cuda_ok(decdec::dec(dtype_of(x), x.data_ptr(), reinterpret_cast<const uint32_t*>(q_residual.data_ptr()),
+                      scales.data_ptr(), bounds.data_ptr<float>(), y.data_ptr(), (int)x.size(0), in, out,
+                      (int)k_chunk, (int)n_tb, decdec::Fused{}, at::cuda::getCurrentCUDAStream()),
+          "dec launch");
+  return y;
+}
+
+// DEC on a high-priority side stream, concurrently with the base GEMV on the current stream.
+template <typename Gemv>
+at::Tensor fused(const at::Tensor& x, const at::Tensor& q_residual, const at::Tensor& scales,
+                 const at::Tensor& bounds, int64_t k_chunk, int64_t n_tb, int in, int out, int tile_rows,
+                 Gemv&& gemv) {
+  const int dev = x.get_device();
+  const int M = (int)x.size(0);
+  auto y = at::empty({M, out}, x.options());
+  if (M == 0) return y;
+  auto part = at::empty({2, M, out}, x.options().dtype(at::kFloat));
+  const int n_tiles = (out + tile_rows - 1) / tile_rows;
+  auto main = at::cuda::getCurrentCUDAStream();
+  decdec::Fused f;
+  f.gpart = part.data_ptr<float>();
+  f.dpart = f.gpart + (size_t)M * out;
+  f.counters = tile_counters(dev, (size_t)M * n_tiles, main.stream());
+  f.y = y.data_ptr();
+  f.tile_rows = tile_rows;
+  f.dec_slice = decdec::dec_slice_size(out, (int)n_tb);
+  auto side = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, dev);
+  auto& ev = fork_join(dev);
+  ev.fork.record(main);
+  ev.fork.block(side);
+  cuda_ok(decdec::dec(dtype_of(x), x.data_ptr(), reinterpret_cast<const uint32_t*>(q_residual.data_ptr()),
+                      scales.data_ptr(), bounds.data_ptr<float>(), nullptr, M, in, out, (int)k_chunk, (int)n_tb, f,
+                      side.stream()),
+          "dec launch (fused)");
+  cuda_ok(gemv(f, main.stream()), "base GEMV launch (fused)");
+  ev.join.record(side);
+  ev.join.block(main);
+  return y;
+}
+
+at::Tensor ap_gemv_dec_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& lut,
+                            const at::Tensor& q_residual, const at::Tensor& scales, const at::Tensor& bounds,
+                            int64_t k_chunk, int64_t n_tb) {
+  const Ap s = check_ap(x, qweight, lut);
+  check_dec(x, q_residual, scales, bounds, k_chunk, n_tb, s.out, s.in);
+  if (k_chunk == 0) return ap_gemv_cuda(x, qweight, lut);  // no DEC: bit-identical to ap_gemv
+  c10::cuda::CUDAGuard guard(x.device());
+  return fused(x, q_residual, scales, bounds, k_chunk, n_tb, s.in, s.out,
+               decdec::ap_gemv_tile_rows(s.bits, s.in, s.out), [&](const decdec::Fused& f, cudaStream_t st) {
+                 return decdec::ap_gemv(dtype_of(x), x.data_ptr(),
+                                        reinterpret_cast<const uint32_t*>(qweight.data_ptr()), lut.data_ptr(),
+                                        nullptr, (int)x.size(0), s.in, s.out, s.bits, f, st);
+               });
+}
+
+at::Tensor lutgemm_gemv_dec_cuda(const at::Tensor& x, const at::Tensor& binary, const at::Tensor& alpha,
+                                 const at::Tensor& q_bias, const at::Tensor& q_residual, const at::Tensor& scales,
+                                 const at::Tensor& bounds, int64_t k_chunk, int64_t n_tb) {
+  const Lg s = check_lutgemm(x, binary, alpha, q_bias);
+  check_dec(x, q_residual, scales, bounds, k_chunk, n_tb, s.out, s.in);
+  if (k_chunk == 0) return lutgemm_gemv_cuda(x, binary, alpha, q_bias);
+  c10::cuda::CUDAGuard guard(x.device());
+  return fused(x, q_residual, scales, bounds, k_chunk, n_tb, s.in, s.out,
+               decdec::lutgemm_gemv_tile_rows(s.bits, s.in, s.out), [&](const decdec::Fused& f, cudaStream_t st) {
+                 return decdec::lutgemm_gemv(dtype_of(x), x.data_ptr(),
+                                             reinterpret_cast<const uint32_t*>(binary.data_ptr()), alpha.data_ptr(),
+                                             q_bias.data_ptr(), nullptr, (int)x.size(0), s.in, s.out, s.bits,
+                                             s.group, f, st);
+               });
+}
+
+// ---------------------------------------------------------------------------- python helpers
+// Pinned, mapped host memory holding a copy of q_residual, exposed as a CUDA tensor (its UVA
+// address): DEC reads it zero-copy over PCIe and no GPU memory is used. Freed by the deleter.
+at::Tensor pin_residual(const at::Tensor& q_residual, int64_t device) {
+  TORCH_CHECK(q_residual.device().is_cpu(), "decdec: pin_residual takes a CPU tensor, got ", q_residual.device());
+  TORCH_CHECK(q_residual.scalar_type() == at::kInt, "decdec: q_residual must be int32, got ",
+              q_residual.scalar_type());
+  TORCH_CHECK(q_residual.dim() == 2, "decdec: q_residual must be [in, out/8], got ", q_residual.sizes());
+  auto q = q_residual.contiguous();
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  const size_t bytes = static_cast<size_t>(q.numel()) * sizeof(int32_t);
+  void* host = nullptr;
+  cuda_ok(cudaHostAlloc(&host, std::max<size_t>(bytes, 16), cudaHostAllocMapped | cudaHostAllocPortable),
+          "cudaHostAlloc(mapped residual)");
+  if (bytes) std::memcpy(host, q.data_ptr(), bytes);
+  void* dptr = nullptr;
+  const cudaError_t e = cudaHostGetDevicePointer(&dptr, host, 0);
+  if (e != cudaSuccess) {
+    cudaFreeHost(host);
+    cuda_ok(e, "cudaHostGetDevicePointer");
+  }
+  auto opts = at::TensorOptions().dtype(at::kInt).device(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device)));
+  return at::from_blob(dptr, q.sizes(), [host](void*) { cudaFreeHost(host); }, opts);
+}
+
+// The DEC kernel's own channel selection (bool [M, in]), for tests.
+at::Tensor dec_select(const at::Tensor& x, const at::Tensor& bounds, int64_t k_chunk) {
+  check_x(x);
+  check_tensor(bounds, "bounds", x.device(), at::kFloat);
+  TORCH_CHECK(bounds.numel() == 2, "decdec: bounds must be [2], got ", bounds.sizes());
+  TORCH_CHECK(k_chunk >= 0 && k_chunk <= 1024, "decdec: k_chunk must be in 0..1024, got ", k_chunk);
+  c10::cuda::CUDAGuard guard(x.device());
+  auto mask = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kByte));
+  cuda_ok(decdec::dec_select_debug(dtype_of(x), x.data_ptr(), bounds.data_ptr<float>(), mask.data_ptr<uint8_t>(),
+                                   (int)x.size(0), (int)x.size(1), (int)k_chunk, at::cuda::getCurrentCUDAStream()),
+          "dec_select launch");
+  return mask.to(at::kBool);
+}
+
+int64_t dec_max_blocks(int64_t device, int64_t in, int64_t out, int64_t k_chunk, int64_t n_tb) {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  int mb = 0;
+  cuda_ok(decdec::dec_max_blocks((int)device, (int)in, (int)out, (int)k_chunk, (int)n_tb, &mb), "DEC occupancy query");
+  return mb;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(decdec, CUDA, m) {
+  m.impl("ap_gemv", &ap_gemv_cuda);
+  m.impl("ap_dequant", &ap_dequant_cuda);
+  m.impl("lutgemm_gemv", &lutgemm_gemv_cuda);
+  m.impl("lutgemm_dequant", &lutgemm_dequant_cuda);
+  m.impl("dec", &dec_cuda);
+  m.impl("ap_gemv_dec", &ap_gemv_dec_cuda);
+  m.impl("lutgemm_gemv_dec", &lutgemm_gemv_dec_cuda);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "decdec CUDA kernels (registered as torch.ops.decdec.* CUDA implementations) and helpers";
+  m.def("pin_residual", &pin_residual, "copy a CPU q_residual into mapped pinned host memory; returns a CUDA tensor",
+        py::arg("q_residual"), py::arg("device"));
+  m.def("dec_select", &dec_select, "the DEC kernel's channel selection as bool [M, in] (debug/tests)", py::arg("x"),
+        py::arg("bounds"), py::arg("k_chunk"));
+  m.def("dec_max_blocks", &dec_max_blocks, "most co-resident DEC blocks (the n_tb limit)", py::arg("device"),
+        py::arg("in_features"), py::arg("out_features"), py::arg("k_chunk"), py::arg("n_tb") = 1);
+}

@@ -1,0 +1,248 @@
+// lutgemm (binary-coding quantization) GEMV and dequantize.
+//
+// binary [in/32, b, out] int32 (bit j of word [w, p, r] = bit_p(r, 32w+j)), alpha [G, b, out],
+// q_bias [G, out], group = in / G: W[r, i] = sum_p alpha[g,p,r] * (2*bit_p - 1) + q_bias[g,r].
+//
+// GEMV design: lane = output row (the layout is contiguous along out, so a warp's load of one
+// (word, plane) is 128 coalesced bytes), warps of a block split K. Per 1024-channel tile the block
+// builds, in shared memory, the LUT-GEMM table of x: for every 4 channels all 16 signed sums
+// T[v] = sum_j (bit_j(v) ? x_j : -x_j) (fp32). A plane word of a row then costs 8 table lookups
+// (one per nibble) instead of 32 multiply-adds; all lanes read the same 16-entry table, so the
+// lookups are bank-conflict-free. The nibble -> address step is 1 PRMT per lookup: the nibbles are
+// pre-scaled to bytes (4*nibble plus the table's offset inside its 256-byte half), PRMT drops that
+// byte into a 256-byte aligned base. Per word: y += sum_p alpha_p * S_p + q_bias * sum(x over the word).
+#include "common.cuh"
+
+namespace decdec {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kTileWords = 32;  // 1024 channels per table tile (16 KB of fp32 tables)
+
+template <int BITS, typename T>
+__global__ void __launch_bounds__(kThreads, 3)
+    lutgemm_gemv_kernel(const T* __restrict__ x, const uint32_t* __restrict__ binary, const T* __restrict__ alpha,
+                        const T* __restrict__ q_bias, T* __restrict__ y, int in, int out, int group, int ks_log2,
+                        Fused fused) {
+  __shared__ __align__(512) float tab[kTileWords * 8 * 16];
+  __shared__ float xsum[kTileWords];
+  __shared__ float red[kWarps][32];
+  __shared__ int flags[kThreads];
+
+  const int KS = 1 << ks_log2;
+  const int RB = (kWarps >> ks_log2) * 32;
+  const int words = in >> 5;
+  const int wpg = group >> 5;  // words per group
+  const int m = blockIdx.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int rg = warp >> ks_log2, ks = warp & (KS - 1);
+  const int row0 = blockIdx.x * RB;
+  const int row = row0 + rg * 32 + lane;
+  const bool row_ok = row < out;
+  const int rowc = row_ok ? row : 0;
+  const T* xm = x + (size_t)m * in;
+  const uint32_t tab_base = (uint32_t)__cvta_generic_to_shared(tab);
+
+  float acc = 0.f;
+  int cur_g = -1;
+  float a[BITS], qb = 0.f;
+  uint32_t cur[BITS], nxt[BITS];
+  auto load = [&](uint32_t (&dst)[BITS], int gw) {
+#pragma unroll
+    for (int q = 0; q < BITS; ++q) dst[q] = ldg_stream(binary + ((size_t)gw * BITS + q) * out + rowc);
+  };
+
+  for (int tw0 = 0; tw0 < words; tw0 += kTileWords) {
+    const int tw = min(kTileWords, words - tw0);
+    int wl = ks;
+    bool have = wl < tw;
+    if (have) load(cur, tw0 + wl);  // in flight while the tables are built
+    __syncthreads();
+    for (int i = threadIdx.x; i < tw * 128; i += kThreads) {
+      const int g4 = i >> 4, v = i & 15;
+      const T* xp = xm + (size_t)tw0 * 32 + g4 * 4;
+      float s = 0.f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float xv = to_f32(xp[j]);
+        s += ((v >> j) & 1) ? xv : -xv;
+      }
+      tab[i] = s;
+    }
+    for (int i = threadIdx.x; i < tw; i += kThreads) {
+      const T* xp = xm + (size_t)(tw0 + i) * 32;
+      float s = 0.f;
+      for (int j = 0; j < 32; ++j) s += to_f32(xp[j]);
+      xsum[i] = s;
+    }
+    __syncthreads();
+    while (wl < tw) {
+      const int wl_n = wl + KS;
+      const bool have_n = wl_n < tw;
+      if (have_n) load(nxt, tw0 + wl_n);
+      const int gw = tw0 + wl;
+      const int g = gw / wpg;
+      if (g != cur_g) {  // warp-uniform
+        cur_g = g;
+#pragma unroll
+        for (int q = 0; q < BITS; ++q) a[q] = to_f32(alpha[((size_t)g * BITS + q) * out + rowc]);
+        qb = to_f32(q_bias[(size_t)g * out + rowc]);
+      }
+      const uint32_t base0 = tab_base + wl * 512, base1 = base0 + 256;
+#pragma unroll
+      for (int q = 0; q < BITS; ++q) {
+        const uint32_t bw = cur[q];
+        const uint32_t lo = ((bw << 2) & 0x3C3C3C3Cu) | 0x80008000u;  // nibbles 0,2,4,6
+        const uint32_t hi = ((bw >> 2) & 0x3C3C3C3Cu) | 0xC040C040u;  // nibbles 1,3,5,7
+        float s0 = lds_f32(__byte_perm(lo, base0, 0x7650));
+        float s1 = lds_f32(__byte_perm(hi, base0, 0x7650));
+        s0 += lds_f32(__byte_perm(lo, base0, 0x7651));
+        s1 += lds_f32(__byte_perm(hi, base0, 0x7651));
+        s0 += lds_f32(__byte_perm(lo, base1, 0x7652));
+        s1 += lds_f32(__byte_perm(hi, base1, 0x7652));
+        s0 += lds_f32(__byte_perm(lo, base1, 0x7653));
+        s1 += lds_f32(__byte_perm(hi, base1, 0x7653));
+        acc = fmaf(a[q], s0 + s1, acc);
+      }
+      acc = fmaf(qb, xsum[wl], acc);
+      if (have_n) {
+#pragma unroll
+        for (int q = 0; q < BITS; ++q) cur[q] = nxt[q];
+      }
+      wl = wl_n;
+    }
+  }
+
+  red[warp][lane] = acc;
+  __syncthreads();
+  float* gpart = fused.on() ? fused.gpart + (size_t)m * out : nullptr;
+  for (int i = threadIdx.x; i < RB; i += kThreads) {
+    const int r = row0 + i;
+    if (r >= out) continue;
+    const int g = i >> 5, l = i & 31;
+    float s = 0.f;
+    for (int k = 0; k < KS; ++k) s += red[g * KS + k][l];
+    if (gpart) gpart[r] = s;
+    else y[(size_t)m * out + r] = from_f32<T>(s);
+  }
+  if (fused.on()) fused_arrive<T>(fused, m, blockIdx.x, blockIdx.x + 1, out, flags);
+}
+
+template <int BITS, typename T>
+__global__ void __launch_bounds__(256)
+    lutgemm_dequant_kernel(const uint32_t* __restrict__ binary, const T* __restrict__ alpha,
+                           const T* __restrict__ q_bias, T* __restrict__ w, int in, int out, int group) {
+  const int words = in >> 5;
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (long long)out * words) return;
+  const int wd = (int)(i / out), r = (int)(i % out);  // consecutive threads: consecutive rows
+  const int g = wd * 32 / group;
+  float a[BITS], asum = 0.f;
+  uint32_t p[BITS];
+#pragma unroll
+  for (int q = 0; q < BITS; ++q) {
+    a[q] = to_f32(alpha[((size_t)g * BITS + q) * out + r]);
+    p[q] = __ldg(binary + ((size_t)wd * BITS + q) * out + r);
+    asum += a[q];
+  }
+  const float qb = to_f32(q_bias[(size_t)g * out + r]);
+  T* dst = w + (size_t)r * in + (size_t)wd * 32;
+#pragma unroll
+  for (int j0 = 0; j0 < 32; j0 += 8) {
+    __align__(16) T o[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      float v = 0.f;  // sum_p alpha_p * (2 bit - 1): same order as the reference
+#pragma unroll
+      for (int q = 0; q < BITS; ++q) v += ((p[q] >> (j0 + j)) & 1u) ? a[q] : -a[q];
+      o[j] = from_f32<T>(v + qb);
+    }
+    if ((in & 7) == 0) *reinterpret_cast<uint4*>(dst + j0) = *reinterpret_cast<const uint4*>(o);
+    else for (int j = 0; j < 8; ++j) dst[j0 + j] = o[j];
+  }
+  (void)asum;
+}
+
+int ks_log2_for(int in, int out) {
+  const int words_per_tile = min(in >> 5, kTileWords);
+  int sms = 132, dev = 0;
+  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  int ks = 0;
+  while (ks < 3 && (1 << (ks + 1)) <= words_per_tile && ceil_div(out, (kWarps >> ks) * 32) < 3 * sms) ++ks;
+  return ks;
+}
+
+template <int BITS, typename T>
+cudaError_t launch_gemv(const void* x, const uint32_t* binary, const void* alpha, const void* q_bias, void* y, int M,
+                        int in, int out, int group, const Fused& fused, cudaStream_t stream) {
+  const int ks = ks_log2_for(in, out);
+  const int RB = (kWarps >> ks) * 32;
+  const dim3 grid(ceil_div(out, RB), M);
+  lutgemm_gemv_kernel<BITS, T><<<grid, kThreads, 0, stream>>>(
+      static_cast<const T*>(x), binary, static_cast<const T*>(alpha), static_cast<const T*>(q_bias),
+      static_cast<T*>(y), in, out, group, ks, fused);
+  return cudaGetLastError();
+}
+
+template <int BITS, typename T>
+cudaError_t launch_dequant(const uint32_t* binary, const void* alpha, const void* q_bias, void* w, int in, int out,
+                           int group, cudaStream_t stream) {
+  const long long n = (long long)out * (in >> 5);
+  if (n == 0) return cudaSuccess;
+  lutgemm_dequant_kernel<BITS, T><<<(unsigned)((n + 255) / 256), 256, 0, stream>>>(
+      binary, static_cast<const T*>(alpha), static_cast<const T*>(q_bias), static_cast<T*>(w), in, out, group);
+  return cudaGetLastError();
+}
+
+#define DECDEC_BITS_CASES(F, T, ...) \
+  switch (bits) {                    \
+    case 1: return F<1, T>(__VA_ARGS__); \
+    case 2: return F<2, T>(__VA_ARGS__); \
+    case 3: return F<3, T>(__VA_ARGS__); \
+    case 4: return F<4, T>(__VA_ARGS__); \
+    case 5: return F<5, T>(__VA_ARGS__); \
+    case 6: return F<6, T>(__VA_ARGS__); \
+    case 7: return F<7, T>(__VA_ARGS__); \
+    case 8: return F<8, T>(__VA_ARGS__); \
+    default: return cudaErrorInvalidValue; \
+  }
+
+template <typename T>
+cudaError_t gemv_dispatch(int bits, const void* x, const uint32_t* b, const void* a, const void* qb, void* y, int M,
+                          int in, int out, int group, const Fused& f, cudaStream_t s) {
+  DECDEC_BITS_CASES(launch_gemv, T, x, b, a, qb, y, M, in, out, group, f, s)
+}
+
+template <typename T>
+cudaError_t dequant_dispatch(int bits, const uint32_t* b, const void* a, const void* qb, void* w, int in, int out,
+                             int group, cudaStream_t s) {
+  DECDEC_BITS_CASES(launch_dequant, T, b, a, qb, w, in, out, group, s)
+}
+
+}  // namespace
+
+bool lutgemm_bits_supported(int bits) { return bits >= 1 && bits <= 8; }
+
+int lutgemm_gemv_tile_rows(int bits, int in, int out) {
+  (void)bits;
+  return (kWarps >> ks_log2_for(in, out)) * 32;
+}
+
+cudaError_t lutgemm_gemv(DType dt, const void* x, const uint32_t* binary, const void* alpha, const void* q_bias,
+                         void* y, int M, int in, int out, int bits, int group, const Fused& fused,
+                         cudaStream_t stream) {
+  if (M == 0 || out == 0) return cudaSuccess;
+  return dt == DType::F16
+             ? gemv_dispatch<__half>(bits, x, binary, alpha, q_bias, y, M, in, out, group, fused, stream)
+             : gemv_dispatch<__nv_bfloat16>(bits, x, binary, alpha, q_bias, y, M, in, out, group, fused, stream);
+}
+
+cudaError_t lutgemm_dequant(DType dt, const uint32_t* binary, const void* alpha, const void* q_bias, void* w,
+                            int in, int out, int bits, int group, cudaStream_t stream) {
+  return dt == DType::F16
+             ? dequant_dispatch<__half>(bits, binary, alpha, q_bias, w, in, out, group, stream)
+             : dequant_dispatch<__nv_bfloat16>(bits, binary, alpha, q_bias, w, in, out, group, stream);
+}
+
+}  // namespace decdec

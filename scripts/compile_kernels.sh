@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Compile every csrc/*.cu with nvcc alone (no torch, no GPU) for sm_90 and sm_80 into a temp dir.
+# Exits non-zero on any failure, so CI catches a broken kernel build without a GPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+NVCC="${NVCC:-nvcc}"
+JOBS="${JOBS:-2}"
+command -v "$NVCC" >/dev/null || { echo "compile_kernels: $NVCC not found" >&2; exit 2; }
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+names=()
+for cu in csrc/*.cu; do
+  for arch in 90 80; do
+    name="$(basename "$cu" .cu)_sm$arch"
+    names+=("$name")
+    (
+      "$NVCC" -c -std=c++17 -O3 -Icsrc -gencode="arch=compute_$arch,code=sm_$arch" -Xptxas -v "$cu" \
+        -o "$tmp/$name.o" >"$tmp/$name.log" 2>&1
+      echo $? >"$tmp/$name.rc"
+    ) &
+    while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n; done
+  done
+done
+wait
+status=0
+for name in "${names[@]}"; do
+  rc="$(cat "$tmp/$name.rc" 2>/dev/null || echo 99)"
+  if [[ "$rc" == 0 ]]; then
+    spills="$(grep -E 'bytes spill' "$tmp/$name.log" | grep -vc ' 0 bytes spill stores, 0 bytes spill loads' || true)"
+    echo "ok   $name (kernels with spills: $spills)"
+  else
+    echo "FAIL $name (nvcc exit $rc)"; grep -E 'error' "$tmp/$name.log" | head -20; status=1
+  fi
+done
+exit $status
