@@ -231,5 +231,11 @@ def place_residual(q_residual: torch.Tensor, device: torch.device) -> torch.Tens
     """
     if device.type == "cpu":
         return q_residual
+    if device.type != "cuda":
+        raise ValueError(f"place_residual: unsupported device {device}")
     load_cuda_kernels()
-    raise KernelsUnavailable("decdec._C does not provide pinned residual mapping yet")
+    from decdec import _C  # noqa: PLC0415 (the extension is optional)
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    host = q_residual.detach().to(device="cpu", dtype=torch.int32).contiguous()
+    return _C.pin_residual(host, index)
