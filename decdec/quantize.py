@@ -214,9 +214,15 @@ def _minmax(wg: torch.Tensor, bits: int, clip: torch.Tensor | None) -> tuple[tor
     flat = (hi - lo) <= 1e-6 * torch.maximum(lo.abs(), hi.abs())
     lo = torch.where(flat, torch.minimum(lo, torch.zeros_like(lo)), lo)
     hi = torch.where(flat, torch.maximum(hi, torch.zeros_like(hi)), hi)
-    scale = (hi - lo) / qmax
+    span = hi - lo
+    # Divide by a tensor, not a Python scalar: CUDA turns scalar division into a multiply by the
+    # reciprocal, and CPU and GPU would then disagree by an ulp.
+    scale = span / torch.tensor(float(qmax), device=span.device)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero group
-    zero = (-lo / scale).round().clamp(0, qmax)
+    # zero = round(qmax * (-lo / span)), not round(-lo / scale): a clipped group is symmetric
+    # (-lo == hi) and sits exactly on the tie qmax/2, which only this form computes exactly.
+    frac = torch.where(span > 0, -lo / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(span))
+    zero = (frac * qmax).round().clamp(0, qmax)
     return scale, zero
 
 
@@ -365,8 +371,9 @@ def _residual_levels(e: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
     zero = torch.zeros(r, 1, dtype=torch.float64, device=e.device)
     p1 = torch.cat([zero, ad.cumsum(1)], 1)  # [R, n+1]
     p2 = torch.cat([zero, ad.square().cumsum(1)], 1)
-    t = torch.arange(1, RESIDUAL_CANDIDATES + 1, dtype=torch.float32, device=e.device)
-    cand = amax.unsqueeze(1) / lmax * t / RESIDUAL_CANDIDATES  # [R, 32] fp32, as stored
+    # max|e|/L * t/32 as one fp32 multiply, so every device gets the same candidates.
+    factor = (torch.arange(1, RESIDUAL_CANDIDATES + 1, dtype=torch.float64) / (lmax * RESIDUAL_CANDIDATES))
+    cand = amax.unsqueeze(1) * factor.to(device=e.device, dtype=torch.float32)  # [R, 32] fp32, as stored
     k = torch.arange(lmax + 1, dtype=torch.float64, device=e.device)  # levels 0..L
     # Elements of level <= k: |e| < s*(k+1/2) (boundary ties have equal error either way).
     edges = cand.to(torch.float64).unsqueeze(2) * (k[:-1] + 0.5)  # [R, 32, L]

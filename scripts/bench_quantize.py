@@ -32,45 +32,53 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=512, help="calibration tokens per linear")
     ap.add_argument("--llama3", action="store_true", help="one Llama-3-8B layer instead of SmolLM2")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where the weights live")
     args = ap.parse_args()
     shapes = LLAMA3_8B if args.llama3 else SMOLLM2
     layers = 1 if args.llama3 else args.layers
     group = 128 if args.llama3 else 64  # SmolLM2: 576 = 4.5 * 128, so 64
 
     g = torch.Generator().manual_seed(0)
+    dev = torch.device(args.device)
+
+    def clock() -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter()
     steps = ["calibrate", "ap", "lutgemm_rtn", "lutgemm_clip", "residual(ap)"]
     times = {(name, s): 0.0 for name in shapes for s in steps}
     numel = {name: 0 for name in shapes}
     for _ in range(layers):
         for name, (out, inp) in shapes.items():
-            w = torch.randn(out, inp, generator=g) * 0.02
-            x = torch.randn(args.tokens, inp, generator=g) * torch.logspace(-0.5, 0.5, inp)
+            w = (torch.randn(out, inp, generator=g) * 0.02).to(dev)
+            x = (torch.randn(args.tokens, inp, generator=g) * torch.logspace(-0.5, 0.5, inp)).to(dev)
             numel[name] += w.numel()
+            clock()
 
-            t = time.perf_counter()
+            t = clock()
             cal = quantize.ThresholdCalibrator(inp)
             cal.update(x)
             cw = cal.channel_energy
-            times[name, "calibrate"] += time.perf_counter() - t
+            times[name, "calibrate"] += clock() - t
 
-            t = time.perf_counter()
+            t = clock()
             qweight, lut = quantize.quantize_ap(w, args.bits, channel_weight=cw)
-            times[name, "ap"] += time.perf_counter() - t
+            times[name, "ap"] += clock() - t
 
-            t = time.perf_counter()
+            t = clock()
             quantize.quantize_lutgemm(w, args.bits, group)
-            times[name, "lutgemm_rtn"] += time.perf_counter() - t
+            times[name, "lutgemm_rtn"] += clock() - t
 
-            t = time.perf_counter()
+            t = clock()
             quantize.quantize_lutgemm(w, args.bits, group, x=x)
-            times[name, "lutgemm_clip"] += time.perf_counter() - t
+            times[name, "lutgemm_clip"] += clock() - t
 
             w_q = reference.ap_dequant(qweight, lut)  # not timed: the pipeline has it anyway
-            t = time.perf_counter()
+            t = clock()
             quantize.residual_cheatsheet(w, w_q)
-            times[name, "residual(ap)"] += time.perf_counter() - t
+            times[name, "residual(ap)"] += clock() - t
 
-    model = "Llama-3-8B (1 layer)" if args.llama3 else f"SmolLM2-135M ({layers} layers)"
+    model = ("Llama-3-8B (1 layer)" if args.llama3 else f"SmolLM2-135M ({layers} layers)") + f" on {dev.type}"
     table = Table(title=f"{model}, {args.bits}-bit, lutgemm group {group}, {args.tokens} calibration tokens: seconds")
     table.add_column("projection")
     table.add_column("W [out, in]")
@@ -84,8 +92,8 @@ def main() -> None:
     console = Console(width=150)
     console.print(table)
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-                  f"peak RSS {rss_gb:.2f} GB")
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    console.print(f"torch {torch.__version__}, {where}, {platform.machine()}, peak RSS {rss_gb:.2f} GB")
 
 
 if __name__ == "__main__":

@@ -136,6 +136,16 @@ def test_uniform_codes_and_error_bound(bits):
     assert bool(((w - wq).abs() <= step * (1 + 1e-5)).all())
 
 
+def test_uniform_clipped_group_zero_is_exact_tie():
+    # Clipping both ends makes the group symmetric: zero = round(7 * 0.5) = 4 (half to even), on
+    # every device, whatever the rounding of the scale.
+    w = torch.linspace(-1.0, 1.0, 64, dtype=torch.float32).mul(torch.rand(1, generator=_gen(2)) + 0.1)
+    w = w.reshape(1, 64).repeat(5, 1) * torch.tensor([[1.0], [3.0], [0.37], [1e-3], [123.0]])
+    q, scale, zero = quantize.quantize_uniform(w, 3, 64, clip=torch.full((5, 1), 0.8))
+    assert bool((zero == 4).all())
+    assert torch.allclose(scale[:, 0], 1.6 * w.amax(1) / 7, rtol=1e-6)
+
+
 def test_uniform_constant_groups():
     w = torch.zeros(2, 64)
     w[1, :32] = 0.3
