@@ -320,6 +320,49 @@ def search_clip(
     return clip
 
 
+def search_scale(
+    w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, grid: int = CLIP_GRID
+) -> tuple[torch.Tensor, float]:
+    """AWQ's activation-aware per-input-channel scale search (auto-scale) for group RTN.
+
+    w [out, in] (a fused projection: all linears that read the same input, e.g. ``wqkv``),
+    x [T, in] calibration activations. For ``ratio`` in ``i / grid`` (i < grid), candidate scales
+    are ``s = mean_t|x|^ratio`` normalized by ``sqrt(max s * min s)``; the one minimizing
+    ``||(W - Q(W diag(s)) diag(1/s)) x||^2`` over all tokens wins (ratio 0, s = 1, is plain RTN,
+    so the result is never worse than RTN on the calibration objective). Cost grows with
+    ``min(T, in)``: subsample tokens for speed.
+
+    Returns ``(s [in] fp32, ratio)``. To use it, fold ``1/s`` into the op producing x (the RMSNorm
+    weight, or the rows of the up half of ``w1w3`` for ``w2``) and quantize ``w * s`` with
+    ``quantize_lutgemm(w * s, bits, group_size, x=x / s)``.
+    """
+    w = _check_weight(w)
+    out, inp = w.shape
+    ng = _check_group(inp, group_size)
+    if x.dim() < 2 or x.shape[-1] != inp:
+        raise ValueError(f"x must be [T, in={inp}] activations, got shape {tuple(x.shape)}")
+    xf = x.reshape(-1, inp).to(device=w.device, dtype=torch.float32)
+    x_mean = xf.abs().mean(0)
+    # ||D x||^2 summed over tokens = tr(D G D^T): use the Gram matrix when it is the smaller operand.
+    use_gram = xf.shape[0] > inp
+    gram = (xf.double().t() @ xf.double()).float() if use_gram else None
+    best_err, best_s, best_ratio = math.inf, torch.ones(inp, device=w.device), 0.0
+    for i in range(grid):
+        ratio = i / grid
+        sc = x_mean.pow(ratio).clamp(min=1e-4)
+        sc = sc / (sc.max() * sc.min()).sqrt()
+        err = 0.0
+        for s, e in _row_blocks(out, inp, per_row=3):
+            ws = (w[s:e] * sc).view(e - s, ng, group_size)
+            scale, zero = _minmax(ws, bits, None)
+            wq = ((_fake_quant(ws, scale, zero, bits) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).view(e - s, inp) / sc
+            d = w[s:e] - wq
+            err += float(((d @ gram) * d).sum()) if use_gram else float((xf @ d.t()).square().sum())
+        if err < best_err:
+            best_err, best_s, best_ratio = err, sc, ratio
+    return best_s.to(torch.float32), best_ratio
+
+
 def quantize_lutgemm(
     w: torch.Tensor, bits: int, group_size: int = formats.BCQ_GROUP, x: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

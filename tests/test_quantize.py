@@ -370,3 +370,30 @@ def test_quantizers_on_cuda_agree_with_cpu():
     cal.update(x)
     cal_c.update(xc)
     assert torch.equal(cal.thresholds, cal_c.thresholds)
+
+
+# ---------------------------------------------------------------------------- AWQ scale search
+def test_search_scale_never_worse_than_rtn_and_helps_with_outlier_channels():
+    w = _gaussian(48, 256, seed=41)
+    x = torch.randn(300, 256, generator=_gen(42))
+    x[:, :8] *= 30.0  # a few salient input channels, as in real LLM activations
+    s, ratio = quantize.search_scale(w, x, 3, 64)
+    assert s.shape == (256,) and bool((s > 0).all())
+
+    def out_err(scale):
+        wq = quantize.dequantize_uniform(*quantize.quantize_uniform(w * scale, 3, 64)) / scale
+        return float((x.double() @ (w - wq).double().t()).square().sum())
+
+    assert ratio > 0
+    assert out_err(s) < 0.9 * out_err(torch.ones(256))
+    # Gram path (T > in) and direct path (T <= in) choose the same scales.
+    s2, ratio2 = quantize.search_scale(w, x[:200], 3, 64)
+    s3, ratio3 = quantize.search_scale(torch.cat([w, w]), torch.cat([x[:200]] * 2), 3, 64)
+    assert ratio3 == ratio2 and torch.allclose(s2, s3)
+
+
+def test_search_scale_bad_inputs():
+    with pytest.raises(ValueError, match="x must be"):
+        quantize.search_scale(torch.randn(8, 64), torch.randn(10, 32), 3, 32)
+    with pytest.raises(ValueError, match="divide"):
+        quantize.search_scale(torch.randn(8, 64), torch.randn(10, 64), 3, 48)
