@@ -44,10 +44,12 @@ __host__ __device__ inline DecLayout dec_layout(int ktot, int accs_floats) {
 __host__ __device__ inline int dec_vec_words(int out, int slice) {
   return ((out / 8) % 4 == 0 && slice % 32 == 0) ? 4 : 1;
 }
+// Per-thread partial sums for the in-block reduction (only when several row groups share a
+// column vector): [thread][VW*8 + 1 pad], summed in a fixed order, so DEC is deterministic.
 __host__ __device__ inline int dec_accs_floats(int out, int slice) {
   const int vw = dec_vec_words(out, slice);
   const int V = (slice / 8) / vw;
-  return V <= kThreads / 2 ? slice : 0;  // shared-memory reduction only when >= 2 row groups
+  return V <= kThreads / 2 ? kThreads * (vw * 8 + 1) : 0;
 }
 
 __device__ __forceinline__ int bucket_of(const float* floors, bool mono, float ax) {
@@ -168,8 +170,6 @@ __global__ void __launch_bounds__(kThreads)
   for (int m = 0; m < M; ++m) {
     const T* xm = x + (size_t)m * in;
     select_token(xm, in, k_chunk, floors, is_mono, hist, list);
-    if (use_accs)
-      for (int i = threadIdx.x; i < o_hi - o_lo; i += kThreads) accs[i] = 0.f;
     __syncthreads();
 
     float* dst32 = fused.on() ? fused.dpart + (size_t)m * out : nullptr;
@@ -218,9 +218,9 @@ __global__ void __launch_bounds__(kThreads)
               }
         }
         const int c0 = (v * VW) * 8;  // column offset inside the slice
-        if (use_accs) {
+        if (use_accs) {  // here V <= 128, so v == vl: one vector per thread
 #pragma unroll
-          for (int i = 0; i < VW * 8; ++i) atomicAdd(accs + c0 + i, acc[i]);
+          for (int i = 0; i < VW * 8; ++i) accs[(g * VB + vl) * (VW * 8 + 1) + i] = acc[i];
         } else {
 #pragma unroll
           for (int i = 0; i < VW * 8; ++i) {
@@ -235,8 +235,10 @@ __global__ void __launch_bounds__(kThreads)
     if (use_accs) {
       __syncthreads();
       for (int i = threadIdx.x; i < o_hi - o_lo; i += kThreads) {
-        const int col = o_lo + i;
-        const float d = accs[i] * to_f32(scales[col]);
+        const int col = o_lo + i, v = i / (VW * 8), e = i % (VW * 8);
+        float sum = 0.f;
+        for (int gg = 0; gg < G; ++gg) sum += accs[(gg * VB + v) * (VW * 8 + 1) + e];
+        const float d = sum * to_f32(scales[col]);
         if (dst32) dst32[col] = d;
         else dst[col] = from_f32<T>(d);
       }

@@ -1,0 +1,254 @@
+"""Benchmark the decdec CUDA kernels (prints a table, writes CSV + markdown under --out-dir).
+
+Ceilings first (device-to-device copy bandwidth, counting bytes read + written; pinned host->device
+memcpy bandwidth), then for the Llama-3-8B and Phi-3-medium projection shapes (in x out):
+base GEMV time and achieved GB/s (ap and lutgemm, 3 and 4 bits), torch's fp16 GEMV (F.linear),
+DEC alone (time, achieved PCIe fetch GB/s of the selected residual rows), and the fused
+DEC || GEMV op (ap 3-bit and lutgemm 3-bit) with its slowdown over the base GEMV for
+k_chunk in {0,1,2,4,8,16,32} and several n_tb.
+
+Timing: CUDA events around every call, many calls queued behind a GPU sleep (so host launch time
+is not measured), median; weights and x rotate over copies totalling >= 4x the L2 so the cache
+does not flatter. Weights are synthetic (speed does not depend on their values).
+
+    python scripts/bench_kernels.py --out-dir outputs/bench [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from decdec import ops, reference
+
+LLAMA = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
+PHI3 = [(5120, 7680), (5120, 5120), (5120, 35840), (17920, 5120)]
+K_CHUNKS = [0, 1, 2, 4, 8, 16, 32]
+
+
+def timeit(fn, n_inputs: int, iters: int = 200, batch: int = 50, warmup: int = 10) -> float:
+    """Median GPU time (microseconds) of fn(i), i rotating over n_inputs."""
+    for i in range(warmup):
+        fn(i % n_inputs)
+    torch.cuda.synchronize()
+    times = []
+    k = 0
+    for _ in range(math.ceil(iters / batch)):
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(batch)]
+        torch.cuda._sleep(40_000_000)  # ~20 ms: the queue fills while the GPU sleeps
+        for s, e in ev:
+            s.record()
+            fn(k % n_inputs)
+            e.record()
+            k += 1
+        torch.cuda.synchronize()
+        times += [s.elapsed_time(e) * 1e3 for s, e in ev]
+    return statistics.median(times)
+
+
+def ceilings() -> dict:
+    n = 1 << 28  # 1 GiB of fp32
+    a = torch.empty(n, device="cuda")
+    b = torch.empty_like(a)
+    a.uniform_()
+    t = timeit(lambda i: b.copy_(a), 1, iters=20, batch=10, warmup=3)
+    hbm = 2 * a.numel() * 4 / (t * 1e-6) / 1e9
+    del a, b
+    h = torch.empty(1 << 28, dtype=torch.uint8, pin_memory=True)
+    d = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    t = timeit(lambda i: d.copy_(h, non_blocking=True), 1, iters=20, batch=10, warmup=3)
+    h2d = h.numel() / (t * 1e-6) / 1e9
+    del h, d
+    torch.cuda.empty_cache()
+    return {"hbm_copy_GBps": hbm, "pinned_h2d_GBps": h2d}
+
+
+def rand_words(shape, device="cuda") -> torch.Tensor:
+    return torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, device=device)
+
+
+def copies_for(nbytes: int, l2: int) -> int:
+    return max(2, math.ceil(4 * l2 / max(nbytes, 1)))
+
+
+def bench_shape(n: int, out: int, args, l2: int, sms: int, rows: list, summary: dict) -> None:
+    dt = torch.float16
+    key = f"{n}x{out}"
+    res = summary.setdefault(key, {})
+    nx = 16
+    xs = [torch.randn(1, n, device="cuda", dtype=dt) * torch.rand(1, n, device="cuda", dtype=dt) * 3 for _ in range(nx)]
+
+    def record(kind, bits, t_us, nbytes=None, k_chunk="", n_tb="", slowdown=""):
+        gbps = nbytes / (t_us * 1e-6) / 1e9 if nbytes else ""
+        rows.append(dict(shape=key, kind=kind, bits=bits, k_chunk=k_chunk, n_tb=n_tb, time_us=round(t_us, 2),
+                         GBps=round(gbps, 1) if gbps != "" else "",
+                         slowdown_pct=round(slowdown, 1) if slowdown != "" else ""))
+        return gbps
+
+    base = {}
+    for bits in (3, 4):
+        # ap: qweight [b, out, in/32] + lut [out, 2^b]
+        wbytes = bits * out * n // 8 + out * 2**bits * 2
+        c = copies_for(wbytes, l2)
+        qws = [rand_words((bits, out, n // 32)) for _ in range(c)]
+        luts = [torch.randn(out, 2**bits, device="cuda", dtype=dt) * 0.05 for _ in range(c)]
+        t = timeit(lambda i: torch.ops.decdec.ap_gemv(xs[i % nx], qws[i % c], luts[i % c]), c * nx)
+        g = record("ap_gemv", bits, t, wbytes + 2 * (n + out))
+        base[("ap", bits)] = (t, qws, luts, c)
+        res[f"ap{bits}"] = (t, g)
+        # lutgemm: binary [in/32, b, out] + alpha [in/128, b, out] + q_bias [in/128, out]
+        groups = n // 128
+        lbytes = bits * out * n // 8 + (groups * bits * out + groups * out) * 2
+        c = copies_for(lbytes, l2)
+        bs = [rand_words((n // 32, bits, out)) for _ in range(c)]
+        als = [torch.rand(groups, bits, out, device="cuda", dtype=dt) * 0.03 for _ in range(c)]
+        qbs = [torch.randn(groups, out, device="cuda", dtype=dt) * 0.01 for _ in range(c)]
+        t = timeit(lambda i: torch.ops.decdec.lutgemm_gemv(xs[i % nx], bs[i % c], als[i % c], qbs[i % c]), c * nx)
+        g = record("lutgemm_gemv", bits, t, lbytes + 2 * (n + out))
+        base[("lutgemm", bits)] = (t, bs, als, qbs, c)
+        res[f"lg{bits}"] = (t, g)
+        if bits == 4:
+            del qws, luts, bs, als, qbs
+    fbytes = out * n * 2
+    c = copies_for(fbytes, l2)
+    ws = [torch.randn(out, n, device="cuda", dtype=dt) * 0.02 for _ in range(c)]
+    t = timeit(lambda i: F.linear(xs[i % nx], ws[i % c]), c * nx)
+    g = record("torch_fp16_gemv", 16, t, fbytes + 2 * (n + out))
+    res["fp16"] = (t, g)
+    del ws
+    torch.cuda.empty_cache()
+
+    # DEC: residual in pinned host memory (zero-copy)
+    q_res = ops.place_residual(rand_words((n, out // 8), device="cpu"), torch.device("cuda"))
+    scales = torch.rand(out, device="cuda", dtype=dt) * 0.01
+    thr = torch.cat(xs).float().abs().amax(0).sort(descending=True).values
+    n_tbs = sorted({t for t in args.n_tb if t <= sms} | {sms})
+    res["dec"] = {}
+    for k in K_CHUNKS[1:]:
+        bounds = reference.bounds_from_thresholds(thr, k).cuda()
+        fetch = reference.k_total(k, n) * out // 2
+        best = None
+        for ntb in n_tbs:
+            t = timeit(lambda i: torch.ops.decdec.dec(xs[i % nx], q_res, scales, bounds, k, ntb), nx)
+            g = record("dec", "", t, fetch, k, ntb)
+            if best is None or t < best[0]:
+                best = (t, g, ntb)
+        res["dec"][k] = best
+
+    # fused DEC || GEMV over the 3-bit base GEMVs
+    for backend in ("ap", "lutgemm"):
+        tb = base[(backend, 3)]
+        t_base = tb[0]
+        res[f"fused_{backend}"] = {}
+        for k in K_CHUNKS:
+            bounds = reference.bounds_from_thresholds(thr, max(k, 1)).cuda()
+            best = None
+            for ntb in n_tbs if k else n_tbs[:1]:
+                if backend == "ap":
+                    _, qws, luts, c = tb
+                    fn = lambda i: torch.ops.decdec.ap_gemv_dec(  # noqa: E731
+                        xs[i % nx], qws[i % c], luts[i % c], q_res, scales, bounds, k, ntb)
+                else:
+                    _, bs, als, qbs, c = tb
+                    fn = lambda i: torch.ops.decdec.lutgemm_gemv_dec(  # noqa: E731
+                        xs[i % nx], bs[i % c], als[i % c], qbs[i % c], q_res, scales, bounds, k, ntb)
+                t = timeit(fn, c * nx)
+                slow = (t / t_base - 1) * 100
+                record(f"fused_{backend}", 3, t, None, k, ntb, slow)
+                if best is None or t < best[0]:
+                    best = (t, slow, ntb)
+            res[f"fused_{backend}"][k] = best
+    del base, q_res
+    torch.cuda.empty_cache()
+
+
+def markdown(summary: dict, ceil: dict, card: str) -> str:
+    hbm = ceil["hbm_copy_GBps"]
+    lines = [
+        f"card: {card}; HBM copy {hbm:.0f} GB/s (read+write), pinned H2D memcpy {ceil['pinned_h2d_GBps']:.1f} GB/s",
+        "",
+        "| shape (in x out) | ap 3-bit | ap 4-bit | lutgemm 3-bit | lutgemm 4-bit | torch fp16 | ap3 vs fp16 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, r in summary.items():
+        def cell(name):
+            t, g = r[name]
+            return f"{t:.1f} us ({g:.0f} GB/s, {100 * g / hbm:.0f}%)"
+        lines.append(f"| {key} | {cell('ap3')} | {cell('ap4')} | {cell('lg3')} | {cell('lg4')} | "
+                     f"{r['fp16'][0]:.1f} us ({r['fp16'][1]:.0f} GB/s) | {r['fp16'][0] / r['ap3'][0]:.2f}x |")
+    for backend in ("ap", "lutgemm"):
+        lines += ["", f"Fused DEC || {backend} 3-bit GEMV: slowdown over the base GEMV at the best n_tb (n_tb)", "",
+                  "| shape | " + " | ".join(f"k={k}" for k in K_CHUNKS) + " |", "|---" * (len(K_CHUNKS) + 1) + "|"]
+        for key, r in summary.items():
+            f = r[f"fused_{backend}"]
+            lines.append(f"| {key} | " + " | ".join(f"{f[k][1]:+.1f}% ({f[k][2]})" for k in K_CHUNKS) + " |")
+    lines += ["", "DEC alone at the best n_tb: time, fetch GB/s (% of pinned memcpy)", "",
+              "| shape | " + " | ".join(f"k={k}" for k in K_CHUNKS[1:]) + " |", "|---" * len(K_CHUNKS) + "|"]
+    for key, r in summary.items():
+        d = r["dec"]
+        lines.append(f"| {key} | " + " | ".join(
+            f"{d[k][0]:.1f} us, {d[k][1]:.1f} GB/s ({100 * d[k][1] / ceil['pinned_h2d_GBps']:.0f}%)"
+            for k in K_CHUNKS[1:]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out-dir", default="outputs/bench_kernels")
+    p.add_argument("--quick", action="store_true", help="two shapes only")
+    p.add_argument("--shapes", default="llama,phi3")
+    p.add_argument("--n-tb", type=int, nargs="+", default=[4, 8, 16, 32, 66])
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_kernels: no CUDA GPU", file=sys.stderr)
+        return 2
+    ops.load_cuda_kernels()
+    props = torch.cuda.get_device_properties(0)
+    card = f"{props.name} ({props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MiB)"
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    ceil = ceilings()
+    print(f"{card}: HBM copy {ceil['hbm_copy_GBps']:.0f} GB/s, pinned H2D {ceil['pinned_h2d_GBps']:.1f} GB/s",
+          flush=True)
+    shapes = []
+    if "llama" in args.shapes:
+        shapes += LLAMA
+    if "phi3" in args.shapes:
+        shapes += PHI3
+    if args.quick:
+        shapes = [LLAMA[1], LLAMA[2]]
+    rows, summary = [], {}
+    for n, out in shapes:
+        bench_shape(n, out, args, props.L2_cache_size, props.multi_processor_count, rows, summary)
+        r = summary[f"{n}x{out}"]
+        print(f"{n}x{out}: ap3 {r['ap3'][0]:.1f} us ({r['ap3'][1]:.0f} GB/s) lg3 {r['lg3'][0]:.1f} us "
+              f"fp16 {r['fp16'][0]:.1f} us; fused ap k=4 {r['fused_ap'][4][1]:+.1f}% "
+              f"[{time.time() - t0:.0f} s]", flush=True)
+    with open(out_dir / "bench_kernels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    md = markdown(summary, ceil, card)
+    (out_dir / "bench_kernels.md").write_text(md)
+    try:
+        from rich.console import Console
+        from rich.markdown import Markdown
+
+        Console(width=200).print(Markdown(md))
+    except ImportError:
+        print(md)
+    print(f"wrote {out_dir / 'bench_kernels.csv'} and {out_dir / 'bench_kernels.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Small DEC / fused / GEMV calls for compute-sanitizer (memcheck, racecheck); see sanitize_dec.sh.
+
+Shapes are small (ragged last chunk, out not a multiple of 32 for the scalar-load path) so the
+sanitizers finish in seconds. Exits non-zero if a result is wrong.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from decdec import formats, ops, reference
+
+
+def main() -> int:
+    ops.load_cuda_kernels()
+    from decdec import _C
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    bad = 0
+    for n, out, k_chunk, n_tb in [(2048 + 576, 512, 8, 4), (1024 + 96, 264, 100, 3), (576, 960, 32, 2)]:
+        x = (torch.randn(2, n, device=dev) * 2).half()
+        q = formats.pack_residual(torch.randint(-7, 8, (out, n)))
+        qr = ops.place_residual(q, dev)
+        scales = (torch.rand(out, device=dev) * 0.01).half()
+        thr = x.float().abs().amax(0).sort(descending=True).values
+        bounds = reference.bounds_from_thresholds(thr, k_chunk).to(dev)
+        y = torch.ops.decdec.dec(x, qr, scales, bounds, k_chunk, n_tb)
+        mask = _C.dec_select(x, bounds, k_chunk)
+        ref = (x.float() * mask) @ (formats.unpack_residual(q).float().to(dev) * scales.float()[:, None]).t()
+        err = ((y.float() - ref).norm() / ref.norm()).item()
+        codes = torch.randint(0, 8, (out, n), device=dev)
+        qw = formats.pack_bitplanes(codes, 3)
+        lut = torch.randn(out, 8, device=dev).half() * 0.05
+        yf = torch.ops.decdec.ap_gemv_dec(x, qw, lut, qr, scales, bounds, k_chunk, n_tb)
+        reff = x.float() @ reference.ap_dequant(qw, lut.float()).t() + ref
+        errf = ((yf.float() - reff).norm() / reff.norm()).item()
+        group = 64 if n % 128 else 128
+        b = formats.pack_bcq(torch.randint(0, 2, (3, out, n), device=dev))
+        a = (torch.rand(n // group, 3, out, device=dev) * 0.03).half()
+        qb = (torch.randn(n // group, out, device=dev) * 0.01).half()
+        yl = torch.ops.decdec.lutgemm_gemv_dec(x, b, a, qb, qr, scales, bounds, k_chunk, n_tb)
+        refl = x.float() @ reference.lutgemm_dequant(b, a.float(), qb.float()).t() + ref
+        errl = ((yl.float() - refl).norm() / refl.norm()).item()
+        torch.cuda.synchronize()
+        ok = err < 2e-3 and errf < 2e-3 and errl < 2e-3
+        bad += not ok
+        print(f"{n}x{out} k={k_chunk} n_tb={n_tb}: dec err {err:.1e}, ap fused {errf:.1e}, "
+              f"lutgemm fused {errl:.1e} {'ok' if ok else 'WRONG'}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,387 @@
+"""CUDA kernels of decdec._C against the pure-PyTorch reference (decdec.reference).
+
+Marked ``cuda``; skipped with a reason when there is no GPU or the extension is not built.
+The reference runs on the GPU too (it is plain torch), in fp32, so big projection shapes stay fast.
+Imports only torch / pytest / numpy and decdec.formats / reference / ops (the GPU image has no hydra).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from decdec import formats, ops, reference
+
+pytestmark = pytest.mark.cuda
+
+
+def _kernels_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    try:
+        importlib.import_module("decdec._C")
+    except ImportError as e:
+        return f"decdec._C not built ({e}); run scripts/build_kernels.py or pip install -e ."
+    return None
+
+
+_REASON = _kernels_reason()
+if _REASON is not None:
+    pytest.skip(_REASON, allow_module_level=True)
+
+from decdec import _C  # noqa: E402
+
+DEV = torch.device("cuda")
+SMS = torch.cuda.get_device_properties(0).multi_processor_count
+DTYPES = [torch.float16, torch.bfloat16]
+# (in, out) projection shapes: Llama-3-8B, Phi-3-medium (17920 = 17.5 chunks: ragged), SmolLM2 (in=576)
+LLAMA = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
+PHI3 = [(5120, 7680), (5120, 5120), (5120, 35840), (17920, 5120)]
+SMALL = [(576, 960), (576, 3072), (1536, 576), (2048 + 96, 264)]
+EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator(device=DEV).manual_seed(seed)
+
+
+def close(y: torch.Tensor, ref: torch.Tensor, what: str, rel: float = 1.0) -> None:
+    """y (kernel, x.dtype) vs ref (fp32 oracle): norm-wise and element-wise, scaled to the dtype."""
+    eps = EPS[y.dtype] * rel
+    y32, r32 = y.float(), ref.float()
+    assert torch.isfinite(y32).all(), f"{what}: non-finite output"
+    err = (y32 - r32).norm() / r32.norm().clamp_min(1e-30)
+    assert err < eps, f"{what}: relative error {err:.3e} >= {eps:.1e}"
+    worst = (y32 - r32).abs().max() / r32.abs().max().clamp_min(1e-30)
+    assert worst < 4 * eps, f"{what}: worst element error {worst:.3e} of max |ref|"
+
+
+# ---------------------------------------------------------------------------- data
+def make_x(m: int, n: int, dtype, seed: int) -> torch.Tensor:
+    x = torch.randn(m, n, generator=gen(seed), device=DEV)
+    x *= torch.rand(m, n, generator=gen(seed + 1), device=DEV) * 3  # heavy-ish tail like activations
+    return x.to(dtype)
+
+
+def make_ap(n: int, out: int, bits: int, dtype, seed: int):
+    codes = torch.randint(0, 2**bits, (out, n), generator=gen(seed), device=DEV)
+    lut = (torch.randn(out, 2**bits, generator=gen(seed + 1), device=DEV) * 0.05).sort(dim=1).values.to(dtype)
+    return formats.pack_bitplanes(codes, bits), lut
+
+
+def make_lutgemm(n: int, out: int, bits: int, dtype, seed: int, group: int = 128):
+    planes = torch.randint(0, 2, (bits, out, n), generator=gen(seed), device=DEV)
+    g = n // group
+    alpha = (torch.rand(g, bits, out, generator=gen(seed + 1), device=DEV) * 0.03 + 1e-3).to(dtype)
+    q_bias = (torch.randn(g, out, generator=gen(seed + 2), device=DEV) * 0.01).to(dtype)
+    return formats.pack_bcq(planes), alpha, q_bias
+
+
+def make_residual(n: int, out: int, dtype, seed: int, pinned: bool = True):
+    levels = torch.randint(-7, 8, (out, n), generator=gen(seed), device=DEV)
+    q = formats.pack_residual(levels)
+    scales = (torch.rand(out, generator=gen(seed + 1), device=DEV) * 0.01 + 1e-4).to(dtype)
+    return (ops.place_residual(q.cpu(), DEV) if pinned else q), scales, q
+
+
+def make_bounds(x: torch.Tensor, k_chunk: int) -> torch.Tensor:
+    # thresholds like the calibration: descending order statistics of |x| (of a perturbed token)
+    t = (x.float().abs().amax(0) * 1.1).sort(descending=True).values
+    return reference.bounds_from_thresholds(t, max(k_chunk, 1)).to(DEV)
+
+
+# ---------------------------------------------------------------------------- base GEMVs
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("shape", LLAMA + PHI3 + SMALL, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_ap_gemv(shape, bits, dtype):
+    n, out = shape
+    seed = n * 7 + out + bits
+    qw, lut = make_ap(n, out, bits, dtype, seed)
+    for m in (1, 3) if out <= 8192 else (1,):
+        x = make_x(m, n, dtype, seed + m)
+        y = torch.ops.decdec.ap_gemv(x, qw, lut)
+        assert y.shape == (m, out) and y.dtype == dtype
+        ref = x.float() @ reference.ap_dequant(qw, lut.float()).t()
+        close(y, ref, f"ap_gemv {shape} b={bits} M={m}")
+
+
+def test_ap_gemv_2bit():
+    qw, lut = make_ap(4096, 1024, 2, torch.float16, 5)
+    x = make_x(1, 4096, torch.float16, 6)
+    close(torch.ops.decdec.ap_gemv(x, qw, lut), x.float() @ reference.ap_dequant(qw, lut.float()).t(), "ap 2-bit")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("shape", LLAMA + PHI3 + SMALL, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_lutgemm_gemv(shape, bits, dtype):
+    n, out = shape
+    group = 64 if n % 128 else 128  # SmolLM2: in=576 -> group 64
+    seed = n * 3 + out + bits
+    b, a, qb = make_lutgemm(n, out, bits, dtype, seed, group)
+    for m in (1, 3) if out <= 8192 else (1,):
+        x = make_x(m, n, dtype, seed + m)
+        y = torch.ops.decdec.lutgemm_gemv(x, b, a, qb)
+        ref = x.float() @ reference.lutgemm_dequant(b, a.float(), qb.float()).t()
+        close(y, ref, f"lutgemm_gemv {shape} b={bits} M={m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dequant(dtype):
+    for n, out, bits in [(4096, 1024, 3), (576, 960, 4), (2048, 512, 2)]:
+        qw, lut = make_ap(n, out, bits, dtype, n + bits)
+        w = torch.ops.decdec.ap_dequant(qw, lut)
+        assert torch.equal(w, reference.ap_dequant(qw, lut)), "ap_dequant is a gather: must be exact"
+        group = 64 if n % 128 else 128
+        b, a, qb = make_lutgemm(n, out, min(bits, 4), dtype, n + 1, group)
+        w = torch.ops.decdec.lutgemm_dequant(b, a, qb)
+        ref = reference.lutgemm_dequant(b, a.float(), qb.float())
+        close(w, ref, f"lutgemm_dequant {n}x{out}")
+
+
+# ---------------------------------------------------------------------------- DEC selection
+def check_selection_property(x: torch.Tensor, bounds: torch.Tensor, k_chunk: int, mask: torch.Tensor) -> None:
+    """DESIGN.md §2: exact count per chunk; every channel of a strictly higher bucket is selected;
+    nothing below the overflow bucket is selected."""
+    m, n = x.shape
+    bucket = reference.bucket_index(x, bounds)  # [m, n] (0 = largest)
+    quotas = reference.chunk_quotas(k_chunk, n)
+    for c, q in enumerate(quotas):
+        sl = slice(c * 1024, min(n, (c + 1) * 1024))
+        bk, mk = bucket[:, sl], mask[:, sl]
+        assert (mk.sum(1) == q).all(), f"chunk {c}: selected {mk.sum(1).tolist()} != quota {q}"
+        if q == 0:
+            continue
+        counts = torch.stack([(bk <= b).sum(1) for b in range(33)], 1)  # [m, 33] cumulative
+        overflow = (counts < q).sum(1, keepdim=True)  # first bucket reaching the quota
+        assert mk[bk < overflow].all(), f"chunk {c}: a channel of a higher bucket was skipped"
+        assert not mk[bk > overflow].any(), f"chunk {c}: a channel below the overflow bucket was taken"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [576, 4096, 5120, 17920, 14336])
+def test_dec_selection(n, dtype):
+    for k_chunk in (1, 2, 4, 8, 32, 100, 512, 1024):
+        for ties in (False, True):
+            x = make_x(2, n, dtype, n + k_chunk)
+            if ties:  # many equal |x|: the overflow bucket is crowded
+                x = (x.float() * 2).round().div(2).to(dtype)
+            bounds = make_bounds(x, k_chunk)
+            mask = _C.dec_select(x, bounds, k_chunk)
+            check_selection_property(x, bounds, k_chunk, mask)
+
+
+def test_dec_selection_odd_bounds():
+    # a > b violated and NaN inputs: the kernel must still match bucket semantics exactly
+    x = make_x(1, 4096, torch.float16, 1)
+    x[0, 17] = float("nan")
+    for bounds in (torch.tensor([0.5, 2.0]), torch.tensor([3.0, 0.0]), torch.tensor([0.0, 0.0])):
+        bounds = bounds.to(DEV)
+        mask = _C.dec_select(x, bounds, 16)
+        check_selection_property(x, bounds, 16, mask)
+
+
+# ---------------------------------------------------------------------------- DEC
+def dec_from_mask(x, mask, q, scales):
+    """DEC output for a given selection (so overflow-bucket ties cannot make a difference)."""
+    levels = formats.unpack_residual(q).float()  # [out, in]
+    return (x.float() * mask) @ (levels * scales.float()[:, None]).t()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", LLAMA + PHI3 + SMALL, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_dec(shape, dtype):
+    n, out = shape
+    qr, scales, q = make_residual(n, out, dtype, n + out)
+    assert qr.is_cuda
+    for k_chunk in (0, 1, 4, 8, 32, 1024):
+        for n_tb in sorted({1, 7, 32, SMS}):
+            m = 2 if n_tb == 7 else 1
+            x = make_x(m, n, dtype, k_chunk + n_tb)
+            bounds = make_bounds(x, k_chunk)
+            y = torch.ops.decdec.dec(x, qr, scales, bounds, k_chunk, n_tb)
+            if k_chunk == 0:
+                assert torch.equal(y, torch.zeros_like(y))
+                continue
+            mask = _C.dec_select(x, bounds, k_chunk)
+            check_selection_property(x, bounds, k_chunk, mask)
+            close(y, dec_from_mask(x, mask, q, scales), f"dec {shape} k={k_chunk} n_tb={n_tb}")
+            # the reference's own selection agrees within the tie tolerance
+            ref = reference.dec_residual(x, q, scales, bounds, k_chunk)
+            close(y, ref, f"dec vs reference.dec {shape} k={k_chunk}", rel=4.0)
+
+
+def test_dec_device_residual_matches_pinned():
+    n, out = 5120, 1024
+    qr, scales, q = make_residual(n, out, torch.float16, 9)
+    x = make_x(1, n, torch.float16, 10)
+    bounds = make_bounds(x, 8)
+    a = torch.ops.decdec.dec(x, qr, scales, bounds, 8, 16)
+    b = torch.ops.decdec.dec(x, q, scales, bounds, 8, 16)  # residual in device memory also works
+    close(a, b.float(), "pinned vs device residual", rel=0.5)
+
+
+def test_n_tb_limit_is_an_error():
+    n, out = 4096, 4096
+    qr, scales, _ = make_residual(n, out, torch.float16, 3)
+    x = make_x(1, n, torch.float16, 4)
+    bounds = make_bounds(x, 4)
+    limit = _C.dec_max_blocks(0, n, out, 4, SMS)
+    assert limit >= SMS
+    torch.ops.decdec.dec(x, qr, scales, bounds, 4, limit)  # at the limit: runs
+    torch.cuda.synchronize()
+    with pytest.raises(RuntimeError, match=f"n_tb={limit + 1} exceeds the {limit}"):
+        torch.ops.decdec.dec(x, qr, scales, bounds, 4, limit + 1)
+
+
+# ---------------------------------------------------------------------------- fused DEC || GEMV
+def _fused_case(backend, n, out, bits, dtype, seed):
+    x = make_x(1, n, dtype, seed)
+    qr, scales, q = make_residual(n, out, dtype, seed + 1)
+    if backend == "ap":
+        qw, lut = make_ap(n, out, bits, dtype, seed + 2)
+        base = (qw, lut)
+        w = reference.ap_dequant(qw, lut.float())
+        fused, plain = torch.ops.decdec.ap_gemv_dec, torch.ops.decdec.ap_gemv
+    else:
+        group = 64 if n % 128 else 128
+        b, a, qb = make_lutgemm(n, out, bits, dtype, seed + 2, group)
+        base = (b, a, qb)
+        w = reference.lutgemm_dequant(b, a.float(), qb.float())
+        fused, plain = torch.ops.decdec.lutgemm_gemv_dec, torch.ops.decdec.lutgemm_gemv
+    return x, base, w, qr, scales, q, fused, plain
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ["ap", "lutgemm"])
+@pytest.mark.parametrize("shape", LLAMA + PHI3[2:] + SMALL[:2], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_fused(shape, backend, dtype):
+    n, out = shape
+    x, base, w, qr, scales, q, fused, plain = _fused_case(backend, n, out, 3, dtype, n + out)
+    y0 = plain(x, *base)
+    for k_chunk in (0, 1, 4, 32):
+        for n_tb in sorted({1, 16, SMS}):
+            bounds = make_bounds(x, k_chunk)
+            for _ in range(2):  # twice: the tile counters must be back to zero after a call
+                y = fused(x, *base, qr, scales, bounds, k_chunk, n_tb)
+                if k_chunk == 0:
+                    assert torch.equal(y, y0), "k_chunk=0 must be bit-identical to the base GEMV"
+                    continue
+                mask = _C.dec_select(x, bounds, k_chunk)
+                ref = x.float() @ w.t() + dec_from_mask(x, mask, q, scales)
+                close(y, ref, f"{backend}_gemv_dec {shape} k={k_chunk} n_tb={n_tb}")
+
+
+def test_fused_multi_token():
+    x, base, w, qr, scales, q, fused, _ = _fused_case("ap", 4096, 1024, 4, torch.float16, 77)
+    x = make_x(5, 4096, torch.float16, 78)
+    bounds = make_bounds(x, 8)
+    y = fused(x, *base, qr, scales, bounds, 8, 24)
+    mask = _C.dec_select(x, bounds, 8)
+    close(y, x.float() @ w.t() + dec_from_mask(x, mask, q, scales), "fused M=5")
+
+
+# ---------------------------------------------------------------------------- errors
+def test_errors_name_the_values():
+    qw, lut = make_ap(1024, 256, 3, torch.float16, 1)
+    x = make_x(1, 1024, torch.float16, 2)
+    with pytest.raises(RuntimeError, match="lut must be float16|lut must be Half"):
+        torch.ops.decdec.ap_gemv(x, qw, lut.to(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="x has 512 input channels, qweight expects 1024"):
+        torch.ops.decdec.ap_gemv(make_x(1, 512, torch.float16, 3), qw, lut)
+    with pytest.raises(RuntimeError, match="x must be float16 or bfloat16"):
+        torch.ops.decdec.ap_gemv(x.float(), qw, lut)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        torch.ops.decdec.ap_gemv(x, qw.transpose(1, 2).contiguous().transpose(1, 2), lut)
+    qr, scales, _ = make_residual(1024, 256, torch.float16, 4)
+    bounds = make_bounds(x, 4)
+    with pytest.raises(RuntimeError, match="bounds must be Float"):
+        torch.ops.decdec.dec(x, qr, scales, bounds.half(), 4, 8)
+    with pytest.raises(RuntimeError, match="q_residual must be a CUDA tensor"):
+        torch.ops.decdec.dec(x, qr.cpu(), scales, bounds, 4, 8)
+
+
+def test_place_residual_uses_no_gpu_memory():
+    q = formats.pack_residual(torch.randint(-7, 8, (2048, 4096)))
+    before = torch.cuda.memory_allocated()
+    r = ops.place_residual(q, DEV)
+    assert r.is_cuda and r.dtype == torch.int32 and r.shape == q.shape
+    assert torch.cuda.memory_allocated() == before
+    assert torch.equal(r.cpu(), q)  # readable through its UVA address
+    del r
+
+
+# ---------------------------------------------------------------------------- torch.library / compile / graphs
+def _small_args(dtype=torch.float16):
+    n, out = 2048, 512
+    x = make_x(1, n, dtype, 11)
+    qw, lut = make_ap(n, out, 3, dtype, 12)
+    b, a, qb = make_lutgemm(n, out, 3, dtype, 13)
+    qr, scales, _ = make_residual(n, out, dtype, 14)
+    bounds = make_bounds(x, 8)
+    return x, qw, lut, b, a, qb, qr, scales, bounds
+
+
+def test_opcheck():
+    x, qw, lut, b, a, qb, qr, scales, bounds = _small_args()
+    cases = {
+        "ap_gemv": (x, qw, lut),
+        "ap_dequant": (qw, lut),
+        "lutgemm_gemv": (x, b, a, qb),
+        "lutgemm_dequant": (b, a, qb),
+        "dec": (x, qr, scales, bounds, 8, 4),
+        "ap_gemv_dec": (x, qw, lut, qr, scales, bounds, 8, 4),
+        "lutgemm_gemv_dec": (x, b, a, qb, qr, scales, bounds, 8, 4),
+    }
+    for name, args in cases.items():
+        torch.library.opcheck(getattr(torch.ops.decdec, name).default, args)
+
+
+def _decode_step(x, qw, lut, b, a, qb, qr, scales, bounds):
+    y1 = torch.ops.decdec.ap_gemv_dec(x, qw, lut, qr, scales, bounds, 8, 8)
+    y2 = torch.ops.decdec.lutgemm_gemv_dec(x, b, a, qb, qr, scales, bounds, 8, 8)
+    y3 = torch.ops.decdec.dec(x, qr, scales, bounds, 8, 8)
+    return y1 + y2.float().sum() * 0 + y3 * 0, y2
+
+
+def test_compile_fullgraph_equals_eager():
+    args = _small_args()
+    eager = _decode_step(*args)
+    compiled = torch.compile(_decode_step, fullgraph=True)(*args)
+    for e, c in zip(eager, compiled):
+        assert torch.equal(e, c)
+
+
+def test_cudagraphs_compile_mode_no_skips():
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    args = _small_args()
+    fn = torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True)
+    for _ in range(4):  # warm-up, record, replays
+        out = fn(*args)
+    eager = _decode_step(*args)
+    for e, c in zip(eager, out):
+        assert torch.equal(e, c)
+    assert sum(counters["inductor"]["cudagraph_skips"].values() if hasattr(counters["inductor"]["cudagraph_skips"], "values") else [counters["inductor"]["cudagraph_skips"]]) == 0
+
+
+def test_cuda_graph_capture_replay():
+    x, qw, lut, b, a, qb, qr, scales, bounds = _small_args()
+    static_x = x.clone()
+    eager = _decode_step(static_x, qw, lut, b, a, qb, qr, scales, bounds)  # warm-up outside capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = _decode_step(static_x, qw, lut, b, a, qb, qr, scales, bounds)
+    for seed in (21, 22, 23):
+        static_x.copy_(make_x(1, x.shape[1], x.dtype, seed))
+        g.replay()
+        expect = _decode_step(static_x, qw, lut, b, a, qb, qr, scales, bounds)
+        for e, c in zip(expect, outs):
+            assert torch.equal(e, c), "graph replay differs from eager"
+    assert not torch.equal(eager[0], outs[0])  # the replays really used the new inputs
