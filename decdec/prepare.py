@@ -9,11 +9,15 @@ into a staging directory that is renamed into place only when complete.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from decdec import checkpoint as ckpt
@@ -91,7 +95,7 @@ def calibrate(model: Transformer, tokens: torch.Tensor, seq_len: int, clip_token
     return cals, {k: torch.cat(v) for k, v in samples.items()}
 
 
-def _quantize_one(spec: PrepareSpec, w: torch.Tensor, bits: int, group: int, cal, x) -> tuple[dict, torch.Tensor]:
+def _quantize_one(spec: PrepareSpec, w: torch.Tensor, bits: int, group: int, cal: "LinearStats", x) -> tuple[dict, torch.Tensor]:
     """One projection: (tensors by suffix, dequantized W_q fp32)."""
     if spec.backend == "ap":
         qweight, lut = quantize.quantize_ap(w, bits, channel_weight=cal.channel_energy)
@@ -109,17 +113,28 @@ def _sensitivity(w: torch.Tensor, w_q: torch.Tensor, energy: torch.Tensor) -> fl
     return float(((w - w_q) ** 2).sum(0) @ e / ((w**2).sum(0) @ e).clamp_min(1e-30))
 
 
-def prepare_checkpoint(original: Path, out_dir: Path, spec: PrepareSpec, calib_text: str, overwrite: bool = False) -> Path:
-    """Quantize the HF checkpoint at ``original`` into a DecDEC checkpoint at ``out_dir``."""
-    from transformers import AutoTokenizer
+@dataclass
+class LinearStats:
+    """Calibration statistics of one linear, persisted so an interrupted prepare can resume."""
 
-    t0 = time.perf_counter()
-    src = ckpt.Checkpoint.open(original)
-    args = ModelArgs.from_hf_config(src.hf_config)
-    sd = {k: v.float() for k, v in hf_to_decdec_state_dict(ckpt.load_original_state_dict(original), args).items()}
-    group = auto_group_size(args, spec.group_size) if spec.backend == "lutgemm" else None
+    thresholds: torch.Tensor  # [in] fp32
+    channel_energy: torch.Tensor  # [in] fp32
+    channel_hits: torch.Tensor  # [in] int64
+    acts: torch.Tensor  # [<=clip_tokens, in] fp32
 
-    tok = AutoTokenizer.from_pretrained(original)
+
+def _calibration_stats(work: Path, sd, args: ModelArgs, tok, spec: PrepareSpec, calib_text: str):
+    """{(proj, layer): LinearStats} from work/calibration.safetensors, or computed and saved there."""
+    f = work / "calibration.safetensors"
+    if f.exists():
+        t = load_file(f)
+        n_tokens = int(t.pop("__tokens__").item())
+        stats = {}
+        for layer in range(args.n_layers):
+            for proj in PROJECTIONS:
+                k = f"{layer}.{proj}"
+                stats[(proj, layer)] = LinearStats(t[f"{k}.thresholds"], t[f"{k}.energy"], t[f"{k}.hits"], t[f"{k}.acts"])
+        return stats, n_tokens
     ids = torch.tensor(tok(calib_text, add_special_tokens=False)["input_ids"][: spec.calib_tokens], dtype=torch.long)
     if ids.numel() < spec.calib_seq_len:
         raise ValueError(f"calibration text has {ids.numel()} tokens, need at least {spec.calib_seq_len}")
@@ -127,50 +142,116 @@ def prepare_checkpoint(original: Path, out_dir: Path, spec: PrepareSpec, calib_t
         dense = Transformer(args)
     dense.load_state_dict(sd, assign=True)
     cals, acts = calibrate(dense, ids, min(spec.calib_seq_len, args.max_position_embeddings), spec.clip_tokens)
-    del dense
+    stats = {key: LinearStats(c.thresholds, c.channel_energy, c.channel_hits, acts[key]) for key, c in cals.items()}
+    flat = {"__tokens__": torch.tensor([ids.numel()])}
+    for (proj, layer), st in stats.items():
+        k = f"{layer}.{proj}"
+        flat.update({f"{k}.thresholds": st.thresholds, f"{k}.energy": st.channel_energy, f"{k}.hits": st.channel_hits,
+                     f"{k}.acts": st.acts})
+    ckpt.save_tensors_atomic(f, flat)
+    return stats, int(ids.numel())
+
+
+def _work_dir(out_dir: Path, key: dict) -> Path:
+    """The resumable work directory of one (source, spec); a different spec starts afresh."""
+    work = out_dir.parent / f".{out_dir.name}.partial"
+    marker = work / "spec.json"
+    if work.exists():
+        try:
+            same = json.loads(marker.read_text()) == key
+        except (OSError, json.JSONDecodeError):
+            same = False
+        if not same:
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    if not marker.exists():
+        ckpt.write_json_atomic(marker, key)
+    return work
+
+
+def prepare_checkpoint(original: Path, out_dir: Path, spec: PrepareSpec, calib_text: str, overwrite: bool = False) -> Path:
+    """Quantize the HF checkpoint at ``original`` into a DecDEC checkpoint at ``out_dir``.
+
+    Resumable: calibration statistics and every finished layer are kept in
+    ``.<out_dir name>.partial/`` next to ``out_dir``; re-running the same preparation after an
+    interruption continues from there. ``out_dir`` itself appears only when complete.
+    """
+    from transformers import AutoTokenizer
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise ckpt.CheckpointError(f"{out_dir} already exists; remove it or pass overwrite")
+    src = ckpt.Checkpoint.open(original)
+    args = ModelArgs.from_hf_config(src.hf_config)
+    sd = {k: v.float() for k, v in hf_to_decdec_state_dict(ckpt.load_original_state_dict(original), args).items()}
+    group = auto_group_size(args, spec.group_size) if spec.backend == "lutgemm" else None
+    source_hash = ckpt.file_sha256(sorted(Path(original).glob("*.safetensors")))
+    key = {"prepare_version": PREPARE_VERSION, "source_sha256": source_hash, "backend": spec.backend, "bits": spec.bits,
+           "mixed": spec.mixed, "group_size": group, "calib_tokens": spec.calib_tokens,
+           "calib_seq_len": spec.calib_seq_len, "clip_tokens": spec.clip_tokens,
+           "calib_text_sha256": hashlib.sha256(calib_text.encode()).hexdigest()}
+    work = _work_dir(out_dir, key)
+    tok = AutoTokenizer.from_pretrained(original)
+    stats, n_calib = _calibration_stats(work, sd, args, tok, spec, calib_text)
 
     def weight_of(proj: str, layer: int) -> torch.Tensor:
         return sd[f"layers.{layer}.{PROJECTIONS[proj]}.weight"]
 
     bitwidths = {layer: spec.bits for layer in range(args.n_layers)}
     if spec.mixed:
-        sens = []
-        with _progress() as bar:
-            task = bar.add_task(f"sensitivity at {spec.bits} bits", total=args.n_layers)
-            for layer in range(args.n_layers):
-                s = 0.0
-                for proj in PROJECTIONS:
-                    w = weight_of(proj, layer)
-                    _, w_q = _quantize_one(spec, w, spec.bits, group, cals[(proj, layer)], acts[(proj, layer)])
-                    s += _sensitivity(w, w_q, cals[(proj, layer)].channel_energy)
-                sens.append(s)
-                bar.advance(task)
-        order = sorted(range(args.n_layers), key=lambda i: -sens[i])
-        for layer in order[: args.n_layers // 2]:
-            bitwidths[layer] = spec.bits + 1
+        bw_file = work / ckpt.BITWIDTH_MAP
+        if bw_file.exists():
+            bitwidths = {int(k): int(v) for k, v in json.loads(bw_file.read_text()).items()}
+        else:
+            sens = []
+            with _progress() as bar:
+                task = bar.add_task(f"sensitivity at {spec.bits} bits", total=args.n_layers)
+                for layer in range(args.n_layers):
+                    s = 0.0
+                    for proj in PROJECTIONS:
+                        st = stats[(proj, layer)]
+                        w = weight_of(proj, layer)
+                        _, w_q = _quantize_one(spec, w, spec.bits, group, st, st.acts)
+                        s += _sensitivity(w, w_q, st.channel_energy)
+                    sens.append(s)
+                    bar.advance(task)
+            order = sorted(range(args.n_layers), key=lambda i: -sens[i])
+            for layer in order[: args.n_layers // 2]:
+                bitwidths[layer] = spec.bits + 1
+            ckpt.write_json_atomic(bw_file, {str(k): v for k, v in bitwidths.items()})
 
-    weights: dict[str, torch.Tensor] = {}
-    cheat: dict[str, torch.Tensor] = {}
-    thresholds: dict[str, torch.Tensor] = {}
-    for k, v in sd.items():
-        if not any(f".{PROJECTIONS[p]}." in k for p in PROJECTIONS):
-            weights[k] = v.to(STORAGE_DTYPE)
     with _progress() as bar:
-        task = bar.add_task(f"quantizing ({spec.backend}) + residuals", total=args.n_layers * len(PROJECTIONS))
+        done = [layer for layer in range(args.n_layers) if (work / f"layer-{layer}.safetensors").exists()]
+        task = bar.add_task(f"quantizing ({spec.backend}) + residuals", total=args.n_layers, completed=len(done))
         for layer in range(args.n_layers):
+            f = work / f"layer-{layer}.safetensors"
+            if f.exists():
+                continue
+            out: dict[str, torch.Tensor] = {}
             for proj in PROJECTIONS:
                 name = f"layers.{layer}.{PROJECTIONS[proj]}"
+                st = stats[(proj, layer)]
                 w = weight_of(proj, layer)
-                cal = cals[(proj, layer)]
-                tensors, w_q = _quantize_one(spec, w, bitwidths[layer], group, cal, acts[(proj, layer)])
+                tensors, w_q = _quantize_one(spec, w, bitwidths[layer], group, st, st.acts)
                 for suffix, t in tensors.items():
-                    weights[f"{name}.{suffix}"] = t
+                    out[f"weights/{name}.{suffix}"] = t
                 q_residual, scales = quantize.residual_cheatsheet(w, w_q)
-                cheat[f"{name}.q_residual"] = q_residual
-                cheat[f"{name}.scales"] = scales.to(STORAGE_DTYPE)
-                thresholds[f"{name}.thresholds"] = cal.thresholds
-                thresholds[f"{name}.channel_hits"] = cal.channel_hits  # static-selection ablation
-                bar.advance(task)
+                out[f"cheatsheet/{name}.q_residual"] = q_residual
+                out[f"cheatsheet/{name}.scales"] = scales.to(STORAGE_DTYPE)
+                out[f"thresholds/{name}.thresholds"] = st.thresholds
+                out[f"thresholds/{name}.channel_hits"] = st.channel_hits  # static-selection ablation
+            ckpt.save_tensors_atomic(f, out)
+            bar.advance(task)
+
+    files: dict[str, dict[str, torch.Tensor]] = {"weights": {}, "cheatsheet": {}, "thresholds": {}}
+    for k, v in sd.items():
+        if not any(f".{PROJECTIONS[p]}." in k for p in PROJECTIONS):
+            files["weights"][k] = v.to(STORAGE_DTYPE)
+    for layer in range(args.n_layers):
+        for k, v in load_file(work / f"layer-{layer}.safetensors").items():
+            which, name = k.split("/", 1)
+            files[which][name] = v
 
     manifest = {
         "format": ckpt.FORMAT,
@@ -181,19 +262,20 @@ def prepare_checkpoint(original: Path, out_dir: Path, spec: PrepareSpec, calib_t
         "mixed": spec.mixed,
         "group_size": group,
         "storage_dtype": str(STORAGE_DTYPE).removeprefix("torch."),
-        "source_model": {"path": str(original), "sha256": ckpt.file_sha256(sorted(Path(original).glob("*.safetensors")))},
-        "calibration": {"tokens": int(ids.numel()), "seq_len": spec.calib_seq_len},
+        "source_model": {"path": str(original), "sha256": source_hash},
+        "calibration": {"tokens": n_calib, "seq_len": spec.calib_seq_len},
         "prepare_seconds": None,
         **spec.meta,
     }
     with ckpt.StagingDir(out_dir, overwrite=overwrite) as tmp:
-        ckpt.save_tensors_atomic(tmp / ckpt.WEIGHTS, weights)
-        ckpt.save_tensors_atomic(tmp / ckpt.CHEATSHEET, cheat)
-        ckpt.save_tensors_atomic(tmp / ckpt.THRESHOLDS, thresholds)
+        ckpt.save_tensors_atomic(tmp / ckpt.WEIGHTS, files["weights"])
+        ckpt.save_tensors_atomic(tmp / ckpt.CHEATSHEET, files["cheatsheet"])
+        ckpt.save_tensors_atomic(tmp / ckpt.THRESHOLDS, files["thresholds"])
         if spec.mixed:
             ckpt.write_json_atomic(tmp / ckpt.BITWIDTH_MAP, {str(k): v for k, v in bitwidths.items()})
         ckpt.write_json_atomic(tmp / "config.json", src.hf_config)
         tok.save_pretrained(tmp)
         manifest["prepare_seconds"] = round(time.perf_counter() - t0, 1)
         ckpt.write_json_atomic(tmp / ckpt.MANIFEST, manifest)  # last: its presence marks completeness
-    return Path(out_dir)
+    shutil.rmtree(work, ignore_errors=True)
+    return out_dir
