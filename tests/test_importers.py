@@ -328,3 +328,23 @@ def test_end_to_end_lutgemm_bin(prepared):
         importers.import_reference_checkpoint(original, root / "y", "lutgemm", 3, root / "ref-lut" / "wrong.pt", th_pt,
                                               lutgemm_bin=root / "ref-lut" / "pytorch_model.bin")
     assert not (root / "y").exists() and not list(root.glob(".y.staging-*"))
+
+
+def test_cli(prepared, monkeypatch, capsys):
+    import runpy
+    import subprocess
+    import sys
+
+    root, original, made = prepared
+    args = ModelArgs.from_hf_config(ckpt.Checkpoint.open(original).hf_config)
+    cs_pt, th_pt = _export_files(made["ap"], root / "ref-cli", args)
+    script = Path(__file__).resolve().parent.parent / "scripts" / "import_reference.py"
+    argv = [str(script), "--original", str(original), "--cheatsheet", str(cs_pt), "--thresholds", str(th_pt),
+            "--backend", "ap", "--bits", "3", "--out", str(root / "cli-out"), "--weights-from", str(made["ap"])]
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wrote" in proc.stdout and ckpt.Checkpoint.open(root / "cli-out").manifest["imported_from"]
+    monkeypatch.setattr(sys, "argv", argv)  # the error path, in-process: a message and exit 2, no traceback
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(script), run_name="__main__")
+    assert e.value.code == 2 and "already exists" in capsys.readouterr().err
