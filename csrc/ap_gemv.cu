@@ -10,7 +10,8 @@
 // LOP3s per plane and one funnel rotate per 4 codes: byte m of `u` holds 4*code(8m+k) + 4*2^b*rr,
 // so one PRMT against the 256-byte aligned LUT base gives the shared-memory address of the
 // centroid. x is staged in fp32 in shared memory, permuted so that the 4 channels a lane needs
-// next (8m+k, m = 0..3) are one 16-byte load, padded to 36 floats per word (conflict-free).
+// next (8m+k, m = 0..3) are one 16-byte load; the 16-byte groups of a word are XOR-swizzled by
+// the lane's word index, so the 8 k-lanes of a row hit 8 distinct bank quads (conflict-free).
 // Accumulation is fp32 (FFMA), like the reference. Warps of a block split K (KS ways) when out is
 // small, so that enough blocks exist; partial sums are reduced in shared memory, no atomics.
 #include "common.cuh"
@@ -21,10 +22,9 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kTileWords = 128;  // x tile: 4096 channels
-constexpr int kXPad = 36;        // floats per word in the x tile
 
 template <int BITS, int VEC, typename T>
-__global__ void __launch_bounds__(kThreads, 4)
+__global__ void __launch_bounds__(kThreads, BITS >= 4 ? 3 : 4)
     ap_gemv_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qw, const T* __restrict__ lut,
                    T* __restrict__ y, int in, int out, int ks_log2, Fused fused) {
   constexpr int LUTN = 1 << BITS;
@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(kThreads, 4)
   constexpr uint32_t CODEMASK = (uint32_t)((LUTN - 1) << 2) * 0x01010101u;
 
   __shared__ __align__(256) float lut_s[kWarps][64];
-  __shared__ __align__(16) float xs[kTileWords * kXPad];
+  __shared__ __align__(16) float xs[kTileWords * 32];
   __shared__ float red[kWarps][RW];
   __shared__ int flags[kThreads];
 
@@ -82,9 +82,24 @@ __global__ void __launch_bounds__(kThreads, 4)
     bool have = row_ok && st < nsteps && st * STEP + kl * VEC < tw;
     if (have) load(cur, tw0 + st * STEP + kl * VEC);  // in flight while x is staged
     __syncthreads();  // previous tile consumed (and LUT stored, first time)
-    for (int i = threadIdx.x; i < tw * 32; i += kThreads) {
-      const int wl = i >> 5, c = i & 31;
-      xs[wl * kXPad + (c & 7) * 4 + (c >> 3)] = to_f32(xm[(size_t)(tw0 + wl) * 32 + c]);
+    {
+      // 16-byte loads of 8 channels (8j..8j+7 of word wl), all issued before the stores
+      constexpr int UNR = kTileWords * 4 / kThreads;
+      uint4 v[UNR];
+#pragma unroll
+      for (int u = 0; u < UNR; ++u) {
+        const int p = threadIdx.x + u * kThreads;
+        if (p < tw * 4) v[u] = *reinterpret_cast<const uint4*>(xm + (size_t)tw0 * 32 + p * 8);
+      }
+#pragma unroll
+      for (int u = 0; u < UNR; ++u) {
+        const int p = threadIdx.x + u * kThreads;
+        if (p >= tw * 4) continue;
+        const int wl = p >> 2, j = p & 3, key = (wl / VEC) & 7;
+        const T* h = reinterpret_cast<const T*>(&v[u]);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) xs[wl * 32 + ((k ^ key) << 2) + j] = to_f32(h[k]);
+      }
     }
     __syncthreads();
     while (st < nsteps) {
@@ -98,7 +113,8 @@ __global__ void __launch_bounds__(kThreads, 4)
           rp[0] = cur[0][v];
 #pragma unroll
           for (int q = 1; q < BITS; ++q) rp[q] = __funnelshift_l(cur[q][v], cur[q][v], q);
-          const float* xw = xs + (st * STEP + kl * VEC + v) * kXPad;
+          const int wl = st * STEP + kl * VEC + v, key = (wl / VEC) & 7;
+          const float* xw = xs + wl * 32;
 #pragma unroll
           for (int k = 0; k < 8; ++k) {
             uint32_t t = rp[0];
@@ -108,7 +124,7 @@ __global__ void __launch_bounds__(kThreads, 4)
               t = (rp[q] & msk) | (t & ~msk);
             }
             const uint32_t u = (__funnelshift_r(t, t, (k + 30) & 31) & CODEMASK) | rowbyte;
-            const float4 xv = *reinterpret_cast<const float4*>(xw + k * 4);
+            const float4 xv = *reinterpret_cast<const float4*>(xw + ((k ^ key) << 2));
             acc0 = fmaf(lds_f32(__byte_perm(u, lut_base, 0x7650)), xv.x, acc0);
             acc1 = fmaf(lds_f32(__byte_perm(u, lut_base, 0x7651)), xv.y, acc1);
             acc2 = fmaf(lds_f32(__byte_perm(u, lut_base, 0x7652)), xv.z, acc2);

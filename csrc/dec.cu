@@ -68,43 +68,43 @@ __device__ __forceinline__ int bucket_of(const float* floors, bool mono, float a
 }
 
 // Selection of token m into list[0 .. k_total): chunk c's channels at list[c*k_chunk ...].
+// One warp per chunk; lane l holds channels c0 + 32j + l (j = 0..31) in registers. The overflow
+// bucket is found by a binary search over bucket ids with warp-wide counts (__reduce_add_sync),
+// no shared-memory histogram; the x loads are all issued first (one L2 round trip per chunk).
 template <typename T>
-__device__ void select_token(const T* __restrict__ xm, int in, int k_chunk, const float* floors, bool mono, int* hist,
+__device__ void select_token(const T* __restrict__ xm, int in, int k_chunk, const float* floors, bool mono,
                              int* list) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const unsigned lt = (1u << lane) - 1u;
-  int* h = hist + warp * kHist;
   const int n_chunks = ceil_div(in, kChunk);
   for (int c = warp; c < n_chunks; c += kWarps) {
     const int c0 = c * kChunk, L = min(kChunk, in - c0);
     const int quota = k_chunk * L / kChunk;
     if (quota == 0) continue;
-    h[lane] = 0;
-    if (lane < kHist - 32) h[32 + lane] = 0;
-    __syncwarp();
-    int bk[32];
+    float ax[32];
 #pragma unroll
     for (int j = 0; j < 32; ++j) {
       const int idx = c0 + j * 32 + lane;
-      const int b = idx < c0 + L ? bucket_of(floors, mono, fabsf(to_f32(xm[idx]))) : 33;
-      bk[j] = b;
-      const unsigned peers = __match_any_sync(0xffffffffu, b);
-      if (b < 33 && lane == __ffs(peers) - 1) atomicAdd(h + b, __popc(peers));
+      ax[j] = idx < c0 + L ? fabsf(to_f32(xm[idx])) : 0.f;
     }
-    __syncwarp();
-    // inclusive scan of buckets 0..31 (lane i = bucket i); bucket 32 handled as the fallback
-    int cum = h[lane];
+    int bk[32];
 #pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const int v = __shfl_up_sync(0xffffffffu, cum, off);
-      if (lane >= off) cum += v;
+    for (int j = 0; j < 32; ++j) bk[j] = c0 + j * 32 + lane < c0 + L ? bucket_of(floors, mono, ax[j]) : 33;
+    // smallest o in 0..32 with #{bucket <= o} >= quota (o = 32 always qualifies: quota <= L)
+    auto count_le = [&](int b) {
+      int n = 0;
+#pragma unroll
+      for (int j = 0; j < 32; ++j) n += bk[j] <= b;
+      return (int)__reduce_add_sync(0xffffffffu, (unsigned)n);
+    };
+    int lo = 0, hi = 32;
+    while (lo < hi) {  // warp-uniform
+      const int mid = (lo + hi) >> 1;
+      if (count_le(mid) >= quota) hi = mid;
+      else lo = mid + 1;
     }
-    const unsigned reach = __ballot_sync(0xffffffffu, cum >= quota);
-    const int o = reach ? __ffs(reach) - 1 : 32;  // overflow bucket
-    const int before_src = o > 0 ? o - 1 : 0;
-    const int before_v = __shfl_sync(0xffffffffu, cum, min(before_src, 31));
-    const int before = o > 0 ? before_v : 0;
-    const int need = quota - before;
+    const int o = lo;
+    const int need = quota - (o > 0 ? count_le(o - 1) : 0);
     int run_o = 0, base = c * k_chunk;
 #pragma unroll
     for (int j = 0; j < 32; ++j) {
@@ -118,7 +118,6 @@ __device__ void select_token(const T* __restrict__ xm, int in, int k_chunk, cons
       if (sel) list[base + __popc(ms & lt)] = c0 + j * 32 + lane;
       base += __popc(ms);
     }
-    __syncwarp();
   }
 }
 
@@ -127,7 +126,8 @@ __device__ void compute_floors(const float* __restrict__ bounds, float* floors, 
     const int i = threadIdx.x;
     const float a = bounds[0], b = bounds[1];
     float f;
-    if (i < 16) f = __fadd_rn(a, __fdiv_rn(__fmul_rn(__fsub_rn(b, a), (float)i), 15.0f));
+    if (i < 15) f = __fadd_rn(a, __fdiv_rn(__fmul_rn(__fsub_rn(b, a), (float)i), 15.0f));
+    else if (i == 15) f = b;  // exactly b, as reference.bucket_floors (the formula can miss b by an ulp)
     else f = __fdiv_rn(__fmul_rn(b, (float)(31 - i)), 16.0f);
     floors[i] = f;
     const float nxt = __shfl_down_sync(0xffffffffu, f, 1);
@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int m = 0; m < M; ++m) {
     const T* xm = x + (size_t)m * in;
-    select_token(xm, in, k_chunk, floors, is_mono, hist, list);
+    select_token(xm, in, k_chunk, floors, is_mono, list);
     __syncthreads();
 
     float* dst32 = fused.on() ? fused.dpart + (size_t)m * out : nullptr;
@@ -262,7 +262,7 @@ __global__ void __launch_bounds__(kThreads)
   compute_floors(bounds, floors, &mono);
   __syncthreads();
   for (int m = 0; m < M; ++m) {
-    select_token(x + (size_t)m * in, in, k_chunk, floors, mono != 0, sm + L.hist, sm + L.list);
+    select_token(x + (size_t)m * in, in, k_chunk, floors, mono != 0, sm + L.list);
     for (int i = threadIdx.x; i < in; i += kThreads) mask[(size_t)m * in + i] = 0;
     __syncthreads();
     for (int i = threadIdx.x; i < ktot; i += kThreads) mask[(size_t)m * in + sm[L.list + i]] = 1;

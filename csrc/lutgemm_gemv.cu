@@ -19,6 +19,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kTileWords = 32;  // 1024 channels per table tile (16 KB of fp32 tables)
+static_assert(kTileWords * 8 == kThreads, "one 4-channel table per thread");
 
 template <int BITS, typename T>
 __global__ void __launch_bounds__(kThreads, 3)
@@ -59,22 +60,26 @@ __global__ void __launch_bounds__(kThreads, 3)
     bool have = wl < tw;
     if (have) load(cur, tw0 + wl);  // in flight while the tables are built
     __syncthreads();
-    for (int i = threadIdx.x; i < tw * 128; i += kThreads) {
-      const int g4 = i >> 4, v = i & 15;
-      const T* xp = xm + (size_t)tw0 * 32 + g4 * 4;
-      float s = 0.f;
+    {
+      // one 4-channel group per thread: 8-byte load of x, its 16 signed sums, and the word sums
+      // (8 consecutive threads = one word) by shuffles: deterministic, no extra barrier
+      const int g4 = threadIdx.x;  // kTileWords * 8 == kThreads
+      float xsum_g = 0.f;
+      if (g4 < tw * 8) {
+        const uint2 raw = *reinterpret_cast<const uint2*>(xm + (size_t)tw0 * 32 + g4 * 4);
+        const T* h = reinterpret_cast<const T*>(&raw);
+        const float x0 = to_f32(h[0]), x1 = to_f32(h[1]), x2 = to_f32(h[2]), x3 = to_f32(h[3]);
+        const float lo[4] = {-x0 - x1, x0 - x1, -x0 + x1, x0 + x1};
+        const float hi[4] = {-x2 - x3, x2 - x3, -x2 + x3, x2 + x3};
+        float4* dst = reinterpret_cast<float4*>(tab + g4 * 16);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float xv = to_f32(xp[j]);
-        s += ((v >> j) & 1) ? xv : -xv;
+        for (int q = 0; q < 4; ++q) dst[q] = make_float4(lo[0] + hi[q], lo[1] + hi[q], lo[2] + hi[q], lo[3] + hi[q]);
+        xsum_g = (x0 + x1) + (x2 + x3);
       }
-      tab[i] = s;
-    }
-    for (int i = threadIdx.x; i < tw; i += kThreads) {
-      const T* xp = xm + (size_t)(tw0 + i) * 32;
-      float s = 0.f;
-      for (int j = 0; j < 32; ++j) s += to_f32(xp[j]);
-      xsum[i] = s;
+      xsum_g += __shfl_xor_sync(0xffffffffu, xsum_g, 1);
+      xsum_g += __shfl_xor_sync(0xffffffffu, xsum_g, 2);
+      xsum_g += __shfl_xor_sync(0xffffffffu, xsum_g, 4);
+      if ((g4 & 7) == 0 && g4 < tw * 8) xsum[g4 >> 3] = xsum_g;
     }
     __syncthreads();
     while (wl < tw) {

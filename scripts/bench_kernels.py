@@ -142,6 +142,17 @@ def bench_shape(n: int, out: int, args, l2: int, sms: int, rows: list, summary: 
             if best is None or t < best[0]:
                 best = (t, g, ntb)
         res["dec"][k] = best
+        if k in (1, 8):  # diagnostics: selection alone (1 block), and DEC with the residual in HBM
+            from decdec import _C
+
+            t = timeit(lambda i: _C.dec_select(xs[i % nx], bounds, k), nx)
+            record("dec_select_only", "", t, None, k, 1)
+            q_dev = rand_words((n, out // 8))
+            t = timeit(lambda i: torch.ops.decdec.dec(xs[i % nx], q_dev, scales, bounds, k, best[2]), nx)
+            record("dec_residual_in_hbm", "", t, fetch, k, best[2])
+            print(f"  {key} k={k}: dec {best[0]:.1f} us (n_tb {best[2]}), selection only {rows[-2]['time_us']} us, "
+                  f"residual in HBM {rows[-1]['time_us']} us", flush=True)
+            del q_dev
 
     # fused DEC || GEMV over the 3-bit base GEMVs
     for backend in ("ap", "lutgemm"):

@@ -13,7 +13,17 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 if [[ " $STEPS " == *" build "* ]]; then
   python3 scripts/build_kernels.py 2>&1 | tee "$OUT/build.log" | tail -3 || status=1
-  python3 -c "import decdec._C" || { echo "BUILD FAILED"; tail -50 "$OUT/build.log"; exit 1; }
+  python3 -c "import torch, decdec._C" || { echo "BUILD FAILED"; tail -50 "$OUT/build.log"; exit 1; }
+fi
+if [[ " $STEPS " == *" build "* ]]; then  # a TORCH_CHECK must surface as a Python error, not a crash
+  python3 -c "
+import torch, decdec.ops
+decdec.ops.load_cuda_kernels()
+try:
+    torch.ops.decdec.ap_gemv(torch.zeros(1, 64, device='cuda', dtype=torch.half), torch.zeros(3, 8, 3, dtype=torch.int32, device='cuda'), torch.zeros(8, 8, device='cuda', dtype=torch.half))
+except RuntimeError as e:
+    print('error path ok:', str(e).splitlines()[0])
+" || status=1
 fi
 if [[ " $STEPS " == *" test "* ]]; then
   timeout "${TEST_TIMEOUT:-300}" python3 -m pytest tests/test_cuda_kernels.py -m cuda -q -x --noconftest \

@@ -73,6 +73,11 @@ def make_ap(n: int, out: int, bits: int, dtype, seed: int):
     return formats.pack_bitplanes(codes, bits), lut
 
 
+def group_for(n: int) -> int:
+    """128 where it divides in; SmolLM2's in=576 uses 64; otherwise 32."""
+    return next(g for g in (128, 64, 32) if n % g == 0)
+
+
 def make_lutgemm(n: int, out: int, bits: int, dtype, seed: int, group: int = 128):
     planes = torch.randint(0, 2, (bits, out, n), generator=gen(seed), device=DEV)
     g = n // group
@@ -121,7 +126,7 @@ def test_ap_gemv_2bit():
 @pytest.mark.parametrize("shape", LLAMA + PHI3 + SMALL, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_lutgemm_gemv(shape, bits, dtype):
     n, out = shape
-    group = 64 if n % 128 else 128  # SmolLM2: in=576 -> group 64
+    group = group_for(n)  # SmolLM2: in=576 -> group 64
     seed = n * 3 + out + bits
     b, a, qb = make_lutgemm(n, out, bits, dtype, seed, group)
     for m in (1, 3) if out <= 8192 else (1,):
@@ -137,8 +142,7 @@ def test_dequant(dtype):
         qw, lut = make_ap(n, out, bits, dtype, n + bits)
         w = torch.ops.decdec.ap_dequant(qw, lut)
         assert torch.equal(w, reference.ap_dequant(qw, lut)), "ap_dequant is a gather: must be exact"
-        group = 64 if n % 128 else 128
-        b, a, qb = make_lutgemm(n, out, min(bits, 4), dtype, n + 1, group)
+        b, a, qb = make_lutgemm(n, out, min(bits, 4), dtype, n + 1, group_for(n))
         w = torch.ops.decdec.lutgemm_dequant(b, a, qb)
         ref = reference.lutgemm_dequant(b, a.float(), qb.float())
         close(w, ref, f"lutgemm_dequant {n}x{out}")
@@ -249,8 +253,7 @@ def _fused_case(backend, n, out, bits, dtype, seed):
         w = reference.ap_dequant(qw, lut.float())
         fused, plain = torch.ops.decdec.ap_gemv_dec, torch.ops.decdec.ap_gemv
     else:
-        group = 64 if n % 128 else 128
-        b, a, qb = make_lutgemm(n, out, bits, dtype, seed + 2, group)
+        b, a, qb = make_lutgemm(n, out, bits, dtype, seed + 2, group_for(n))
         base = (b, a, qb)
         w = reference.lutgemm_dequant(b, a.float(), qb.float())
         fused, plain = torch.ops.decdec.lutgemm_gemv_dec, torch.ops.decdec.lutgemm_gemv
@@ -304,6 +307,9 @@ def test_errors_name_the_values():
         torch.ops.decdec.dec(x, qr, scales, bounds.half(), 4, 8)
     with pytest.raises(RuntimeError, match="q_residual must be a CUDA tensor"):
         torch.ops.decdec.dec(x, qr.cpu(), scales, bounds, 4, 8)
+    b, a, qb = make_lutgemm(1024, 256, 3, torch.float16, 5)
+    with pytest.raises(RuntimeError, match="lutgemm groups must split in=1024 into multiples of 32 channels, got 3"):
+        torch.ops.decdec.lutgemm_gemv(x, b, a[:3].contiguous(), qb[:3].contiguous())
 
 
 def test_place_residual_uses_no_gpu_memory():
