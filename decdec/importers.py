@@ -366,8 +366,7 @@ def import_reference_checkpoint(
     args = ModelArgs.from_hf_config(src.hf_config)
 
     bitwidth_map: dict[int, int] | None = None
-    imported: dict[str, Any] = {"cheatsheet": _file_record(Path(cheatsheet_pt)),
-                                "thresholds": _file_record(Path(thresholds_pt))}
+    imported: dict[str, Any] = {}
     if weights_from is not None:
         base = ckpt.Checkpoint.open(weights_from)
         if base.manifest is None:
@@ -419,6 +418,7 @@ def import_reference_checkpoint(
     _check_against_model(cheat, args, "cheatsheet", Path(cheatsheet_pt))
     thresholds = import_reference_thresholds(thresholds_pt)
     _check_against_model(thresholds, args, "thresholds", Path(thresholds_pt))
+    imported.update(cheatsheet=_file_record(Path(cheatsheet_pt)), thresholds=_file_record(Path(thresholds_pt)))
 
     from transformers import AutoTokenizer
 

@@ -319,6 +319,28 @@ def test_end_to_end_lutgemm_bin(prepared):
     for k in want:
         assert torch.equal(got[k], want[k]), k
 
+    # layers at 3 and 4 bits make a mixed (3.5-bit) checkpoint with bitwidth_map.json
+    sd = export_lutgemm(ours.load(ckpt.WEIGHTS), args)
+    g = torch.Generator().manual_seed(1)
+    for k in [k for k in sd if k.startswith("model.layers.1.") and k.endswith(".binary")]:
+        inp, out = 32 * sd[k].shape[0], sd[k].shape[2]
+        b4, a4, q4 = quantize.quantize_lutgemm(torch.randn(out, inp, generator=g), 4, group_size=64)
+        sd[k], sd[k[:-6] + "alpha"], sd[k[:-6] + "q_bias"] = b4, a4.half(), q4.half()
+    torch.save(sd, root / "ref-lut" / "mixed.bin")
+    out = importers.import_reference_checkpoint(original, root / "imported-mixed", "lutgemm", 3, cs_pt, th_pt,
+                                                lutgemm_bin=root / "ref-lut" / "mixed.bin")
+    mixed = ckpt.Checkpoint.open(out)
+    mixed.check_request("lutgemm", 3, True)
+    assert mixed.bitwidth_map() == {0: 3, 1: 4}
+    from decdec.config import DecBits
+
+    dec = DecConfig(name="on", per_bits={"3": DecBits(2, KChunk(64, 64, 64, 64)), "4": DecBits(2, KChunk(32, 32, 32, 32))})
+    built = build_model(mixed, "lutgemm", 3, True, torch.float32, torch.device("cpu"), dec)
+    assert {layer: m.bits for _, layer, m in built.model.linears()} == {0: 3, 1: 4}
+    with pytest.raises(importers.ReferenceImportError, match=r"holds \[3, 4\]-bit layers; bits=4"):
+        importers.import_reference_checkpoint(original, root / "y", "lutgemm", 4, cs_pt, th_pt,
+                                              lutgemm_bin=root / "ref-lut" / "mixed.bin")
+
     # a cheatsheet for another model is a clear error naming the file, and nothing is written
     small = {k: (v[:, :-1] if k.endswith("q_residual") and "wo" in k else v) for k, v in ours.load(ckpt.CHEATSHEET).items()}
     small = {k: (v[:-8] if k.endswith("scales") and "wo" in k else v) for k, v in small.items()}
