@@ -67,7 +67,8 @@ def _segment_sums(prefix: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
 
 
 def _kmeans_block(x: torch.Tensor, cw: torch.Tensor | None, k: int, iters: int) -> torch.Tensor:
-    """Weighted Lloyd k-means of each row of x [R, n]; element (r, i) weighs cw[i]. -> lut [R, k].
+    """Weighted Lloyd k-means of each row of x [R, n]; element (r, i) weighs cw[i] (cw [n]) or
+    cw[r, i] (cw [R, n]). -> lut [R, k].
 
     1-D clusters of nearest-centroid assignment are contiguous ranges of the sorted row, so after
     one sort per row every Lloyd step only needs k-1 binary searches and prefix-sum lookups per
@@ -76,7 +77,10 @@ def _kmeans_block(x: torch.Tensor, cw: torch.Tensor | None, k: int, iters: int) 
     r, n = x.shape
     xs, order = x.sort(dim=1)  # [R, n]
     xs = xs.contiguous()
-    ws = (cw[order] if cw is not None else torch.ones_like(xs)).to(torch.float64)
+    if cw is None:
+        ws = torch.ones_like(xs, dtype=torch.float64)
+    else:
+        ws = (cw.gather(1, order) if cw.dim() == 2 else cw[order]).to(torch.float64)
     zero = torch.zeros(r, 1, dtype=torch.float64, device=x.device)
     p0 = torch.cat([zero, ws.cumsum(1)], 1)  # [R, n+1] weight mass
     p1 = torch.cat([zero, (ws * xs.to(torch.float64)).cumsum(1)], 1)  # weighted sum
@@ -106,7 +110,8 @@ def _kmeans_block(x: torch.Tensor, cw: torch.Tensor | None, k: int, iters: int) 
         c = torch.where(empty, c, s1 / s0.clamp_min(1e-300))
         rows = empty.any(1).nonzero().flatten()
         if rows.numel():
-            c[rows] = _reseed_empty(x[rows], cw, c[rows], empty[rows])
+            cw_rows = cw[rows] if cw is not None and cw.dim() == 2 else cw
+            c[rows] = _reseed_empty(x[rows], cw_rows, c[rows], empty[rows])
         c = c.sort(dim=1).values
     return c.to(torch.float32)
 
@@ -114,7 +119,7 @@ def _kmeans_block(x: torch.Tensor, cw: torch.Tensor | None, k: int, iters: int) 
 def _reseed_empty(x: torch.Tensor, cw: torch.Tensor | None, c: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
     """Move the first empty centroid of each row to the element with the largest weighted error.
 
-    x [E, n], c [E, k] float64, empty [E, k] bool -> new c [E, k]. Rows whose elements all sit on a
+    x [E, n], cw None, [n] or [E, n], c [E, k] float64, empty [E, k] bool -> new c [E, k]. Rows whose elements all sit on a
     centroid (fewer distinct values than k) keep their centroids: there is nothing left to fit.
     """
     xd = x.to(torch.float64)
@@ -142,9 +147,10 @@ def quantize_ap(
     """SqueezeLLM-style non-uniform quantization: per output row, weighted 1-D k-means.
 
     w [out, in] original weight (``in`` a multiple of 32); ``channel_weight [in]`` >= 0 is the
-    sensitivity of each input channel (e.g. ``ThresholdCalibrator.channel_energy``, mean x_i^2);
-    None weighs all channels equally. Element (r, i) weighs ``channel_weight[i]`` (clamped to at
-    least 1e-6 of its mean so dead channels still get a code). Init: weighted quantiles; then a
+    sensitivity of each input channel (e.g. ``ThresholdCalibrator.channel_energy``, mean x_i^2),
+    or ``[out, in]`` per-element sensitivities (SqueezeLLM's Fisher: squared gradients);
+    None weighs all elements equally. Element (r, i) weighs ``channel_weight[i]`` (or ``[r, i]``),
+    clamped to at least 1e-6 of the mean so dead channels still get a code. Init: weighted quantiles; then a
     fixed ``iters`` Lloyd steps; an empty cluster is re-seeded at the worst-fit element.
 
     Returns ``qweight [bits, out, in/32] int32`` (``formats.pack_bitplanes``) and
@@ -160,9 +166,12 @@ def quantize_ap(
         raise ValueError(f"iters must be >= 0, got {iters}")
     cw = None
     if channel_weight is not None:
-        cw = channel_weight.detach().to(device=w.device, dtype=torch.float32).flatten()
-        if cw.numel() != inp:
-            raise ValueError(f"channel_weight must have in={inp} entries, got {cw.numel()}")
+        cw = channel_weight.detach().to(device=w.device, dtype=torch.float32)
+        if tuple(cw.shape) not in ((inp,), (out, inp)):
+            raise ValueError(
+                f"channel_weight must be [in={inp}] (per channel) or [out={out}, in={inp}] (per element), "
+                f"got shape {tuple(cw.shape)}"
+            )
         if not bool(torch.isfinite(cw).all()) or bool((cw < 0).any()):
             raise ValueError("channel_weight must be finite and non-negative")
         mean = float(cw.mean())
@@ -174,7 +183,7 @@ def quantize_ap(
     qweight = torch.empty(bits, out, inp // 32, dtype=torch.int32, device=w.device)
     # The sort, the float64 prefix sums and gathers need ~8 buffers of the block.
     for s, e in _row_blocks(out, inp, per_row=4):
-        lut[s:e] = _kmeans_block(w[s:e], cw, k, iters)
+        lut[s:e] = _kmeans_block(w[s:e], cw if cw is None or cw.dim() == 1 else cw[s:e], k, iters)
         qweight[:, s:e] = formats.pack_bitplanes(ap_codes(w[s:e], lut[s:e]), bits)
     return qweight, lut
 
