@@ -11,6 +11,10 @@
 //     consecutive 16 bytes of a row, U independent loads per thread in flight;
 //  4. accumulates x_j * (nibble - 8) in fp32, scales per output column and writes its slice
 //     (standalone), or its fp32 partial + the fused combine (see kernels.h `Fused`).
+#include <map>
+#include <mutex>
+#include <utility>
+
 #include "common.cuh"
 
 namespace decdec {
@@ -270,6 +274,24 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// cudaFuncSetAttribute only when a kernel needs more dynamic shared memory than it was allowed
+// before (per device); it is not free, and decoding launches these kernels thousands of times.
+template <typename K>
+cudaError_t allow_smem(K* kernel, size_t smem) {
+  if (smem <= 48 * 1024) return cudaSuccess;
+  static std::mutex mu;
+  static std::map<std::pair<int, const void*>, size_t> allowed;
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  std::lock_guard<std::mutex> lock(mu);
+  size_t& a = allowed[{dev, reinterpret_cast<const void*>(kernel)}];
+  if (a >= smem) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err == cudaSuccess) a = smem;
+  return err;
+}
+
 template <typename T>
 cudaError_t launch_dec(const void* x, const uint32_t* qr, const void* scales, const float* bounds, void* y, int M,
                        int in, int out, int k_chunk, int n_tb, const Fused& fused, cudaStream_t stream) {
@@ -278,12 +300,12 @@ cudaError_t launch_dec(const void* x, const uint32_t* qr, const void* scales, co
   const int vw = dec_vec_words(out, slice);
   cudaError_t err;
   if (vw == 4) {
-    err = cudaFuncSetAttribute(dec_kernel<T, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    err = allow_smem(dec_kernel<T, 4>, smem);
     if (err != cudaSuccess) return err;
     dec_kernel<T, 4><<<n_tb, kThreads, smem, stream>>>(static_cast<const T*>(x), qr, static_cast<const T*>(scales),
                                                         bounds, static_cast<T*>(y), M, in, out, k_chunk, slice, fused);
   } else {
-    err = cudaFuncSetAttribute(dec_kernel<T, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    err = allow_smem(dec_kernel<T, 1>, smem);
     if (err != cudaSuccess) return err;
     dec_kernel<T, 1><<<n_tb, kThreads, smem, stream>>>(static_cast<const T*>(x), qr, static_cast<const T*>(scales),
                                                         bounds, static_cast<T*>(y), M, in, out, k_chunk, slice, fused);
@@ -342,11 +364,11 @@ cudaError_t dec_select_debug(DType dt, const void* x, const float* bounds, uint8
   const size_t smem = (size_t)dec_layout(k_total(k_chunk, in), 0).total * 4;
   cudaError_t err;
   if (dt == DType::F16) {
-    err = cudaFuncSetAttribute(dec_select_kernel<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    err = allow_smem(dec_select_kernel<__half>, smem);
     if (err != cudaSuccess) return err;
     dec_select_kernel<__half><<<1, kThreads, smem, stream>>>(static_cast<const __half*>(x), bounds, mask, M, in, k_chunk);
   } else {
-    err = cudaFuncSetAttribute(dec_select_kernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    err = allow_smem(dec_select_kernel<__nv_bfloat16>, smem);
     if (err != cudaSuccess) return err;
     dec_select_kernel<__nv_bfloat16><<<1, kThreads, smem, stream>>>(static_cast<const __nv_bfloat16*>(x), bounds, mask,
                                                                     M, in, k_chunk);
