@@ -84,6 +84,10 @@ def _check_shapes(model: Transformer, sd: dict[str, torch.Tensor], path: Path) -
     missing = sorted(set(want) - set(sd))
     unexpected = sorted(set(sd) - set(want))
     wrong = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {want[k]}" for k in want if k in sd and tuple(sd[k].shape) != want[k]]
+    # packed integer tensors must have the exact dtype; floats are cast to the compute dtype on load
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    wrong += [f"{k}: checkpoint {sd[k].dtype} vs model {dtypes[k]}" for k in want if k in sd
+              and (sd[k].dtype != dtypes[k] if not dtypes[k].is_floating_point else not sd[k].is_floating_point())]
     if missing or unexpected or wrong:
         lines = [f"checkpoint {path} does not match its config.json / the requested backend and precision:"]
         if missing:
@@ -91,7 +95,7 @@ def _check_shapes(model: Transformer, sd: dict[str, torch.Tensor], path: Path) -
         if unexpected:
             lines.append(f"  {len(unexpected)} unexpected tensors, e.g. {unexpected[:3]}")
         if wrong:
-            lines.append(f"  {len(wrong)} shape mismatches, e.g. {wrong[:3]}")
+            lines.append(f"  {len(wrong)} shape/dtype mismatches, e.g. {wrong[:3]}")
         lines.append("  re-create the checkpoint with scripts/prepare_checkpoint.py for this backend/precision")
         raise ckpt.CheckpointError("\n".join(lines))
 

@@ -82,8 +82,7 @@ def validate(cfg: Config, device: torch.device) -> None:
     from decdec.builder import resolve_dec
 
     bits = {3, 4} if cfg.precision.mixed else {cfg.precision.bits}
-    if not cfg.precision.mixed or cfg.dec.per_bits:
-        resolve_dec(cfg.dec, cfg.backend.name, bits if cfg.precision.mixed else {cfg.precision.bits}, cfg.precision.mixed)
+    resolve_dec(cfg.dec, cfg.backend.name, bits, cfg.precision.mixed)  # empty per_bits for mixed fails here too
     if device.type == "cuda" and cfg.backend.name != "fp16":
         try:
             ops.load_cuda_kernels()

@@ -200,6 +200,7 @@ def _fails(tmp_path, cache: Path, overrides: list[str], exc=Exception, *fragment
     (["backend.name=int8"], ["backend='int8'", "lutgemm"]),
     (["precision.dtype=fp8"], ["precision.dtype='fp8'", "bfloat16"]),
     (["precision=w3.5", "~dec.per_bits.4"], ["dec.per_bits gives [3]", "[3, 4]", "dec.per_bits.3.k_chunk"]),
+    (["precision=w3.5", "~dec.per_bits.3", "~dec.per_bits.4"], ["dec.per_bits gives []", "dec.per_bits.3.k_chunk"]),
     (["precision=w3.5", "dec.per_bits.4.k_chunk.o=4096"], ["dec.per_bits.4.k_chunk.o=4096", "0..1024"]),
     (["precision=w3.5", "backend=fp16"], ["backend=fp16", "backend=ap"]),
     (["model=llama3"], ["model=llama3", "model.checkpoint_path="]),
@@ -283,7 +284,17 @@ def test_checkpoint_tensor_shape_mismatch(tmp_path, cache_dir, tiny_checkpoint):
     sd[name] = sd[name][:-8].clone()  # 8 output rows short
     save_file(sd, bad / ckpt.WEIGHTS)
     _fails(tmp_path, cache_dir, [f"model.checkpoint_path={bad}"], ckpt.CheckpointError,
-           "shape mismatches", name, "re-create the checkpoint")
+           "mismatches", f"{name}: checkpoint (56, 8) vs model (64, 8)", "re-create the checkpoint")
+
+
+def test_checkpoint_tensor_dtype_mismatch(tmp_path, cache_dir, tiny_checkpoint):
+    bad = _copy(tiny_checkpoint("ap", "w3"), tmp_path / "ckpt")
+    sd = load_file(bad / ckpt.WEIGHTS)
+    name = "layers.0.attention.wqkv.qweight"
+    sd[name] = sd[name].to(torch.int64)  # packed words must stay int32
+    save_file(sd, bad / ckpt.WEIGHTS)
+    _fails(tmp_path, cache_dir, [f"model.checkpoint_path={bad}"], ckpt.CheckpointError,
+           "mismatches", f"{name}: checkpoint torch.int64 vs model torch.int32", "re-create the checkpoint")
 
 
 def test_checkpoint_residual_shape_mismatch(tmp_path, cache_dir, tiny_checkpoint):
