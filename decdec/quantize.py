@@ -61,14 +61,17 @@ def ap_codes(w: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
 
 
 def _segment_sums(prefix: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
-    """prefix [R, n+1] (leading 0), bounds [R, K+1] indices -> sums of each segment [R, K]."""
-    p = prefix.gather(1, bounds)
+    """prefix [R, n] inclusive cumulative sums, bounds [R, K+1] in 0..n -> segment sums [R, K]
+    (segment j is sorted positions ``bounds[j] .. bounds[j+1]-1``)."""
+    p = prefix.gather(1, (bounds - 1).clamp_(min=0)) * (bounds > 0)  # sum of the first `bounds` items
     return p[:, 1:] - p[:, :-1]
 
 
-def _kmeans_block(x: torch.Tensor, cw: torch.Tensor | None, k: int, iters: int) -> torch.Tensor:
+def _kmeans_block(
+    x: torch.Tensor, cw: torch.Tensor | None, k: int, iters: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted Lloyd k-means of each row of x [R, n]; element (r, i) weighs cw[i] (cw [n]) or
-    cw[r, i] (cw [R, n]). -> lut [R, k].
+    cw[r, i] (cw [R, n]). -> (lut [R, k] fp32 ascending, codes [R, n] int64 == ap_codes(x, lut)).
 
     1-D clusters of nearest-centroid assignment are contiguous ranges of the sorted row, so after
     one sort per row every Lloyd step only needs k-1 binary searches and prefix-sum lookups per
@@ -81,9 +84,8 @@ def _kmeans_block(x: torch.Tensor, cw: torch.Tensor | None, k: int, iters: int) 
         ws = torch.ones_like(xs, dtype=torch.float64)
     else:
         ws = (cw.gather(1, order) if cw.dim() == 2 else cw[order]).to(torch.float64)
-    zero = torch.zeros(r, 1, dtype=torch.float64, device=x.device)
-    p0 = torch.cat([zero, ws.cumsum(1)], 1)  # [R, n+1] weight mass
-    p1 = torch.cat([zero, (ws * xs.to(torch.float64)).cumsum(1)], 1)  # weighted sum
+    p0 = ws.cumsum(1)  # [R, n] weight mass
+    p1 = (ws * xs.to(torch.float64)).cumsum(1)  # weighted sum
 
     first = torch.zeros(r, 1, dtype=torch.int64, device=x.device)
     last = torch.full((r, 1), n, dtype=torch.int64, device=x.device)
@@ -92,11 +94,12 @@ def _kmeans_block(x: torch.Tensor, cw: torch.Tensor | None, k: int, iters: int) 
     # Bin means reach into the tails, where plain quantile points would not.
     total = p0[:, -1:]
     targets = total * torch.arange(1, k, dtype=torch.float64, device=x.device) / k  # [R, k-1]
-    cuts = torch.searchsorted(p0.contiguous(), targets.contiguous()).clamp_(max=n)
+    cuts = torch.searchsorted(p0, targets.contiguous()) + 1  # bins end after the crossing item
+    cuts.clamp_(max=n)
     bounds = torch.cat([first, cuts, last], 1)
     s0 = _segment_sums(p0, bounds)
     centre = total * (torch.arange(k, dtype=torch.float64, device=x.device) + 0.5) / k  # [R, k]
-    median = xs.gather(1, torch.searchsorted(p0[:, 1:].contiguous(), centre).clamp_(max=n - 1))
+    median = xs.gather(1, torch.searchsorted(p0, centre).clamp_(max=n - 1))
     c = torch.where(s0 > 0, _segment_sums(p1, bounds) / s0.clamp_min(1e-300), median.to(torch.float64))
     c = c.sort(dim=1).values
     for _ in range(iters):
@@ -113,7 +116,16 @@ def _kmeans_block(x: torch.Tensor, cw: torch.Tensor | None, k: int, iters: int) 
             cw_rows = cw[rows] if cw is not None and cw.dim() == 2 else cw
             c[rows] = _reseed_empty(x[rows], cw_rows, c[rows], empty[rows])
         c = c.sort(dim=1).values
-    return c.to(torch.float32)
+    lut = c.to(torch.float32)
+    # Final nearest-centroid codes without a search per element: sorted position p has code
+    # #{j : b_j <= p} with b_j = #{x <= mid_j}, exactly what ap_codes' searchsorted gives.
+    mids = ((lut[:, 1:] + lut[:, :-1]) / 2).contiguous()
+    b = torch.searchsorted(xs, mids, right=True)  # [R, k-1]
+    marks = torch.zeros(r, n + 1, dtype=torch.int64, device=x.device)
+    marks.scatter_add_(1, b, torch.ones_like(b))
+    codes = torch.empty(r, n, dtype=torch.int64, device=x.device)
+    codes.scatter_(1, order, marks[:, :n].cumsum(1))
+    return lut, codes
 
 
 def _reseed_empty(x: torch.Tensor, cw: torch.Tensor | None, c: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
@@ -183,8 +195,8 @@ def quantize_ap(
     qweight = torch.empty(bits, out, inp // 32, dtype=torch.int32, device=w.device)
     # The sort, the float64 prefix sums and gathers need ~8 buffers of the block.
     for s, e in _row_blocks(out, inp, per_row=4):
-        lut[s:e] = _kmeans_block(w[s:e], cw if cw is None or cw.dim() == 1 else cw[s:e], k, iters)
-        qweight[:, s:e] = formats.pack_bitplanes(ap_codes(w[s:e], lut[s:e]), bits)
+        lut[s:e], codes = _kmeans_block(w[s:e], cw if cw is None or cw.dim() == 1 else cw[s:e], k, iters)
+        qweight[:, s:e] = formats.pack_bitplanes(codes, bits)
     return qweight, lut
 
 

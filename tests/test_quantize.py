@@ -38,6 +38,7 @@ def test_ap_codes_in_range_and_lut_sorted(bits):
     assert bool((lut[:, 1:] >= lut[:, :-1]).all())
     codes = formats.unpack_bitplanes(qweight)
     assert int(codes.min()) >= 0 and int(codes.max()) < 2**bits
+    assert torch.equal(codes, quantize.ap_codes(w, lut))
     # Codes are nearest-centroid: no other LUT entry is closer.
     wq = reference.ap_dequant(qweight, lut)
     best = (w.unsqueeze(-1) - lut.unsqueeze(1)).abs().amin(-1)
