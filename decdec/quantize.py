@@ -131,8 +131,9 @@ def _kmeans_block(
 def _reseed_empty(x: torch.Tensor, cw: torch.Tensor | None, c: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
     """Move the first empty centroid of each row to the element with the largest weighted error.
 
-    x [E, n], cw None, [n] or [E, n], c [E, k] float64, empty [E, k] bool -> new c [E, k]. Rows whose elements all sit on a
-    centroid (fewer distinct values than k) keep their centroids: there is nothing left to fit.
+    x [E, n], cw None, [n] or [E, n], c [E, k] float64, empty [E, k] bool -> new c [E, k].
+    Rows whose elements all sit on a centroid (fewer distinct values than k) keep their
+    centroids: there is nothing left to fit.
     """
     xd = x.to(torch.float64)
     cs = c.sort(dim=1).values
@@ -162,8 +163,9 @@ def quantize_ap(
     sensitivity of each input channel (e.g. ``ThresholdCalibrator.channel_energy``, mean x_i^2),
     or ``[out, in]`` per-element sensitivities (SqueezeLLM's Fisher: squared gradients);
     None weighs all elements equally. Element (r, i) weighs ``channel_weight[i]`` (or ``[r, i]``),
-    clamped to at least 1e-6 of the mean so dead channels still get a code. Init: weighted quantiles; then a
-    fixed ``iters`` Lloyd steps; an empty cluster is re-seeded at the worst-fit element.
+    clamped to at least 1e-6 of the mean so dead channels still get a code.
+    Init: the weighted means of 2**bits bins of equal weight mass (split at weighted quantiles);
+    then exactly ``iters`` Lloyd steps; an empty cluster is re-seeded at the worst-fit element.
 
     Returns ``qweight [bits, out, in/32] int32`` (``formats.pack_bitplanes``) and
     ``lut [out, 2**bits] fp32`` sorted ascending per row; codes are nearest-centroid.
@@ -545,7 +547,9 @@ class ThresholdCalibrator:
 
     def _need(self) -> None:
         if self.tokens == 0:
-            raise RuntimeError("ThresholdCalibrator has seen no tokens; call update(x) with calibration activations first")
+            raise RuntimeError(
+                "ThresholdCalibrator has seen no tokens; call update(x) with calibration activations first"
+            )
 
     @property
     def thresholds(self) -> torch.Tensor:
