@@ -9,7 +9,9 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <cstdio>
 #include <cstring>
+#include <type_traits>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -18,38 +20,70 @@
 
 namespace {
 
+// Error messages are built with std::string operations only: on the GPU image, formatting numbers
+// through an ostream inside this extension crashed (std::basic_ostream::_M_insert<long> in _C.so),
+// so TORCH_CHECK gets one ready-made string (c10 then does no stream formatting of ours).
+inline void app(std::string& s, const char* v) { s += v; }
+inline void app(std::string& s, const std::string& v) { s += v; }
+template <typename I, std::enable_if_t<std::is_integral_v<I>, int> = 0>
+inline void app(std::string& s, I v) {
+  s += std::to_string(v);
+}
+inline void app(std::string& s, at::IntArrayRef v) {
+  s += "[";
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(v[i]);
+  }
+  s += "]";
+}
+inline void app(std::string& s, const c10::Device& d) { s += d.str(); }
+inline void app(std::string& s, at::ScalarType t) { s += c10::toString(t); }
+inline void app(std::string& s, const void* p) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%p", p);
+  s += buf;
+}
+template <typename... A>
+std::string fmt(const A&... a) {
+  std::string s;
+  (app(s, a), ...);
+  return s;
+}
+#define DD_CHECK(cond, ...) TORCH_CHECK(cond, fmt(__VA_ARGS__))
+
 using decdec::DType;
 
 void cuda_ok(cudaError_t e, const char* what) {
-  TORCH_CHECK(e == cudaSuccess, "decdec: ", what, " failed: ", cudaGetErrorString(e), " (", static_cast<int>(e), ")");
+  DD_CHECK(e == cudaSuccess, "decdec: ", what, " failed: ", cudaGetErrorString(e), " (", static_cast<int>(e), ")");
 }
 
 DType dtype_of(const at::Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+  DD_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "decdec: x must be float16 or bfloat16, got ", x.scalar_type());
   return x.scalar_type() == at::kHalf ? DType::F16 : DType::BF16;
 }
 
 void check_tensor(const at::Tensor& t, const char* name, const at::Device& dev, at::ScalarType dt) {
-  TORCH_CHECK(t.is_cuda(), "decdec: ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == dev, "decdec: ", name, " is on ", t.device(), " but x is on ", dev);
-  TORCH_CHECK(t.scalar_type() == dt, "decdec: ", name, " must be ", dt, ", got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "decdec: ", name, " must be contiguous, got shape ", t.sizes(), " strides ",
+  DD_CHECK(t.is_cuda(), "decdec: ", name, " must be a CUDA tensor, got device ", t.device());
+  DD_CHECK(t.device() == dev, "decdec: ", name, " is on ", t.device(), " but x is on ", dev);
+  DD_CHECK(t.scalar_type() == dt, "decdec: ", name, " must be ", dt, ", got ", t.scalar_type());
+  DD_CHECK(t.is_contiguous(), "decdec: ", name, " must be contiguous, got shape ", t.sizes(), " strides ",
               t.strides());
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "decdec: ", name,
+  DD_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "decdec: ", name,
               " must be 16-byte aligned (a view with a storage offset?), got pointer ", t.data_ptr());
 }
 
 void check_x(const at::Tensor& x) {
-  TORCH_CHECK(x.is_cuda(), "decdec: x must be a CUDA tensor, got device ", x.device());
+  DD_CHECK(x.is_cuda(), "decdec: x must be a CUDA tensor, got device ", x.device());
   dtype_of(x);
-  TORCH_CHECK(x.dim() == 2, "decdec: x must be [M, in], got shape ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(), "decdec: x must be contiguous, got strides ", x.strides());
-  TORCH_CHECK(x.size(0) <= 65535, "decdec: at most 65535 tokens per call, got M=", x.size(0));
+  DD_CHECK(x.dim() == 2, "decdec: x must be [M, in], got shape ", x.sizes());
+  DD_CHECK(x.is_contiguous(), "decdec: x must be contiguous, got strides ", x.strides());
+  DD_CHECK(x.size(0) <= 65535, "decdec: at most 65535 tokens per call, got M=", x.size(0));
 }
 
 int i32(int64_t v, const char* what) {
-  TORCH_CHECK(v >= 0 && v <= INT32_MAX, "decdec: ", what, " = ", v, " does not fit in int32");
+  DD_CHECK(v >= 0 && v <= INT32_MAX, "decdec: ", what, " = ", v, " does not fit in int32");
   return static_cast<int>(v);
 }
 
@@ -58,12 +92,12 @@ struct Ap {
 };
 Ap check_ap(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& lut) {
   check_x(x);
-  TORCH_CHECK(qweight.dim() == 3, "decdec: qweight must be [b, out, in/32], got shape ", qweight.sizes());
+  DD_CHECK(qweight.dim() == 3, "decdec: qweight must be [b, out, in/32], got shape ", qweight.sizes());
   check_tensor(qweight, "qweight", x.device(), at::kInt);
   Ap s{i32(qweight.size(0), "bits"), i32(qweight.size(1), "out"), i32(qweight.size(2) * 32, "in")};
-  TORCH_CHECK(decdec::ap_bits_supported(s.bits), "decdec: ap kernels support 2..4 bits, got b=", s.bits);
-  TORCH_CHECK(x.size(1) == s.in, "decdec: x has ", x.size(1), " input channels, qweight expects ", s.in);
-  TORCH_CHECK(lut.dim() == 2 && lut.size(0) == s.out && lut.size(1) == (int64_t{1} << s.bits), "decdec: lut must be [",
+  DD_CHECK(decdec::ap_bits_supported(s.bits), "decdec: ap kernels support 2..4 bits, got b=", s.bits);
+  DD_CHECK(x.size(1) == s.in, "decdec: x has ", x.size(1), " input channels, qweight expects ", s.in);
+  DD_CHECK(lut.dim() == 2 && lut.size(0) == s.out && lut.size(1) == (int64_t{1} << s.bits), "decdec: lut must be [",
               s.out, ", ", (1 << s.bits), "], got ", lut.sizes());
   check_tensor(lut, "lut", x.device(), x.scalar_type());
   return s;
@@ -74,19 +108,19 @@ struct Lg {
 };
 Lg check_lutgemm(const at::Tensor& x, const at::Tensor& binary, const at::Tensor& alpha, const at::Tensor& q_bias) {
   check_x(x);
-  TORCH_CHECK(binary.dim() == 3, "decdec: binary must be [in/32, b, out], got shape ", binary.sizes());
+  DD_CHECK(binary.dim() == 3, "decdec: binary must be [in/32, b, out], got shape ", binary.sizes());
   check_tensor(binary, "binary", x.device(), at::kInt);
   Lg s{i32(binary.size(1), "bits"), i32(binary.size(2), "out"), i32(binary.size(0) * 32, "in"), 0};
-  TORCH_CHECK(decdec::lutgemm_bits_supported(s.bits), "decdec: lutgemm kernels support 1..8 bits, got b=", s.bits);
-  TORCH_CHECK(x.size(1) == s.in, "decdec: x has ", x.size(1), " input channels, binary expects ", s.in);
-  TORCH_CHECK(alpha.dim() == 3 && alpha.size(0) > 0, "decdec: alpha must be [n_groups, b, out], got ", alpha.sizes());
+  DD_CHECK(decdec::lutgemm_bits_supported(s.bits), "decdec: lutgemm kernels support 1..8 bits, got b=", s.bits);
+  DD_CHECK(x.size(1) == s.in, "decdec: x has ", x.size(1), " input channels, binary expects ", s.in);
+  DD_CHECK(alpha.dim() == 3 && alpha.size(0) > 0, "decdec: alpha must be [n_groups, b, out], got ", alpha.sizes());
   const int64_t groups = alpha.size(0);
-  TORCH_CHECK(s.in % groups == 0 && (s.in / groups) % 32 == 0, "decdec: lutgemm groups must split in=", s.in,
+  DD_CHECK(s.in % groups == 0 && (s.in / groups) % 32 == 0, "decdec: lutgemm groups must split in=", s.in,
               " into multiples of 32 channels, got ", groups, " groups");
   s.group = static_cast<int>(s.in / groups);
-  TORCH_CHECK(alpha.size(1) == s.bits && alpha.size(2) == s.out, "decdec: alpha must be [", groups, ", ", s.bits, ", ",
+  DD_CHECK(alpha.size(1) == s.bits && alpha.size(2) == s.out, "decdec: alpha must be [", groups, ", ", s.bits, ", ",
               s.out, "], got ", alpha.sizes());
-  TORCH_CHECK(q_bias.dim() == 2 && q_bias.size(0) == groups && q_bias.size(1) == s.out, "decdec: q_bias must be [",
+  DD_CHECK(q_bias.dim() == 2 && q_bias.size(0) == groups && q_bias.size(1) == s.out, "decdec: q_bias must be [",
               groups, ", ", s.out, "], got ", q_bias.sizes());
   check_tensor(alpha, "alpha", x.device(), x.scalar_type());
   check_tensor(q_bias, "q_bias", x.device(), x.scalar_type());
@@ -111,21 +145,21 @@ int cached_max_blocks(int dev, int in, int out, int k_chunk, int n_tb) {
 
 void check_dec(const at::Tensor& x, const at::Tensor& q_residual, const at::Tensor& scales, const at::Tensor& bounds,
                int64_t k_chunk, int64_t n_tb, int out, int in) {
-  TORCH_CHECK(out % 8 == 0, "decdec: DEC needs out % 8 == 0, got out=", out);
-  TORCH_CHECK(q_residual.dim() == 2 && q_residual.size(0) == in && q_residual.size(1) == out / 8,
+  DD_CHECK(out % 8 == 0, "decdec: DEC needs out % 8 == 0, got out=", out);
+  DD_CHECK(q_residual.dim() == 2 && q_residual.size(0) == in && q_residual.size(1) == out / 8,
               "decdec: q_residual must be [", in, ", ", out / 8, "], got ", q_residual.sizes());
-  TORCH_CHECK(q_residual.is_cuda(), "decdec: q_residual must be a CUDA tensor (pinned host memory from "
+  DD_CHECK(q_residual.is_cuda(), "decdec: q_residual must be a CUDA tensor (pinned host memory from "
               "decdec.ops.place_residual, or device memory), got device ", q_residual.device());
   check_tensor(q_residual, "q_residual", x.device(), at::kInt);
-  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == out, "decdec: scales must be [", out, "], got ", scales.sizes());
+  DD_CHECK(scales.dim() == 1 && scales.size(0) == out, "decdec: scales must be [", out, "], got ", scales.sizes());
   check_tensor(scales, "scales", x.device(), x.scalar_type());
-  TORCH_CHECK(bounds.dim() == 1 && bounds.size(0) == 2, "decdec: bounds must be [2], got ", bounds.sizes());
+  DD_CHECK(bounds.dim() == 1 && bounds.size(0) == 2, "decdec: bounds must be [2], got ", bounds.sizes());
   check_tensor(bounds, "bounds", x.device(), at::kFloat);
-  TORCH_CHECK(k_chunk >= 0 && k_chunk <= 1024, "decdec: k_chunk must be in 0..1024, got ", k_chunk);
-  TORCH_CHECK(n_tb >= 1, "decdec: n_tb must be >= 1, got ", n_tb);
+  DD_CHECK(k_chunk >= 0 && k_chunk <= 1024, "decdec: k_chunk must be in 0..1024, got ", k_chunk);
+  DD_CHECK(n_tb >= 1, "decdec: n_tb must be >= 1, got ", n_tb);
   if (k_chunk == 0) return;
   const int max_blocks = cached_max_blocks(x.get_device(), in, out, (int)k_chunk, (int)std::min<int64_t>(n_tb, INT32_MAX));
-  TORCH_CHECK(n_tb <= max_blocks, "decdec: n_tb=", n_tb, " exceeds the ", max_blocks,
+  DD_CHECK(n_tb <= max_blocks, "decdec: n_tb=", n_tb, " exceeds the ", max_blocks,
               " DEC thread blocks that can be co-resident on this GPU for in=", in, ", out=", out,
               ", k_chunk=", k_chunk, " (shared memory ", decdec::dec_smem_bytes(in, out, (int)k_chunk, (int)n_tb),
               " bytes per block)");
@@ -144,7 +178,7 @@ int* tile_counters(int device, size_t n, cudaStream_t stream) {
   if (w.second >= n) return w.first;
   cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
   cuda_ok(cudaStreamIsCapturing(stream, &st), "cudaStreamIsCapturing");
-  TORCH_CHECK(st == cudaStreamCaptureStatusNone, "decdec: the fused op needs ", n,
+  DD_CHECK(st == cudaStreamCaptureStatusNone, "decdec: the fused op needs ", n,
               " tile counters but the workspace holds ", w.second,
               "; call it once outside CUDA-graph capture (a warm-up) with this shape first");
   if (w.first) {
@@ -184,7 +218,7 @@ at::Tensor ap_gemv_cuda(const at::Tensor& x, const at::Tensor& qweight, const at
 }
 
 at::Tensor ap_dequant_cuda(const at::Tensor& qweight, const at::Tensor& lut) {
-  TORCH_CHECK(lut.is_cuda(), "decdec: lut must be a CUDA tensor, got ", lut.device());
+  DD_CHECK(lut.is_cuda(), "decdec: lut must be a CUDA tensor, got ", lut.device());
   const Ap s = check_ap(at::empty({1, qweight.dim() == 3 ? qweight.size(2) * 32 : 0}, lut.options()), qweight, lut);
   c10::cuda::CUDAGuard guard(lut.device());
   auto w = at::empty({s.out, s.in}, lut.options());
@@ -207,7 +241,7 @@ at::Tensor lutgemm_gemv_cuda(const at::Tensor& x, const at::Tensor& binary, cons
 }
 
 at::Tensor lutgemm_dequant_cuda(const at::Tensor& binary, const at::Tensor& alpha, const at::Tensor& q_bias) {
-  TORCH_CHECK(alpha.is_cuda(), "decdec: alpha must be a CUDA tensor, got ", alpha.device());
+  DD_CHECK(alpha.is_cuda(), "decdec: alpha must be a CUDA tensor, got ", alpha.device());
   const Lg s = check_lutgemm(at::empty({1, binary.dim() == 3 ? binary.size(0) * 32 : 0}, alpha.options()), binary,
                              alpha, q_bias);
   c10::cuda::CUDAGuard guard(alpha.device());
@@ -222,7 +256,7 @@ at::Tensor lutgemm_dequant_cuda(const at::Tensor& binary, const at::Tensor& alph
 at::Tensor dec_cuda(const at::Tensor& x, const at::Tensor& q_residual, const at::Tensor& scales,
                     const at::Tensor& bounds, int64_t k_chunk, int64_t n_tb) {
   check_x(x);
-  TORCH_CHECK(scales.dim() == 1, "decdec: scales must be [out], got ", scales.sizes());
+  DD_CHECK(scales.dim() == 1, "decdec: scales must be [out], got ", scales.sizes());
   const int out = i32(scales.size(0), "out"), in = i32(x.size(1), "in");
   check_dec(x, q_residual, scales, bounds, k_chunk, n_tb, out, in);
   c10::cuda::CUDAGuard guard(x.device());
@@ -303,10 +337,10 @@ at::Tensor lutgemm_gemv_dec_cuda(const at::Tensor& x, const at::Tensor& binary, 
 // Pinned, mapped host memory holding a copy of q_residual, exposed as a CUDA tensor (its UVA
 // address): DEC reads it zero-copy over PCIe and no GPU memory is used. Freed by the deleter.
 at::Tensor pin_residual(const at::Tensor& q_residual, int64_t device) {
-  TORCH_CHECK(q_residual.device().is_cpu(), "decdec: pin_residual takes a CPU tensor, got ", q_residual.device());
-  TORCH_CHECK(q_residual.scalar_type() == at::kInt, "decdec: q_residual must be int32, got ",
+  DD_CHECK(q_residual.device().is_cpu(), "decdec: pin_residual takes a CPU tensor, got ", q_residual.device());
+  DD_CHECK(q_residual.scalar_type() == at::kInt, "decdec: q_residual must be int32, got ",
               q_residual.scalar_type());
-  TORCH_CHECK(q_residual.dim() == 2, "decdec: q_residual must be [in, out/8], got ", q_residual.sizes());
+  DD_CHECK(q_residual.dim() == 2, "decdec: q_residual must be [in, out/8], got ", q_residual.sizes());
   auto q = q_residual.contiguous();
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const size_t bytes = static_cast<size_t>(q.numel()) * sizeof(int32_t);
@@ -328,8 +362,8 @@ at::Tensor pin_residual(const at::Tensor& q_residual, int64_t device) {
 at::Tensor dec_select(const at::Tensor& x, const at::Tensor& bounds, int64_t k_chunk) {
   check_x(x);
   check_tensor(bounds, "bounds", x.device(), at::kFloat);
-  TORCH_CHECK(bounds.numel() == 2, "decdec: bounds must be [2], got ", bounds.sizes());
-  TORCH_CHECK(k_chunk >= 0 && k_chunk <= 1024, "decdec: k_chunk must be in 0..1024, got ", k_chunk);
+  DD_CHECK(bounds.numel() == 2, "decdec: bounds must be [2], got ", bounds.sizes());
+  DD_CHECK(k_chunk >= 0 && k_chunk <= 1024, "decdec: k_chunk must be in 0..1024, got ", k_chunk);
   c10::cuda::CUDAGuard guard(x.device());
   auto mask = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kByte));
   cuda_ok(decdec::dec_select_debug(dtype_of(x), x.data_ptr(), bounds.data_ptr<float>(), mask.data_ptr<uint8_t>(),
