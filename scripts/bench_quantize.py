@@ -2,6 +2,7 @@
 Llama-3-8B layer with --llama3. Prints a table; asserts nothing (see tests/test_quantize.py).
 
     /work/venv/bin/python scripts/bench_quantize.py [--layers 30] [--bits 3] [--tokens 512] [--llama3]
+        [--device cuda] [--threads 1]
 
 Random weights: speed does not depend on the values. Activations are random with per-channel
 scales spread over 10x (a stand-in for calibration data, used by the clip search and as ap's
@@ -33,7 +34,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512, help="calibration tokens per linear")
     ap.add_argument("--llama3", action="store_true", help="one Llama-3-8B layer instead of SmolLM2")
     ap.add_argument("--device", default="cpu", help="cpu or cuda: where the weights live")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (0: torch's default). On a shared 2-core machine 1 thread is "
+                         "steadier: 2 OpenMP threads on one free core spin and can run several times slower")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes = LLAMA3_8B if args.llama3 else SMOLLM2
     layers = 1 if args.llama3 else args.layers
     group = 128 if args.llama3 else 64  # SmolLM2: 576 = 4.5 * 128, so 64
