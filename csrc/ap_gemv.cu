@@ -14,6 +14,8 @@
 // the lane's word index, so the 8 k-lanes of a row hit 8 distinct bank quads (conflict-free).
 // Accumulation is fp32 (FFMA), like the reference. Warps of a block split K (KS ways) when out is
 // small, so that enough blocks exist; partial sums are reduced in shared memory, no atomics.
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace decdec {
@@ -161,6 +163,153 @@ __global__ void __launch_bounds__(kThreads, BITS >= 4 ? 3 : 4)
   if (fused.on()) fused_arrive<T>(fused, m, blockIdx.x, blockIdx.x + 1, out, flags);
 }
 
+// 3-bit fp16 variant: the 8-entry LUT of a lane's row lives in 4 registers (low and high bytes of
+// the 8 fp16 centroids) and PRMT is the lookup: a selector of 4 3-bit codes picks 4 low bytes and
+// 4 high bytes, two more PRMTs interleave them into 2 half2 weights. No shared-memory traffic per
+// weight (only one 16-byte x load per 8 weights), so the kernel is bound by integer issue instead of
+// the shared-memory pipe. Products accumulate in half2 over 16 weights, then in fp32.
+// Codes: u_k (k = 0..3) holds the code of channel 4n+k in nibble n (n = 0..7); x is staged as
+// fp16 in the same order: slot k of word w = x[32w + k + 4n], n = 0..7 (16 bytes).
+template <int VEC>
+__global__ void __launch_bounds__(kThreads, 4)
+    ap3_gemv_prmt_kernel(const __half* __restrict__ x, const uint32_t* __restrict__ qw,
+                         const __half* __restrict__ lut, __half* __restrict__ y, int in, int out, int ks_log2,
+                         Fused fused) {
+  constexpr int BITS = 3, KL = 8, RW = 4, STEP = KL * VEC;
+  __shared__ __align__(16) __half xs[kTileWords * 32];
+  __shared__ float red[kWarps][RW];
+  __shared__ int flags[kThreads];
+
+  const int KS = 1 << ks_log2;
+  const int RB = (kWarps >> ks_log2) * RW;
+  const int words = in >> 5;
+  const int m = blockIdx.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int rg = warp >> ks_log2, ks = warp & (KS - 1);
+  const int rr = lane / KL, kl = lane % KL;
+  const int row0 = blockIdx.x * RB;
+  const int row = row0 + rg * RW + rr;
+  const bool row_ok = row < out;
+  const int rowc = row_ok ? row : 0;
+
+  // the row's LUT as byte tables: lo/hi bytes of centroids 0..3 (a) and 4..7 (b)
+  const uint4 l8 = *reinterpret_cast<const uint4*>(lut + (size_t)rowc * 8);
+  const uint32_t lo_a = __byte_perm(l8.x, l8.y, 0x6420), hi_a = __byte_perm(l8.x, l8.y, 0x7531);
+  const uint32_t lo_b = __byte_perm(l8.z, l8.w, 0x6420), hi_b = __byte_perm(l8.z, l8.w, 0x7531);
+
+  const size_t plane_stride = (size_t)out * words;
+  const uint32_t* qrow = qw + (size_t)rowc * words;
+  const __half* xm = x + (size_t)m * in;
+  float acc = 0.f;
+
+  uint32_t cur[BITS][VEC], nxt[BITS][VEC];
+  auto load = [&](uint32_t (&dst)[BITS][VEC], int gw) {
+#pragma unroll
+    for (int q = 0; q < BITS; ++q) {
+      const uint32_t* p = qrow + q * plane_stride + gw;
+      if constexpr (VEC == 4) {
+        const uint4 v = ldg_stream_v4(p);
+        dst[q][0] = v.x; dst[q][1] = v.y; dst[q][2] = v.z; dst[q][3] = v.w;
+      } else {
+        dst[q][0] = ldg_stream(p);
+      }
+    }
+  };
+
+  for (int tw0 = 0; tw0 < words; tw0 += kTileWords) {
+    const int tw = min(kTileWords, words - tw0);
+    const int nsteps = ceil_div(tw, STEP);
+    int st = ks;
+    bool have = row_ok && st < nsteps && st * STEP + kl * VEC < tw;
+    if (have) load(cur, tw0 + st * STEP + kl * VEC);
+    __syncthreads();
+    {
+      constexpr int UNR = kTileWords * 4 / kThreads;
+      uint4 v[UNR];
+#pragma unroll
+      for (int u = 0; u < UNR; ++u) {
+        const int p = threadIdx.x + u * kThreads;
+        if (p < tw * 4) v[u] = *reinterpret_cast<const uint4*>(xm + (size_t)tw0 * 32 + p * 8);
+      }
+#pragma unroll
+      for (int u = 0; u < UNR; ++u) {
+        const int p = threadIdx.x + u * kThreads;
+        if (p >= tw * 4) continue;
+        const int wl = p >> 2, j = p & 3, key = (wl / VEC) & 3;  // channels 8j .. 8j+7 of word wl
+        const __half* h = reinterpret_cast<const __half*>(&v[u]);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const int c = 8 * j + e, k = c & 3, n = c >> 2;
+          xs[wl * 32 + ((k ^ key) << 3) + n] = h[e];
+        }
+      }
+    }
+    __syncthreads();
+    while (st < nsteps) {
+      const int st_n = st + KS;
+      const bool have_n = row_ok && st_n < nsteps && st_n * STEP + kl * VEC < tw;
+      if (have_n) load(nxt, tw0 + st_n * STEP + kl * VEC);
+      if (have) {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          const uint32_t A = cur[0][v];
+          const uint32_t B = __funnelshift_l(cur[1][v], cur[1][v], 1);
+          const uint32_t C = __funnelshift_l(cur[2][v], cur[2][v], 2);
+          const int wl = st * STEP + kl * VEC + v, key = (wl / VEC) & 3;
+          const __half* xw = xs + wl * 32;
+#pragma unroll
+          for (int kp = 0; kp < 4; kp += 2) {
+            __half2 hacc0 = __float2half2_rn(0.f), hacc1 = hacc0;
+#pragma unroll
+            for (int k = kp; k < kp + 2; ++k) {
+              const uint32_t m1 = 0x11111111u << ((k + 1) & 3), m2 = 0x11111111u << ((k + 2) & 3);
+              uint32_t t = (B & m1) | (A & ~m1);
+              t = (C & m2) | (t & ~m2);
+              const uint32_t u = __funnelshift_r(t, t, k) & 0x77777777u;
+              const uint4 xv = *reinterpret_cast<const uint4*>(xw + ((k ^ key) << 3));
+              const uint32_t u_hi = u >> 16;
+              const uint32_t LO0 = __byte_perm(lo_a, lo_b, u), HI0 = __byte_perm(hi_a, hi_b, u);
+              const uint32_t LO1 = __byte_perm(lo_a, lo_b, u_hi), HI1 = __byte_perm(hi_a, hi_b, u_hi);
+              const uint32_t w01 = __byte_perm(LO0, HI0, 0x5140), w23 = __byte_perm(LO0, HI0, 0x7362);
+              const uint32_t w45 = __byte_perm(LO1, HI1, 0x5140), w67 = __byte_perm(LO1, HI1, 0x7362);
+              hacc0 = __hfma2(*reinterpret_cast<const __half2*>(&w01), *reinterpret_cast<const __half2*>(&xv.x), hacc0);
+              hacc1 = __hfma2(*reinterpret_cast<const __half2*>(&w23), *reinterpret_cast<const __half2*>(&xv.y), hacc1);
+              hacc0 = __hfma2(*reinterpret_cast<const __half2*>(&w45), *reinterpret_cast<const __half2*>(&xv.z), hacc0);
+              hacc1 = __hfma2(*reinterpret_cast<const __half2*>(&w67), *reinterpret_cast<const __half2*>(&xv.w), hacc1);
+            }
+            const float2 f0 = __half22float2(hacc0), f1 = __half22float2(hacc1);
+            acc += (f0.x + f0.y) + (f1.x + f1.y);
+          }
+        }
+      }
+      if (have_n) {
+#pragma unroll
+        for (int q = 0; q < BITS; ++q)
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) cur[q][v] = nxt[q][v];
+      }
+      have = have_n;
+      st = st_n;
+    }
+  }
+
+#pragma unroll
+  for (int off = KL / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (kl == 0) red[warp][rr] = acc;
+  __syncthreads();
+  float* gpart = fused.on() ? fused.gpart + (size_t)m * out : nullptr;
+  for (int i = threadIdx.x; i < RB; i += kThreads) {
+    const int r = row0 + i;
+    if (r >= out) continue;
+    const int g = i / RW, q = i % RW;
+    float s = 0.f;
+    for (int k = 0; k < KS; ++k) s += red[g * KS + k][q];
+    if (gpart) gpart[r] = s;
+    else y[(size_t)m * out + r] = __float2half_rn(s);
+  }
+  if (fused.on()) fused_arrive<__half>(fused, m, blockIdx.x, blockIdx.x + 1, out, flags);
+}
+
 template <int BITS, typename T>
 __global__ void __launch_bounds__(256)
     ap_dequant_kernel(const uint32_t* __restrict__ qw, const T* __restrict__ lut, T* __restrict__ w, int in, int out) {
@@ -212,6 +361,17 @@ cudaError_t launch_gemv(const void* x, const uint32_t* qw, const void* lut, void
   const int ks = ks_log2_for(BITS, in, out);
   const int RB = (kWarps >> ks) * (32 >> BITS);
   const dim3 grid(ceil_div(out, RB), M);
+  if constexpr (BITS == 3 && std::is_same_v<T, __half>) {
+    if ((in >> 5) % 4 == 0)
+      ap3_gemv_prmt_kernel<4><<<grid, kThreads, 0, stream>>>(static_cast<const __half*>(x), qw,
+                                                             static_cast<const __half*>(lut),
+                                                             static_cast<__half*>(y), in, out, ks, fused);
+    else
+      ap3_gemv_prmt_kernel<1><<<grid, kThreads, 0, stream>>>(static_cast<const __half*>(x), qw,
+                                                             static_cast<const __half*>(lut),
+                                                             static_cast<__half*>(y), in, out, ks, fused);
+    return cudaGetLastError();
+  }
   if ((in >> 5) % 4 == 0)
     ap_gemv_kernel<BITS, 4, T><<<grid, kThreads, 0, stream>>>(
         static_cast<const T*>(x), qw, static_cast<const T*>(lut), static_cast<T*>(y), in, out, ks, fused);

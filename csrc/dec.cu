@@ -31,13 +31,21 @@ __host__ __device__ inline int k_total(int k_chunk, int in) {
 }
 
 struct DecLayout {  // dynamic shared memory, in 4-byte units
-  int floors, hist, flags, list, accs, total;
+  int floors, hist, o, need, go, gl, po, ps, bkt, flags, list, accs, total;
 };
-__host__ __device__ inline DecLayout dec_layout(int ktot, int accs_floats) {
+__host__ __device__ inline DecLayout dec_layout(int in, int ktot, int accs_floats) {
+  const int nc = (in + kChunk - 1) / kChunk, ng = (in + 31) / 32;
   DecLayout l;
   l.floors = 0;
-  l.hist = 32;
-  l.flags = l.hist + kWarps * kHist;
+  l.hist = 32;                  // [nc][kHist] bucket counts per chunk
+  l.o = l.hist + nc * kHist;    // [nc] overflow bucket (-1: quota 0)
+  l.need = l.o + nc;            // [nc] channels taken from the overflow bucket
+  l.go = l.need + nc;           // [ng] per 32-channel group: #channels in the overflow bucket
+  l.gl = l.go + ng;             //      #channels in higher buckets
+  l.po = l.gl + ng;             //      exclusive prefix of go inside the chunk
+  l.ps = l.po + ng;             //      exclusive prefix of selected channels inside the chunk
+  l.bkt = l.ps + ng;            // [in] bucket per channel (bytes)
+  l.flags = l.bkt + (in + 3) / 4;
   l.list = l.flags + kThreads;
   l.accs = l.list + ((ktot + 3) & ~3);
   l.total = l.accs + accs_floats;
@@ -71,57 +79,115 @@ __device__ __forceinline__ int bucket_of(const float* floors, bool mono, float a
   return c;
 }
 
-// Selection of token m into list[0 .. k_total): chunk c's channels at list[c*k_chunk ...].
-// One warp per chunk; lane l holds channels c0 + 32j + l (j = 0..31) in registers. The overflow
-// bucket is found by a binary search over bucket ids with warp-wide counts (__reduce_add_sync),
-// no shared-memory histogram; the x loads are all issued first (one L2 round trip per chunk).
+// Selection of token m into list[0 .. k_total): chunk c's channels at list[c*k_chunk ...], in
+// channel order. Block-parallel (the selection is on DEC's critical path, so it must be short):
+//  1. every thread: buckets of its channels (bytes in smem) + per-chunk bucket counts;
+//  2. a warp per chunk: overflow bucket o and how many of it to take (need);
+//  3. a warp per 32-channel group: #channels in bucket o and in buckets < o (ballots);
+//  4. a warp per chunk, lane = group: exclusive prefixes of those counts;
+//  5. a warp per group: ranks inside bucket o (lowest channel indices win, as in the reference)
+//     and list positions.
 template <typename T>
 __device__ void select_token(const T* __restrict__ xm, int in, int k_chunk, const float* floors, bool mono,
-                             int* list) {
+                             const DecLayout& Ly, int* sm, int* list) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const unsigned lt = (1u << lane) - 1u;
-  const int n_chunks = ceil_div(in, kChunk);
-  for (int c = warp; c < n_chunks; c += kWarps) {
-    const int c0 = c * kChunk, L = min(kChunk, in - c0);
-    const int quota = k_chunk * L / kChunk;
-    if (quota == 0) continue;
-    float ax[32];
+  const int nc = ceil_div(in, kChunk), ng = ceil_div(in, 32);
+  int* hist = sm + Ly.hist;
+  int* o_s = sm + Ly.o;
+  int* need_s = sm + Ly.need;
+  int* go = sm + Ly.go;
+  int* gl = sm + Ly.gl;
+  int* po = sm + Ly.po;
+  int* ps = sm + Ly.ps;
+  uint8_t* bkt = reinterpret_cast<uint8_t*>(sm + Ly.bkt);
+
+  for (int i = threadIdx.x; i < nc * kHist; i += kThreads) hist[i] = 0;
+  __syncthreads();
+  // 1. buckets: a warp takes 32 consecutive channels (one chunk) per step
+  for (int i0 = warp * 32; i0 < in; i0 += kThreads * 4) {
+    float ax[4];
 #pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      const int idx = c0 + j * 32 + lane;
-      ax[j] = idx < c0 + L ? fabsf(to_f32(xm[idx])) : 0.f;
+    for (int u = 0; u < 4; ++u) {  // loads first
+      const int i = i0 + u * kThreads + lane;
+      ax[u] = i < in ? fabsf(to_f32(xm[i])) : 0.f;
     }
-    int bk[32];
 #pragma unroll
-    for (int j = 0; j < 32; ++j) bk[j] = c0 + j * 32 + lane < c0 + L ? bucket_of(floors, mono, ax[j]) : 33;
-    // smallest o in 0..32 with #{bucket <= o} >= quota (o = 32 always qualifies: quota <= L)
-    auto count_le = [&](int b) {
-      int n = 0;
-#pragma unroll
-      for (int j = 0; j < 32; ++j) n += bk[j] <= b;
-      return (int)__reduce_add_sync(0xffffffffu, (unsigned)n);
-    };
-    int lo = 0, hi = 32;
-    while (lo < hi) {  // warp-uniform
-      const int mid = (lo + hi) >> 1;
-      if (count_le(mid) >= quota) hi = mid;
-      else lo = mid + 1;
+    for (int u = 0; u < 4; ++u) {
+      const int i = i0 + u * kThreads + lane;
+      if (i0 + u * kThreads >= in) break;  // warp-uniform
+      const int b = i < in ? bucket_of(floors, mono, ax[u]) : 33;
+      if (i < in) bkt[i] = (uint8_t)b;
+      const unsigned peers = __match_any_sync(0xffffffffu, b);
+      if (b < 33 && lane == __ffs(peers) - 1) atomicAdd(hist + (i >> 10) * kHist + b, __popc(peers));
     }
-    const int o = lo;
-    const int need = quota - (o > 0 ? count_le(o - 1) : 0);
-    int run_o = 0, base = c * k_chunk;
+  }
+  __syncthreads();
+  // 2. overflow bucket per chunk
+  for (int c = warp; c < nc; c += kWarps) {
+    const int L = min(kChunk, in - c * kChunk), quota = k_chunk * L / kChunk;
+    int cum = hist[c * kHist + lane];
 #pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      const int b = bk[j];
-      const bool is_o = b == o;
-      const unsigned mo = __ballot_sync(0xffffffffu, is_o);
-      const int rank = run_o + __popc(mo & lt);
-      run_o += __popc(mo);
-      const bool sel = b < o || (is_o && rank < need);
-      const unsigned ms = __ballot_sync(0xffffffffu, sel);
-      if (sel) list[base + __popc(ms & lt)] = c0 + j * 32 + lane;
-      base += __popc(ms);
+    for (int off = 1; off < 32; off <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, cum, off);
+      if (lane >= off) cum += v;
     }
+    const unsigned reach = __ballot_sync(0xffffffffu, cum >= quota);
+    const int o = reach ? __ffs(reach) - 1 : 32;  // bucket 32 (if any) holds the rest: quota <= L
+    const int before = __shfl_sync(0xffffffffu, cum, o > 0 ? min(o - 1, 31) : 0);
+    if (lane == 0) {
+      o_s[c] = quota > 0 ? o : -1;
+      need_s[c] = quota - (o > 0 ? before : 0);
+    }
+  }
+  __syncthreads();
+  // 3. per-group counts
+  for (int g = warp; g < ng; g += kWarps) {
+    const int i = g * 32 + lane, o = o_s[g >> 5];
+    const int b = i < in ? bkt[i] : 255;
+    const unsigned mo = __ballot_sync(0xffffffffu, b == o);
+    const unsigned ml = __ballot_sync(0xffffffffu, b < o);
+    if (lane == 0) {
+      go[g] = __popc(mo);
+      gl[g] = __popc(ml);
+    }
+  }
+  __syncthreads();
+  // 4. prefixes inside each chunk (lane = group of the chunk)
+  for (int c = warp; c < nc; c += kWarps) {
+    const int g = c * 32 + lane;
+    const int vo = g < ng ? go[g] : 0, vl = g < ng ? gl[g] : 0;
+    int so = vo;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, so, off);
+      if (lane >= off) so += v;
+    }
+    const int exo = so - vo;
+    const int take = max(0, min(need_s[c] - exo, vo));
+    const int vs = vl + take;
+    int ss = vs;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, ss, off);
+      if (lane >= off) ss += v;
+    }
+    if (g < ng) {
+      po[g] = exo;
+      ps[g] = ss - vs;
+    }
+  }
+  __syncthreads();
+  // 5. emit the selected channels
+  for (int g = warp; g < ng; g += kWarps) {
+    const int i = g * 32 + lane, c = g >> 5, o = o_s[c];
+    if (o < 0) continue;  // warp-uniform: quota 0
+    const int b = i < in ? bkt[i] : 255;
+    const unsigned mo = __ballot_sync(0xffffffffu, b == o);
+    const int rank = po[g] + __popc(mo & lt);
+    const bool sel = b < o || (b == o && rank < need_s[c]);
+    const unsigned ms = __ballot_sync(0xffffffffu, sel);
+    if (sel) list[c * k_chunk + ps[g] + __popc(ms & lt)] = i;
   }
 }
 
@@ -148,9 +214,8 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ __align__(16) int sm[];
   const int ktot = k_total(k_chunk, in);
   const int accs_n = dec_accs_floats(out, slice);
-  const DecLayout L = dec_layout(ktot, accs_n);
+  const DecLayout L = dec_layout(in, ktot, accs_n);
   float* floors = reinterpret_cast<float*>(sm + L.floors);
-  int* hist = sm + L.hist;
   int* flags = sm + L.flags;
   int* list = sm + L.list;
   float* accs = reinterpret_cast<float*>(sm + L.accs);
@@ -173,7 +238,7 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int m = 0; m < M; ++m) {
     const T* xm = x + (size_t)m * in;
-    select_token(xm, in, k_chunk, floors, is_mono, list);
+    select_token(xm, in, k_chunk, floors, is_mono, L, sm, list);
     __syncthreads();
 
     float* dst32 = fused.on() ? fused.dpart + (size_t)m * out : nullptr;
@@ -260,13 +325,13 @@ __global__ void __launch_bounds__(kThreads)
                       int in, int k_chunk) {
   extern __shared__ __align__(16) int sm[];
   const int ktot = k_total(k_chunk, in);
-  const DecLayout L = dec_layout(ktot, 0);
+  const DecLayout L = dec_layout(in, ktot, 0);
   float* floors = reinterpret_cast<float*>(sm + L.floors);
   __shared__ int mono;
   compute_floors(bounds, floors, &mono);
   __syncthreads();
   for (int m = 0; m < M; ++m) {
-    select_token(x + (size_t)m * in, in, k_chunk, floors, mono != 0, sm + L.list);
+    select_token(x + (size_t)m * in, in, k_chunk, floors, mono != 0, L, sm, sm + L.list);
     for (int i = threadIdx.x; i < in; i += kThreads) mask[(size_t)m * in + i] = 0;
     __syncthreads();
     for (int i = threadIdx.x; i < ktot; i += kThreads) mask[(size_t)m * in + sm[L.list + i]] = 1;
@@ -343,7 +408,7 @@ int dec_slice_size(int out, int n_tb) {
 
 size_t dec_smem_bytes(int in, int out, int k_chunk, int n_tb) {
   const int slice = dec_slice_size(out, n_tb);
-  return (size_t)dec_layout(k_total(k_chunk, in), dec_accs_floats(out, slice)).total * 4;
+  return (size_t)dec_layout(in, k_total(k_chunk, in), dec_accs_floats(out, slice)).total * 4;
 }
 
 cudaError_t dec_max_blocks(int device, int in, int out, int k_chunk, int n_tb, int* max_blocks) {
@@ -361,7 +426,7 @@ cudaError_t dec(DType dt, const void* x, const uint32_t* q_residual, const void*
 cudaError_t dec_select_debug(DType dt, const void* x, const float* bounds, uint8_t* mask, int M, int in, int k_chunk,
                              cudaStream_t stream) {
   if (M == 0 || in == 0) return cudaSuccess;
-  const size_t smem = (size_t)dec_layout(k_total(k_chunk, in), 0).total * 4;
+  const size_t smem = (size_t)dec_layout(in, k_total(k_chunk, in), 0).total * 4;
   cudaError_t err;
   if (dt == DType::F16) {
     err = allow_smem(dec_select_kernel<__half>, smem);

@@ -48,17 +48,22 @@ __global__ void __launch_bounds__(kThreads, 3)
   float acc = 0.f;
   int cur_g = -1;
   float a[BITS], qb = 0.f;
-  uint32_t cur[BITS], nxt[BITS];
-  auto load = [&](uint32_t (&dst)[BITS], int gw) {
+  // NB words (x BITS planes) per batch and lane, the next batch in flight while this one is used
+  constexpr int NB = BITS <= 4 ? 4 : 2;
+  uint32_t cur[NB][BITS], nxt[NB][BITS];
+  auto load = [&](uint32_t (&dst)[NB][BITS], int w0, int tw0_, int tw_) {
 #pragma unroll
-    for (int q = 0; q < BITS; ++q) dst[q] = ldg_stream(binary + ((size_t)gw * BITS + q) * out + rowc);
+    for (int b = 0; b < NB; ++b)
+      if (w0 + b * KS < tw_)
+#pragma unroll
+        for (int q = 0; q < BITS; ++q)
+          dst[b][q] = ldg_stream(binary + ((size_t)(tw0_ + w0 + b * KS) * BITS + q) * out + rowc);
   };
 
   for (int tw0 = 0; tw0 < words; tw0 += kTileWords) {
     const int tw = min(kTileWords, words - tw0);
     int wl = ks;
-    bool have = wl < tw;
-    if (have) load(cur, tw0 + wl);  // in flight while the tables are built
+    load(cur, wl, tw0, tw);  // in flight while the tables are built
     __syncthreads();
     {
       // one 4-channel group per thread: 8-byte load of x, its 16 signed sums, and the word sums
@@ -83,38 +88,41 @@ __global__ void __launch_bounds__(kThreads, 3)
     }
     __syncthreads();
     while (wl < tw) {
-      const int wl_n = wl + KS;
-      const bool have_n = wl_n < tw;
-      if (have_n) load(nxt, tw0 + wl_n);
-      const int gw = tw0 + wl;
-      const int g = gw / wpg;
-      if (g != cur_g) {  // warp-uniform
-        cur_g = g;
+      const int wl_n = wl + NB * KS;
+      load(nxt, wl_n, tw0, tw);
 #pragma unroll
-        for (int q = 0; q < BITS; ++q) a[q] = to_f32(alpha[((size_t)g * BITS + q) * out + rowc]);
-        qb = to_f32(q_bias[(size_t)g * out + rowc]);
-      }
-      const uint32_t base0 = tab_base + wl * 512, base1 = base0 + 256;
+      for (int bb = 0; bb < NB; ++bb) {
+        const int w = wl + bb * KS;
+        if (w >= tw) break;  // warp-uniform
+        const int g = (tw0 + w) / wpg;
+        if (g != cur_g) {  // warp-uniform
+          cur_g = g;
 #pragma unroll
-      for (int q = 0; q < BITS; ++q) {
-        const uint32_t bw = cur[q];
-        const uint32_t lo = ((bw << 2) & 0x3C3C3C3Cu) | 0x80008000u;  // nibbles 0,2,4,6
-        const uint32_t hi = ((bw >> 2) & 0x3C3C3C3Cu) | 0xC040C040u;  // nibbles 1,3,5,7
-        float s0 = lds_f32(__byte_perm(lo, base0, 0x7650));
-        float s1 = lds_f32(__byte_perm(hi, base0, 0x7650));
-        s0 += lds_f32(__byte_perm(lo, base0, 0x7651));
-        s1 += lds_f32(__byte_perm(hi, base0, 0x7651));
-        s0 += lds_f32(__byte_perm(lo, base1, 0x7652));
-        s1 += lds_f32(__byte_perm(hi, base1, 0x7652));
-        s0 += lds_f32(__byte_perm(lo, base1, 0x7653));
-        s1 += lds_f32(__byte_perm(hi, base1, 0x7653));
-        acc = fmaf(a[q], s0 + s1, acc);
-      }
-      acc = fmaf(qb, xsum[wl], acc);
-      if (have_n) {
+          for (int q = 0; q < BITS; ++q) a[q] = to_f32(alpha[((size_t)g * BITS + q) * out + rowc]);
+          qb = to_f32(q_bias[(size_t)g * out + rowc]);
+        }
+        const uint32_t base0 = tab_base + w * 512, base1 = base0 + 256;
 #pragma unroll
-        for (int q = 0; q < BITS; ++q) cur[q] = nxt[q];
+        for (int q = 0; q < BITS; ++q) {
+          const uint32_t bw = cur[bb][q];
+          const uint32_t lo = ((bw << 2) & 0x3C3C3C3Cu) | 0x80008000u;  // nibbles 0,2,4,6
+          const uint32_t hi = ((bw >> 2) & 0x3C3C3C3Cu) | 0xC040C040u;  // nibbles 1,3,5,7
+          float s0 = lds_f32(__byte_perm(lo, base0, 0x7650));
+          float s1 = lds_f32(__byte_perm(hi, base0, 0x7650));
+          s0 += lds_f32(__byte_perm(lo, base0, 0x7651));
+          s1 += lds_f32(__byte_perm(hi, base0, 0x7651));
+          s0 += lds_f32(__byte_perm(lo, base1, 0x7652));
+          s1 += lds_f32(__byte_perm(hi, base1, 0x7652));
+          s0 += lds_f32(__byte_perm(lo, base1, 0x7653));
+          s1 += lds_f32(__byte_perm(hi, base1, 0x7653));
+          acc = fmaf(a[q], s0 + s1, acc);
+        }
+        acc = fmaf(qb, xsum[w], acc);
       }
+#pragma unroll
+      for (int bb = 0; bb < NB; ++bb)
+#pragma unroll
+        for (int q = 0; q < BITS; ++q) cur[bb][q] = nxt[bb][q];
       wl = wl_n;
     }
   }
