@@ -384,11 +384,13 @@ cudaError_t max_blocks_t(int device, int in, int out, int k_chunk, int n_tb, int
   const size_t smem = dec_smem_bytes(in, out, k_chunk, n_tb);
   int per_sm = 0, sms = 0;
   cudaError_t err;
+  // allow_smem only ever raises the kernel's dynamic shared-memory limit (lowering it here would
+  // make a later launch with a larger slice fail with "invalid argument")
   if (dec_vec_words(out, slice) == 4) {
-    err = cudaFuncSetAttribute(dec_kernel<T, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    err = allow_smem(dec_kernel<T, 4>, smem);
     if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, dec_kernel<T, 4>, kThreads, smem);
   } else {
-    err = cudaFuncSetAttribute(dec_kernel<T, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    err = allow_smem(dec_kernel<T, 1>, smem);
     if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, dec_kernel<T, 1>, kThreads, smem);
   }
   if (err != cudaSuccess) return err;
