@@ -43,7 +43,9 @@ class ModelConfig:
 @dataclass
 class BackendConfig:
     name: str = MISSING  # ap | lutgemm | fp16
-    group_size: int = 128  # lutgemm only: input channels per (alpha, q_bias) group
+    # lutgemm only: input channels per (alpha, q_bias) group; null = 128 when it divides every
+    # projection's input size, else the largest multiple of 32 that does (SmolLM2's 576 -> 64)
+    group_size: Optional[int] = None
 
 
 @dataclass

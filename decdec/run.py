@@ -114,8 +114,13 @@ def resolve_checkpoint(cfg: Config) -> Path:
         return original
     from decdec import prepare
 
+    from decdec.model import ModelArgs
+
     p = cfg.precision
-    group = cfg.backend.group_size if cfg.backend.name == "lutgemm" else None
+    group = None
+    if cfg.backend.name == "lutgemm":
+        args = ModelArgs.from_hf_config(ckpt.Checkpoint.open(original).hf_config)
+        group = prepare.auto_group_size(args, cfg.backend.group_size)
     tag = f"{cfg.backend.name}-{p.name}" + (f"-g{group}" if group else "")
     out = original.parent / tag
     if (out / ckpt.MANIFEST).exists():
@@ -124,21 +129,9 @@ def resolve_checkpoint(cfg: Config) -> Path:
             return out
         print(f"[decdec] cached checkpoint {out} was made by an older quantizer; rebuilding it")
     print(f"[decdec] preparing {m.name} for backend={cfg.backend.name} precision={p.name} (once; cached in {out})")
-    if m.source == "embedded":
-        # group 128 does not divide SmolLM2's 576 channels: auto-pick the largest that does
-        from decdec.model import ModelArgs
-
-        args = ModelArgs.from_hf_config(ckpt.Checkpoint.open(original).hf_config)
-        group = prepare.auto_group_size(args, None) if group else None
     spec = prepare.PrepareSpec(backend=cfg.backend.name, bits=p.bits, mixed=p.mixed, group_size=group,
                                calib_tokens=4096 if m.source == "embedded" else 1024,
                                calib_seq_len=512 if m.source == "embedded" else 256, meta=meta)
-    if m.source == "random":
-        from decdec.model import ModelArgs
-
-        args = ModelArgs.from_hf_config(ckpt.Checkpoint.open(original).hf_config)
-        if group:
-            spec.group_size = prepare.auto_group_size(args, None)
     return prepare.prepare_checkpoint(original, out, spec, text(), overwrite=True)
 
 
