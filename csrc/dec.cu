@@ -79,6 +79,21 @@ __device__ __forceinline__ int bucket_of(const float* floors, bool mono, float a
   return c;
 }
 
+__device__ void compute_floors(const float* __restrict__ bounds, float* floors, int* mono_flag) {
+  if (threadIdx.x < 32) {
+    const int i = threadIdx.x;
+    const float a = bounds[0], b = bounds[1];
+    float f;
+    if (i < 15) f = __fadd_rn(a, __fdiv_rn(__fmul_rn(__fsub_rn(b, a), (float)i), 15.0f));
+    else if (i == 15) f = b;  // exactly b, as reference.bucket_floors (the formula can miss b by an ulp)
+    else f = __fdiv_rn(__fmul_rn(b, (float)(31 - i)), 16.0f);
+    floors[i] = f;
+    const float nxt = __shfl_down_sync(0xffffffffu, f, 1);
+    const unsigned ok = __ballot_sync(0xffffffffu, i == 31 || f >= nxt);
+    if (i == 0) *mono_flag = ok == 0xffffffffu;
+  }
+}
+
 // Selection of token m into list[0 .. k_total): chunk c's channels at list[c*k_chunk ...], in
 // channel order. Block-parallel (the selection is on DEC's critical path, so it must be short):
 //  1. every thread: buckets of its channels (bytes in smem) + per-chunk bucket counts;
@@ -88,8 +103,8 @@ __device__ __forceinline__ int bucket_of(const float* floors, bool mono, float a
 //  5. a warp per group: ranks inside bucket o (lowest channel indices win, as in the reference)
 //     and list positions.
 template <typename T>
-__device__ void select_token(const T* __restrict__ xm, int in, int k_chunk, const float* floors, bool mono,
-                             const DecLayout& Ly, int* sm, int* list) {
+__device__ void select_token(const T* __restrict__ xm, int in, int k_chunk, const float* __restrict__ bounds,
+                             float* floors, int* mono_s, const DecLayout& Ly, int* sm, int* list) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const unsigned lt = (1u << lane) - 1u;
   const int nc = ceil_div(in, kChunk), ng = ceil_div(in, 32);
@@ -102,20 +117,27 @@ __device__ void select_token(const T* __restrict__ xm, int in, int k_chunk, cons
   int* ps = sm + Ly.ps;
   uint8_t* bkt = reinterpret_cast<uint8_t*>(sm + Ly.bkt);
 
-  for (int i = threadIdx.x; i < nc * kHist; i += kThreads) hist[i] = 0;
-  __syncthreads();
-  // 1. buckets: a warp takes 32 consecutive channels (one chunk) per step
-  for (int i0 = warp * 32; i0 < in; i0 += kThreads * 4) {
-    float ax[4];
+  // 1. buckets: channel i = base + u*kThreads + tid, so a warp holds 32 consecutive channels (one
+  // chunk) per u; all loads of a batch are issued before any use (one L2 round trip per batch)
+  constexpr int PER = 16;
+  for (int base = 0; base < in; base += kThreads * PER) {
+    float ax[PER];
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {  // loads first
-      const int i = i0 + u * kThreads + lane;
+    for (int u = 0; u < PER; ++u) {
+      const int i = base + u * kThreads + (int)threadIdx.x;
       ax[u] = i < in ? fabsf(to_f32(xm[i])) : 0.f;
     }
+    if (base == 0) {  // floors (one more global load) while the x loads are in flight
+      compute_floors(bounds, floors, mono_s);
+      for (int i = threadIdx.x; i < nc * kHist; i += kThreads) hist[i] = 0;
+      __syncthreads();
+    }
+    const bool mono = *mono_s != 0;
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const int i = i0 + u * kThreads + lane;
-      if (i0 + u * kThreads >= in) break;  // warp-uniform
+    for (int u = 0; u < PER; ++u) {
+      const int g0 = base + u * kThreads + warp * 32;
+      if (g0 >= in) break;  // warp-uniform
+      const int i = g0 + lane;
       const int b = i < in ? bucket_of(floors, mono, ax[u]) : 33;
       if (i < in) bkt[i] = (uint8_t)b;
       const unsigned peers = __match_any_sync(0xffffffffu, b);
@@ -191,20 +213,6 @@ __device__ void select_token(const T* __restrict__ xm, int in, int k_chunk, cons
   }
 }
 
-__device__ void compute_floors(const float* __restrict__ bounds, float* floors, int* mono_flag) {
-  if (threadIdx.x < 32) {
-    const int i = threadIdx.x;
-    const float a = bounds[0], b = bounds[1];
-    float f;
-    if (i < 15) f = __fadd_rn(a, __fdiv_rn(__fmul_rn(__fsub_rn(b, a), (float)i), 15.0f));
-    else if (i == 15) f = b;  // exactly b, as reference.bucket_floors (the formula can miss b by an ulp)
-    else f = __fdiv_rn(__fmul_rn(b, (float)(31 - i)), 16.0f);
-    floors[i] = f;
-    const float nxt = __shfl_down_sync(0xffffffffu, f, 1);
-    const unsigned ok = __ballot_sync(0xffffffffu, i == 31 || f >= nxt);
-    if (i == 0) *mono_flag = ok == 0xffffffffu;
-  }
-}
 
 template <typename T, int VW>
 __global__ void __launch_bounds__(kThreads)
@@ -232,13 +240,9 @@ __global__ void __launch_bounds__(kThreads)
   const int G = use_accs ? kThreads / VB : 1;
   const int g = threadIdx.x / VB, vl = threadIdx.x % VB;
 
-  compute_floors(bounds, floors, &mono);
-  __syncthreads();
-  const bool is_mono = mono != 0;
-
   for (int m = 0; m < M; ++m) {
     const T* xm = x + (size_t)m * in;
-    select_token(xm, in, k_chunk, floors, is_mono, L, sm, list);
+    select_token(xm, in, k_chunk, bounds, floors, &mono, L, sm, list);
     __syncthreads();
 
     float* dst32 = fused.on() ? fused.dpart + (size_t)m * out : nullptr;
@@ -328,10 +332,8 @@ __global__ void __launch_bounds__(kThreads)
   const DecLayout L = dec_layout(in, ktot, 0);
   float* floors = reinterpret_cast<float*>(sm + L.floors);
   __shared__ int mono;
-  compute_floors(bounds, floors, &mono);
-  __syncthreads();
   for (int m = 0; m < M; ++m) {
-    select_token(x + (size_t)m * in, in, k_chunk, floors, mono != 0, L, sm, sm + L.list);
+    select_token(x + (size_t)m * in, in, k_chunk, bounds, floors, &mono, L, sm, sm + L.list);
     for (int i = threadIdx.x; i < in; i += kThreads) mask[(size_t)m * in + i] = 0;
     __syncthreads();
     for (int i = threadIdx.x; i < ktot; i += kThreads) mask[(size_t)m * in + sm[L.list + i]] = 1;

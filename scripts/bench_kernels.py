@@ -54,6 +54,30 @@ def timeit(fn, n_inputs: int, iters: int = 200, batch: int = 50, warmup: int = 1
     return statistics.median(times)
 
 
+def timeit_graph(fn, n_inputs: int, calls: int = 24, replays: int = 15) -> float:
+    """Median per-call GPU time (microseconds) of fn(i) replayed from one CUDA graph of `calls`
+    calls (i rotating), i.e. without per-launch host gaps, as a decoder running CUDA graphs sees it."""
+    for i in range(3):
+        fn(i % n_inputs)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fn(i % n_inputs)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        g.replay()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) * 1e3 / calls)
+    del g
+    return statistics.median(times)
+
+
 def ceilings() -> dict:
     n = 1 << 28  # 1 GiB of fp32
     a = torch.empty(n, device="cuda")
@@ -102,8 +126,11 @@ def bench_shape(n: int, out: int, args, l2: int, sms: int, rows: list, summary: 
         luts = [torch.randn(out, 2**bits, device="cuda", dtype=dt) * 0.05 for _ in range(c)]
         t = timeit(lambda i: torch.ops.decdec.ap_gemv(xs[i % nx], qws[i % c], luts[i % c]), c * nx)
         g = record("ap_gemv", bits, t, wbytes + 2 * (n + out))
-        base[("ap", bits)] = (t, qws, luts, c)
+        tg = timeit_graph(lambda i: torch.ops.decdec.ap_gemv(xs[i % nx], qws[i % c], luts[i % c]), c * nx)
+        record("ap_gemv_graph", bits, tg, wbytes + 2 * (n + out))
+        base[("ap", bits)] = (t, qws, luts, c, tg)
         res[f"ap{bits}"] = (t, g)
+        res[f"ap{bits}_graph"] = (tg, (wbytes + 2 * (n + out)) / (tg * 1e-6) / 1e9)
         # lutgemm: binary [in/32, b, out] + alpha [in/128, b, out] + q_bias [in/128, out]
         groups = n // 128
         lbytes = bits * out * n // 8 + (groups * bits * out + groups * out) * 2
@@ -113,8 +140,12 @@ def bench_shape(n: int, out: int, args, l2: int, sms: int, rows: list, summary: 
         qbs = [torch.randn(groups, out, device="cuda", dtype=dt) * 0.01 for _ in range(c)]
         t = timeit(lambda i: torch.ops.decdec.lutgemm_gemv(xs[i % nx], bs[i % c], als[i % c], qbs[i % c]), c * nx)
         g = record("lutgemm_gemv", bits, t, lbytes + 2 * (n + out))
-        base[("lutgemm", bits)] = (t, bs, als, qbs, c)
+        tg = timeit_graph(lambda i: torch.ops.decdec.lutgemm_gemv(xs[i % nx], bs[i % c], als[i % c], qbs[i % c]),
+                          c * nx)
+        record("lutgemm_gemv_graph", bits, tg, lbytes + 2 * (n + out))
+        base[("lutgemm", bits)] = (t, bs, als, qbs, c, tg)
         res[f"lg{bits}"] = (t, g)
+        res[f"lg{bits}_graph"] = (tg, (lbytes + 2 * (n + out)) / (tg * 1e-6) / 1e9)
         if bits == 4:
             del qws, luts, bs, als, qbs
     fbytes = out * n * 2
@@ -123,6 +154,9 @@ def bench_shape(n: int, out: int, args, l2: int, sms: int, rows: list, summary: 
     t = timeit(lambda i: F.linear(xs[i % nx], ws[i % c]), c * nx)
     g = record("torch_fp16_gemv", 16, t, fbytes + 2 * (n + out))
     res["fp16"] = (t, g)
+    tg = timeit_graph(lambda i: F.linear(xs[i % nx], ws[i % c]), c * nx)
+    record("torch_fp16_gemv_graph", 16, tg, fbytes + 2 * (n + out))
+    res["fp16_graph"] = (tg, fbytes / (tg * 1e-6) / 1e9)
     del ws
     torch.cuda.empty_cache()
 
@@ -154,21 +188,22 @@ def bench_shape(n: int, out: int, args, l2: int, sms: int, rows: list, summary: 
                   f"residual in HBM {rows[-1]['time_us']} us", flush=True)
             del q_dev
 
-    # fused DEC || GEMV over the 3-bit base GEMVs
+    # fused DEC || GEMV over the 3-bit base GEMVs, eager and from a CUDA graph
     for backend in ("ap", "lutgemm"):
         tb = base[(backend, 3)]
-        t_base = tb[0]
+        t_base, tg_base = tb[0], tb[-1]
         res[f"fused_{backend}"] = {}
+        res[f"fused_{backend}_graph"] = {}
         for k in K_CHUNKS:
             bounds = reference.bounds_from_thresholds(thr, max(k, 1)).cuda()
-            best = None
+            best = bestg = None
             for ntb in n_tbs if k else n_tbs[:1]:
                 if backend == "ap":
-                    _, qws, luts, c = tb
+                    _, qws, luts, c, _ = tb
                     fn = lambda i: torch.ops.decdec.ap_gemv_dec(  # noqa: E731
                         xs[i % nx], qws[i % c], luts[i % c], q_res, scales, bounds, k, ntb)
                 else:
-                    _, bs, als, qbs, c = tb
+                    _, bs, als, qbs, c, _ = tb
                     fn = lambda i: torch.ops.decdec.lutgemm_gemv_dec(  # noqa: E731
                         xs[i % nx], bs[i % c], als[i % c], qbs[i % c], q_res, scales, bounds, k, ntb)
                 t = timeit(fn, c * nx)
@@ -176,7 +211,13 @@ def bench_shape(n: int, out: int, args, l2: int, sms: int, rows: list, summary: 
                 record(f"fused_{backend}", 3, t, None, k, ntb, slow)
                 if best is None or t < best[0]:
                     best = (t, slow, ntb)
+                tg = timeit_graph(fn, c * nx)
+                slowg = (tg / tg_base - 1) * 100
+                record(f"fused_{backend}_graph", 3, tg, None, k, ntb, slowg)
+                if bestg is None or tg < bestg[0]:
+                    bestg = (tg, slowg, ntb)
             res[f"fused_{backend}"][k] = best
+            res[f"fused_{backend}_graph"][k] = bestg
     del base, q_res
     torch.cuda.empty_cache()
 
@@ -195,8 +236,19 @@ def markdown(summary: dict, ceil: dict, card: str) -> str:
             return f"{t:.1f} us ({g:.0f} GB/s, {100 * g / hbm:.0f}%)"
         lines.append(f"| {key} | {cell('ap3')} | {cell('ap4')} | {cell('lg3')} | {cell('lg4')} | "
                      f"{r['fp16'][0]:.1f} us ({r['fp16'][1]:.0f} GB/s) | {r['fp16'][0] / r['ap3'][0]:.2f}x |")
-    for backend in ("ap", "lutgemm"):
-        lines += ["", f"Fused DEC || {backend} 3-bit GEMV: slowdown over the base GEMV at the best n_tb (n_tb)", "",
+    lines += ["", "Same, timed from CUDA graphs (no per-launch gaps; how a graph-captured decoder runs):", "",
+              "| shape (in x out) | ap 3-bit | ap 4-bit | lutgemm 3-bit | lutgemm 4-bit | torch fp16 | ap3 vs fp16 |",
+              "|---|---|---|---|---|---|---|"]
+    for key, r in summary.items():
+        def cellg(name):
+            t, g = r[name]
+            return f"{t:.1f} us ({g:.0f} GB/s, {100 * g / hbm:.0f}%)"
+        lines.append(f"| {key} | {cellg('ap3_graph')} | {cellg('ap4_graph')} | {cellg('lg3_graph')} | "
+                     f"{cellg('lg4_graph')} | {r['fp16_graph'][0]:.1f} us | "
+                     f"{r['fp16_graph'][0] / r['ap3_graph'][0]:.2f}x |")
+    for backend in ("ap", "lutgemm", "ap_graph", "lutgemm_graph"):
+        lines += ["", f"Fused DEC || {backend.replace('_graph', ' (CUDA graph)')} 3-bit GEMV: slowdown over the "
+                  "base GEMV at the best n_tb (n_tb)", "",
                   "| shape | " + " | ".join(f"k={k}" for k in K_CHUNKS) + " |", "|---" * (len(K_CHUNKS) + 1) + "|"]
         for key, r in summary.items():
             f = r[f"fused_{backend}"]
