@@ -118,6 +118,18 @@ class PerplexityTaskConfig:
 
 
 @dataclass
+class TuneTaskConfig:
+    name: str = "tune"
+    target_slowdown: float = 0.05  # end-to-end decode slowdown allowed over dec=off (0.05 = 5 %)
+    k_chunks: List[int] = field(default_factory=lambda: [0, 1, 2, 4, 8, 16, 32, 64])
+    n_tbs: List[int] = field(default_factory=list)  # empty = derived from the GPU's SM count ([1] on CPU)
+    iters: int = 50  # calls per timing sample (median of several samples)
+    verify_tokens: int = 64  # decode tokens per end-to-end verification sample
+    verify_samples: int = 3
+    write_conf: bool = False  # also write conf/dec/tuned_<model>_<backend>_<precision>_<pct>.yaml
+
+
+@dataclass
 class YamlLoggerConfig:
     records_file: str = "samples.yaml"
     summary_file: str = "summary.yaml"
@@ -160,3 +172,4 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
     cs.store(group="task", name="base_generate", node=GenerateTaskConfig)
     cs.store(group="task", name="base_perplexity", node=PerplexityTaskConfig)
+    cs.store(group="task", name="base_tune", node=TuneTaskConfig)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -220,7 +221,9 @@ class Run:
             return self.generate()
         if self.cfg.task.name == "perplexity":
             return self.perplexity()
-        raise ConfigError(f"task={self.cfg.task.name!r} is not available; choose task=generate or task=perplexity")
+        if self.cfg.task.name == "tune":
+            return self.tune()
+        raise ConfigError(f"task={self.cfg.task.name!r} is not available; choose task=generate, perplexity or tune")
 
     def _build(self):
         """Resolve, open, check and build the model; write env.yaml; start the sinks."""
@@ -356,9 +359,127 @@ class Run:
         self._finish(summary)
         return summary
 
+    # ------------------------------------------------------------------ tune
+    def _decode_rate(self, built, prompt: torch.Tensor, tokens: int, samples: int) -> float:
+        """Median decode tokens/s (prefill excluded) over ``samples`` after one warm-up."""
+        from decdec.generate import Generator
+
+        torch._dynamo.reset()  # k_chunk changes are baked into compiled graphs: start clean
+        gen = Generator(built.model, self.device, self.dtype, prompt.numel() + tokens + 1, self.cfg.compile.mode)
+        rates = []
+        for i in range(samples + 1):
+            self._sync()
+            t0 = time.perf_counter()
+            gen.generate(prompt, 1, 0.0, None)
+            self._sync()
+            t1 = time.perf_counter()
+            gen.generate(prompt, tokens + 1, 0.0, None)
+            self._sync()
+            t2 = time.perf_counter()
+            if i:
+                rates.append(tokens / ((t2 - t1) - (t1 - t0)))
+        return statistics.median(rates)
+
+    def tune(self) -> dict:
+        from decdec import tune
+
+        cfg, t = self.cfg, self.cfg.task
+        if not 0 < t.target_slowdown < 1:
+            raise ConfigError(f"task.target_slowdown must be in (0, 1), got {t.target_slowdown}")
+        if 0 not in t.k_chunks or any(not 0 <= k <= 1024 for k in t.k_chunks):
+            raise ConfigError(f"task.k_chunks must include 0 and lie in 0..1024, got {list(t.k_chunks)}")
+        if cfg.backend.name == "fp16":
+            raise ConfigError("backend=fp16 has no DEC to tune; choose backend=ap or lutgemm")
+        path, built = self._build()
+        n_tbs = list(t.n_tbs)
+        if not n_tbs:
+            if self.device.type == "cuda":
+                sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+                n_tbs = sorted({max(1, sms // d) for d in (16, 8, 4, 2)})
+            else:
+                n_tbs = [1]
+        model, args = built.model, built.args
+        in_features = {p: s[0] for p, s in args.projection_shapes().items()}
+        for _, _, m in model.linears():
+            m.set_dec(0, n_tbs[0])
+        g = torch.Generator().manual_seed(cfg.seed)
+        prompt = torch.randint(0, args.vocab_size, (16,), generator=g)
+
+        base_rate = self._decode_rate(built, prompt, t.verify_tokens, t.verify_samples)
+        step_s = 1.0 / base_rate
+        budget = t.target_slowdown * step_s / args.n_layers
+        print(f"[decdec] dec=off decode: {base_rate:.2f} tokens/s ({step_s * 1e3:.3f} ms/token); "
+              f"budget per layer {budget * 1e6:.2f} us for a {t.target_slowdown:.1%} target")
+        timings = tune.time_projections(model, built.bitwidths, sorted(t.k_chunks), n_tbs, t.iters, self.device, self.dtype)
+        for i, tm in enumerate(timings):
+            for s in self.sinks:
+                s.log({"kind": "timing", "proj": tm.proj, "bits": tm.bits, "n_tb": tm.n_tb, "k_chunk": tm.k_chunk,
+                       "us": tm.seconds * 1e6}, step=i)
+        choices = {}
+        for bits in sorted(set(built.bitwidths.values())):
+            c = tune.choose(timings, in_features, budget, bits)
+            if c is None:
+                raise RuntimeError(f"no DEC setting fits the budget for {bits}-bit layers (even k_chunk=0 timings exceed it)")
+            choices[bits] = c
+        for proj, layer, m in model.linears():
+            c = choices[built.bitwidths[layer]]
+            m.set_dec(c["k_chunk"][proj], c["n_tb"])
+        tuned_rate = self._decode_rate(built, prompt, t.verify_tokens, t.verify_samples)
+        slowdown = base_rate / tuned_rate - 1.0
+
+        mixed = cfg.precision.mixed
+        one = next(iter(choices.values()))
+        dec_yaml = {"name": f"tuned_{cfg.model.name}_{cfg.backend.name}_{cfg.precision.name}_{round(t.target_slowdown * 1000)}pm",
+                    "enabled": True, "n_tb": one["n_tb"], "k_chunk": dict(one["k_chunk"]), "selection": "dynamic",
+                    "per_bits": {str(b): {"n_tb": c["n_tb"], "k_chunk": dict(c["k_chunk"])} for b, c in choices.items()} if mixed else {}}
+        header = (f"# autotuned {time.strftime('%Y-%m-%d %H:%M')} on {env_device_name(self.device)}: "
+                  f"target {t.target_slowdown:.1%}, measured {slowdown:+.2%} ({base_rate:.2f} -> {tuned_rate:.2f} tokens/s, "
+                  f"compile={cfg.compile.mode}{', SYNTHETIC weights' if path is None else ''})\n")
+        sinks.write_yaml(self.run_dir / "dec_tuned.yaml", dec_yaml, "dec")
+        text = header + (self.run_dir / "dec_tuned.yaml").read_text()
+        (self.run_dir / "dec_tuned.yaml").write_text(text)
+        overrides = " ".join([f"dec.n_tb={one['n_tb']}"] + [f"dec.k_chunk.{p}={k}" for p, k in one["k_chunk"].items()])
+        if mixed:
+            overrides = " ".join(f"dec.per_bits.{b}.n_tb={c['n_tb']} " + " ".join(
+                f"dec.per_bits.{b}.k_chunk.{p}={k}" for p, k in c["k_chunk"].items()) for b, c in choices.items())
+        if t.write_conf:
+            (REPO / "conf" / "dec" / f"{dec_yaml['name']}.yaml").write_text(text)
+            print(f"[decdec] wrote conf/dec/{dec_yaml['name']}.yaml: use dec={dec_yaml['name']}")
+
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"autotuned DEC ({t.target_slowdown:.1%} target, measured {slowdown:+.2%})")
+        for col in ("bits", "proj", "n_tb", "k_chunk", "rows/token", "GEMV us", "fused us", "extra us"):
+            table.add_column(col, justify="right")
+        for bits, c in choices.items():
+            for p in PROJECTIONS_ORDER:
+                k = c["k_chunk"][p]
+                base = next(x.seconds for x in timings if x.proj == p and x.bits == bits and x.k_chunk == 0)
+                fused = next(x.seconds for x in timings if x.proj == p and x.bits == bits and x.k_chunk == k and x.n_tb == c["n_tb"])
+                table.add_row(str(bits), p, str(c["n_tb"]), str(k), str(tune.rows_per_token(k, in_features[p])),
+                              f"{base * 1e6:.2f}", f"{fused * 1e6:.2f}", f"{(fused - base) * 1e6:.2f}")
+        Console().print(table)
+        print(f"use: python run.py <same model/backend/precision/compile> {overrides}")
+        summary = {"status": "ok", "task": "tune", "target_slowdown": t.target_slowdown, "measured_slowdown": slowdown,
+                   "base_tokens_per_s": base_rate, "tuned_tokens_per_s": tuned_rate, "budget_us_per_layer": budget * 1e6,
+                   "overrides": overrides, "n_tbs_tried": n_tbs, "k_chunks_tried": list(t.k_chunks),
+                   "choice": {str(b): {"n_tb": c["n_tb"], "k_chunk": c["k_chunk"], "rows_per_layer": c["rows_per_layer"]}
+                              for b, c in choices.items()},
+                   **{k: v for k, v in self._common_summary(built).items() if k not in ("status", "task")}}
+        self._finish(summary)
+        return summary
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+PROJECTIONS_ORDER = ("qkv", "o", "gate_up", "down")
+
+
+def env_device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
 
 
 def _k_chunk_summary(built) -> dict:

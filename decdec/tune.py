@@ -1,0 +1,116 @@
+"""The DecDEC autotuner: how many residual channels can I afford for a given slowdown?
+
+1. Time, on the device this runs on, every projection's decode GEMV alone and fused with DEC
+   for each ``n_tb`` x ``k_chunk`` (CUDA events; the calls cycle over all layers' weights so the
+   L2 cache does not flatter).
+2. Time one whole decode step with DEC off; a decoder layer's budget is
+   ``target_slowdown x step_time / n_layers``.
+3. For each ``n_tb``, choose one ``k_chunk`` per projection maximising the residual rows fetched
+   per layer while the summed extra time of the four projections stays within the budget
+   (at least one row on every projection when that fits); keep the best ``n_tb``.
+4. Verify end to end: decode tokens/s with the choice vs ``dec=off``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from decdec.config import PROJECTIONS
+from decdec.reference import chunk_quotas
+
+
+@dataclass
+class Timing:
+    proj: str
+    bits: int
+    n_tb: int
+    k_chunk: int
+    seconds: float  # median time of one call
+
+
+def _timer(device: torch.device):
+    if device.type == "cuda":
+        def run(fn, iters: int, reps: int = 7) -> float:
+            for _ in range(3):
+                fn()
+            samples = []
+            for _ in range(reps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(iters):
+                    fn()
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end) / 1e3 / iters)
+            return statistics.median(samples)
+    else:
+        def run(fn, iters: int, reps: int = 5) -> float:
+            fn()
+            samples = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    fn()
+                samples.append((time.perf_counter() - t0) / iters)
+            return statistics.median(samples)
+    return run
+
+
+@torch.no_grad()
+def time_projections(model, bitwidths: dict[int, int], k_chunks: list[int], n_tbs: list[int], iters: int,
+                     device: torch.device, dtype: torch.dtype) -> list[Timing]:
+    """Median per-call time of each projection (per bit-width) for every (n_tb, k_chunk)."""
+    timer = _timer(device)
+    by_key: dict[tuple[str, int], list] = {}
+    for proj, layer, mod in model.linears():
+        by_key.setdefault((proj, bitwidths[layer]), []).append(mod)
+    out: list[Timing] = []
+    for (proj, bits), mods in by_key.items():
+        saved = [(m.k_chunk, m.dec.n_tb if m.dec else 1) for m in mods]
+        xs = [torch.randn(1, mods[0].in_features, device=device, dtype=dtype) for _ in range(4)]
+        counter = itertools.count()
+
+        def call():
+            i = next(counter)
+            mods[i % len(mods)](xs[i % len(xs)])
+
+        for n_tb in n_tbs:
+            for k in k_chunks:
+                if k == 0 and n_tb != n_tbs[0]:
+                    out.append(Timing(proj, bits, n_tb, 0, next(t.seconds for t in out if t.proj == proj and t.bits == bits and t.k_chunk == 0)))
+                    continue
+                for m in mods:
+                    m.set_dec(k, n_tb)
+                out.append(Timing(proj, bits, n_tb, k, timer(call, iters)))
+        for m, (k, n_tb) in zip(mods, saved):
+            m.set_dec(k, n_tb)
+    return out
+
+
+def rows_per_token(k_chunk: int, in_features: int) -> int:
+    return sum(chunk_quotas(k_chunk, in_features))
+
+
+def choose(timings: list[Timing], in_features: dict[str, int], budget_s: float, bits: int) -> dict | None:
+    """Best (n_tb, {proj: k_chunk}) for one bit-width within ``budget_s`` extra seconds per layer."""
+    best = None
+    for n_tb in sorted({t.n_tb for t in timings if t.bits == bits}):
+        table = {(t.proj, t.k_chunk): t.seconds for t in timings if t.bits == bits and t.n_tb == n_tb}
+        ks = sorted({k for (_, k) in table})
+        base = {p: table[(p, 0)] for p in PROJECTIONS}
+        for combo in itertools.product(ks, repeat=len(PROJECTIONS)):
+            extra = sum(table[(p, k)] - base[p] for p, k in zip(PROJECTIONS, combo))
+            if extra > budget_s:
+                continue
+            per = [rows_per_token(k, in_features[p]) for p, k in zip(PROJECTIONS, combo)]
+            rows = sum(per)
+            score = (all(r > 0 for r in per), rows, -extra)  # DEC on every projection first, then most rows
+            if best is None or score > best["score"]:
+                best = {"score": score, "n_tb": n_tb, "k_chunk": dict(zip(PROJECTIONS, combo)), "extra_s": extra,
+                        "rows_per_layer": rows, "base_s": sum(base.values())}
+    return best

@@ -1,0 +1,70 @@
+"""The autotuner: choice under a budget (pure), and task=tune end to end on the tiny model."""
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from decdec import tune
+from decdec.config import DecConfig
+
+IN = {"qkv": 4096, "o": 4096, "gate_up": 4096, "down": 14336}
+
+
+def _table(n_tb, cost_per_k):
+    """Synthetic timings: base 10 us per projection, +cost_per_k[p] us per unit of k_chunk."""
+    rows = []
+    for p in IN:
+        for k in (0, 1, 2, 4, 8, 16):
+            rows.append(tune.Timing(p, 3, n_tb, k, (10 + cost_per_k[p] * k) * 1e-6))
+    return rows
+
+
+def test_choose_respects_budget_and_maximises_rows():
+    t = _table(16, {"qkv": 0.1, "o": 0.1, "gate_up": 0.4, "down": 0.1})
+    c = tune.choose(t, IN, budget_s=2.05e-6, bits=3)
+    assert c["extra_s"] <= 2.05e-6
+    assert all(k > 0 for k in c["k_chunk"].values())
+    # exhaustive check: nothing within budget has more rows
+    import itertools
+
+    best = 0
+    for combo in itertools.product((0, 1, 2, 4, 8, 16), repeat=4):
+        cost = sum({"qkv": 0.1, "o": 0.1, "gate_up": 0.4, "down": 0.1}[p] * k for p, k in zip(IN, combo)) * 1e-6
+        if cost <= 2.05e-6 and all(tune.rows_per_token(k, IN[p]) > 0 for p, k in zip(IN, combo)):
+            best = max(best, sum(tune.rows_per_token(k, IN[p]) for p, k in zip(IN, combo)))
+    assert c["rows_per_layer"] == best
+
+
+def test_choose_picks_the_cheaper_n_tb():
+    t = _table(8, {p: 0.5 for p in IN}) + _table(32, {p: 0.1 for p in IN})
+    c = tune.choose(t, IN, budget_s=3e-6, bits=3)
+    assert c["n_tb"] == 32
+
+
+def test_zero_budget_means_no_dec():
+    c = tune.choose(_table(8, {p: 0.5 for p in IN}), IN, budget_s=0.0, bits=3)
+    assert set(c["k_chunk"].values()) == {0}
+
+
+def test_tune_task_on_tiny_writes_usable_dec_config(tmp_path, cache_dir):
+    from conftest import run_inprocess
+
+    summary = run_inprocess(["model=tiny", "task=tune", "task.verify_tokens=4", "task.verify_samples=1", "task.iters=2",
+                             "task.k_chunks=[0,64,256]", "task.target_slowdown=0.5", "logger=yaml"],
+                            tmp_path / "run", cache_dir)
+    assert summary["task"] == "tune" and "measured_slowdown" in summary
+    dec = yaml.safe_load((tmp_path / "run" / "dec_tuned.yaml").read_text())
+    cfg = OmegaConf.merge(OmegaConf.structured(DecConfig), dec)  # the schema accepts it
+    assert set(cfg.k_chunk.keys()) == {"qkv", "o", "gate_up", "down"}
+    assert all(v in (0, 64, 256) for v in cfg.k_chunk.values())
+
+
+def test_tune_rejects_bad_settings(tmp_path, cache_dir):
+    from conftest import run_inprocess
+
+    from decdec.run import ConfigError
+
+    with pytest.raises(ConfigError, match="target_slowdown"):
+        run_inprocess(["model=tiny", "task=tune", "task.target_slowdown=2", "logger=yaml"], tmp_path / "a", cache_dir)
+    with pytest.raises(ConfigError, match="k_chunks"):
+        run_inprocess(["model=tiny", "task=tune", "task.k_chunks=[4,8]", "logger=yaml"], tmp_path / "b", cache_dir)
