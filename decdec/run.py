@@ -80,8 +80,8 @@ def validate(cfg: Config, device: torch.device) -> None:
 
         if m.synthetic_shape not in SHAPES:
             raise ConfigError(f"model.synthetic_shape={m.synthetic_shape!r}; choose one of {sorted(SHAPES)}")
-        if cfg.task.name != "generate":
-            raise ConfigError("model.source=synthetic has random weights: only task=generate (speed) makes sense")
+        if cfg.task.name not in ("generate", "tune"):
+            raise ConfigError("model.source=synthetic has random weights: only speed tasks (generate, tune) make sense")
     if cfg.dec.selection not in SELECTIONS:
         raise ConfigError(f"dec.selection={cfg.dec.selection!r}; choose one of {list(SELECTIONS)}")
     if cfg.dec.selection != "dynamic" and cfg.task.name != "perplexity":
@@ -405,7 +405,9 @@ class Run:
         g = torch.Generator().manual_seed(cfg.seed)
         prompt = torch.randint(0, args.vocab_size, (16,), generator=g)
 
+        self._reset_peak()
         base_rate = self._decode_rate(built, prompt, t.verify_tokens, t.verify_samples)
+        base_peak = self._peak()
         step_s = 1.0 / base_rate
         budget = t.target_slowdown * step_s / args.n_layers
         print(f"[decdec] dec=off decode: {base_rate:.2f} tokens/s ({step_s * 1e3:.3f} ms/token); "
@@ -424,7 +426,9 @@ class Run:
         for proj, layer, m in model.linears():
             c = choices[built.bitwidths[layer]]
             m.set_dec(c["k_chunk"][proj], c["n_tb"])
+        self._reset_peak()
         tuned_rate = self._decode_rate(built, prompt, t.verify_tokens, t.verify_samples)
+        tuned_peak = self._peak()
         slowdown = base_rate / tuned_rate - 1.0
 
         mixed = cfg.precision.mixed
@@ -463,12 +467,20 @@ class Run:
         print(f"use: python run.py <same model/backend/precision/compile> {overrides}")
         summary = {"status": "ok", "task": "tune", "target_slowdown": t.target_slowdown, "measured_slowdown": slowdown,
                    "base_tokens_per_s": base_rate, "tuned_tokens_per_s": tuned_rate, "budget_us_per_layer": budget * 1e6,
+                   "peak_gpu_bytes_dec_off": base_peak, "peak_gpu_bytes_tuned": tuned_peak,
                    "overrides": overrides, "n_tbs_tried": n_tbs, "k_chunks_tried": list(t.k_chunks),
                    "choice": {str(b): {"n_tb": c["n_tb"], "k_chunk": c["k_chunk"], "rows_per_layer": c["rows_per_layer"]}
                               for b, c in choices.items()},
                    **{k: v for k, v in self._common_summary(built).items() if k not in ("status", "task")}}
         self._finish(summary)
         return summary
+
+    def _reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _peak(self) -> int | None:
+        return int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

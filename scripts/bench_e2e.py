@@ -1,0 +1,136 @@
+"""End-to-end decode benchmark on one card in one process (issue: GPU end to end).
+
+    python scripts/bench_e2e.py -o model=llama3 -o model.source=synthetic -o device=cuda -o compile=cudagraphs
+
+For the model given by the overrides: decode tokens/s (prefill excluded, median of samples)
+of ``backend=fp16`` (dense), ``ap``/``lutgemm`` at 3 and 4 bits with ``dec=off``, and ``ap`` w3
+with DEC autotuned (task=tune) for each target slowdown; the memory floor of each setting
+(bytes the weights occupy -- read once per token -- over the measured HBM copy bandwidth); and
+peak GPU memory with and without DEC. Prints a table, writes CSV + markdown under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from decdec.config import register_configs
+from decdec.run import Run, env_device_name
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def hbm_bandwidth(device: torch.device) -> float | None:
+    """Measured device copy bandwidth, bytes/s (read + write), 1 GiB buffers."""
+    if device.type != "cuda":
+        return None
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    times.sort()
+    return 2 * n / times[len(times) // 2]
+
+
+def weight_bytes(model) -> int:
+    """Bytes of everything decode reads once per token: weights (not KV cache / RoPE tables)."""
+    skip = ("k_cache", "v_cache", "cos", "sin", "mask", "freqs")
+    seen, total = set(), 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if any(s in name for s in skip) or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    emb = model.tok_embeddings.weight
+    if model.output.weight.data_ptr() != emb.data_ptr():
+        total -= (emb.shape[0] - 1) * emb.shape[1] * emb.element_size()  # decode looks up one row only
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-o", "--override", dest="overrides", action="append", default=[])
+    ap.add_argument("--targets", type=float, nargs="*", default=[0.025, 0.05, 0.10])
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--samples", type=int, default=3)
+    ap.add_argument("--settings", nargs="*", default=["fp16", "ap-w3", "lutgemm-w3", "ap-w4", "lutgemm-w4"])
+    ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench")
+    a = ap.parse_args()
+    register_configs()
+    rows = []
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    tune_args = [f"task.verify_tokens={a.tokens}", f"task.verify_samples={a.samples}"]
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        def make_run(overrides):
+            cfg = compose("config", overrides=["logger=yaml", *a.overrides, *overrides])
+            run_dir = a.out / f"e2e-{stamp}" / f"{len(rows)}"
+            return Run(OmegaConf.to_object(cfg), run_dir, OmegaConf.to_container(cfg, resolve=True), overrides)
+
+        bw = None
+        for setting in a.settings:
+            backend, _, prec = setting.partition("-")
+            ov = [f"backend={backend}", "dec=off"] + ([f"precision={prec}"] if prec else [])
+            with make_run(["task=tune", *tune_args, *ov]) as run:
+                bw = bw or hbm_bandwidth(run.device)
+                _, built = run._build()
+                g = torch.Generator().manual_seed(0)
+                prompt = torch.randint(0, built.args.vocab_size, (16,), generator=g)
+                run._reset_peak()
+                rate = run._decode_rate(built, prompt, a.tokens, a.samples)
+                wb = weight_bytes(built.model)
+                rows.append({"setting": f"{setting} dec=off", "tokens_per_s": rate, "weight_bytes": wb,
+                             "floor_tokens_per_s": bw / wb if bw else None, "peak_gpu_bytes": run._peak(),
+                             "device": env_device_name(run.device)})
+                run._finish({"status": "ok"})
+            print(rows[-1])
+        for target in a.targets:
+            with make_run(["task=tune", *tune_args, "backend=ap", "precision=w3", f"task.target_slowdown={target}"]) as run:
+                s = run.execute()
+            rows.append({"setting": f"ap-w3 + DEC tuned {target:.1%} (measured {s['measured_slowdown']:+.2%})",
+                         "tokens_per_s": s["tuned_tokens_per_s"], "weight_bytes": None, "floor_tokens_per_s": None,
+                         "peak_gpu_bytes": s["peak_gpu_bytes_tuned"], "device": env_device_name(run.device),
+                         "dec_off_tokens_per_s": s["base_tokens_per_s"], "choice": s["choice"],
+                         "peak_gpu_bytes_dec_off": s["peak_gpu_bytes_dec_off"]})
+            print(rows[-1])
+
+    dense = rows[0]["tokens_per_s"]
+    table = Table(title=f"decode tokens/s on {rows[0]['device']} ({stamp}); HBM copy {bw / 1e12 if bw else 0:.2f} TB/s")
+    for col in ("setting", "tokens/s", "x dense", "floor tokens/s", "% of floor", "peak GPU GiB"):
+        table.add_column(col, justify="left" if col == "setting" else "right")
+    for r in rows:
+        floor = r["floor_tokens_per_s"]
+        table.add_row(r["setting"], f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_s'] / dense:.2f}",
+                      f"{floor:.1f}" if floor else "-", f"{100 * r['tokens_per_s'] / floor:.0f} %" if floor else "-",
+                      f"{r['peak_gpu_bytes'] / 2**30:.2f}" if r["peak_gpu_bytes"] else "-")
+    Console().print(table)
+    a.out.mkdir(parents=True, exist_ok=True)
+    stem = a.out / f"e2e-{stamp}"
+    keys = sorted({k for r in rows for k in r})
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {stem}.csv")
+
+
+if __name__ == "__main__":
+    main()
