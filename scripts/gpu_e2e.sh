@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One batched end-to-end run on the GPU machine (carry .whl: hydra/omegaconf wheels from
+# ../shared/tools/gpu-wheels.sh). JIT-builds decdec._C, runs the GPU e2e tests, then the
+# end-to-end decode benchmark on a SYNTHETIC Llama-3-8B (compile=cudagraphs). Logs under $OUT.
+#   bash scripts/gpu_e2e.sh            # STEPS="build test bench" by default
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/decdec_gpu}"
+STEPS="${STEPS:-build test bench}"
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:/tmp/site" DECDEC_CACHE=/tmp/decdec_cache
+status=0
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+if [[ " $STEPS " == *" build "* ]]; then
+  python3 scripts/build_kernels.py > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+fi
+if [[ " $STEPS " == *" test "* ]]; then
+  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests/test_gpu_e2e.py -m cuda -q -x -p no:cacheprovider 2>&1 \
+    | tee "$OUT/e2e_pytest.log" | tail -15
+  [[ ${PIPESTATUS[0]} == 0 ]] || status=1
+fi
+if [[ " $STEPS " == *" bench "* ]]; then
+  timeout "${BENCH_TIMEOUT:-400}" python3 scripts/bench_e2e.py -o model=${MODEL:-llama3} -o model.source=synthetic \
+    -o device=cuda -o compile=${COMPILE:-cudagraphs} --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/e2e_bench.log" \
+    | grep -vE "^\s*$" | tail -30
+  [[ ${PIPESTATUS[0]} == 0 ]] || status=1
+fi
+echo "gpu_e2e status $status"
+exit $status
