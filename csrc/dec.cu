@@ -95,59 +95,53 @@ __device__ void compute_floors(const float* __restrict__ bounds, float* floors, 
 }
 
 // Selection of token m into list[0 .. k_total): chunk c's channels at list[c*k_chunk ...], in
-// channel order. Block-parallel (the selection is on DEC's critical path, so it must be short):
-//  1. every thread: buckets of its channels (bytes in smem) + per-chunk bucket counts;
-//  2. a warp per chunk: overflow bucket o and how many of it to take (need);
-//  3. a warp per 32-channel group: #channels in bucket o and in buckets < o (ballots);
-//  4. a warp per chunk, lane = group: exclusive prefixes of those counts;
-//  5. a warp per group: ranks inside bucket o (lowest channel indices win, as in the reference)
-//     and list positions.
+// channel order. On DEC's critical path, so it avoids long dependent chains:
+//  1. every thread: the buckets of 16 channels (independent binary searches), stored as bytes,
+//     then the per-chunk bucket counts (warp-aggregated shared atomics); one barrier;
+//  2. a warp per chunk, lane = 32-channel group: overflow bucket o and how many of it to take,
+//     per-group counts with byte-SIMD compares, prefix scans across lanes, then each lane emits
+//     its group's selected channels (lowest indices first inside bucket o, as the reference).
 template <typename T>
 __device__ void select_token(const T* __restrict__ xm, int in, int k_chunk, const float* __restrict__ bounds,
                              float* floors, int* mono_s, const DecLayout& Ly, int* sm, int* list) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const unsigned lt = (1u << lane) - 1u;
-  const int nc = ceil_div(in, kChunk), ng = ceil_div(in, 32);
+  const int nc = ceil_div(in, kChunk);
   int* hist = sm + Ly.hist;
-  int* o_s = sm + Ly.o;
-  int* need_s = sm + Ly.need;
-  int* go = sm + Ly.go;
-  int* gl = sm + Ly.gl;
-  int* po = sm + Ly.po;
-  int* ps = sm + Ly.ps;
   uint8_t* bkt = reinterpret_cast<uint8_t*>(sm + Ly.bkt);
 
-  // 1. buckets: channel i = base + u*kThreads + tid, so a warp holds 32 consecutive channels (one
-  // chunk) per u; all loads of a batch are issued before any use (one L2 round trip per batch)
   constexpr int PER = 16;
   for (int base = 0; base < in; base += kThreads * PER) {
     float ax[PER];
 #pragma unroll
-    for (int u = 0; u < PER; ++u) {
+    for (int u = 0; u < PER; ++u) {  // all loads first
       const int i = base + u * kThreads + (int)threadIdx.x;
       ax[u] = i < in ? fabsf(to_f32(xm[i])) : 0.f;
     }
     if (base == 0) {  // floors (one more global load) while the x loads are in flight
       compute_floors(bounds, floors, mono_s);
       for (int i = threadIdx.x; i < nc * kHist; i += kThreads) hist[i] = 0;
+      for (int i = in + (int)threadIdx.x; i < ceil_div(in, 32) * 32; i += kThreads) bkt[i] = 255;  // ragged tail
       __syncthreads();
     }
     const bool mono = *mono_s != 0;
+    int bk[PER];
+#pragma unroll
+    for (int u = 0; u < PER; ++u) bk[u] = bucket_of(floors, mono, ax[u]);  // independent searches
 #pragma unroll
     for (int u = 0; u < PER; ++u) {
       const int g0 = base + u * kThreads + warp * 32;
       if (g0 >= in) break;  // warp-uniform
       const int i = g0 + lane;
-      const int b = i < in ? bucket_of(floors, mono, ax[u]) : 33;
+      const int b = i < in ? bk[u] : 33;
       if (i < in) bkt[i] = (uint8_t)b;
       const unsigned peers = __match_any_sync(0xffffffffu, b);
       if (b < 33 && lane == __ffs(peers) - 1) atomicAdd(hist + (i >> 10) * kHist + b, __popc(peers));
     }
   }
   __syncthreads();
-  // 2. overflow bucket per chunk
   for (int c = warp; c < nc; c += kWarps) {
     const int L = min(kChunk, in - c * kChunk), quota = k_chunk * L / kChunk;
+    if (quota == 0) continue;  // warp-uniform
     int cum = hist[c * kHist + lane];
 #pragma unroll
     for (int off = 1; off < 32; off <<= 1) {
@@ -157,62 +151,52 @@ __device__ void select_token(const T* __restrict__ xm, int in, int k_chunk, cons
     const unsigned reach = __ballot_sync(0xffffffffu, cum >= quota);
     const int o = reach ? __ffs(reach) - 1 : 32;  // bucket 32 (if any) holds the rest: quota <= L
     const int before = __shfl_sync(0xffffffffu, cum, o > 0 ? min(o - 1, 31) : 0);
-    if (lane == 0) {
-      o_s[c] = quota > 0 ? o : -1;
-      need_s[c] = quota - (o > 0 ? before : 0);
-    }
-  }
-  __syncthreads();
-  // 3. per-group counts
-  for (int g = warp; g < ng; g += kWarps) {
-    const int i = g * 32 + lane, o = o_s[g >> 5];
-    const int b = i < in ? bkt[i] : 255;
-    const unsigned mo = __ballot_sync(0xffffffffu, b == o);
-    const unsigned ml = __ballot_sync(0xffffffffu, b < o);
-    if (lane == 0) {
-      go[g] = __popc(mo);
-      gl[g] = __popc(ml);
-    }
-  }
-  __syncthreads();
-  // 4. prefixes inside each chunk (lane = group of the chunk)
-  for (int c = warp; c < nc; c += kWarps) {
+    const int need = quota - (o > 0 ? before : 0);
+    // lane = group g of the chunk: its 32 bucket bytes (255 beyond `in`)
     const int g = c * 32 + lane;
-    const int vo = g < ng ? go[g] : 0, vl = g < ng ? gl[g] : 0;
-    int so = vo;
+    const bool gv = g * 32 < in;
+    uint32_t wb[8];
+    if (gv) {
+      const uint4 q0 = *reinterpret_cast<const uint4*>(bkt + g * 32);
+      const uint4 q1 = *reinterpret_cast<const uint4*>(bkt + g * 32 + 16);
+      wb[0] = q0.x; wb[1] = q0.y; wb[2] = q0.z; wb[3] = q0.w; wb[4] = q1.x; wb[5] = q1.y; wb[6] = q1.z; wb[7] = q1.w;
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) wb[j] = 0xFFFFFFFFu;
+    }
+    const uint32_t o4 = 0x01010101u * (uint32_t)o;
+    int n_eq = 0, n_lt = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      n_eq += __popc(__vcmpeq4(wb[j], o4)) >> 3;
+      n_lt += __popc(__vcmpltu4(wb[j], o4)) >> 3;
+    }
+    int so = n_eq;
 #pragma unroll
     for (int off = 1; off < 32; off <<= 1) {
       const int v = __shfl_up_sync(0xffffffffu, so, off);
       if (lane >= off) so += v;
     }
-    const int exo = so - vo;
-    const int take = max(0, min(need_s[c] - exo, vo));
-    const int vs = vl + take;
-    int ss = vs;
+    const int po = so - n_eq;                        // bucket-o channels in earlier groups
+    const int take = max(0, min(need - po, n_eq));   // of this group's bucket-o channels
+    const int n_sel = n_lt + take;
+    int ss = n_sel;
 #pragma unroll
     for (int off = 1; off < 32; off <<= 1) {
       const int v = __shfl_up_sync(0xffffffffu, ss, off);
       if (lane >= off) ss += v;
     }
-    if (g < ng) {
-      po[g] = exo;
-      ps[g] = ss - vs;
+    int pos = c * k_chunk + ss - n_sel, taken = 0;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const int b = (wb[j >> 2] >> (8 * (j & 3))) & 0xFF;
+      const bool is_o = b == o;
+      const bool sel = b < o || (is_o && taken < take);
+      taken += is_o;
+      if (sel) list[pos++] = g * 32 + j;
     }
   }
-  __syncthreads();
-  // 5. emit the selected channels
-  for (int g = warp; g < ng; g += kWarps) {
-    const int i = g * 32 + lane, c = g >> 5, o = o_s[c];
-    if (o < 0) continue;  // warp-uniform: quota 0
-    const int b = i < in ? bkt[i] : 255;
-    const unsigned mo = __ballot_sync(0xffffffffu, b == o);
-    const int rank = po[g] + __popc(mo & lt);
-    const bool sel = b < o || (b == o && rank < need_s[c]);
-    const unsigned ms = __ballot_sync(0xffffffffu, sel);
-    if (sel) list[c * k_chunk + ps[g] + __popc(ms & lt)] = i;
-  }
 }
-
 
 template <typename T, int VW>
 __global__ void __launch_bounds__(kThreads)
