@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from decdec import checkpoint as ckpt
-from decdec import metrics, ops, sinks
+from decdec import metrics, ops, sinks, sweep
 from decdec.config import BACKENDS, COMPILE_MODES, DTYPES, SELECTIONS, Config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -256,7 +256,7 @@ class Run:
         sinks.write_yaml(self.run_dir / "env.yaml", env, "env")
         info = {"name": self.run_dir.name, "run_dir": self.run_dir,
                 "tags": [cfg.model.name, cfg.backend.name, cfg.precision.name, f"dec={cfg.dec.name}", f"task={cfg.task.name}"]
-                + (["synthetic"] if synthetic else [])}
+                + (["synthetic"] if synthetic else []) + sweep.dec_tags(cfg.dec, cfg.precision.mixed)}
         self._start_sinks(info)
         return path, built
 
@@ -555,10 +555,22 @@ def _decode_until_eos(tokenizer, ids: list[int]) -> str:
 def main(cfg: DictConfig) -> dict:
     """Entry point for ``run.py`` (``@hydra.main``): compose -> typed Config -> Run."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     typed: Config = OmegaConf.to_object(cfg)
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    with Run(typed, run_dir, resolved, overrides=list(hc.overrides.task)) as run:
-        return run.execute()
+    overrides = list(hc.overrides.task)
+
+    def execute() -> dict:
+        with Run(typed, run_dir, resolved, overrides=overrides) as run:
+            return run.execute()
+
+    if hc.mode != RunMode.MULTIRUN:
+        return execute()
+    # a sweep job: keyed resume, failures recorded instead of raised, one W&B group per sweep
+    sweep_dir = Path(hc.sweep.dir)
+    if typed.logger.wandb is not None and typed.logger.wandb.group is None:
+        typed.logger.wandb.group = sweep.sweep_group(sweep_dir)
+    return sweep.run_job(sweep_dir, run_dir, resolved, execute, compile_mode=typed.compile.mode)
