@@ -238,7 +238,8 @@ class Run:
             built = build_synthetic(cfg.model.synthetic_shape, cfg.backend.name, cfg.precision.bits, cfg.precision.mixed,
                                     self.dtype, self.device, cfg.dec, cfg.backend.group_size, seed=cfg.seed)
         else:
-            path = resolve_checkpoint(cfg)
+            with sweep.cache_lock(cfg.cache_dir):  # parallel sweep jobs prepare a cold cache once
+                path = resolve_checkpoint(cfg)
             checkpoint = ckpt.Checkpoint.open(path)
             _check_model_matches(cfg, checkpoint)
             t0 = time.perf_counter()

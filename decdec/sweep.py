@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import hashlib
@@ -122,6 +123,23 @@ def clean_stale(job_dir: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
         elif p.exists():
             p.unlink()
+
+
+@contextlib.contextmanager
+def cache_lock(cache_dir: str | Path):
+    """An exclusive lock on ``<cache_dir>/.lock`` (POSIX ``flock``) while checkpoints are resolved:
+    parallel jobs (submitit, Slurm) that find a cold cache build each checkpoint once, the others
+    wait and then find it. Cheap once the cache is warm (resolution returns at once)."""
+    import fcntl
+
+    path = Path(cache_dir).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def release(compile_mode: str) -> None:
