@@ -76,8 +76,10 @@ def bucket_floors(bounds: torch.Tensor) -> torch.Tensor:
 def bucket_index(x: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     """Bucket of each channel: ``#{i : floor_i > |x|}`` (0 = largest values, 31 = smallest)."""
     floors = bucket_floors(bounds)
-    ax = x.to(torch.float32).abs().unsqueeze(-1)
-    return (floors > ax).sum(-1)
+    ax = x.to(torch.float32).abs()
+    if bool((floors[:-1] >= floors[1:]).all()):  # the usual case (a >= b >= 0): a binary search
+        return N_BUCKETS - torch.searchsorted(floors.flip(0).contiguous(), ax.contiguous(), right=True)
+    return (floors > ax.unsqueeze(-1)).sum(-1)
 
 
 def select_channels(x: torch.Tensor, bounds: torch.Tensor, k_chunk: int) -> torch.Tensor:
