@@ -9,7 +9,7 @@ dir's ``summary.yaml`` and ``.hydra/{config,overrides}.yaml`` and the sweep's ``
 - ``plots/perplexity_vs_k_chunk.png``     (task=perplexity jobs);
 - ``plots/pareto_perplexity_vs_slowdown.png``: perplexity against decode slowdown over the same
   model/backend/precision/compile/device with no DEC rows (k_chunk 0 or dec off), the Pareto front
-  per backend and precision. Needs both tasks for the same settings (``+sweep=quality_speed``).
+  per backend and precision. Needs both tasks for the same settings (``sweep=quality_speed``).
 
 Status of a row: ``ok``; ``failed`` (its ``error`` column says why); ``incomplete`` (a job dir
 without a done marker: running, killed or interrupted); ``missing`` (a grid point of

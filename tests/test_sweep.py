@@ -56,18 +56,18 @@ def test_config_key_ignores_logging_and_cache_only():
     ("quality_speed", {"task", "backend", "dec.k_chunk.down"}),
 ])
 def test_presets_compose_every_grid_point(preset, params):
-    cfg = compose_cfg(["model=tiny", f"+sweep={preset}"], return_hydra_config=True)
+    cfg = compose_cfg(["model=tiny", f"sweep={preset}"], return_hydra_config=True)
     grid = dict(cfg.hydra.sweeper.params)
     assert set(grid) == params
     assert cfg.hydra.callbacks.sweep.report is True and cfg.hydra.sweep.dir == f"outputs/sweeps/{preset}"
     # every grid value composes into a typed config (first and last of each parameter)
     for key, values in grid.items():
         for v in {values.split(",")[0], values.split(",")[-1]}:
-            t = typed(compose_cfg(["model=tiny", f"+sweep={preset}", f"{key}={v}"]))
+            t = typed(compose_cfg(["model=tiny", f"sweep={preset}", f"{key}={v}"]))
             if preset in ("k_chunk", "quality_speed") and key == "dec.k_chunk.down":
                 assert t.dec.k_chunk.qkv == t.dec.k_chunk.o == t.dec.k_chunk.gate_up == t.dec.k_chunk.down == int(v)
     if preset == "quality_speed":
-        assert typed(compose_cfg(["model=tiny", "+sweep=quality_speed", "task=perplexity"])).task.name == "perplexity"
+        assert typed(compose_cfg(["model=tiny", "sweep=quality_speed", "task=perplexity"])).task.name == "perplexity"
 
 
 def test_dec_tags():
@@ -114,7 +114,7 @@ def test_submitit_local_sweep_failure_report_and_resume(tmp_path, cache_dir):
     """4 jobs, one process each (submitit_local); k_chunk=2000 fails only its own job; the report has
     all four; after an 'interruption' of two jobs, a re-run runs exactly those (and the failed one)."""
     sw = tmp_path / "sweep"
-    args = ["-m", "+sweep=k_chunk", *TINY_SWEEP, "dec.k_chunk.down=0,16,32,2000", "hydra/launcher=submitit_local",
+    args = ["-m", "sweep=k_chunk", *TINY_SWEEP, "dec.k_chunk.down=0,16,32,2000", "hydra/launcher=submitit_local",
             f"hydra.sweep.dir={sw}"]
     proc = _cli(args, tmp_path, cache_dir)
     assert proc.returncode == 1, proc.stderr[-3000:]  # a job failed: the sweep says so in its status
