@@ -11,7 +11,9 @@ import torch
 from decdec import checkpoint as ckpt
 from decdec.config import PROJECTIONS, DecConfig, KChunk
 from decdec.linear import QuantLinear
+from decdec.model import PROJECTIONS as MODULES
 from decdec.model import ModelArgs, Transformer, hf_to_decdec_state_dict
+from decdec.reference import chunk_quotas
 
 SUPPORTED_BITS = (3, 4)
 
@@ -63,18 +65,11 @@ class BuiltModel:
 
     def dec_rows_per_token(self) -> int:
         """Residual rows DEC fetches per decoded token over the whole model."""
-        from decdec.reference import chunk_quotas
-
         return sum(sum(chunk_quotas(m.k_chunk, m.in_features)) for _, _, m in self.model.linears())
 
     def dec_bytes_per_token(self) -> int:
-        return sum(sum(chunk_quotas_for(m)) * m.out_features // 2 for _, _, m in self.model.linears())
-
-
-def chunk_quotas_for(m: QuantLinear) -> list[int]:
-    from decdec.reference import chunk_quotas
-
-    return chunk_quotas(m.k_chunk, m.in_features)
+        """Residual bytes fetched over PCIe per decoded token (a row costs out/2 bytes)."""
+        return sum(sum(chunk_quotas(m.k_chunk, m.in_features)) * m.out_features // 2 for _, _, m in self.model.linears())
 
 
 def _check_shapes(model: Transformer, sd: dict[str, torch.Tensor], path: Path) -> None:
@@ -142,7 +137,7 @@ def build_model(checkpoint: ckpt.Checkpoint, backend: str, bits: int, mixed: boo
         cheat = checkpoint.load(ckpt.CHEATSHEET)
         thr = checkpoint.load(ckpt.THRESHOLDS)
         for proj, layer, mod in model.linears():
-            name = f"layers.{layer}.{_module_path(proj)}"
+            name = f"layers.{layer}.{MODULES[proj]}"
             try:
                 mod.attach_dec(cheat[f"{name}.q_residual"], cheat[f"{name}.scales"], thr[f"{name}.thresholds"], device,
                                channel_hits=thr.get(f"{name}.channel_hits"))
@@ -152,8 +147,3 @@ def build_model(checkpoint: ckpt.Checkpoint, backend: str, bits: int, mixed: boo
             mod.set_dec(c.k_chunk[proj], c.n_tb)
     return BuiltModel(model, args, checkpoint, bitwidths, choices, group)
 
-
-def _module_path(proj: str) -> str:
-    from decdec.model import PROJECTIONS as MODULES
-
-    return MODULES[proj]
