@@ -96,8 +96,8 @@ class GenerateTaskConfig:
     name: str = "generate"
     prompt: Optional[str] = "What is the capital of France?"  # null = BOS only
     chat: bool = True  # wrap the prompt in the tokenizer's chat template
-    num_samples: int = 5
-    max_new_tokens: int = 100
+    num_samples: int = 3
+    max_new_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 200
     print_result: bool = True
