@@ -24,7 +24,7 @@ from decdec import checkpoint as ckpt
 from decdec import quantize, reference
 from decdec.model import PROJECTIONS, ModelArgs, Transformer, hf_to_decdec_state_dict
 
-PREPARE_VERSION = 2  # bump when quantizers change: cached embedded checkpoints are then rebuilt
+PREPARE_VERSION = 3  # bump when quantizers change: cached embedded checkpoints are then rebuilt
 STORAGE_DTYPE = torch.float16
 
 
@@ -34,6 +34,9 @@ class PrepareSpec:
     bits: int = 3  # uniform bit-width (mixed: the lower one)
     mixed: bool = False  # 3.5-bit: the most sensitive half of the layers get bits + 1
     group_size: int | None = None  # lutgemm; None = 128, or the largest multiple of 32 dividing every in
+    awq: bool = True  # lutgemm: AWQ activation-aware per-channel scales, folded into the preceding op
+    awq_grid: int = 10  # scale exponents tried per projection
+    awq_tokens: int = 128  # calibration tokens used by the scale search
     calib_tokens: int = 4096
     calib_seq_len: int = 512
     clip_tokens: int = 256  # activations kept per linear for the lutgemm clip search
@@ -123,9 +126,10 @@ class LinearStats:
     acts: torch.Tensor  # [<=clip_tokens, in] fp32
 
 
-def _calibration_stats(work: Path, sd, args: ModelArgs, tok, spec: PrepareSpec, calib_text: str):
-    """{(proj, layer): LinearStats} from work/calibration.safetensors, or computed and saved there."""
-    f = work / "calibration.safetensors"
+def _calibration_stats(work: Path, sd, args: ModelArgs, tok, spec: PrepareSpec, calib_text: str,
+                       name: str = "calibration.safetensors"):
+    """{(proj, layer): LinearStats} from work/<name>, or computed (dense model ``sd``) and saved there."""
+    f = work / name
     if f.exists():
         t = load_file(f)
         n_tokens = int(t.pop("__tokens__").item())
@@ -150,6 +154,61 @@ def _calibration_stats(work: Path, sd, args: ModelArgs, tok, spec: PrepareSpec, 
                      f"{k}.acts": st.acts})
     ckpt.save_tensors_atomic(f, flat)
     return stats, int(ids.numel())
+
+
+# Which op produces each projection's input, for folding AWQ's 1/s into it.
+_AWQ_PRODUCERS = {"qkv": "attention_norm", "gate_up": "ffn_norm"}
+
+
+def awq_fold(sd: dict[str, torch.Tensor], args: ModelArgs, stats, spec: PrepareSpec, group: int, work: Path) -> dict:
+    """AWQ scale search per projection; folds ``1/s`` into the producer of its input, in place.
+
+    qkv and gate_up: their RMSNorm weight; down: the rows of the up half of ``w1w3``; o only
+    without GQA (v's rows then map one-to-one onto o's input channels). The model function is
+    unchanged (``W diag(s) diag(1/s) x``), the quantizer then sees ``W diag(s)``. Scales are kept
+    in ``work`` so a resumed prepare folds the same ones. Returns {"layer.proj": ratio}.
+    """
+    f = work / "awq_scales.safetensors"
+    if f.exists():
+        scales = load_file(f)
+    else:
+        scales = {}
+        projs = ["qkv", "gate_up", "down"] + (["o"] if args.n_heads == args.n_kv_heads else [])
+        with _progress() as bar:
+            task = bar.add_task("AWQ scale search (lutgemm)", total=args.n_layers * len(projs))
+            for layer in range(args.n_layers):
+                for proj in projs:
+                    w = sd[f"layers.{layer}.{PROJECTIONS[proj]}.weight"]
+                    x = stats[(proj, layer)].acts[: spec.awq_tokens]
+                    s, ratio = quantize.search_scale(w, x, spec.bits, group, grid=spec.awq_grid)
+                    scales[f"{layer}.{proj}"] = s
+                    scales[f"{layer}.{proj}.ratio"] = torch.tensor([ratio])
+                    bar.advance(task)
+        ckpt.save_tensors_atomic(f, scales)
+    ratios = {}
+    inter, q_out = args.intermediate_size, args.n_heads * args.head_dim
+    kv = args.n_kv_heads * args.head_dim
+    order = {p: i for i, p in enumerate(PROJECTIONS)}
+    keys = sorted((k for k in scales if not k.endswith(".ratio")),
+                  key=lambda k: (int(k.split(".")[0]), order[k.split(".")[1]]))  # same order when resumed
+    for key in keys:
+        layer, proj = key.split(".")
+        s = scales[key].float()
+        w_key = f"layers.{layer}.{PROJECTIONS[proj]}.weight"
+        sd[w_key] = sd[w_key] * s  # columns
+        if proj in _AWQ_PRODUCERS:
+            n_key = f"layers.{layer}.{_AWQ_PRODUCERS[proj]}.weight"
+            sd[n_key] = sd[n_key] / s
+        elif proj == "down":  # rows of up = second half of w1w3
+            w13 = sd[f"layers.{layer}.feed_forward.w1w3.weight"].clone()
+            w13[inter:] = w13[inter:] / s.view(-1, 1)
+            sd[f"layers.{layer}.feed_forward.w1w3.weight"] = w13
+        elif proj == "o":  # rows of v inside wqkv
+            qkv = sd[f"layers.{layer}.attention.wqkv.weight"].clone()
+            qkv[q_out + kv:] = qkv[q_out + kv:] / s.view(-1, 1)
+            sd[f"layers.{layer}.attention.wqkv.weight"] = qkv
+        ratios[key] = float(scales[f"{key}.ratio"])
+    return ratios
 
 
 def _work_dir(out_dir: Path, key: dict) -> Path:
@@ -190,10 +249,17 @@ def prepare_checkpoint(original: Path, out_dir: Path, spec: PrepareSpec, calib_t
     key = {"prepare_version": PREPARE_VERSION, "source_sha256": source_hash, "backend": spec.backend, "bits": spec.bits,
            "mixed": spec.mixed, "group_size": group, "calib_tokens": spec.calib_tokens,
            "calib_seq_len": spec.calib_seq_len, "clip_tokens": spec.clip_tokens,
+           "awq": spec.awq and spec.backend == "lutgemm", "awq_grid": spec.awq_grid, "awq_tokens": spec.awq_tokens,
            "calib_text_sha256": hashlib.sha256(calib_text.encode()).hexdigest()}
     work = _work_dir(out_dir, key)
     tok = AutoTokenizer.from_pretrained(original)
     stats, n_calib = _calibration_stats(work, sd, args, tok, spec, calib_text)
+    awq_ratios = None
+    if spec.backend == "lutgemm" and spec.awq:
+        # Fold AWQ scales: the quantizer and the residual then see W diag(s), DEC sees x / s, so
+        # thresholds, energies and clip activations are re-calibrated on the folded model.
+        awq_ratios = awq_fold(sd, args, stats, spec, group, work)
+        stats, _ = _calibration_stats(work, sd, args, tok, spec, calib_text, name="calibration_awq.safetensors")
 
     def weight_of(proj: str, layer: int) -> torch.Tensor:
         return sd[f"layers.{layer}.{PROJECTIONS[proj]}.weight"]
@@ -264,6 +330,8 @@ def prepare_checkpoint(original: Path, out_dir: Path, spec: PrepareSpec, calib_t
         "storage_dtype": str(STORAGE_DTYPE).removeprefix("torch."),
         "source_model": {"path": str(original), "sha256": source_hash},
         "calibration": {"tokens": n_calib, "seq_len": spec.calib_seq_len},
+        "awq": None if awq_ratios is None else {"grid": spec.awq_grid, "tokens": spec.awq_tokens,
+                                                "mean_ratio": sum(awq_ratios.values()) / max(len(awq_ratios), 1)},
         "prepare_seconds": None,
         **spec.meta,
     }

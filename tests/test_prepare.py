@@ -87,3 +87,35 @@ def test_existing_output_is_not_overwritten(original, tmp_path):
     out.mkdir()
     with pytest.raises(ckpt.CheckpointError, match="already exists"):
         prepare.prepare_checkpoint(original, out, _spec(), tiny.tiny_calibration_text())
+
+
+def test_awq_fold_keeps_the_dense_model_function(original, tmp_path):
+    from transformers import AutoTokenizer
+
+    from decdec.checkpoint import load_original_state_dict
+    from decdec.model import ModelArgs, Transformer, hf_to_decdec_state_dict
+
+    c = ckpt.Checkpoint.open(original)
+    args = ModelArgs.from_hf_config(c.hf_config)
+    sd = {k: v.float() for k, v in hf_to_decdec_state_dict(load_original_state_dict(original), args).items()}
+    spec = _spec(backend="lutgemm")
+    stats, _ = prepare._calibration_stats(tmp_path, sd, args, AutoTokenizer.from_pretrained(original), spec,
+                                          tiny.tiny_calibration_text())
+    before = {k: v.clone() for k, v in sd.items()}
+    ratios = prepare.awq_fold(sd, args, stats, spec, 64, tmp_path)
+    assert set(ratios) == {f"{layer}.{p}" for layer in range(3) for p in ("qkv", "gate_up", "down")}  # GQA: no o
+    changed = [k for k in sd if not torch.equal(sd[k], before[k])]
+    assert changed  # something was scaled (some ratio > 0 on real activations)
+
+    def logits(state):
+        with torch.device("meta"):
+            m = Transformer(args)
+        m.load_state_dict(state, assign=True)
+        m.setup_caches(1, 32, torch.float32, torch.device("cpu"))
+        return m(torch.arange(1, 17).view(1, -1), torch.arange(16))
+
+    torch.testing.assert_close(logits(sd), logits(before), rtol=1e-4, atol=1e-4)
+    # a resumed prepare folds the very same scales
+    sd2 = {k: v.clone() for k, v in before.items()}
+    assert prepare.awq_fold(sd2, args, stats, spec, 64, tmp_path) == ratios
+    assert all(torch.equal(sd2[k], sd[k]) for k in sd)
