@@ -214,7 +214,7 @@ def _check_group(inp: int, group_size: int, need_32: bool = False) -> int:
     if need_32 and group_size % 32:
         raise ValueError(
             f"lutgemm packs 32 weights per word: group_size={group_size} must be a multiple of 32 "
-            f"dividing in={inp} (SmolLM2's in=576 uses 64)"
+            f"dividing in={inp} (e.g. 64 or 96 for SmolLM2's in=576)"
         )
     return inp // group_size
 
