@@ -46,7 +46,7 @@ class ModelConfig:
 class BackendConfig:
     name: str = MISSING  # ap | lutgemm | fp16
     # lutgemm only: input channels per (alpha, q_bias) group; null = 128 when it divides every
-    # projection's input size, else the largest multiple of 32 that does (SmolLM2's 576 and 1536 -> 96)
+    # projection's input size, else 64 or 32 (powers of two; SmolLM2's 576 -> 64)
     group_size: Optional[int] = None
 
 

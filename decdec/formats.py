@@ -8,7 +8,7 @@ ap (any-precision, non-uniform)
     code of weight ``(r, 32*w + j)``. ``lut [out, 2**b]``: ``W[r, i] = lut[r, code[r, i]]``.
 
 lutgemm (binary-coding quantization, groups of ``group = in / n_groups`` channels along ``in``;
-    128 by default, any multiple of 32 allowed -- SmolLM2's in=576 gets 96 by default)
+    128 by default, any multiple of 32 allowed -- SmolLM2's in=576 gets 64 by default)
     ``binary [in/32, b, out] int32``: bit ``j`` of word ``binary[w, p, r]`` is ``bit_p(r, 32*w + j)``;
     ``alpha [n_groups, b, out]``, ``q_bias [n_groups, out]``;
     ``W[r, i] = sum_p alpha[g, p, r] * (2 * bit_p - 1) + q_bias[g, r]`` with ``g = i // group``.

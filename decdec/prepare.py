@@ -33,7 +33,7 @@ class PrepareSpec:
     backend: str  # ap | lutgemm
     bits: int = 3  # uniform bit-width (mixed: the lower one)
     mixed: bool = False  # 3.5-bit: the most sensitive half of the layers get bits + 1
-    group_size: int | None = None  # lutgemm; None = 128, or the largest multiple of 32 dividing every in
+    group_size: int | None = None  # lutgemm; None = 128, else 64 or 32, whichever divides every in
     awq: bool = True  # lutgemm: AWQ activation-aware per-channel scales, folded into the preceding op
     awq_grid: int = 10  # scale exponents tried per projection
     awq_tokens: int = 128  # calibration tokens used by the scale search
@@ -50,7 +50,7 @@ def auto_group_size(args: ModelArgs, requested: int | None) -> int:
         if bad or requested % 32:
             raise ValueError(f"lutgemm group_size={requested} must be a multiple of 32 dividing every in_features {sorted(ins)}")
         return requested
-    for g in (128, 96, 64, 32):
+    for g in (128, 64, 32):  # powers of two: the group sizes the CUDA kernels are tested with
         if all(i % g == 0 for i in ins):
             return g
     raise ValueError(f"no lutgemm group size divides in_features {sorted(ins)}")
