@@ -43,8 +43,10 @@ class WindowResult:
 def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, n_scored) for a sliding-window evaluation over ``n_tokens``.
 
-    Each window scores only the targets that no earlier window scored (the last ``stride``
-    tokens, or all of the first window), so every target is scored exactly once.
+    Each window scores only targets that no earlier window scored, and never its own first token
+    (it has no context there). With ``stride < window`` every target 1..n-1 is scored exactly
+    once; with ``stride == window`` (non-overlapping windows, the usual protocol of quantization
+    papers) the first token of each window is context only, so ``n - n_windows`` are scored.
     """
     if window < 2 or not 1 <= stride <= window:
         raise ValueError(f"need window >= 2 and 1 <= stride <= window, got window={window} stride={stride}")
