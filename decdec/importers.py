@@ -202,8 +202,9 @@ def import_lutgemm_bin(path: str | Path, n_layers: int) -> dict[str, torch.Tenso
 
     Per module ``binary [in/32, b, out] int32``, ``alpha [in/g, b, out]``, ``q_bias [in/g, out]``;
     fused projections concatenate their parts on the out dim (the last dim of each). Tensors that
-    are not ``binary``/``alpha``/``q_bias`` of a decoder layer (embeddings, norms) are ignored:
-    those come from the original HF checkpoint. Float dtypes are kept as stored.
+    are not ``binary``/``alpha``/``q_bias`` of a decoder layer (embeddings, norms) are ignored
+    here; ``import_reference_checkpoint`` takes them from the .bin when present (AWQ folds its
+    scales into the norms), else from the original HF checkpoint. Float dtypes are kept as stored.
     """
     path = Path(path)
     sd = _load(path, "LUT-GEMM state dict")
@@ -291,12 +292,7 @@ def _check_against_model(tensors: dict[str, torch.Tensor], args: ModelArgs, what
 def _original_non_projection(original: Path, args: ModelArgs) -> dict[str, torch.Tensor]:
     """Embeddings, norms (and untied lm_head) of an HF checkpoint, read tensor by tensor
     (bounded memory: the dense projections are never loaded)."""
-    names = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight"}
-    if not args.tie_word_embeddings:
-        names["lm_head.weight"] = "output.weight"
-    for i in range(args.n_layers):
-        names[f"model.layers.{i}.input_layernorm.weight"] = f"layers.{i}.attention_norm.weight"
-        names[f"model.layers.{i}.post_attention_layernorm.weight"] = f"layers.{i}.ffn_norm.weight"
+    names = _original_names(args)
     files = sorted(original.glob("*.safetensors"))
     if not files:
         raise ReferenceImportError(f"no *.safetensors weights in {original}: the embeddings and norms come from there")
@@ -312,6 +308,30 @@ def _original_non_projection(original: Path, args: ModelArgs) -> dict[str, torch
     from decdec.prepare import STORAGE_DTYPE
 
     return {k: v.to(STORAGE_DTYPE) for k, v in out.items()}
+
+
+def _bin_non_projection(path: Path, args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Embeddings and norms stored in a LUT-GEMM ``pytorch_model.bin`` (HF names), if any.
+
+    An AWQ-quantized model folds its activation scales into the RMSNorm weights, so the .bin's
+    norms -- not the original checkpoint's -- belong with its binary codes.
+    """
+    hf = _original_names(args)
+    sd = _load(path, "LUT-GEMM state dict")
+    from decdec.prepare import STORAGE_DTYPE
+
+    return {hf[k]: v.to(STORAGE_DTYPE) for k, v in sd.items() if k in hf and isinstance(v, torch.Tensor)}
+
+
+def _original_names(args: ModelArgs) -> dict[str, str]:
+    """HF name -> ours for the embeddings, norms and (untied) lm_head."""
+    names = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight"}
+    if not args.tie_word_embeddings:
+        names["lm_head.weight"] = "output.weight"
+    for i in range(args.n_layers):
+        names[f"model.layers.{i}.input_layernorm.weight"] = f"layers.{i}.attention_norm.weight"
+        names[f"model.layers.{i}.post_attention_layernorm.weight"] = f"layers.{i}.ffn_norm.weight"
+    return names
 
 
 def _file_record(path: Path) -> dict:
@@ -411,6 +431,7 @@ def import_reference_checkpoint(
         group = groups.pop()
         storage = str(weights[f"layers.0.{PROJECTIONS['qkv']}.alpha"].dtype).removeprefix("torch.")
         weights.update(_original_non_projection(original, args))
+        weights.update(_bin_non_projection(Path(lutgemm_bin), args))  # AWQ-folded norms win
         weights_file = None
         imported["lutgemm_bin"] = _file_record(Path(lutgemm_bin))
 

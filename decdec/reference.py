@@ -23,12 +23,20 @@ def ap_dequant(qweight: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
 
 
 def lutgemm_dequant(binary: torch.Tensor, alpha: torch.Tensor, q_bias: torch.Tensor) -> torch.Tensor:
-    """binary [in/32, b, out], alpha [n_groups, b, out], q_bias [n_groups, out] -> W [out, in]."""
-    signs = formats.unpack_bcq(binary).to(torch.float32) * 2 - 1  # [b, out, in]
-    group = binary.shape[0] * 32 // alpha.shape[0]
-    a = alpha.to(torch.float32).permute(1, 2, 0).repeat_interleave(group, dim=2)  # [b, out, in]
-    qb = q_bias.to(torch.float32).t().repeat_interleave(group, dim=1)  # [out, in]
-    return ((signs * a).sum(0) + qb).to(alpha.dtype)
+    """binary [in/32, b, out], alpha [n_groups, b, out], q_bias [n_groups, out] -> W [out, in].
+
+    ``sum_p alpha_p (2 bit_p - 1) + q_bias = 2 sum_p alpha_p bit_p + (q_bias - sum_p alpha_p)``,
+    evaluated per group without materializing repeated alphas.
+    """
+    bits = formats.unpack_bcq(binary)  # [b, out, in] uint8
+    n_bits, out, inp = bits.shape
+    groups = alpha.shape[0]
+    a = alpha.to(torch.float32).permute(1, 2, 0).unsqueeze(-1)  # [b, out, G, 1]
+    acc = torch.zeros(out, groups, inp // groups, dtype=torch.float32, device=binary.device)
+    for p in range(n_bits):
+        acc += bits[p].view(out, groups, -1) * a[p]
+    offset = (q_bias.to(torch.float32).t() - alpha.to(torch.float32).sum(1).t()).unsqueeze(-1)  # [out, G, 1]
+    return (2 * acc + offset).view(out, inp).to(alpha.dtype)
 
 
 def ap_gemv(x: torch.Tensor, qweight: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:

@@ -71,7 +71,10 @@ def export_lutgemm(weights: dict, args: ModelArgs) -> dict:
             for s in ("binary", "alpha", "q_bias"):
                 for m, part in zip(SPLIT[proj], weights[f"layers.{i}.{path}.{s}"].split(sizes, -1)):
                     sd[f"model.layers.{i}.{m}.{s}"] = part.contiguous()
-    sd["model.embed_tokens.weight"] = weights["tok_embeddings.weight"]  # extra tensors are ignored
+    sd["model.embed_tokens.weight"] = weights["tok_embeddings.weight"]
+    for i in range(args.n_layers):  # AWQ-folded norms travel with the codes
+        sd[f"model.layers.{i}.input_layernorm.weight"] = weights[f"layers.{i}.attention_norm.weight"]
+        sd[f"model.layers.{i}.post_attention_layernorm.weight"] = weights[f"layers.{i}.ffn_norm.weight"]
     return sd
 
 
