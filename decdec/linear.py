@@ -90,6 +90,11 @@ class QuantLinear(nn.Module):
             bounds=torch.zeros(2, dtype=torch.float32, device=device),
             channel_hits=None if channel_hits is None else channel_hits.cpu(),
         )
+        if device.type == "cuda":
+            # DEC state is not a buffer (so .to() never copies the residual into GPU memory); tell
+            # torch.compile its addresses are fixed, or CUDA-graph replays would copy it every step.
+            for t in (self.dec.q_residual, self.dec.scales, self.dec.bounds):
+                torch._dynamo.mark_static_address(t)
 
     def set_dec(self, k_chunk: int, n_tb: int) -> None:
         """Choose how many residual rows per 1024 input channels DEC fetches (0 = off)."""
