@@ -34,6 +34,8 @@ class PrepareSpec:
     bits: int = 3  # uniform bit-width (mixed: the lower one)
     mixed: bool = False  # 3.5-bit: the most sensitive half of the layers get bits + 1
     group_size: int | None = None  # lutgemm; None = 128, else 64 or 32, whichever divides every in
+    fisher: bool = False  # ap: Fisher weights (squared gradients) instead of activation energy (worse here: docs/RESULTS.md)
+    fisher_tokens: int = 2048  # calibration tokens whose loss gradients make the Fisher weights
     awq: bool = True  # lutgemm: AWQ activation-aware per-channel scales, folded into the preceding op
     awq_grid: int = 10  # scale exponents tried per projection
     awq_tokens: int = 128  # calibration tokens used by the scale search
@@ -98,10 +100,13 @@ def calibrate(model: Transformer, tokens: torch.Tensor, seq_len: int, clip_token
     return cals, {k: torch.cat(v) for k, v in samples.items()}
 
 
-def _quantize_one(spec: PrepareSpec, w: torch.Tensor, bits: int, group: int, cal: "LinearStats", x) -> tuple[dict, torch.Tensor]:
-    """One projection: (tensors by suffix, dequantized W_q fp32)."""
+def _quantize_one(spec: PrepareSpec, w: torch.Tensor, bits: int, group: int, cal: "LinearStats", x,
+                  fisher: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
+    """One projection: (tensors by suffix, dequantized W_q fp32). ``fisher`` [out, in] (ap only)
+    replaces the per-channel activation energy as the k-means sensitivity when given."""
     if spec.backend == "ap":
-        qweight, lut = quantize.quantize_ap(w, bits, channel_weight=cal.channel_energy)
+        weight = fisher if fisher is not None else cal.channel_energy
+        qweight, lut = quantize.quantize_ap(w, bits, channel_weight=weight)
         return {"qweight": qweight, "lut": lut.to(STORAGE_DTYPE)}, reference.ap_dequant(qweight, lut.float())
     if spec.backend == "lutgemm":
         binary, alpha, q_bias = quantize.quantize_lutgemm(w, bits, group_size=group, x=x)
@@ -211,6 +216,43 @@ def awq_fold(sd: dict[str, torch.Tensor], args: ModelArgs, stats, spec: PrepareS
     return ratios
 
 
+def fisher_weights(original: Path, args: ModelArgs, tok, spec: PrepareSpec, calib_text: str, work: Path) -> dict:
+    """SqueezeLLM's sensitivity: per-element sum of squared loss gradients over calibration text.
+
+    Computed with the HF model of ``original`` (plain autograd, no KV cache), fused to our
+    projection names; kept in ``work/fisher.safetensors`` for a resumed prepare.
+    Returns {"layers.{i}.<module>": [out, in] fp32}.
+    """
+    f = work / "fisher.safetensors"
+    if f.exists():
+        return load_file(f)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(original, dtype=torch.float32)
+    model.train(False)
+    ids = torch.tensor(tok(calib_text, add_special_tokens=False)["input_ids"][: spec.fisher_tokens], dtype=torch.long)
+    seq = min(spec.calib_seq_len, args.max_position_embeddings)
+    n_seq = max(1, ids.numel() // seq)
+    sq = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    with _progress() as bar:
+        task = bar.add_task("Fisher weights (squared gradients)", total=n_seq)
+        for s in range(n_seq):
+            chunk = ids[s * seq:(s + 1) * seq].view(1, -1)
+            model.zero_grad(set_to_none=True)
+            model(input_ids=chunk, labels=chunk).loss.backward()
+            for n, p in model.named_parameters():
+                if p.grad is not None:
+                    sq[n] += p.grad.detach().square()
+            bar.advance(task)
+    if args.tie_word_embeddings:
+        sq.pop("lm_head.weight", None)
+    fused = hf_to_decdec_state_dict(sq, args)
+    out = {f"layers.{layer}.{PROJECTIONS[proj]}": fused[f"layers.{layer}.{PROJECTIONS[proj]}.weight"]
+           for layer in range(args.n_layers) for proj in PROJECTIONS}
+    ckpt.save_tensors_atomic(f, out)
+    return out
+
+
 def _work_dir(out_dir: Path, key: dict) -> Path:
     """The resumable work directory of one (source, spec); a different spec starts afresh."""
     work = out_dir.parent / f".{out_dir.name}.partial"
@@ -250,10 +292,12 @@ def prepare_checkpoint(original: Path, out_dir: Path, spec: PrepareSpec, calib_t
            "mixed": spec.mixed, "group_size": group, "calib_tokens": spec.calib_tokens,
            "calib_seq_len": spec.calib_seq_len, "clip_tokens": spec.clip_tokens,
            "awq": spec.awq and spec.backend == "lutgemm", "awq_grid": spec.awq_grid, "awq_tokens": spec.awq_tokens,
+           "fisher": spec.fisher and spec.backend == "ap", "fisher_tokens": spec.fisher_tokens,
            "calib_text_sha256": hashlib.sha256(calib_text.encode()).hexdigest()}
     work = _work_dir(out_dir, key)
     tok = AutoTokenizer.from_pretrained(original)
     stats, n_calib = _calibration_stats(work, sd, args, tok, spec, calib_text)
+    fisher = fisher_weights(original, args, tok, spec, calib_text, work) if spec.backend == "ap" and spec.fisher else {}
     awq_ratios = None
     if spec.backend == "lutgemm" and spec.awq:
         # Fold AWQ scales: the quantizer and the residual then see W diag(s), DEC sees x / s, so
@@ -278,7 +322,8 @@ def prepare_checkpoint(original: Path, out_dir: Path, spec: PrepareSpec, calib_t
                     for proj in PROJECTIONS:
                         st = stats[(proj, layer)]
                         w = weight_of(proj, layer)
-                        _, w_q = _quantize_one(spec, w, spec.bits, group, st, st.acts)
+                        _, w_q = _quantize_one(spec, w, spec.bits, group, st, st.acts,
+                                               fisher.get(f"layers.{layer}.{PROJECTIONS[proj]}"))
                         s += _sensitivity(w, w_q, st.channel_energy)
                     sens.append(s)
                     bar.advance(task)
@@ -299,7 +344,7 @@ def prepare_checkpoint(original: Path, out_dir: Path, spec: PrepareSpec, calib_t
                 name = f"layers.{layer}.{PROJECTIONS[proj]}"
                 st = stats[(proj, layer)]
                 w = weight_of(proj, layer)
-                tensors, w_q = _quantize_one(spec, w, bitwidths[layer], group, st, st.acts)
+                tensors, w_q = _quantize_one(spec, w, bitwidths[layer], group, st, st.acts, fisher.get(name))
                 for suffix, t in tensors.items():
                     out[f"weights/{name}.{suffix}"] = t
                 q_residual, scales = quantize.residual_cheatsheet(w, w_q)
@@ -330,6 +375,7 @@ def prepare_checkpoint(original: Path, out_dir: Path, spec: PrepareSpec, calib_t
         "storage_dtype": str(STORAGE_DTYPE).removeprefix("torch."),
         "source_model": {"path": str(original), "sha256": source_hash},
         "calibration": {"tokens": n_calib, "seq_len": spec.calib_seq_len},
+        "ap_sensitivity": ("fisher" if fisher else "activation_energy") if spec.backend == "ap" else None,
         "awq": None if awq_ratios is None else {"grid": spec.awq_grid, "tokens": spec.awq_tokens,
                                                 "mean_ratio": sum(awq_ratios.values()) / max(len(awq_ratios), 1)},
         "prepare_seconds": None,

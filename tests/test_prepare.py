@@ -25,11 +25,11 @@ def test_resume_after_interruption_redoes_only_missing_layers(original, tmp_path
     real = prepare._quantize_one
     calls = []
 
-    def flaky(spec, w, bits, group, stats, x):
+    def flaky(spec, w, bits, group, stats, x, fisher=None):
         calls.append(bits)
         if len(calls) == 9:  # first projection of layer 2
             raise KeyboardInterrupt("simulated interruption")
-        return real(spec, w, bits, group, stats, x)
+        return real(spec, w, bits, group, stats, x, fisher)
 
     monkeypatch.setattr(prepare, "_quantize_one", flaky)
     with pytest.raises(KeyboardInterrupt):
@@ -119,3 +119,22 @@ def test_awq_fold_keeps_the_dense_model_function(original, tmp_path):
     sd2 = {k: v.clone() for k, v in before.items()}
     assert prepare.awq_fold(sd2, args, stats, spec, 64, tmp_path) == ratios
     assert all(torch.equal(sd2[k], sd[k]) for k in sd)
+
+
+def test_fisher_weights_drive_ap(original, tmp_path):
+    from transformers import AutoTokenizer
+
+    from decdec.model import ModelArgs
+
+    c = ckpt.Checkpoint.open(original)
+    args = ModelArgs.from_hf_config(c.hf_config)
+    spec = _spec(fisher=True, fisher_tokens=256)
+    f = prepare.fisher_weights(original, args, AutoTokenizer.from_pretrained(original), spec,
+                               tiny.tiny_calibration_text(), tmp_path)
+    w = f["layers.0.attention.wqkv"]
+    assert w.shape == (SHAPE["dim"] + 2 * SHAPE["dim"] // 2, SHAPE["dim"]) and (w >= 0).all() and w.sum() > 0
+    assert set(f) == {f"layers.{i}.{m}" for i in range(3) for m in ("attention.wqkv", "attention.wo",
+                                                                    "feed_forward.w1w3", "feed_forward.w2")}
+    out = tmp_path / "fisher-ap"
+    prepare.prepare_checkpoint(original, out, spec, tiny.tiny_calibration_text())
+    assert ckpt.Checkpoint.open(out).manifest["ap_sensitivity"] == "fisher"
