@@ -73,7 +73,7 @@ def build_synthetic(shape: str, backend: str, bits: int, mixed: bool, dtype: tor
 
     with torch.device("meta"):
         model = Transformer(args, make_linear)
-    model = model.to_empty(device=device)
+    model = model.to_empty(device=device).to(dtype)  # embeddings/norms in the compute dtype too
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.dtype == torch.int32:
             t.copy_(_random_int32(t.shape, gdev, device))
