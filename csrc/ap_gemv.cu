@@ -14,6 +14,7 @@
 // the lane's word index, so the 8 k-lanes of a row hit 8 distinct bank quads (conflict-free).
 // Accumulation is fp32 (FFMA), like the reference. Warps of a block split K (KS ways) when out is
 // small, so that enough blocks exist; partial sums are reduced in shared memory, no atomics.
+#include <cstdlib>
 #include <type_traits>
 
 #include "common.cuh"
@@ -160,7 +161,7 @@ __global__ void __launch_bounds__(kThreads, BITS >= 4 ? 3 : 4)
     if (gpart) gpart[r] = s;
     else y[(size_t)m * out + r] = from_f32<T>(s);
   }
-  if (fused.on()) fused_arrive<T>(fused, m, blockIdx.x, blockIdx.x + 1, out, flags);
+  if (fused.on()) fused_arrive<T, 2>(fused, m, blockIdx.x, blockIdx.x + 1, out, flags);
 }
 
 // 3-bit fp16 variant: the 8-entry LUT of a lane's row lives in 4 registers (low and high bytes of
@@ -307,7 +308,217 @@ __global__ void __launch_bounds__(kThreads, 4)
     if (gpart) gpart[r] = s;
     else y[(size_t)m * out + r] = __float2half_rn(s);
   }
-  if (fused.on()) fused_arrive<__half>(fused, m, blockIdx.x, blockIdx.x + 1, out, flags);
+  if (fused.on()) fused_arrive<__half, 2>(fused, m, blockIdx.x, blockIdx.x + 1, out, flags);
+}
+
+// 3-bit fp16 streaming kernel (the decode hot path; needs in % 128 == 0). A warp owns a pair of
+// rows at a time and the whole warp walks them: lane l reads 16 bytes of each bit-plane of both rows
+// at words 4g..4g+3, g = l + 32t, so every load instruction of the warp reads 512 contiguous bytes
+// and the two rows share each x load. The grid is sized to the device (2 blocks per SM, minus the
+// DEC blocks of a fused call) and every block owns a contiguous range of rows: x is staged in
+// shared memory once per block, the row-pair loop never synchronizes, and the next item's 96 bytes
+// per lane are in flight while the current one is computed. Decoding is the PRMT register LUT of
+// ap3_gemv_prmt_kernel. x layout in shared memory: 16-byte chunk c = 4w + k holds
+// x[32w + 4n + k], n = 0..7; chunk c is stored at c ^ ((c >> 4) & 7), so the 8 lanes of a
+// quarter-warp (consecutive g at the same w%4, k) hit 8 distinct bank quads.
+constexpr int kStreamThreads = 256;
+constexpr int kStreamWarps = kStreamThreads / 32;
+
+__device__ __forceinline__ int xs_swz(int c) { return c ^ ((c >> 4) & 7); }
+
+__device__ __forceinline__ void lut_tables(const uint4 l8, uint32_t& lo_a, uint32_t& hi_a, uint32_t& lo_b,
+                                           uint32_t& hi_b) {
+  lo_a = __byte_perm(l8.x, l8.y, 0x6420);
+  hi_a = __byte_perm(l8.x, l8.y, 0x7531);
+  lo_b = __byte_perm(l8.z, l8.w, 0x6420);
+  hi_b = __byte_perm(l8.z, l8.w, 0x7531);
+}
+
+// (a & ~m) | (c & m) with m an immediate: one LOP3 (written out so that the compiler does not
+// re-associate the bit mixing into more instructions, which it does from plain C++).
+template <uint32_t M>
+__device__ __forceinline__ uint32_t bitsel(uint32_t a, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xB8;" : "=r"(d) : "r"(a), "n"(M), "r"(c));
+  return d;
+}
+
+// 8 weights (channels 4n + k of one word, n = 0..7) times the matching x chunk, into 2 half2 sums.
+// A, B, C: the word's bit-planes, B rotated left by 1 and C by 2 (so bit 4n+k+q of plane q's
+// rotated word is bit q of code(4n+k)). ALU: 2 LOP3 + SHF + LOP3 + 8 PRMT; the >> 16 is an IMAD.HI
+// (FMA pipe), because the ALU pipe is this kernel's limit.
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+template <uint32_t M>
+__device__ __forceinline__ uint32_t and_imm(uint32_t a) {
+  uint32_t d;
+  asm("and.b32 %0, %1, %2;" : "=r"(d) : "r"(a), "n"(M));
+  return d;
+}
+
+template <int K>
+__device__ __forceinline__ void ap3_dot8(uint32_t A, uint32_t B, uint32_t C, uint32_t lo_a, uint32_t hi_a,
+                                         uint32_t lo_b, uint32_t hi_b, const uint4& xv, __half2& h0, __half2& h1) {
+  constexpr uint32_t m1 = 0x11111111u << ((K + 1) & 3), m2 = 0x11111111u << ((K + 2) & 3);
+  const uint32_t t = bitsel<m2>(bitsel<m1>(A, B), C);
+  const uint32_t u = and_imm<0x77777777u>(K ? __funnelshift_r(t, t, K) : t);
+  const uint32_t u_hi = __umulhi(u, 0x10000u);
+  const uint32_t LO0 = prmt(lo_a, lo_b, u), HI0 = prmt(hi_a, hi_b, u);
+  const uint32_t LO1 = prmt(lo_a, lo_b, u_hi), HI1 = prmt(hi_a, hi_b, u_hi);
+  const uint32_t w01 = prmt(LO0, HI0, 0x5140), w23 = prmt(LO0, HI0, 0x7362);
+  const uint32_t w45 = prmt(LO1, HI1, 0x5140), w67 = prmt(LO1, HI1, 0x7362);
+  h0 = __hfma2(*reinterpret_cast<const __half2*>(&w01), *reinterpret_cast<const __half2*>(&xv.x), h0);
+  h1 = __hfma2(*reinterpret_cast<const __half2*>(&w23), *reinterpret_cast<const __half2*>(&xv.y), h1);
+  h0 = __hfma2(*reinterpret_cast<const __half2*>(&w45), *reinterpret_cast<const __half2*>(&xv.z), h0);
+  h1 = __hfma2(*reinterpret_cast<const __half2*>(&w67), *reinterpret_cast<const __half2*>(&xv.w), h1);
+}
+
+template <int R>
+struct StreamItem {  // one lane's share of R rows: 3 planes x 4 words per row, and the rows' LUTs
+  uint4 w[R][3];
+  uint4 l[R];
+};
+
+// R rows per warp item (2: the rows share every x load; 1: fewer registers, 3 blocks per SM).
+template <int R>
+constexpr int stream_blocks_per_sm() { return R == 2 ? 2 : 3; }
+
+template <int R>
+__global__ void __launch_bounds__(kStreamThreads, stream_blocks_per_sm<R>())
+    ap3_gemv_stream_kernel(const __half* __restrict__ x, const uint32_t* __restrict__ qw,
+                           const __half* __restrict__ lut, __half* __restrict__ y, int in, int out, int block_rows,
+                           Fused fused) {
+  extern __shared__ __align__(16) uint4 xs[];  // in / 8 chunks
+  __shared__ int flags[kStreamThreads];
+  const int words = in >> 5, G4 = words >> 2, T = ceil_div(G4, 32);
+  const int m = blockIdx.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int r0 = blockIdx.x * block_rows, r1 = min(out, r0 + block_rows);
+  const int ngroups = ceil_div(r1 - r0, R);
+  const int my_groups = ngroups > warp ? ceil_div(ngroups - warp, kStreamWarps) : 0;
+  const int n_items = my_groups * T;
+  const size_t plane = (size_t)out * words;
+
+  // item i: row group p = warp + (i / T) * warps (rows r0 + R p ...), 4-word group g = lane + 32 (i % T)
+  auto load = [&](StreamItem<R>& d, int i) {
+    const int pi = i / T, t = i - pi * T;
+    const int ra = r0 + R * (warp + pi * kStreamWarps);
+    const int g = min(lane + 32 * t, G4 - 1);
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      const int r = ra + j < r1 ? ra + j : ra;
+      const uint32_t* p = qw + (size_t)r * words + 4 * g;
+#pragma unroll
+      for (int q = 0; q < 3; ++q) d.w[j][q] = ldg_stream_v4(p + q * plane);
+      d.l[j] = __ldg(reinterpret_cast<const uint4*>(lut + (size_t)r * 8));
+    }
+  };
+  StreamItem<R> bufA, bufB;
+  if (n_items > 0) load(bufA, 0);
+
+  {  // stage x: 16-byte loads of 8 channels, all issued before the stores
+    const __half* xm = x + (size_t)m * in;
+    __half* xh = reinterpret_cast<__half*>(xs);
+    const int n16 = in >> 3;
+    for (int b = 0; b < n16; b += kStreamThreads * 4) {
+      uint4 v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int j = b + u * kStreamThreads + (int)threadIdx.x;
+        if (j < n16) v[u] = *reinterpret_cast<const uint4*>(xm + (size_t)j * 8);
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int j = b + u * kStreamThreads + (int)threadIdx.x;
+        if (j >= n16) continue;
+        const int w = j >> 2, q = j & 3;  // channels 32w + 8q + e
+        const __half* h = reinterpret_cast<const __half*>(&v[u]);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) xh[xs_swz(4 * w + (e & 3)) * 8 + 2 * q + (e >> 2)] = h[e];
+      }
+    }
+  }
+  __syncthreads();
+
+  float* gpart = fused.on() ? fused.gpart + (size_t)m * out : nullptr;
+  // chunk 16g + j of group g sits at 16g + (j ^ (g & 7)), and g & 7 == lane & 7 for every item
+  const uint32_t xs_base = (uint32_t)__cvta_generic_to_shared(xs);
+  const uint32_t swz = 16u * (uint32_t)(lane & 7);
+  float acc[R];
+#pragma unroll
+  for (int j = 0; j < R; ++j) acc[j] = 0.f;
+
+  auto compute = [&](const StreamItem<R>& c, int i) {
+    const int pi = i / T, t = i - pi * T;
+    const int g = lane + 32 * t;
+    if (g < G4) {
+      uint32_t lt[R][4];
+#pragma unroll
+      for (int j = 0; j < R; ++j) lut_tables(c.l[j], lt[j][0], lt[j][1], lt[j][2], lt[j][3]);
+      const uint32_t gbase = xs_base + 256u * (uint32_t)g;
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        uint32_t A[R], B[R], C[R];
+#pragma unroll
+        for (int j = 0; j < R; ++j) {
+          const uint32_t* w0 = reinterpret_cast<const uint32_t*>(&c.w[j][0]);
+          const uint32_t* w1 = reinterpret_cast<const uint32_t*>(&c.w[j][1]);
+          const uint32_t* w2 = reinterpret_cast<const uint32_t*>(&c.w[j][2]);
+          A[j] = w0[v];
+          B[j] = __funnelshift_l(w1[v], w1[v], 1);
+          C[j] = __funnelshift_l(w2[v], w2[v], 2);
+        }
+        // chunks 4v .. 4v+3 of the group: physical (4v + k) ^ (lane & 7); v >= 2 adds 128 bytes
+        const uint32_t p01 = gbase + ((16u * (4 * (v & 1))) ^ swz) + 128u * (v >> 1);
+        const uint32_t p23 = gbase + ((16u * (4 * (v & 1) + 2)) ^ swz) + 128u * (v >> 1);
+        uint4 xv[4];
+        asm("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(xv[0].x), "=r"(xv[0].y), "=r"(xv[0].z), "=r"(xv[0].w) : "r"(p01));
+        asm("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(xv[1].x), "=r"(xv[1].y), "=r"(xv[1].z), "=r"(xv[1].w) : "r"(p01 ^ 16u));
+        asm("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(xv[2].x), "=r"(xv[2].y), "=r"(xv[2].z), "=r"(xv[2].w) : "r"(p23));
+        asm("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(xv[3].x), "=r"(xv[3].y), "=r"(xv[3].z), "=r"(xv[3].w) : "r"(p23 ^ 16u));
+#pragma unroll
+        for (int j = 0; j < R; ++j) {
+          __half2 h0 = __float2half2_rn(0.f), h1 = h0;
+          ap3_dot8<0>(A[j], B[j], C[j], lt[j][0], lt[j][1], lt[j][2], lt[j][3], xv[0], h0, h1);
+          ap3_dot8<1>(A[j], B[j], C[j], lt[j][0], lt[j][1], lt[j][2], lt[j][3], xv[1], h0, h1);
+          const float2 f0 = __half22float2(h0), f1 = __half22float2(h1);
+          __half2 h2 = __float2half2_rn(0.f), h3 = h2;
+          ap3_dot8<2>(A[j], B[j], C[j], lt[j][0], lt[j][1], lt[j][2], lt[j][3], xv[2], h2, h3);
+          ap3_dot8<3>(A[j], B[j], C[j], lt[j][0], lt[j][1], lt[j][2], lt[j][3], xv[3], h2, h3);
+          const float2 f2 = __half22float2(h2), f3 = __half22float2(h3);
+          acc[j] += ((f0.x + f0.y) + (f1.x + f1.y)) + ((f2.x + f2.y) + (f3.x + f3.y));
+        }
+      }
+    }
+    if (t + 1 == T) {  // the row group is done: reduce over the warp and write its rows
+#pragma unroll
+      for (int j = 0; j < R; ++j)
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], off);
+      const int ra = r0 + R * (warp + pi * kStreamWarps);
+#pragma unroll
+      for (int j = 0; j < R; ++j) {
+        if (lane == j && ra + j < r1) {
+          if (gpart) gpart[ra + j] = acc[j];
+          else y[(size_t)m * out + ra + j] = __float2half_rn(acc[j]);
+        }
+        acc[j] = 0.f;
+      }
+    }
+  };
+
+  // ping-pong buffers (no register copies): the next item's loads are in flight during compute
+  for (int i = 0; i < n_items; i += 2) {
+    if (i + 1 < n_items) load(bufB, i + 1);
+    compute(bufA, i);
+    if (i + 1 >= n_items) break;
+    if (i + 2 < n_items) load(bufA, i + 2);
+    compute(bufB, i + 1);
+  }
+  if (fused.on()) fused_arrive<__half, R == 2 ? 4 : 2>(fused, m, blockIdx.x, blockIdx.x + 1, out, flags);
 }
 
 template <int BITS, typename T>
@@ -347,17 +558,54 @@ int ks_log2_for(int bits, int in, int out) {
   const int RW = 32 >> bits;
   const int vec = ((in >> 5) % 4 == 0) ? 4 : 1;
   const int steps = ceil_div(min(in >> 5, kTileWords), (1 << bits) * vec);
-  int sms = 132;
-  int dev = 0;
-  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const int sms = device_sms();
   int ks = 0;
   while (ks < 3 && (1 << (ks + 1)) <= steps && ceil_div(out, (kWarps >> ks) * RW) < 4 * sms) ++ks;
   return ks;
 }
 
+bool use_stream_kernel(int bits, bool f16, int in) { return bits == 3 && f16 && in % 128 == 0; }
+
+// Rows per warp item of the streaming kernel: 2 (x loads shared by two rows, 2 blocks per SM) or 1
+// (3 blocks per SM). DECDEC_AP3_ROWS=1|2 overrides the default for benchmarking.
+int stream_rows() {
+  static const int r = [] {
+    const char* e = std::getenv("DECDEC_AP3_ROWS");
+    return e && e[0] == '1' ? 1 : 2;
+  }();
+  return r;
+}
+
+// Rows per block of the streaming kernel: the grid fills its blocks per SM, less the `reserve`
+// blocks a concurrent DEC kernel occupies (fused op), so no GEMV block waits for a slot.
+int stream_block_rows(int out, int reserve) {
+  const int sms = device_sms(), R = stream_rows();
+  const int per_sm = R == 2 ? stream_blocks_per_sm<2>() : stream_blocks_per_sm<1>();
+  // a DEC block (256 threads x 128 registers) displaces one 2-row block or two 1-row blocks
+  const int blocks = max(sms, per_sm * sms - max(reserve, 0) * (R == 2 ? 1 : 2));
+  return max(R, ceil_div(ceil_div(out, blocks), R) * R);
+}
+
+template <int R>
+cudaError_t launch_stream(const void* x, const uint32_t* qw, const void* lut, void* y, int M, int in, int out,
+                          const Fused& fused, cudaStream_t stream) {
+  const int br = stream_block_rows(out, fused.on() ? fused.reserve_blocks : 0);
+  const size_t smem = (size_t)in * sizeof(__half);
+  const cudaError_t err = allow_smem(ap3_gemv_stream_kernel<R>, smem);
+  if (err != cudaSuccess) return err;
+  ap3_gemv_stream_kernel<R><<<dim3(ceil_div(out, br), M), kStreamThreads, smem, stream>>>(
+      static_cast<const __half*>(x), qw, static_cast<const __half*>(lut), static_cast<__half*>(y), in, out, br, fused);
+  return cudaGetLastError();
+}
+
 template <int BITS, typename T>
 cudaError_t launch_gemv(const void* x, const uint32_t* qw, const void* lut, void* y, int M, int in, int out,
                         const Fused& fused, cudaStream_t stream) {
+  if constexpr (BITS == 3 && std::is_same_v<T, __half>) {
+    if (use_stream_kernel(BITS, true, in))
+      return stream_rows() == 2 ? launch_stream<2>(x, qw, lut, y, M, in, out, fused, stream)
+                                : launch_stream<1>(x, qw, lut, y, M, in, out, fused, stream);
+  }
   const int ks = ks_log2_for(BITS, in, out);
   const int RB = (kWarps >> ks) * (32 >> BITS);
   const dim3 grid(ceil_div(out, RB), M);
@@ -415,7 +663,10 @@ cudaError_t dequant_dispatch(int bits, const uint32_t* qw, const void* lut, void
 
 bool ap_bits_supported(int bits) { return bits >= 2 && bits <= 4; }
 
-int ap_gemv_tile_rows(int bits, int in, int out) { return (kWarps >> ks_log2_for(bits, in, out)) * (32 >> bits); }
+int ap_gemv_tile_rows(DType dt, int bits, int in, int out, int reserve_blocks) {
+  if (use_stream_kernel(bits, dt == DType::F16, in)) return stream_block_rows(out, reserve_blocks);
+  return (kWarps >> ks_log2_for(bits, in, out)) * (32 >> bits);
+}
 
 cudaError_t ap_gemv(DType dt, const void* x, const uint32_t* qweight, const void* lut, void* y, int M, int in,
                     int out, int bits, const Fused& fused, cudaStream_t stream) {

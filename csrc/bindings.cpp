@@ -133,7 +133,7 @@ int cached_max_blocks(int dev, int in, int out, int k_chunk, int n_tb) {
   static std::unordered_map<std::string, int> cache;
   const size_t smem = decdec::dec_smem_bytes(in, out, k_chunk, n_tb);
   const std::string key = std::to_string(dev) + "/" + std::to_string(out) + "/" + std::to_string(smem) + "/" +
-                          std::to_string(decdec::dec_slice_size(out, n_tb));
+                          std::to_string(decdec::dec_slice_size(in, out, n_tb)) + "/" + std::to_string(in);
   std::lock_guard<std::mutex> lock(mu);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
@@ -260,11 +260,24 @@ at::Tensor dec_cuda(const at::Tensor& x, const at::Tensor& q_residual, const at:
   const int out = i32(scales.size(0), "out"), in = i32(x.size(1), "in");
   check_dec(x, q_residual, scales, bounds, k_chunk, n_tb, out, in);
   c10::cuda::CUDAGuard guard(x.device());
-  if (k_chunk == 0) return at::zeros({x.size(0), out}, x.options());
-  auto y = at::empty({x.size(0), out}, x.options());
+  const int M = (int)x.size(0);
+  if (k_chunk == 0 || M == 0) return at::zeros({x.size(0), out}, x.options());
+  auto y = at::empty({M, out}, x.options());
+  const int parts = decdec::dec_parts(in), slice = decdec::dec_slice_size(in, out, (int)n_tb);
+  auto part = at::empty({(int64_t)parts * M * out}, x.options().dtype(at::kFloat));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  decdec::Fused f;
+  f.dpart = part.data_ptr<float>();
+  f.counters = tile_counters(x.get_device(), (size_t)M * ((out + slice - 1) / slice), stream.stream());
+  f.y = y.data_ptr();
+  f.tile_rows = slice;
+  f.dec_slice = slice;
+  f.dec_parts = parts;
+  f.n_tokens = M;
+  f.dec_scales = scales.data_ptr();
   cuda_ok(decdec::dec(dtype_of(x), x.data_ptr(), reinterpret_cast<const uint32_t*>(q_residual.data_ptr()),
-                      scales.data_ptr(), bounds.data_ptr<float>(), y.data_ptr(), (int)x.size(0), in, out,
-                      (int)k_chunk, (int)n_tb, decdec::Fused{}, at::cuda::getCurrentCUDAStream()),
+                      scales.data_ptr(), bounds.data_ptr<float>(), M, in, out, (int)k_chunk, (int)n_tb, f,
+                      stream.stream()),
           "dec launch");
   return y;
 }
@@ -278,7 +291,8 @@ at::Tensor fused(const at::Tensor& x, const at::Tensor& q_residual, const at::Te
   const int M = (int)x.size(0);
   auto y = at::empty({M, out}, x.options());
   if (M == 0) return y;
-  auto part = at::empty({2, M, out}, x.options().dtype(at::kFloat));
+  const int parts = decdec::dec_parts(in);
+  auto part = at::empty({(int64_t)(1 + parts) * M * out}, x.options().dtype(at::kFloat));
   const int n_tiles = (out + tile_rows - 1) / tile_rows;
   auto main = at::cuda::getCurrentCUDAStream();
   decdec::Fused f;
@@ -287,13 +301,17 @@ at::Tensor fused(const at::Tensor& x, const at::Tensor& q_residual, const at::Te
   f.counters = tile_counters(dev, (size_t)M * n_tiles, main.stream());
   f.y = y.data_ptr();
   f.tile_rows = tile_rows;
-  f.dec_slice = decdec::dec_slice_size(out, (int)n_tb);
+  f.dec_slice = decdec::dec_slice_size(in, out, (int)n_tb);
+  f.dec_parts = parts;
+  f.n_tokens = M;
+  f.reserve_blocks = (int)n_tb;
+  f.dec_scales = scales.data_ptr();
   auto side = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, dev);
   auto& ev = fork_join(dev);
   ev.fork.record(main);
   ev.fork.block(side);
   cuda_ok(decdec::dec(dtype_of(x), x.data_ptr(), reinterpret_cast<const uint32_t*>(q_residual.data_ptr()),
-                      scales.data_ptr(), bounds.data_ptr<float>(), nullptr, M, in, out, (int)k_chunk, (int)n_tb, f,
+                      scales.data_ptr(), bounds.data_ptr<float>(), M, in, out, (int)k_chunk, (int)n_tb, f,
                       side.stream()),
           "dec launch (fused)");
   cuda_ok(gemv(f, main.stream()), "base GEMV launch (fused)");
@@ -310,7 +328,7 @@ at::Tensor ap_gemv_dec_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   if (k_chunk == 0) return ap_gemv_cuda(x, qweight, lut);  // no DEC: bit-identical to ap_gemv
   c10::cuda::CUDAGuard guard(x.device());
   return fused(x, q_residual, scales, bounds, k_chunk, n_tb, s.in, s.out,
-               decdec::ap_gemv_tile_rows(s.bits, s.in, s.out), [&](const decdec::Fused& f, cudaStream_t st) {
+               decdec::ap_gemv_tile_rows(dtype_of(x), s.bits, s.in, s.out, (int)n_tb), [&](const decdec::Fused& f, cudaStream_t st) {
                  return decdec::ap_gemv(dtype_of(x), x.data_ptr(),
                                         reinterpret_cast<const uint32_t*>(qweight.data_ptr()), lut.data_ptr(),
                                         nullptr, (int)x.size(0), s.in, s.out, s.bits, f, st);

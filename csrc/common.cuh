@@ -5,6 +5,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "kernels.h"
 
@@ -42,21 +45,21 @@ __device__ __forceinline__ float lds_f32(uint32_t saddr) {
 // Number of DEC slices (size `slice`, partition of [0, out)) that overlap rows [lo, hi).
 __device__ __forceinline__ int n_overlap(int lo, int hi, int slice) { return (hi - 1) / slice - lo / slice + 1; }
 
-// Fused-op combine (see kernels.h `Fused`). Called by every thread of a block after it stored its
-// partial for the tiles [t0, t1) of token m. The last block to arrive at a tile writes y there.
-template <typename T>
+// Combine (see kernels.h `Fused`). Called by every thread of a block after it stored its partial
+// for the tiles [t0, t1) of token m. The last one to arrive at a tile writes y there. kRows: rows
+// per thread whose loads are in flight together (kernels with few spare registers pass 2).
+template <typename T, int kRows = 8>
 __device__ void fused_arrive(const Fused& f, int m, int t0, int t1, int out, int* s_flags /* smem, blockDim ints */) {
   const int n_tiles = ceil_div(out, f.tile_rows);
   __threadfence();
   __syncthreads();
-  const float* g = f.gpart + (size_t)m * out;
-  const float* d = f.dpart + (size_t)m * out;
+  const float* g = f.gpart ? f.gpart + (size_t)m * out : nullptr;
   T* y = reinterpret_cast<T*>(f.y) + (size_t)m * out;
   for (int tb = t0; tb < t1; tb += blockDim.x) {  // batches of blockDim tiles
     const int t = tb + (int)threadIdx.x;
     if (t < t1) {
       const int lo = t * f.tile_rows, hi = min(out, lo + f.tile_rows);
-      const int expected = 1 + n_overlap(lo, hi, f.dec_slice);
+      const int expected = (g ? 1 : 0) + f.dec_parts * n_overlap(lo, hi, f.dec_slice);
       int* c = f.counters + (size_t)m * n_tiles + t;
       const int old = atomicAdd(c, 1);
       const bool last = old == expected - 1;
@@ -65,14 +68,74 @@ __device__ void fused_arrive(const Fused& f, int m, int t0, int t1, int out, int
     }
     __syncthreads();
     __threadfence();
-    const int nb = min((int)blockDim.x, t1 - tb);
-    for (int i = 0; i < nb; ++i) {
-      if (!s_flags[i]) continue;
-      const int lo = (tb + i) * f.tile_rows, hi = min(out, lo + f.tile_rows);
-      for (int r = lo + (int)threadIdx.x; r < hi; r += blockDim.x) y[r] = from_f32<T>(__ldcg(g + r) + __ldcg(d + r));
+    // the rows of this batch's tiles, flagged or not, spread over the threads; kRows rows' loads
+    // (gemv, the chunk partials, the scale) are issued before any is used, so a block that
+    // combines many tiles pays a few L2 round trips, not one per tile
+    constexpr int kParts = 4;
+    const int lo_b = tb * f.tile_rows, hi_b = min(out, min(t1, tb + (int)blockDim.x) * f.tile_rows);
+    const T* scales = reinterpret_cast<const T*>(f.dec_scales);
+    for (int r0 = lo_b + (int)threadIdx.x; r0 < hi_b; r0 += kRows * (int)blockDim.x) {
+      float gv[kRows], dv[kRows], sv[kRows];
+      bool on[kRows];
+#pragma unroll
+      for (int u = 0; u < kRows; ++u) {
+        const int r = r0 + u * (int)blockDim.x;
+        on[u] = r < hi_b && s_flags[(r - lo_b) / f.tile_rows];
+        gv[u] = on[u] && g ? __ldcg(g + r) : 0.f;
+        sv[u] = on[u] ? to_f32(scales[r]) : 0.f;
+        dv[u] = 0.f;
+      }
+      for (int p0 = 0; p0 < f.dec_parts; p0 += kParts) {  // chunk partials, summed in chunk order
+        float t[kRows][kParts];
+#pragma unroll
+        for (int u = 0; u < kRows; ++u)
+#pragma unroll
+          for (int q = 0; q < kParts; ++q)
+            t[u][q] = on[u] && p0 + q < f.dec_parts
+                          ? __ldcg(f.dpart + ((size_t)(p0 + q) * f.n_tokens + m) * out + r0 + u * (int)blockDim.x)
+                          : 0.f;
+#pragma unroll
+        for (int u = 0; u < kRows; ++u)
+#pragma unroll
+          for (int q = 0; q < kParts; ++q) dv[u] += t[u][q];
+      }
+#pragma unroll
+      for (int u = 0; u < kRows; ++u)
+        if (on[u]) y[r0 + u * (int)blockDim.x] = from_f32<T>(g ? fmaf(dv[u], sv[u], gv[u]) : dv[u] * sv[u]);
     }
     __syncthreads();  // s_flags reused by the next batch
   }
+}
+
+// Multiprocessor count of the current device (cached per device).
+inline int device_sms() {
+  static int cache[64] = {0};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 132;
+  if (cache[dev] == 0) {
+    int sms = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) sms = 132;
+    cache[dev] = sms;
+  }
+  return cache[dev];
+}
+
+// cudaFuncSetAttribute only when a kernel needs more dynamic shared memory than it was allowed
+// before (per device); it is not free, and decoding launches these kernels thousands of times.
+template <typename K>
+cudaError_t allow_smem(K* kernel, size_t smem) {
+  if (smem <= 48 * 1024) return cudaSuccess;
+  static std::mutex mu;
+  static std::map<std::pair<int, const void*>, size_t> allowed;
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  std::lock_guard<std::mutex> lock(mu);
+  size_t& a = allowed[{dev, reinterpret_cast<const void*>(kernel)}];
+  if (a >= smem) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err == cudaSuccess) a = smem;
+  return err;
 }
 
 }  // namespace decdec

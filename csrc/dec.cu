@@ -1,20 +1,19 @@
-// DEC: dynamic error compensation (DESIGN.md §2). One kernel, n_tb blocks; every block
-//  1. computes the 32 bucket floors from bounds [a, b] with the reference's exact fp32 expressions
-//     (__fadd_rn/__fmul_rn/__fdiv_rn: no FMA contraction),
-//  2. selects, per 1024-channel chunk (one warp per chunk), exactly floor(k_chunk * L / 1024)
-//     channels, bucket by bucket from bucket 0 (largest |x|); inside the overflow bucket the lowest
-//     channel indices win (ballot ranks), which is the reference's choice, so the selection is
-//     deterministic and identical to reference.select_channels. Every block computes the same list
-//     (x is tiny and L2-resident), so blocks never wait for each other: no grid sync, no hang;
-//  3. fetches only the selected rows of q_residual from pinned host memory (zero-copy over PCIe),
-//     restricted to its own slice of the output columns: 16-byte loads, consecutive threads on
-//     consecutive 16 bytes of a row, U independent loads per thread in flight;
-//  4. accumulates x_j * (nibble - 8) in fp32, scales per output column and writes its slice
-//     (standalone), or its fp32 partial + the fused combine (see kernels.h `Fused`).
-#include <map>
-#include <mutex>
-#include <utility>
-
+// DEC: dynamic error compensation (DESIGN.md §2). One kernel of n_tb blocks working on units
+// (1024-channel chunk c, output slice s); slices per chunk S = max(1, n_tb / n_chunks). A unit
+//  1. selects the channels of its chunk only: the 32 bucket floors from bounds [a, b] with the
+//     reference's exact fp32 expressions (__fadd_rn/__fmul_rn/__fdiv_rn: no FMA contraction), 4
+//     channels per thread, the chunk's bucket histogram, the overflow bucket, and one block-wide
+//     scan that places exactly floor(k_chunk * L / 1024) channels, bucket by bucket from bucket 0,
+//     lowest channel indices first inside the overflow bucket (the reference's choice), so the
+//     selection is deterministic and identical to reference.select_channels. Units never wait for
+//     each other (no grid sync, no hang), and no block selects more than its own chunk;
+//  2. fetches only the selected rows of q_residual from pinned host memory (zero-copy over PCIe),
+//     restricted to its slice of the output columns: 16-byte loads, consecutive threads on
+//     consecutive 16 bytes of a row, kUnroll independent loads per thread in flight;
+//  3. accumulates x_j * (nibble - 8) in fp32 and writes chunk c's fp32 partial for its slice, then
+//     takes part in the combine (kernels.h `Fused`): the last arrival at a tile computes
+//     gemv + scale * (sum of the chunk partials in a fixed order), so the output is deterministic
+//     and the scales are read off DEC's critical path.
 #include "common.cuh"
 
 namespace decdec {
@@ -23,34 +22,23 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kChunk = 1024;
-constexpr int kHist = 34;  // 33 buckets (0..32) + pad
 constexpr int kUnroll = 4;
 
-__host__ __device__ inline int k_total(int k_chunk, int in) {
-  return k_chunk * (in / kChunk) + k_chunk * (in % kChunk) / kChunk;
+__host__ __device__ inline int n_chunks(int in) { return (in + kChunk - 1) / kChunk; }
+__host__ __device__ inline int chunk_quota(int k_chunk, int in, int c) {
+  return k_chunk * min(kChunk, in - c * kChunk) / kChunk;
 }
+__host__ __device__ inline int slices_per_chunk(int in, int n_tb) { return max(1, n_tb / n_chunks(in)); }
 
-struct DecLayout {  // dynamic shared memory, in 4-byte units
-  int floors, hist, o, need, go, gl, po, ps, bkt, flags, list, accs, total;
+struct DecSmem {
+  float floors[32];
+  int hist[36];  // buckets 0..31 (bucket 32, below every floor, is not counted: it is never needed)
+  int wsum[kWarps];
+  int mono;
+  int flags[kThreads];
+  int list[kChunk];     // selected channels of the chunk, in channel order
+  float listx[kChunk];  // their x values
 };
-__host__ __device__ inline DecLayout dec_layout(int in, int ktot, int accs_floats) {
-  const int nc = (in + kChunk - 1) / kChunk, ng = (in + 31) / 32;
-  DecLayout l;
-  l.floors = 0;
-  l.hist = 32;                  // [nc][kHist] bucket counts per chunk
-  l.o = l.hist + nc * kHist;    // [nc] overflow bucket (-1: quota 0)
-  l.need = l.o + nc;            // [nc] channels taken from the overflow bucket
-  l.go = l.need + nc;           // [ng] per 32-channel group: #channels in the overflow bucket
-  l.gl = l.go + ng;             //      #channels in higher buckets
-  l.po = l.gl + ng;             //      exclusive prefix of go inside the chunk
-  l.ps = l.po + ng;             //      exclusive prefix of selected channels inside the chunk
-  l.bkt = l.ps + ng;            // [in] bucket per channel (bytes)
-  l.flags = l.bkt + (in + 3) / 4;
-  l.list = l.flags + kThreads;
-  l.accs = l.list + ((ktot + 3) & ~3);
-  l.total = l.accs + accs_floats;
-  return l;
-}
 
 // Vector width (in 32-bit words) of the residual loads and the accumulator slice per block.
 __host__ __device__ inline int dec_vec_words(int out, int slice) {
@@ -101,209 +89,215 @@ __device__ void compute_floors(const float* __restrict__ bounds, float* floors, 
 //  2. a warp per chunk, lane = 32-channel group: overflow bucket o and how many of it to take,
 //     per-group counts with byte-SIMD compares, prefix scans across lanes, then each lane emits
 //     its group's selected channels (lowest indices first inside bucket o, as the reference).
-template <typename T>
-__device__ void select_token(const T* __restrict__ xm, int in, int k_chunk, const float* __restrict__ bounds,
-                             float* floors, int* mono_s, const DecLayout& Ly, int* sm, int* list) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int nc = ceil_div(in, kChunk);
-  int* hist = sm + Ly.hist;
-  uint8_t* bkt = reinterpret_cast<uint8_t*>(sm + Ly.bkt);
 
-  constexpr int PER = 16;
-  for (int base = 0; base < in; base += kThreads * PER) {
-    float ax[PER];
+// Channel selection of chunk c of token xm into S.list / S.listx [0 .. quota), quota > 0.
+// Thread t owns channels 4t .. 4t+3 of the chunk. Three barriers.
+template <typename T>
+__device__ void select_chunk(const T* __restrict__ xm, int in, int c, int quota, const float* __restrict__ bounds,
+                             DecSmem& S) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int base = c * kChunk, L = min(kChunk, in - base);
+  const int i0 = 4 * (int)threadIdx.x;
+  float xv[4];
+  if ((in & 3) == 0 && i0 + 4 <= L) {  // 8-byte aligned: 4 values in one load
+    const uint2 r = *reinterpret_cast<const uint2*>(xm + base + i0);
+    const T* h = reinterpret_cast<const T*>(&r);
 #pragma unroll
-    for (int u = 0; u < PER; ++u) {  // all loads first
-      const int i = base + u * kThreads + (int)threadIdx.x;
-      ax[u] = i < in ? fabsf(to_f32(xm[i])) : 0.f;
+    for (int j = 0; j < 4; ++j) xv[j] = to_f32(h[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) xv[j] = i0 + j < L ? to_f32(xm[base + i0 + j]) : 0.f;
+  }
+  if (warp == 0) compute_floors(bounds, S.floors, &S.mono);
+  if (warp == 1) {
+    S.hist[lane] = 0;
+    if (lane < 4) S.hist[32 + lane] = 0;
+  }
+  __syncthreads();
+  const bool mono = S.mono != 0;
+  int b[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) b[j] = i0 + j < L ? bucket_of(S.floors, mono, fabsf(xv[j])) : 33;
+  {  // warp histogram by bit-sliced ballots: lane L counts the warp's channels in bucket L (< 32)
+    int cnt = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      unsigned mm = ~__ballot_sync(0xffffffffu, b[j] >= 32);
+#pragma unroll
+      for (int t = 0; t < 5; ++t) {
+        const unsigned bt = __ballot_sync(0xffffffffu, (b[j] >> t) & 1);
+        mm &= ((lane >> t) & 1) ? bt : ~bt;
+      }
+      cnt += __popc(mm);
     }
-    if (base == 0) {  // floors (one more global load) while the x loads are in flight
-      compute_floors(bounds, floors, mono_s);
-      for (int i = threadIdx.x; i < nc * kHist; i += kThreads) hist[i] = 0;
-      for (int i = in + (int)threadIdx.x; i < ceil_div(in, 32) * 32; i += kThreads) bkt[i] = 255;  // ragged tail
-      __syncthreads();
-    }
-    const bool mono = *mono_s != 0;
-    int bk[PER];
+    if (cnt) atomicAdd(&S.hist[lane], cnt);
+  }
+  __syncthreads();
+  // overflow bucket o and how many of it to take (every warp computes it, no extra barrier)
+  int cum = S.hist[lane];
 #pragma unroll
-    for (int u = 0; u < PER; ++u) bk[u] = bucket_of(floors, mono, ax[u]);  // independent searches
+  for (int off = 1; off < 32; off <<= 1) {
+    const int v = __shfl_up_sync(0xffffffffu, cum, off);
+    if (lane >= off) cum += v;
+  }
+  const unsigned reach = __ballot_sync(0xffffffffu, cum >= quota);
+  const int o = reach ? __ffs(reach) - 1 : 32;  // bucket 32 holds the rest: quota <= L
+  const int before = __shfl_sync(0xffffffffu, cum, o > 0 ? min(o - 1, 31) : 0);
+  const int need = quota - (o > 0 ? before : 0);
+  // one block-wide exclusive scan of (channels in higher buckets, channels in bucket o), packed
+  int n_lt = 0, n_eq = 0;
 #pragma unroll
-    for (int u = 0; u < PER; ++u) {
-      const int g0 = base + u * kThreads + warp * 32;
-      if (g0 >= in) break;  // warp-uniform
-      const int i = g0 + lane;
-      const int b = i < in ? bk[u] : 33;
-      if (i < in) bkt[i] = (uint8_t)b;
-      const unsigned peers = __match_any_sync(0xffffffffu, b);
-      if (b < 33 && lane == __ffs(peers) - 1) atomicAdd(hist + (i >> 10) * kHist + b, __popc(peers));
+  for (int j = 0; j < 4; ++j) {
+    n_lt += b[j] < o;
+    n_eq += b[j] == o;
+  }
+  const int packed = n_lt | (n_eq << 16);
+  int inc = packed;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int v = __shfl_up_sync(0xffffffffu, inc, off);
+    if (lane >= off) inc += v;
+  }
+  if (lane == 31) S.wsum[warp] = inc;
+  __syncthreads();
+  int pre = 0;
+  for (int w = 0; w < warp; ++w) pre += S.wsum[w];
+  const int ex = pre + inc - packed;
+  int eq_before = ex >> 16;
+  int pos = (ex & 0xFFFF) + min(eq_before, need);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const bool is_o = b[j] == o;
+    const bool sel = b[j] < o || (is_o && eq_before < need);
+    eq_before += is_o;
+    if (sel) {
+      S.list[pos] = base + i0 + j;
+      S.listx[pos] = xv[j];
+      ++pos;
     }
   }
   __syncthreads();
-  for (int c = warp; c < nc; c += kWarps) {
-    const int L = min(kChunk, in - c * kChunk), quota = k_chunk * L / kChunk;
-    if (quota == 0) continue;  // warp-uniform
-    int cum = hist[c * kHist + lane];
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const int v = __shfl_up_sync(0xffffffffu, cum, off);
-      if (lane >= off) cum += v;
-    }
-    const unsigned reach = __ballot_sync(0xffffffffu, cum >= quota);
-    const int o = reach ? __ffs(reach) - 1 : 32;  // bucket 32 (if any) holds the rest: quota <= L
-    const int before = __shfl_sync(0xffffffffu, cum, o > 0 ? min(o - 1, 31) : 0);
-    const int need = quota - (o > 0 ? before : 0);
-    // lane = group g of the chunk: its 32 bucket bytes (255 beyond `in`)
-    const int g = c * 32 + lane;
-    const bool gv = g * 32 < in;
-    uint32_t wb[8];
-    if (gv) {
-      const uint4 q0 = *reinterpret_cast<const uint4*>(bkt + g * 32);
-      const uint4 q1 = *reinterpret_cast<const uint4*>(bkt + g * 32 + 16);
-      wb[0] = q0.x; wb[1] = q0.y; wb[2] = q0.z; wb[3] = q0.w; wb[4] = q1.x; wb[5] = q1.y; wb[6] = q1.z; wb[7] = q1.w;
-    } else {
-#pragma unroll
-      for (int j = 0; j < 8; ++j) wb[j] = 0xFFFFFFFFu;
-    }
-    const uint32_t o4 = 0x01010101u * (uint32_t)o;
-    int n_eq = 0, n_lt = 0;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      n_eq += __popc(__vcmpeq4(wb[j], o4)) >> 3;
-      n_lt += __popc(__vcmpltu4(wb[j], o4)) >> 3;
-    }
-    int so = n_eq;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const int v = __shfl_up_sync(0xffffffffu, so, off);
-      if (lane >= off) so += v;
-    }
-    const int po = so - n_eq;                        // bucket-o channels in earlier groups
-    const int take = max(0, min(need - po, n_eq));   // of this group's bucket-o channels
-    const int n_sel = n_lt + take;
-    int ss = n_sel;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const int v = __shfl_up_sync(0xffffffffu, ss, off);
-      if (lane >= off) ss += v;
-    }
-    int pos = c * k_chunk + ss - n_sel, taken = 0;
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      const int b = (wb[j >> 2] >> (8 * (j & 3))) & 0xFF;
-      const bool is_o = b == o;
-      const bool sel = b < o || (is_o && taken < take);
-      taken += is_o;
-      if (sel) list[pos++] = g * 32 + j;
-    }
-  }
 }
 
 template <typename T, int VW>
 __global__ void __launch_bounds__(kThreads)
-    dec_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qr, const T* __restrict__ scales,
-               const float* __restrict__ bounds, T* __restrict__ y, int M, int in, int out, int k_chunk, int slice,
-               Fused fused) {
-  extern __shared__ __align__(16) int sm[];
-  const int ktot = k_total(k_chunk, in);
-  const int accs_n = dec_accs_floats(out, slice);
-  const DecLayout L = dec_layout(in, ktot, accs_n);
-  float* floors = reinterpret_cast<float*>(sm + L.floors);
-  int* flags = sm + L.flags;
-  int* list = sm + L.list;
-  float* accs = reinterpret_cast<float*>(sm + L.accs);
-  __shared__ int mono;
-
-  const int o_lo = blockIdx.x * slice;
-  if (o_lo >= out) return;  // no columns for this block (n_tb * slice > out); it takes no part
-  const int o_hi = min(out, o_lo + slice);
-  const int ow = out / 8;               // words per residual row
-  const int w_lo = o_lo / 8;
-  const int V = ((o_hi - o_lo) / 8) / VW;  // vectors per row in this slice
-  const bool use_accs = accs_n > 0;  // several row groups per column vector, reduced in smem
-  const int VB = max(1, min(V, kThreads));
-  const int G = use_accs ? kThreads / VB : 1;
-  const int g = threadIdx.x / VB, vl = threadIdx.x % VB;
-
+    dec_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qr, const float* __restrict__ bounds, int M, int in, int out, int k_chunk, int spc, int slice, Fused f) {
+  extern __shared__ __align__(16) float accs[];  // [kThreads][VW*8 + 1] when several row groups share a vector
+  __shared__ DecSmem S;
+  const int nc = n_chunks(in), units = nc * spc;
+  const bool use_accs = dec_accs_floats(out, slice) > 0;
+  const int ow = out / 8;  // words per residual row
   for (int m = 0; m < M; ++m) {
     const T* xm = x + (size_t)m * in;
-    select_token(xm, in, k_chunk, bounds, floors, &mono, L, sm, list);
-    __syncthreads();
-
-    float* dst32 = fused.on() ? fused.dpart + (size_t)m * out : nullptr;
-    T* dst = y + (size_t)m * out;
-    if (g < G) {
-      for (int v = vl; v < V; v += VB) {
-        float acc[VW * 8];
+    for (int u = blockIdx.x; u < units; u += gridDim.x) {
+      const int c = u / spc, s = u % spc;
+      const int o_lo = s * slice;
+      if (o_lo >= out) continue;  // block-uniform: this slice is empty
+      const int o_hi = min(out, o_lo + slice);
+      const int quota = chunk_quota(k_chunk, in, c);
+      if (quota > 0) select_chunk(xm, in, c, quota, bounds, S);
+      float* dst = f.dpart + ((size_t)c * M + m) * out;
+      const int V = ((o_hi - o_lo) / 8) / VW;  // vectors per row in this slice
+      const int VB = max(1, min(V, kThreads));
+      const int G = use_accs ? kThreads / VB : 1;
+      const int g = threadIdx.x / VB, vl = threadIdx.x % VB;
+      if (g < G) {
+        // this thread's (vector, row batch) sequence, double-buffered: the next batch's kUnroll
+        // 16-byte zero-copy loads are in flight while the current one is accumulated
+        const int nv = vl < V ? (V - vl + VB - 1) / VB : 0;
+        const int nb = g < quota ? (quota - g + G * kUnroll - 1) / (G * kUnroll) : 0;
+        if (nb == 0) {  // no rows (quota 0): this partial is zero
+          for (int v = vl; v < V; v += VB) {
 #pragma unroll
-        for (int i = 0; i < VW * 8; ++i) acc[i] = 0.f;
-        const uint32_t* colp = qr + w_lo + v * VW;
-        for (int s0 = g; s0 < ktot; s0 += G * kUnroll) {
-          uint32_t wv[kUnroll][VW];
-          float xv[kUnroll];
-#pragma unroll
-          for (int u = 0; u < kUnroll; ++u) {  // all loads first: U x 16 bytes in flight
-            const int s = s0 + u * G;
-            if (s < ktot) {
-              const int row = list[s];
-              xv[u] = to_f32(xm[row]);
-              const uint32_t* p = colp + (size_t)row * ow;
-              if constexpr (VW == 4) {
-                uint4 t;
-                asm volatile("ld.global.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                             : "=r"(t.x), "=r"(t.y), "=r"(t.z), "=r"(t.w) : "l"(p));
-                wv[u][0] = t.x; wv[u][1] = t.y; wv[u][2] = t.z; wv[u][3] = t.w;
-              } else {
-                uint32_t t;
-                asm volatile("ld.global.L1::no_allocate.u32 %0, [%1];" : "=r"(t) : "l"(p));
-                wv[u][0] = t;
-              }
-            } else {
-              xv[u] = 0.f;
-#pragma unroll
-              for (int i = 0; i < VW; ++i) wv[u][i] = 0x88888888u;  // nibbles 8 -> level 0
+            for (int i = 0; i < VW * 8; ++i) {
+              if (use_accs) accs[(g * VB + vl) * (VW * 8 + 1) + i] = 0.f;
+              else dst[o_lo + v * VW * 8 + i] = 0.f;
             }
           }
-#pragma unroll
-          for (int u = 0; u < kUnroll; ++u)
-#pragma unroll
-            for (int i = 0; i < VW; ++i)
-#pragma unroll
-              for (int n = 0; n < 8; ++n) {
-                // exact (nibble - 8) as float: 2^23 + nibble, minus 2^23 + 8
-                const float lv = __int_as_float(0x4B000000 | ((wv[u][i] >> (4 * n)) & 0xFu)) - 8388616.0f;
-                acc[i * 8 + n] = fmaf(lv, xv[u], acc[i * 8 + n]);
-              }
-        }
-        const int c0 = (v * VW) * 8;  // column offset inside the slice
-        if (use_accs) {  // here V <= 128, so v == vl: one vector per thread
-#pragma unroll
-          for (int i = 0; i < VW * 8; ++i) accs[(g * VB + vl) * (VW * 8 + 1) + i] = acc[i];
         } else {
+          struct Batch {
+            uint32_t w[kUnroll][VW];
+            float x[kUnroll];
+          };
+          auto load = [&](Batch& bt, int it) {
+            const int vi = it / nb, bi = it - vi * nb;
+            const uint32_t* colp = qr + o_lo / 8 + (vl + vi * VB) * VW;
 #pragma unroll
-          for (int i = 0; i < VW * 8; ++i) {
-            const int col = o_lo + c0 + i;
-            const float d = acc[i] * to_f32(scales[col]);
-            if (dst32) dst32[col] = d;
-            else dst[col] = from_f32<T>(d);
+            for (int q = 0; q < kUnroll; ++q) {
+              const int sidx = g + bi * G * kUnroll + q * G;
+              if (sidx < quota) {
+                const uint32_t* p = colp + (size_t)S.list[sidx] * ow;
+                bt.x[q] = S.listx[sidx];
+                if constexpr (VW == 4) {
+                  uint4 t;
+                  asm volatile("ld.global.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                               : "=r"(t.x), "=r"(t.y), "=r"(t.z), "=r"(t.w) : "l"(p));
+                  bt.w[q][0] = t.x; bt.w[q][1] = t.y; bt.w[q][2] = t.z; bt.w[q][3] = t.w;
+                } else {
+                  uint32_t t;
+                  asm volatile("ld.global.L1::no_allocate.u32 %0, [%1];" : "=r"(t) : "l"(p));
+                  bt.w[q][0] = t;
+                }
+              } else {
+                bt.x[q] = 0.f;
+#pragma unroll
+                for (int i = 0; i < VW; ++i) bt.w[q][i] = 0x88888888u;  // nibbles 8 -> level 0
+              }
+            }
+          };
+          float acc[VW * 8];
+#pragma unroll
+          for (int i = 0; i < VW * 8; ++i) acc[i] = 0.f;
+          auto consume = [&](const Batch& bt, int it) {
+#pragma unroll
+            for (int q = 0; q < kUnroll; ++q)
+#pragma unroll
+              for (int i = 0; i < VW; ++i)
+#pragma unroll
+                for (int n = 0; n < 8; ++n) {
+                  // exact (nibble - 8) as float: 2^23 + nibble, minus 2^23 + 8
+                  const float lv = __int_as_float(0x4B000000 | ((bt.w[q][i] >> (4 * n)) & 0xFu)) - 8388616.0f;
+                  acc[i * 8 + n] = fmaf(lv, bt.x[q], acc[i * 8 + n]);
+                }
+            const int vi = it / nb;
+            if (it - vi * nb == nb - 1) {  // the vector's last batch: store it
+              const int v = vl + vi * VB;
+              if (use_accs) {  // here V <= 128, so v == vl: one vector per thread
+#pragma unroll
+                for (int i = 0; i < VW * 8; ++i) accs[(g * VB + vl) * (VW * 8 + 1) + i] = acc[i];
+              } else {
+                const int c0 = o_lo + v * VW * 8;
+#pragma unroll
+                for (int i = 0; i < VW * 8; ++i) dst[c0 + i] = acc[i];
+              }
+#pragma unroll
+              for (int i = 0; i < VW * 8; ++i) acc[i] = 0.f;
+            }
+          };
+          const int total = nv * nb;
+          Batch b0, b1;
+          load(b0, 0);
+          for (int it = 0; it < total; it += 2) {
+            if (it + 1 < total) load(b1, it + 1);
+            consume(b0, it);
+            if (it + 1 >= total) break;
+            if (it + 2 < total) load(b0, it + 2);
+            consume(b1, it + 1);
           }
         }
       }
-    }
-    if (use_accs) {
-      __syncthreads();
-      for (int i = threadIdx.x; i < o_hi - o_lo; i += kThreads) {
-        const int col = o_lo + i, v = i / (VW * 8), e = i % (VW * 8);
-        float sum = 0.f;
-        for (int gg = 0; gg < G; ++gg) sum += accs[(gg * VB + v) * (VW * 8 + 1) + e];
-        const float d = sum * to_f32(scales[col]);
-        if (dst32) dst32[col] = d;
-        else dst[col] = from_f32<T>(d);
+      if (use_accs) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < o_hi - o_lo; i += kThreads) {
+          const int col = o_lo + i, v = i / (VW * 8), e = i % (VW * 8);
+          float sum = 0.f;
+          for (int gg = 0; gg < G; ++gg) sum += accs[(gg * VB + v) * (VW * 8 + 1) + e];
+          dst[col] = sum;
+        }
       }
+      fused_arrive<T>(f, m, o_lo / f.tile_rows, (o_hi - 1) / f.tile_rows + 1, out, S.flags);
+      __syncthreads();  // S.list / accs reused by the next unit
     }
-    if (fused.on()) {
-      fused_arrive<T>(fused, m, o_lo / fused.tile_rows, (o_hi - 1) / fused.tile_rows + 1, out, flags);
-    }
-    __syncthreads();  // list / accs reused by the next token
   }
 }
 
@@ -311,62 +305,46 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     dec_select_kernel(const T* __restrict__ x, const float* __restrict__ bounds, uint8_t* __restrict__ mask, int M,
                       int in, int k_chunk) {
-  extern __shared__ __align__(16) int sm[];
-  const int ktot = k_total(k_chunk, in);
-  const DecLayout L = dec_layout(in, ktot, 0);
-  float* floors = reinterpret_cast<float*>(sm + L.floors);
-  __shared__ int mono;
+  __shared__ DecSmem S;
   for (int m = 0; m < M; ++m) {
-    select_token(x + (size_t)m * in, in, k_chunk, bounds, floors, &mono, L, sm, sm + L.list);
     for (int i = threadIdx.x; i < in; i += kThreads) mask[(size_t)m * in + i] = 0;
     __syncthreads();
-    for (int i = threadIdx.x; i < ktot; i += kThreads) mask[(size_t)m * in + sm[L.list + i]] = 1;
-    __syncthreads();
+    for (int c = 0; c < n_chunks(in); ++c) {
+      const int quota = chunk_quota(k_chunk, in, c);
+      if (quota == 0) continue;
+      select_chunk(x + (size_t)m * in, in, c, quota, bounds, S);
+      for (int i = threadIdx.x; i < quota; i += kThreads) mask[(size_t)m * in + S.list[i]] = 1;
+      __syncthreads();
+    }
   }
 }
 
-// cudaFuncSetAttribute only when a kernel needs more dynamic shared memory than it was allowed
-// before (per device); it is not free, and decoding launches these kernels thousands of times.
-template <typename K>
-cudaError_t allow_smem(K* kernel, size_t smem) {
-  if (smem <= 48 * 1024) return cudaSuccess;
-  static std::mutex mu;
-  static std::map<std::pair<int, const void*>, size_t> allowed;
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  std::lock_guard<std::mutex> lock(mu);
-  size_t& a = allowed[{dev, reinterpret_cast<const void*>(kernel)}];
-  if (a >= smem) return cudaSuccess;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  if (err == cudaSuccess) a = smem;
-  return err;
-}
-
 template <typename T>
-cudaError_t launch_dec(const void* x, const uint32_t* qr, const void* scales, const float* bounds, void* y, int M,
-                       int in, int out, int k_chunk, int n_tb, const Fused& fused, cudaStream_t stream) {
-  const int slice = dec_slice_size(out, n_tb);
+cudaError_t launch_dec(const void* x, const uint32_t* qr, const void* scales, const float* bounds, int M, int in,
+                       int out, int k_chunk, int n_tb, const Fused& f, cudaStream_t stream) {
+  const int spc = slices_per_chunk(in, n_tb);
+  const int slice = dec_slice_size(in, out, n_tb);
   const size_t smem = dec_smem_bytes(in, out, k_chunk, n_tb);
-  const int vw = dec_vec_words(out, slice);
+  Fused fs = f;
+  fs.dec_scales = scales;
   cudaError_t err;
-  if (vw == 4) {
+  if (dec_vec_words(out, slice) == 4) {
     err = allow_smem(dec_kernel<T, 4>, smem);
     if (err != cudaSuccess) return err;
-    dec_kernel<T, 4><<<n_tb, kThreads, smem, stream>>>(static_cast<const T*>(x), qr, static_cast<const T*>(scales),
-                                                        bounds, static_cast<T*>(y), M, in, out, k_chunk, slice, fused);
+    dec_kernel<T, 4><<<n_tb, kThreads, smem, stream>>>(static_cast<const T*>(x), qr, bounds, M, in, out, k_chunk,
+                                                        spc, slice, fs);
   } else {
     err = allow_smem(dec_kernel<T, 1>, smem);
     if (err != cudaSuccess) return err;
-    dec_kernel<T, 1><<<n_tb, kThreads, smem, stream>>>(static_cast<const T*>(x), qr, static_cast<const T*>(scales),
-                                                        bounds, static_cast<T*>(y), M, in, out, k_chunk, slice, fused);
+    dec_kernel<T, 1><<<n_tb, kThreads, smem, stream>>>(static_cast<const T*>(x), qr, bounds, M, in, out, k_chunk,
+                                                        spc, slice, fs);
   }
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t max_blocks_t(int device, int in, int out, int k_chunk, int n_tb, int* max_blocks) {
-  const int slice = dec_slice_size(out, n_tb);
+  const int slice = dec_slice_size(in, out, n_tb);
   const size_t smem = dec_smem_bytes(in, out, k_chunk, n_tb);
   int per_sm = 0, sms = 0;
   cudaError_t err;
@@ -388,44 +366,39 @@ cudaError_t max_blocks_t(int device, int in, int out, int k_chunk, int n_tb, int
 
 }  // namespace
 
-int dec_slice_size(int out, int n_tb) {
+int dec_parts(int in) { return n_chunks(in); }
+
+int dec_slice_size(int in, int out, int n_tb) {
   // multiple of 32 columns (16-byte loads) when possible, else of 8 (one residual word)
   const int unit = (out % 32 == 0) ? 32 : 8;
-  return ceil_div(ceil_div(out, n_tb), unit) * unit;
+  return ceil_div(ceil_div(out, slices_per_chunk(in, n_tb)), unit) * unit;
 }
 
 size_t dec_smem_bytes(int in, int out, int k_chunk, int n_tb) {
-  const int slice = dec_slice_size(out, n_tb);
-  return (size_t)dec_layout(in, k_total(k_chunk, in), dec_accs_floats(out, slice)).total * 4;
+  (void)k_chunk;
+  return (size_t)dec_accs_floats(out, dec_slice_size(in, out, n_tb)) * 4;
 }
 
 cudaError_t dec_max_blocks(int device, int in, int out, int k_chunk, int n_tb, int* max_blocks) {
   return max_blocks_t<__half>(device, in, out, k_chunk, n_tb, max_blocks);
 }
 
-cudaError_t dec(DType dt, const void* x, const uint32_t* q_residual, const void* scales, const float* bounds,
-                void* y, int M, int in, int out, int k_chunk, int n_tb, const Fused& fused, cudaStream_t stream) {
+cudaError_t dec(DType dt, const void* x, const uint32_t* q_residual, const void* scales, const float* bounds, int M,
+                int in, int out, int k_chunk, int n_tb, const Fused& fused, cudaStream_t stream) {
   if (M == 0 || out == 0) return cudaSuccess;
   return dt == DType::F16
-             ? launch_dec<__half>(x, q_residual, scales, bounds, y, M, in, out, k_chunk, n_tb, fused, stream)
-             : launch_dec<__nv_bfloat16>(x, q_residual, scales, bounds, y, M, in, out, k_chunk, n_tb, fused, stream);
+             ? launch_dec<__half>(x, q_residual, scales, bounds, M, in, out, k_chunk, n_tb, fused, stream)
+             : launch_dec<__nv_bfloat16>(x, q_residual, scales, bounds, M, in, out, k_chunk, n_tb, fused, stream);
 }
 
 cudaError_t dec_select_debug(DType dt, const void* x, const float* bounds, uint8_t* mask, int M, int in, int k_chunk,
                              cudaStream_t stream) {
   if (M == 0 || in == 0) return cudaSuccess;
-  const size_t smem = (size_t)dec_layout(in, k_total(k_chunk, in), 0).total * 4;
-  cudaError_t err;
-  if (dt == DType::F16) {
-    err = allow_smem(dec_select_kernel<__half>, smem);
-    if (err != cudaSuccess) return err;
-    dec_select_kernel<__half><<<1, kThreads, smem, stream>>>(static_cast<const __half*>(x), bounds, mask, M, in, k_chunk);
-  } else {
-    err = allow_smem(dec_select_kernel<__nv_bfloat16>, smem);
-    if (err != cudaSuccess) return err;
-    dec_select_kernel<__nv_bfloat16><<<1, kThreads, smem, stream>>>(static_cast<const __nv_bfloat16*>(x), bounds, mask,
-                                                                    M, in, k_chunk);
-  }
+  if (dt == DType::F16)
+    dec_select_kernel<__half><<<1, kThreads, 0, stream>>>(static_cast<const __half*>(x), bounds, mask, M, in, k_chunk);
+  else
+    dec_select_kernel<__nv_bfloat16><<<1, kThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(x), bounds, mask,
+                                                                 M, in, k_chunk);
   return cudaGetLastError();
 }
 

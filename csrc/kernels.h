@@ -16,25 +16,33 @@ namespace decdec {
 
 enum class DType : int { F16 = 0, BF16 = 1 };
 
-// Combine protocol of the fused op (ap_gemv_dec / lutgemm_gemv_dec). The base GEMV and DEC run
-// concurrently on two streams; each writes its fp32 partial ([M, out]) and then "arrives" at the
-// tiles it covers (tile = the GEMV block's rows, per token) with an atomicAdd on a counter. The
-// block that arrives last at a tile writes y = cast(gemv + dec) for it and resets the counter to 0.
-// So no memset of y is needed, nothing spins (no deadlock whatever the residency), and y is
-// rounded once, as in the reference. `counters` must be zero on entry; they are zero on exit.
+// Combine protocol of the fused op (ap_gemv_dec / lutgemm_gemv_dec) and of standalone DEC. The base
+// GEMV and DEC run concurrently on two streams. DEC is split into units (1024-channel chunk c x
+// output slice s); each unit writes its fp32 partial of chunk c for its slice, the GEMV writes its
+// fp32 partial; then each "arrives" at the tiles it covers (tile = the GEMV block's rows, per token)
+// with an atomicAdd on a counter. The one that arrives last at a tile writes
+// y = cast(gemv + scale * sum over chunks of dec) there, summing in a fixed order (deterministic), and resets
+// the counter to 0. So no memset is needed, nothing spins (no deadlock whatever the residency), and
+// y is rounded once, as in the reference. `counters` must be zero on entry; they are zero on exit.
+// Standalone DEC uses the same protocol with gpart == nullptr and tiles = its slices.
 struct Fused {
-  float* gpart = nullptr;   // [M, out] base GEMV partial
-  float* dpart = nullptr;   // [M, out] DEC partial
+  float* gpart = nullptr;   // [M, out] base GEMV partial (nullptr: DEC alone)
+  float* dpart = nullptr;   // [dec_parts][M][out] DEC partials, one per 1024-channel chunk
   int* counters = nullptr;  // [M, n_tiles]
   void* y = nullptr;        // [M, out] final output in x's dtype
-  int tile_rows = 0;        // rows per GEMV block (a tile)
-  int dec_slice = 0;        // outputs per DEC block (DEC block j owns [j*dec_slice, (j+1)*dec_slice))
-  DECDEC_HD bool on() const { return gpart != nullptr; }
+  int tile_rows = 0;        // rows per tile (GEMV block)
+  int dec_slice = 0;        // outputs per DEC unit (slice s owns [s*dec_slice, (s+1)*dec_slice))
+  int dec_parts = 0;        // number of DEC partials (chunks)
+  int n_tokens = 0;         // M
+  const void* dec_scales = nullptr;  // [out] residual scales (x's dtype): y = gemv + scale * sum(dec)
+  int reserve_blocks = 0;   // SM slots the concurrent DEC blocks take (the GEMV grid leaves them)
+  DECDEC_HD bool on() const { return counters != nullptr; }
 };
 
 // ---- ap (bit-planes + per-row LUT). qweight [bits, out, in/32] int32, lut [out, 2^bits].
 bool ap_bits_supported(int bits);
-int ap_gemv_tile_rows(int bits, int in, int out);
+// Rows per GEMV block (= fused tile) when `reserve_blocks` DEC blocks run beside it.
+int ap_gemv_tile_rows(DType dt, int bits, int in, int out, int reserve_blocks);
 cudaError_t ap_gemv(DType dt, const void* x, const uint32_t* qweight, const void* lut, void* y, int M, int in,
                     int out, int bits, const Fused& fused, cudaStream_t stream);
 cudaError_t ap_dequant(DType dt, const uint32_t* qweight, const void* lut, void* w, int in, int out, int bits,
@@ -50,13 +58,16 @@ cudaError_t lutgemm_dequant(DType dt, const uint32_t* binary, const void* alpha,
                             int in, int out, int bits, int group, cudaStream_t stream);
 
 // ---- DEC. q_residual [in, out/8] int32 (pinned host memory, read zero-copy), scales [out],
-// bounds [2] fp32 on the device. Standalone: writes y [M, out] (every element). Fused: see Fused.
-int dec_slice_size(int out, int n_tb);
+// bounds [2] fp32 on the device. n_tb blocks work on units (chunk c, output slice s): slices per
+// chunk = max(1, n_tb / n_chunks). Always runs the combine protocol of `Fused` (standalone:
+// gpart == nullptr, tile_rows == dec_slice); dpart needs dec_parts(in) * M * out floats.
+int dec_parts(int in);
+int dec_slice_size(int in, int out, int n_tb);
 size_t dec_smem_bytes(int in, int out, int k_chunk, int n_tb);
 // Most DEC blocks that can be co-resident on the device (occupancy x SMs) for this shape.
 cudaError_t dec_max_blocks(int device, int in, int out, int k_chunk, int n_tb, int* max_blocks);
-cudaError_t dec(DType dt, const void* x, const uint32_t* q_residual, const void* scales, const float* bounds,
-                void* y, int M, int in, int out, int k_chunk, int n_tb, const Fused& fused, cudaStream_t stream);
+cudaError_t dec(DType dt, const void* x, const uint32_t* q_residual, const void* scales, const float* bounds, int M,
+                int in, int out, int k_chunk, int n_tb, const Fused& fused, cudaStream_t stream);
 // Debug: the kernel's own selection, written as uint8 mask [M, in] (1 = selected).
 cudaError_t dec_select_debug(DType dt, const void* x, const float* bounds, uint8_t* mask, int M, int in,
                              int k_chunk, cudaStream_t stream);

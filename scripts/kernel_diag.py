@@ -71,11 +71,18 @@ def main() -> int:
         sc = torch.rand(out, device="cuda", dtype=torch.half)
         for k in (1, 8, 32):
             bounds = reference.bounds_from_thresholds(thr, k).cuda()
-            print(f"{n}x{out} k={k}: select {ev_time(lambda: _C.dec_select(x, bounds, k)):.2f} us "
-                  f"(graph {graph_time(lambda: _C.dec_select(x, bounds, k)):.2f}), "
-                  f"dec pinned n_tb=32 {ev_time(lambda: torch.ops.decdec.dec(x, q_pin, sc, bounds, k, 32)):.2f} us "
-                  f"(graph {graph_time(lambda: torch.ops.decdec.dec(x, q_pin, sc, bounds, k, 32)):.2f}), "
-                  f"dec hbm {ev_time(lambda: torch.ops.decdec.dec(x, q_dev, sc, bounds, k, 32)):.2f} us")
+            line = (f"{n}x{out} k={k}: select {ev_time(lambda: _C.dec_select(x, bounds, k)):.2f} us "
+                    f"(graph {graph_time(lambda: _C.dec_select(x, bounds, k)):.2f})")
+            for ntb in (4, 16, 64):
+                line += (f"; n_tb={ntb}: dec pinned graph "
+                         f"{graph_time(lambda: torch.ops.decdec.dec(x, q_pin, sc, bounds, k, ntb)):.2f}, hbm "
+                         f"{graph_time(lambda: torch.ops.decdec.dec(x, q_dev, sc, bounds, k, ntb)):.2f}, fused ap graph "
+                         f"{graph_time(lambda: torch.ops.decdec.ap_gemv_dec(x, qw, lut, q_pin, sc, bounds, k, ntb)):.2f}")
+            print(line + " us", flush=True)
+    for n in (1024, 4096, 14336):  # selection cost per chunk (one block walks all chunks)
+        x = torch.randn(1, n, device="cuda", dtype=torch.half)
+        bounds = reference.bounds_from_thresholds(x.float().abs()[0].sort(descending=True).values, 8).cuda()
+        print(f"dec_select in={n}: graph {graph_time(lambda: _C.dec_select(x, bounds, 8)):.2f} us")
     return 0
 
 
