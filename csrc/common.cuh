@@ -51,7 +51,10 @@ __device__ __forceinline__ int n_overlap(int lo, int hi, int slice) { return (hi
 template <typename T, int kRows = 8>
 __device__ void fused_arrive(const Fused& f, int m, int t0, int t1, int out, int* s_flags /* smem, blockDim ints */) {
   const int n_tiles = ceil_div(out, f.tile_rows);
-  __threadfence();
+  // Release/acquire as CUTLASS's and cooperative groups' grid barriers do it: a block barrier, then
+  // one thread per tile does an acq_rel atomic (releasing the whole block's partial stores, which
+  // the barrier ordered before it; acquiring the other arrivals' stores), then a block barrier
+  // before anyone reads. No full fence in every thread (the probe measured the old way at ~3 us).
   __syncthreads();
   const float* g = f.gpart ? f.gpart + (size_t)m * out : nullptr;
   T* y = reinterpret_cast<T*>(f.y) + (size_t)m * out;
@@ -61,13 +64,13 @@ __device__ void fused_arrive(const Fused& f, int m, int t0, int t1, int out, int
       const int lo = t * f.tile_rows, hi = min(out, lo + f.tile_rows);
       const int expected = (g ? 1 : 0) + f.dec_parts * n_overlap(lo, hi, f.dec_slice);
       int* c = f.counters + (size_t)m * n_tiles + t;
-      const int old = atomicAdd(c, 1);
+      int old;
+      asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(old) : "l"(c) : "memory");
       const bool last = old == expected - 1;
-      if (last) *c = 0;  // everyone else has arrived: reset for the next call
+      if (last) *c = 0;  // everyone else has arrived: reset for the next call (ordered by the kernel end)
       s_flags[threadIdx.x] = last;
     }
     __syncthreads();
-    __threadfence();
     // the rows of this batch's tiles, flagged or not, spread over the threads; kRows rows' loads
     // (gemv, the chunk partials, the scale) are issued before any is used, so a block that
     // combines many tiles pays a few L2 round trips, not one per tile

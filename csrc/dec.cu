@@ -16,6 +16,12 @@
 //     and the scales are read off DEC's critical path.
 #include "common.cuh"
 
+// Phase timestamps for scripts/dec_phase_probe.cu (defines DEC_PROBE before including this file);
+// nothing in a normal build.
+#ifndef DEC_PROBE
+#define DEC_PROBE(i)
+#endif
+
 namespace decdec {
 namespace {
 
@@ -195,7 +201,9 @@ __global__ void __launch_bounds__(kThreads)
       if (o_lo >= out) continue;  // block-uniform: this slice is empty
       const int o_hi = min(out, o_lo + slice);
       const int quota = chunk_quota(k_chunk, in, c);
+      DEC_PROBE(0);
       if (quota > 0) select_chunk(xm, in, c, quota, bounds, S);
+      DEC_PROBE(1);
       float* dst = f.dpart + ((size_t)c * M + m) * out;
       const int V = ((o_hi - o_lo) / 8) / VW;  // vectors per row in this slice
       const int VB = max(1, min(V, kThreads));
@@ -286,6 +294,7 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
       }
+      DEC_PROBE(2);
       if (use_accs) {
         __syncthreads();
         for (int i = threadIdx.x; i < o_hi - o_lo; i += kThreads) {
@@ -295,7 +304,9 @@ __global__ void __launch_bounds__(kThreads)
           dst[col] = sum;
         }
       }
+      DEC_PROBE(3);
       fused_arrive<T>(f, m, o_lo / f.tile_rows, (o_hi - 1) / f.tile_rows + 1, out, S.flags);
+      DEC_PROBE(4);
       __syncthreads();  // S.list / accs reused by the next unit
     }
   }

@@ -49,7 +49,8 @@ __global__ void __launch_bounds__(kThreads, 3)
   int cur_g = -1;
   float a[BITS], qb = 0.f;
   // NB words (x BITS planes) per batch and lane, the next batch in flight while this one is used.
-  // Measured on an H200 (2026-11-27, 4096x28672 3-bit): NB = 1 48 us, NB = 4 58 us (registers).
+  // H200, 2026-11-27, 4096x28672 3-bit: NB = 4 58 us; NB = 1 47 us with the old combine epilogue,
+  // 59 us once the batched combine (fused_arrive) was inlined here (72 registers): see docs/PERF.md.
   constexpr int NB = 1;
   uint32_t cur[NB][BITS], nxt[NB][BITS];
   auto load = [&](uint32_t (&dst)[NB][BITS], int w0, int tw0_, int tw_) {

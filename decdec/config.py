@@ -60,7 +60,7 @@ class PrecisionConfig:
 
 @dataclass
 class CompileConfig:
-    mode: str = "none"  # none | inductor (max-autotune-no-cudagraphs) | cudagraphs (max-autotune)
+    mode: str = "none"  # none | inductor (torch.compile default) | cudagraphs (reduce-overhead)
 
 
 @dataclass

@@ -48,8 +48,8 @@ def decode_one_token(model: Transformer, cur_token: torch.Tensor, input_pos: tor
 class Generator:
     """Runs prefill + token-by-token decode with a static KV cache of ``max_seq_length``.
 
-    ``compile_mode``: ``none`` (eager), ``inductor`` (``max-autotune-no-cudagraphs``) or
-    ``cudagraphs`` (``max-autotune``; CUDA graphs are recorded on the first call, so the first
+    ``compile_mode``: ``none`` (eager), ``inductor`` (``torch.compile`` default mode) or
+    ``cudagraphs`` (``reduce-overhead``; CUDA graphs are recorded on the first call, so the first
     sample is the warm-up).
     """
 
@@ -61,11 +61,11 @@ class Generator:
         self._prefill: Callable = prefill
         self._decode: Callable = decode_one_token
         if compile_mode == "inductor":
-            self._decode = torch.compile(decode_one_token, mode="max-autotune-no-cudagraphs", fullgraph=True)
+            self._decode = torch.compile(decode_one_token, mode="default", fullgraph=True)
         elif compile_mode == "cudagraphs":
             if device.type != "cuda":
                 raise ValueError("compile=cudagraphs needs a CUDA device; use compile=inductor or compile=none on CPU")
-            self._decode = torch.compile(decode_one_token, mode="max-autotune", fullgraph=True)
+            self._decode = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
         elif compile_mode != "none":
             raise ValueError(f"unknown compile mode {compile_mode!r}; choose none, inductor or cudagraphs")
 

@@ -1,8 +1,9 @@
 """The DecDEC autotuner: how many residual channels can I afford for a given slowdown?
 
 1. Time, on the device this runs on, every projection's decode GEMV alone and fused with DEC
-   for each ``n_tb`` x ``k_chunk`` (CUDA events; the calls cycle over all layers' weights so the
-   L2 cache does not flatter).
+   for each ``n_tb`` x ``k_chunk`` (on CUDA: calls replayed from a CUDA graph and timed with CUDA
+   events, as compile=cudagraphs decodes; the calls cycle over all layers' weights so the L2 cache
+   does not flatter).
 2. Time one whole decode step with DEC off; a decoder layer's budget is
    ``target_slowdown x step_time / n_layers``.
 3. For each ``n_tb``, choose one ``k_chunk`` per projection maximising the residual rows fetched
@@ -36,17 +37,26 @@ class Timing:
 def _timer(device: torch.device):
     if device.type == "cuda":
         def run(fn, iters: int, reps: int = 7) -> float:
+            # `iters` calls captured in one CUDA graph and replayed, as compile=cudagraphs decodes:
+            # timing eager calls would measure the host's op dispatch (~20 us), not the kernels
             for _ in range(3):
-                fn()
+                fn()  # warm-up outside capture (the fused op sizes its workspace here)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(iters):
+                    fn()
+            graph.replay()
+            torch.cuda.synchronize()
             samples = []
             for _ in range(reps):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                for _ in range(iters):
-                    fn()
+                graph.replay()
                 end.record()
                 end.synchronize()
                 samples.append(start.elapsed_time(end) / 1e3 / iters)
+            del graph
             return statistics.median(samples)
     else:
         def run(fn, iters: int, reps: int = 5) -> float:

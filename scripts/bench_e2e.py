@@ -12,6 +12,7 @@ peak GPU memory with and without DEC. Prints a table, writes CSV + markdown unde
 from __future__ import annotations
 
 import argparse
+import gc
 import csv
 import datetime as dt
 import time
@@ -81,6 +82,9 @@ def main() -> None:
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         def make_run(overrides):
+            gc.collect()  # the previous setting's model must be gone before this one's peak is measured
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             cfg = compose("config", overrides=["logger=yaml", *a.overrides, *overrides])
             run_dir = a.out / f"e2e-{stamp}" / f"{len(rows)}"
             return Run(OmegaConf.to_object(cfg), run_dir, OmegaConf.to_container(cfg, resolve=True), overrides)
@@ -92,6 +96,7 @@ def main() -> None:
             with make_run(["task=tune", *tune_args, *ov]) as run:
                 bw = bw or hbm_bandwidth(run.device)
                 _, built = run._build()
+                after_build = torch.cuda.memory_allocated(run.device) if run.device.type == "cuda" else None
                 g = torch.Generator().manual_seed(0)
                 prompt = torch.randint(0, built.args.vocab_size, (16,), generator=g)
                 run._reset_peak()
@@ -99,8 +104,11 @@ def main() -> None:
                 wb = weight_bytes(built.model)
                 rows.append({"setting": f"{setting} dec=off", "tokens_per_s": rate, "weight_bytes": wb,
                              "floor_tokens_per_s": bw / wb if bw else None, "peak_gpu_bytes": run._peak(),
+                             "gpu_bytes_after_build": after_build,
                              "device": env_device_name(run.device)})
                 run._finish({"status": "ok"})
+                run.model = None
+            del built  # or this model stays allocated through the next settings' peak measurements
             print(rows[-1])
         for target in a.targets:
             with make_run(["task=tune", *tune_args, "backend=ap", "precision=w3", f"task.target_slowdown={target}"]) as run:

@@ -32,4 +32,13 @@ for name in "${names[@]}"; do
     echo "FAIL $name (nvcc exit $rc)"; grep -E 'error' "$tmp/$name.log" | head -20; status=1
   fi
 done
+# the diagnostics that include a kernel file (scripts/*.cu) must keep compiling with it
+for cu in scripts/*.cu; do
+  [[ -e "$cu" ]] || continue
+  if "$NVCC" -c -std=c++17 -O3 -Icsrc -gencode=arch=compute_90,code=sm_90 "$cu" -o "$tmp/probe.o" >"$tmp/probe.log" 2>&1; then
+    echo "ok   $(basename "$cu") (sm90)"
+  else
+    echo "FAIL $(basename "$cu")"; grep -E 'error' "$tmp/probe.log" | head -20; status=1
+  fi
+done
 exit $status
