@@ -14,7 +14,6 @@
 // the lane's word index, so the 8 k-lanes of a row hit 8 distinct bank quads (conflict-free).
 // Accumulation is fp32 (FFMA), like the reference. Warps of a block split K (KS ways) when out is
 // small, so that enough blocks exist; partial sums are reduced in shared memory, no atomics.
-#include <cstdlib>
 #include <type_traits>
 
 #include "common.cuh"
@@ -573,21 +572,15 @@ bool use_stream_kernel(int bits, bool f16, int in) {
   return 5 * g4 >= 4 * 32 * ceil_div(g4, 32);
 }
 
-// Rows per warp item of the streaming kernel: 2 (x loads shared by two rows, 2 blocks per SM) or 1
-// (3 blocks per SM). DECDEC_AP3_ROWS=1|2 overrides the default for benchmarking.
-int stream_rows() {
-  static const int r = [] {
-    const char* e = std::getenv("DECDEC_AP3_ROWS");
-    return e && e[0] == '1' ? 1 : 2;
-  }();
-  return r;
-}
+// Rows per warp item of the streaming kernel. 1 row (3 blocks/SM) measured slower than 2 at every
+// Llama-3-8B shape on an H200 (docs/PERF.md), so only R = 2 is launched.
+constexpr int kStreamRows = 2;
 
 // Rows per block of the streaming kernel: the grid fills its blocks per SM, less the `reserve`
 // blocks a concurrent DEC kernel occupies (fused op), so no GEMV block waits for a slot.
 int stream_block_rows(int out, int reserve) {
-  const int sms = device_sms(), R = stream_rows();
-  const int per_sm = R == 2 ? stream_blocks_per_sm<2>() : stream_blocks_per_sm<1>();
+  const int sms = device_sms();
+  constexpr int R = kStreamRows, per_sm = stream_blocks_per_sm<R>();
   // a DEC block (256 threads x 128 registers) displaces one 2-row block or two 1-row blocks
   const int blocks = max(sms, per_sm * sms - max(reserve, 0) * (R == 2 ? 1 : 2));
   return max(R, ceil_div(ceil_div(out, blocks), R) * R);
@@ -609,9 +602,7 @@ template <int BITS, typename T>
 cudaError_t launch_gemv(const void* x, const uint32_t* qw, const void* lut, void* y, int M, int in, int out,
                         const Fused& fused, cudaStream_t stream) {
   if constexpr (BITS == 3 && std::is_same_v<T, __half>) {
-    if (use_stream_kernel(BITS, true, in))
-      return stream_rows() == 2 ? launch_stream<2>(x, qw, lut, y, M, in, out, fused, stream)
-                                : launch_stream<1>(x, qw, lut, y, M, in, out, fused, stream);
+    if (use_stream_kernel(BITS, true, in)) return launch_stream<kStreamRows>(x, qw, lut, y, M, in, out, fused, stream);
   }
   const int ks = ks_log2_for(BITS, in, out);
   const int RB = (kWarps >> ks) * (32 >> BITS);
