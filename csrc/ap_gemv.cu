@@ -358,21 +358,32 @@ __device__ __forceinline__ uint32_t and_imm(uint32_t a) {
   return d;
 }
 
+// Decode 8 weights (channels 4n + K of one word, n = 0..7) into 4 half2: w[0] = channels (K, 4+K),
+// w[1] = (8+K, 12+K), w[2] = (16+K, 20+K), w[3] = (24+K, 28+K).
 template <int K>
-__device__ __forceinline__ void ap3_dot8(uint32_t A, uint32_t B, uint32_t C, uint32_t lo_a, uint32_t hi_a,
-                                         uint32_t lo_b, uint32_t hi_b, const uint4& xv, __half2& h0, __half2& h1) {
+__device__ __forceinline__ void ap3_decode8(uint32_t A, uint32_t B, uint32_t C, uint32_t lo_a, uint32_t hi_a,
+                                            uint32_t lo_b, uint32_t hi_b, uint32_t (&w)[4]) {
   constexpr uint32_t m1 = 0x11111111u << ((K + 1) & 3), m2 = 0x11111111u << ((K + 2) & 3);
   const uint32_t t = bitsel<m2>(bitsel<m1>(A, B), C);
   const uint32_t u = and_imm<0x77777777u>(K ? __funnelshift_r(t, t, K) : t);
   const uint32_t u_hi = __umulhi(u, 0x10000u);
   const uint32_t LO0 = prmt(lo_a, lo_b, u), HI0 = prmt(hi_a, hi_b, u);
   const uint32_t LO1 = prmt(lo_a, lo_b, u_hi), HI1 = prmt(hi_a, hi_b, u_hi);
-  const uint32_t w01 = prmt(LO0, HI0, 0x5140), w23 = prmt(LO0, HI0, 0x7362);
-  const uint32_t w45 = prmt(LO1, HI1, 0x5140), w67 = prmt(LO1, HI1, 0x7362);
-  h0 = __hfma2(*reinterpret_cast<const __half2*>(&w01), *reinterpret_cast<const __half2*>(&xv.x), h0);
-  h1 = __hfma2(*reinterpret_cast<const __half2*>(&w23), *reinterpret_cast<const __half2*>(&xv.y), h1);
-  h0 = __hfma2(*reinterpret_cast<const __half2*>(&w45), *reinterpret_cast<const __half2*>(&xv.z), h0);
-  h1 = __hfma2(*reinterpret_cast<const __half2*>(&w67), *reinterpret_cast<const __half2*>(&xv.w), h1);
+  w[0] = prmt(LO0, HI0, 0x5140);
+  w[1] = prmt(LO0, HI0, 0x7362);
+  w[2] = prmt(LO1, HI1, 0x5140);
+  w[3] = prmt(LO1, HI1, 0x7362);
+}
+
+template <int K>
+__device__ __forceinline__ void ap3_dot8(uint32_t A, uint32_t B, uint32_t C, uint32_t lo_a, uint32_t hi_a,
+                                         uint32_t lo_b, uint32_t hi_b, const uint4& xv, __half2& h0, __half2& h1) {
+  uint32_t w[4];
+  ap3_decode8<K>(A, B, C, lo_a, hi_a, lo_b, hi_b, w);
+  h0 = __hfma2(*reinterpret_cast<const __half2*>(&w[0]), *reinterpret_cast<const __half2*>(&xv.x), h0);
+  h1 = __hfma2(*reinterpret_cast<const __half2*>(&w[1]), *reinterpret_cast<const __half2*>(&xv.y), h1);
+  h0 = __hfma2(*reinterpret_cast<const __half2*>(&w[2]), *reinterpret_cast<const __half2*>(&xv.z), h0);
+  h1 = __hfma2(*reinterpret_cast<const __half2*>(&w[3]), *reinterpret_cast<const __half2*>(&xv.w), h1);
 }
 
 template <int R>
@@ -520,6 +531,160 @@ __global__ void __launch_bounds__(kStreamThreads, stream_blocks_per_sm<R>())
   if (fused.on()) fused_arrive<__half, R == 2 ? 4 : 2>(fused, m, blockIdx.x, blockIdx.x + 1, out, flags);
 }
 
+// 3-bit fp16 tensor-core GEMV (in % 512 == 0; the decode hot path). A warp item is 16 rows x 16 words
+// (512 channels): lane (g = lane / 4, t = lane % 4) streams words 4 (4 ks + t) .. +3 of rows g and
+// g + 8 (one 16-byte load per plane and row), decodes each word's 32 weights with the PRMT LUT
+// lookup (ap3_decode8) into half2 pairs, and feeds mma.m16n8k16 (fp16 products, fp32 accumulation)
+// whose B operand is x from shared memory in every column. The k-order inside an MMA is a
+// permutation of the word's channels that is the same for all 16 rows (rows g and g + 8 of lanes
+// with the same t read the same word), so A's rows times B's column is the row's dot product. Compared
+// with HFMA2 this drops the half-precision partial sums and their conversions (fewer instructions per
+// weight: the kernel is bound by integer issue) and accumulates in fp32 like the reference.
+// Items are group-major (16-row group, k-slice); warp w takes items w, w + 8, ...; a warp's items of
+// one group are consecutive, so it flushes its fp32 sums once per group into red[row][warp], and the
+// rows are summed over the warps in a fixed order (deterministic).
+constexpr int kMmaThreads = 256;
+constexpr int kMmaWarps = kMmaThreads / 32;
+
+struct MmaItem {  // one lane's share: rows g and g + 8, 3 planes x 4 words each, and the two LUTs
+  uint4 w[2][3];
+  uint4 l[2];
+};
+
+__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <int K>
+__device__ __forceinline__ void ap3_mma_step(const uint32_t (&A)[2], const uint32_t (&B)[2], const uint32_t (&C)[2],
+                                             const uint32_t (&lt)[2][4], uint32_t xaddr, float (&acc0)[4],
+                                             float (&acc1)[4]) {
+  uint32_t w0[4], w1[4];
+  ap3_decode8<K>(A[0], B[0], C[0], lt[0][0], lt[0][1], lt[0][2], lt[0][3], w0);
+  ap3_decode8<K>(A[1], B[1], C[1], lt[1][0], lt[1][1], lt[1][2], lt[1][3], w1);
+  uint4 xv;
+  asm("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(xv.x), "=r"(xv.y), "=r"(xv.z), "=r"(xv.w) : "r"(xaddr));
+  // a0 / a2: row g, a1 / a3: row g + 8; b0 / b1: the x pairs of the same channels
+  mma16816(acc0, w0[0], w1[0], w0[1], w1[1], xv.x, xv.y);
+  mma16816(acc1, w0[2], w1[2], w0[3], w1[3], xv.z, xv.w);
+}
+
+__global__ void __launch_bounds__(kMmaThreads, 2)
+    ap3_gemv_mma_kernel(const __half* __restrict__ x, const uint32_t* __restrict__ qw, const __half* __restrict__ lut,
+                        __half* __restrict__ y, int in, int out, int block_rows, Fused fused) {
+  extern __shared__ __align__(16) uint4 xs[];  // in / 8 chunks of x, then red [groups * 16][kMmaWarps]
+  __shared__ int flags[kMmaThreads];
+  const int words = in >> 5, KS = words >> 4;  // k-slices of 16 words
+  const int m = blockIdx.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int r0 = blockIdx.x * block_rows, r1 = min(out, r0 + block_rows);
+  const int ngroups = ceil_div(r1 - r0, 16);
+  const int n_items = ngroups * KS;
+  const int my_items = n_items > warp ? ceil_div(n_items - warp, kMmaWarps) : 0;
+  const size_t plane = (size_t)out * words;
+  float* red = reinterpret_cast<float*>(xs + (in >> 3));
+
+  auto load = [&](MmaItem& d, int j) {  // this warp's j-th item
+    const int i = warp + kMmaWarps * j, grp = i / KS, ks = i - grp * KS;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      int r = r0 + 16 * grp + g + 8 * h;
+      r = r < r1 ? r : r1 - 1;  // rows past the tile: decode a valid row, never stored
+      const uint32_t* p = qw + (size_t)r * words + 4 * (4 * ks + t);
+#pragma unroll
+      for (int q = 0; q < 3; ++q) d.w[h][q] = ldg_stream_v4(p + q * plane);
+      d.l[h] = __ldg(reinterpret_cast<const uint4*>(lut + (size_t)r * 8));
+    }
+  };
+  MmaItem bufA, bufB;
+  if (my_items > 0) load(bufA, 0);
+
+  for (int i = threadIdx.x; i < ngroups * 16 * kMmaWarps; i += kMmaThreads) red[i] = 0.f;
+  {  // stage x (same layout as the streaming kernel): 16-byte loads, all issued before the stores
+    const __half* xm = x + (size_t)m * in;
+    __half* xh = reinterpret_cast<__half*>(xs);
+    const int n16 = in >> 3;
+    for (int b = 0; b < n16; b += kMmaThreads * 4) {
+      uint4 v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int j = b + u * kMmaThreads + (int)threadIdx.x;
+        if (j < n16) v[u] = *reinterpret_cast<const uint4*>(xm + (size_t)j * 8);
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int j = b + u * kMmaThreads + (int)threadIdx.x;
+        if (j >= n16) continue;
+        const int w = j >> 2, q = j & 3;  // channels 32w + 8q + e
+        const __half* h = reinterpret_cast<const __half*>(&v[u]);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) xh[xs_swz(4 * w + (e & 3)) * 8 + 2 * q + (e >> 2)] = h[e];
+      }
+    }
+  }
+  __syncthreads();
+
+  const uint32_t xs_base = (uint32_t)__cvta_generic_to_shared(xs);
+  float acc0[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};
+  auto compute = [&](const MmaItem& c, int j) {
+    const int i = warp + kMmaWarps * j, grp = i / KS, ks = i - grp * KS;
+    uint32_t lt[2][4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) lut_tables(c.l[h], lt[h][0], lt[h][1], lt[h][2], lt[h][3]);
+    // 4-word group g4 of the row: chunk 16 g4 + c sits at 16 g4 + (c ^ (g4 & 7))
+    const int g4 = 4 * ks + t;
+    const uint32_t gbase = xs_base + 256u * (uint32_t)g4, sw = (uint32_t)(g4 & 7);
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      uint32_t A[2], B[2], C[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        A[h] = reinterpret_cast<const uint32_t*>(&c.w[h][0])[v];
+        const uint32_t b = reinterpret_cast<const uint32_t*>(&c.w[h][1])[v];
+        const uint32_t cc = reinterpret_cast<const uint32_t*>(&c.w[h][2])[v];
+        B[h] = __funnelshift_l(b, b, 1);
+        C[h] = __funnelshift_l(cc, cc, 2);
+      }
+      ap3_mma_step<0>(A, B, C, lt, gbase + 16u * ((4u * v + 0) ^ sw), acc0, acc1);
+      ap3_mma_step<1>(A, B, C, lt, gbase + 16u * ((4u * v + 1) ^ sw), acc0, acc1);
+      ap3_mma_step<2>(A, B, C, lt, gbase + 16u * ((4u * v + 2) ^ sw), acc0, acc1);
+      ap3_mma_step<3>(A, B, C, lt, gbase + 16u * ((4u * v + 3) ^ sw), acc0, acc1);
+    }
+    const int i_next = i + kMmaWarps;
+    if (j + 1 >= my_items || i_next / KS != grp) {  // the warp's last item of this group: flush
+      if (t == 0) {  // every column of D is the same dot product: lanes t = 0 keep column 0
+        red[(16 * grp + g) * kMmaWarps + warp] = acc0[0] + acc1[0];
+        red[(16 * grp + g + 8) * kMmaWarps + warp] = acc0[2] + acc1[2];
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc0[e] = acc1[e] = 0.f;
+    }
+  };
+
+  // ping-pong buffers (no register copies): the next item's loads are in flight during compute
+  for (int j = 0; j < my_items; j += 2) {
+    if (j + 1 < my_items) load(bufB, j + 1);
+    compute(bufA, j);
+    if (j + 1 >= my_items) break;
+    if (j + 2 < my_items) load(bufA, j + 2);
+    compute(bufB, j + 1);
+  }
+  __syncthreads();
+  float* gpart = fused.on() ? fused.gpart + (size_t)m * out : nullptr;
+  for (int r = threadIdx.x; r < r1 - r0; r += kMmaThreads) {
+    const float4 a = *reinterpret_cast<const float4*>(red + r * kMmaWarps);
+    const float4 b = *reinterpret_cast<const float4*>(red + r * kMmaWarps + 4);
+    const float s = ((a.x + a.y) + (a.z + a.w)) + ((b.x + b.y) + (b.z + b.w));
+    if (gpart) gpart[r0 + r] = s;
+    else y[(size_t)m * out + r0 + r] = __float2half_rn(s);
+  }
+  if (fused.on()) fused_arrive<__half, 4>(fused, m, blockIdx.x, blockIdx.x + 1, out, flags);
+}
+
 template <int BITS, typename T>
 __global__ void __launch_bounds__(256)
     ap_dequant_kernel(const uint32_t* __restrict__ qw, const T* __restrict__ lut, T* __restrict__ w, int in, int out) {
@@ -572,6 +737,42 @@ bool use_stream_kernel(int bits, bool f16, int in) {
   return 5 * g4 >= 4 * 32 * ceil_div(g4, 32);
 }
 
+// The tensor-core kernel: 3-bit fp16 with in % 512 == 0 (16-word k-slices), except where the streaming
+// kernel's lanes all stay busy (in / 128 a multiple of 32, e.g. 4096), where it is as fast or faster.
+// H200, 2026-11-27, same-run A/B (scripts/gemv_ab.cu, docs/PERF.md): 5120x7680 15.7 -> 10.9 us,
+// 5120x5120 11.4 -> 8.8, 5120x35840 43.1 -> 36.9, 17920x5120 26.9 -> 24.0, 14336x4096 14.8 -> 14.6;
+// 4096x6144 / 4096x4096 stay on the streaming kernel (6.8 / 5.2 us there, 7.3 / 5.6 here).
+bool use_mma_kernel(int bits, bool f16, int in) {
+  return bits == 3 && f16 && in % 512 == 0 && (in / 128) % 32 != 0;
+}
+
+// Rows per block of the tensor-core kernel, in whole 16-row groups. What sets the time is the most
+// groups any SM runs (at most two blocks resident per SM): take the fewest groups per block that fit
+// one wave (two blocks per SM, less the `reserve` slots of a concurrent DEC kernel), unless the
+// blocks then pile up unevenly (some SMs two blocks, the measured 5120x5120 / 17920x5120 case) and
+// one block per SM runs clearly fewer groups per SM.
+int mma_block_rows(int out, int reserve) {
+  const int sms = device_sms();
+  const int slots = max(sms, 2 * sms - max(reserve, 0));
+  const int groups = ceil_div(out, 16);
+  int gpb = ceil_div(groups, slots);
+  const int per_sm = gpb * ceil_div(ceil_div(groups, gpb), sms);
+  const int one_block = ceil_div(groups, sms);
+  if (4 * per_sm > 5 * one_block) gpb = one_block;
+  return 16 * gpb;
+}
+
+cudaError_t launch_mma(const void* x, const uint32_t* qw, const void* lut, void* y, int M, int in, int out,
+                       const Fused& fused, cudaStream_t stream) {
+  const int br = mma_block_rows(out, fused.on() ? fused.reserve_blocks : 0);
+  const size_t smem = (size_t)in * sizeof(__half) + (size_t)br * kMmaWarps * sizeof(float);
+  const cudaError_t err = allow_smem(ap3_gemv_mma_kernel, smem);
+  if (err != cudaSuccess) return err;
+  ap3_gemv_mma_kernel<<<dim3(ceil_div(out, br), M), kMmaThreads, smem, stream>>>(
+      static_cast<const __half*>(x), qw, static_cast<const __half*>(lut), static_cast<__half*>(y), in, out, br, fused);
+  return cudaGetLastError();
+}
+
 // Rows per warp item of the streaming kernel. 1 row (3 blocks/SM) measured slower than 2 at every
 // Llama-3-8B shape on an H200 (docs/PERF.md), so only R = 2 is launched.
 constexpr int kStreamRows = 2;
@@ -602,6 +803,7 @@ template <int BITS, typename T>
 cudaError_t launch_gemv(const void* x, const uint32_t* qw, const void* lut, void* y, int M, int in, int out,
                         const Fused& fused, cudaStream_t stream) {
   if constexpr (BITS == 3 && std::is_same_v<T, __half>) {
+    if (use_mma_kernel(BITS, true, in)) return launch_mma(x, qw, lut, y, M, in, out, fused, stream);
     if (use_stream_kernel(BITS, true, in)) return launch_stream<kStreamRows>(x, qw, lut, y, M, in, out, fused, stream);
   }
   const int ks = ks_log2_for(BITS, in, out);
@@ -662,6 +864,7 @@ cudaError_t dequant_dispatch(int bits, const uint32_t* qw, const void* lut, void
 bool ap_bits_supported(int bits) { return bits >= 2 && bits <= 4; }
 
 int ap_gemv_tile_rows(DType dt, int bits, int in, int out, int reserve_blocks) {
+  if (use_mma_kernel(bits, dt == DType::F16, in)) return mma_block_rows(out, reserve_blocks);
   if (use_stream_kernel(bits, dt == DType::F16, in)) return stream_block_rows(out, reserve_blocks);
   return (kWarps >> ks_log2_for(bits, in, out)) * (32 >> bits);
 }
