@@ -14,6 +14,11 @@
 // the lane's word index, so the 8 k-lanes of a row hit 8 distinct bank quads (conflict-free).
 // Accumulation is fp32 (FFMA), like the reference. Warps of a block split K (KS ways) when out is
 // small, so that enough blocks exist; partial sums are reduced in shared memory, no atomics.
+//
+// 3-bit fp16 has three faster kernels (dispatch in launch_gemv): the tensor-core kernel
+// (ap3_gemv_mma_kernel, in % 512 == 0 unless the streaming kernel keeps every lane busy), the
+// streaming kernel (ap3_gemv_stream_kernel, in = 4096-like rows) and the per-row PRMT kernel
+// (ap3_gemv_prmt_kernel, the rest). All three decode with the PRMT register LUT (ap3_decode8).
 #include <type_traits>
 
 #include "common.cuh"
@@ -310,7 +315,7 @@ __global__ void __launch_bounds__(kThreads, 4)
   if (fused.on()) fused_arrive<__half, 2>(fused, m, blockIdx.x, blockIdx.x + 1, out, flags);
 }
 
-// 3-bit fp16 streaming kernel (the decode hot path; needs in % 128 == 0). A warp owns a pair of
+// 3-bit fp16 streaming kernel (Llama's in = 4096 rows; needs in % 128 == 0). A warp owns a pair of
 // rows at a time and the whole warp walks them: lane l reads 16 bytes of each bit-plane of both rows
 // at words 4g..4g+3, g = l + 32t, so every load instruction of the warp reads 512 contiguous bytes
 // and the two rows share each x load. The grid is sized to the device (2 blocks per SM, minus the

@@ -1,7 +1,8 @@
 // Same-run comparison of the ap 3-bit fp16 GEMV kernels on the projection shapes: the tensor-core
 // kernel (dispatched for in % 512 == 0), the streaming HFMA2 kernel and the per-row PRMT kernel,
-// each timed from a CUDA graph of 40 back-to-back launches (median of 7 replays) with 4 weight
-// copies rotating so the 60 MB L2 does not hold them. Pure CUDA (no torch), GPU machine:
+// each timed from a CUDA graph of 40 back-to-back launches (median of 7 replays) with weight copies
+// rotating over at least 4x the L2 (as scripts/bench_kernels.py), so the L2 does not hold them.
+// Pure CUDA (no torch), GPU machine:
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -Icsrc scripts/gemv_ab.cu -o /tmp/ab && /tmp/ab
 //   ncu --section WarpStateStats --section ComputeWorkloadAnalysis -k regex:ap3_gemv_mma -c 1 /tmp/ab 4096x28672
 #include "../csrc/ap_gemv.cu"
@@ -52,7 +53,9 @@ static float graph_us(const std::function<void(cudaStream_t, int)>& fn) {
 int main(int argc, char** argv) {  // argv[1]: only this shape ("4096x28672"), e.g. under ncu
   const int shapes[][2] = {{4096, 6144}, {4096, 4096}, {4096, 28672}, {14336, 4096},
                            {5120, 7680}, {5120, 5120}, {5120, 35840}, {17920, 5120}};
-  constexpr int kCopies = 4;
+  constexpr int kMaxCopies = 64;
+  int l2 = 0;
+  CK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, 0));
   printf("%-12s %10s %10s %10s %9s %9s\n", "in x out", "mma us", "stream us", "prmt us", "mma GB/s", "mma/best");
   for (auto& sh : shapes) {
     const int in = sh[0], out = sh[1];
@@ -62,8 +65,9 @@ int main(int argc, char** argv) {  // argv[1]: only this shape ("4096x28672"), e
     const size_t qbytes = (size_t)3 * out * in / 8;
     std::vector<__half> hx(in);
     for (int i = 0; i < in; ++i) hx[i] = __float2half(((i * 7919) % 2001 - 1000) / 3000.f);
-    __half *x, *y, *lut[kCopies];
-    uint32_t* qw[kCopies];
+    const int kCopies = std::min(kMaxCopies, std::max(4, (int)((4.0 * l2 + qbytes - 1) / qbytes)));
+    __half *x, *y, *lut[kMaxCopies];
+    uint32_t* qw[kMaxCopies];
     CK(cudaMalloc(&x, in * 2));
     CK(cudaMemcpy(x, hx.data(), in * 2, cudaMemcpyHostToDevice));
     CK(cudaMalloc(&y, out * 2));
