@@ -110,6 +110,13 @@ __device__ void fused_arrive(const Fused& f, int m, int t0, int t1, int out, int
   }
 }
 
+// fused_arrive as a real call (noinline): for kernels whose registers the inlined combine inflates
+// (lutgemm 3-bit: 72 registers with it inlined, 54 with the call). Compared in scripts/lutgemm_ab.cu.
+template <typename T, int kRows>
+__device__ __noinline__ void fused_arrive_call(const Fused& f, int m, int t0, int t1, int out, int* s_flags) {
+  fused_arrive<T, kRows>(f, m, t0, t1, out, s_flags);
+}
+
 // Multiprocessor count of the current device (cached per device).
 inline int device_sms() {
   static int cache[64] = {0};

@@ -21,7 +21,8 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kTileWords = 32;  // 1024 channels per table tile (16 KB of fp32 tables)
 static_assert(kTileWords * 8 == kThreads, "one 4-channel table per thread");
 
-template <int BITS, typename T>
+// kCallCombine: the combine epilogue as a call instead of inlined (an A/B for scripts/lutgemm_ab.cu).
+template <int BITS, typename T, bool kCallCombine = false>
 __global__ void __launch_bounds__(kThreads, 3)
     lutgemm_gemv_kernel(const T* __restrict__ x, const uint32_t* __restrict__ binary, const T* __restrict__ alpha,
                         const T* __restrict__ q_bias, T* __restrict__ y, int in, int out, int group, int ks_log2,
@@ -141,7 +142,10 @@ __global__ void __launch_bounds__(kThreads, 3)
     if (gpart) gpart[r] = s;
     else y[(size_t)m * out + r] = from_f32<T>(s);
   }
-  if (fused.on()) fused_arrive<T, 2>(fused, m, blockIdx.x, blockIdx.x + 1, out, flags);
+  if (fused.on()) {
+    if constexpr (kCallCombine) fused_arrive_call<T, 2>(fused, m, blockIdx.x, blockIdx.x + 1, out, flags);
+    else fused_arrive<T, 2>(fused, m, blockIdx.x, blockIdx.x + 1, out, flags);
+  }
 }
 
 template <int BITS, typename T>
