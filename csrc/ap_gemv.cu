@@ -330,6 +330,31 @@ constexpr int kStreamWarps = kStreamThreads / 32;
 
 __device__ __forceinline__ int xs_swz(int c) { return c ^ ((c >> 4) & 7); }
 
+// Stage x (one token, in % 8 == 0) into shared memory in the layout above: 16-byte loads of 8
+// channels, all of a thread's loads issued before its stores. The caller synchronizes.
+template <int kThreadsPerBlock>
+__device__ __forceinline__ void stage_x_swizzled(const __half* __restrict__ xm, int in, uint4* xs) {
+  __half* xh = reinterpret_cast<__half*>(xs);
+  const int n16 = in >> 3;
+  for (int b = 0; b < n16; b += kThreadsPerBlock * 4) {
+    uint4 v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int j = b + u * kThreadsPerBlock + (int)threadIdx.x;
+      if (j < n16) v[u] = *reinterpret_cast<const uint4*>(xm + (size_t)j * 8);
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int j = b + u * kThreadsPerBlock + (int)threadIdx.x;
+      if (j >= n16) continue;
+      const int w = j >> 2, q = j & 3;  // channels 32w + 8q + e
+      const __half* h = reinterpret_cast<const __half*>(&v[u]);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) xh[xs_swz(4 * w + (e & 3)) * 8 + 2 * q + (e >> 2)] = h[e];
+    }
+  }
+}
+
 __device__ __forceinline__ void lut_tables(const uint4 l8, uint32_t& lo_a, uint32_t& hi_a, uint32_t& lo_b,
                                            uint32_t& hi_b) {
   lo_a = __byte_perm(l8.x, l8.y, 0x6420);
@@ -434,28 +459,7 @@ __global__ void __launch_bounds__(kStreamThreads, stream_blocks_per_sm<R>())
   StreamItem<R> bufA, bufB;
   if (n_items > 0) load(bufA, 0);
 
-  {  // stage x: 16-byte loads of 8 channels, all issued before the stores
-    const __half* xm = x + (size_t)m * in;
-    __half* xh = reinterpret_cast<__half*>(xs);
-    const int n16 = in >> 3;
-    for (int b = 0; b < n16; b += kStreamThreads * 4) {
-      uint4 v[4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int j = b + u * kStreamThreads + (int)threadIdx.x;
-        if (j < n16) v[u] = *reinterpret_cast<const uint4*>(xm + (size_t)j * 8);
-      }
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int j = b + u * kStreamThreads + (int)threadIdx.x;
-        if (j >= n16) continue;
-        const int w = j >> 2, q = j & 3;  // channels 32w + 8q + e
-        const __half* h = reinterpret_cast<const __half*>(&v[u]);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) xh[xs_swz(4 * w + (e & 3)) * 8 + 2 * q + (e >> 2)] = h[e];
-      }
-    }
-  }
+  stage_x_swizzled<kStreamThreads>(x + (size_t)m * in, in, xs);
   __syncthreads();
 
   float* gpart = fused.on() ? fused.gpart + (size_t)m * out : nullptr;
@@ -624,28 +628,7 @@ __global__ void __launch_bounds__(kMmaThreads, MINB)
   if (my_items > 0) load(bufA, 0);
 
   for (int i = threadIdx.x; i < ngroups * 16 * kMmaWarps; i += kMmaThreads) red[i] = 0.f;
-  {  // stage x (same layout as the streaming kernel): 16-byte loads, all issued before the stores
-    const __half* xm = x + (size_t)m * in;
-    __half* xh = reinterpret_cast<__half*>(xs);
-    const int n16 = in >> 3;
-    for (int b = 0; b < n16; b += kMmaThreads * 4) {
-      uint4 v[4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int j = b + u * kMmaThreads + (int)threadIdx.x;
-        if (j < n16) v[u] = *reinterpret_cast<const uint4*>(xm + (size_t)j * 8);
-      }
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int j = b + u * kMmaThreads + (int)threadIdx.x;
-        if (j >= n16) continue;
-        const int w = j >> 2, q = j & 3;  // channels 32w + 8q + e
-        const __half* h = reinterpret_cast<const __half*>(&v[u]);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) xh[xs_swz(4 * w + (e & 3)) * 8 + 2 * q + (e >> 2)] = h[e];
-      }
-    }
-  }
+  stage_x_swizzled<kMmaThreads>(x + (size_t)m * in, in, xs);
   __syncthreads();
 
   const uint32_t xs_base = (uint32_t)__cvta_generic_to_shared(xs);

@@ -6,6 +6,7 @@
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -Icsrc scripts/gemv_ab.cu -o /tmp/ab && /tmp/ab
 //   ncu --section WarpStateStats --section ComputeWorkloadAnalysis -k regex:ap3_gemv_mma -c 1 /tmp/ab 4096x28672
 #include "../csrc/ap_gemv.cu"
+#include "graph_timer.cuh"
 
 #include <algorithm>
 #include <cstdio>
@@ -15,40 +16,6 @@
 #include <vector>
 
 using namespace decdec;
-
-#define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { printf("%s: %s\n", #x, cudaGetErrorString(e_)); exit(1); } } while (0)
-
-static float graph_us(const std::function<void(cudaStream_t, int)>& fn) {
-  cudaStream_t s;
-  CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-  for (int i = 0; i < 4; ++i) fn(s, i);
-  CK(cudaStreamSynchronize(s));
-  cudaGraph_t g;
-  cudaGraphExec_t ge;
-  constexpr int kIters = 40;
-  CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-  for (int i = 0; i < kIters; ++i) fn(s, i);
-  CK(cudaStreamEndCapture(s, &g));
-  CK(cudaGraphInstantiate(&ge, g, 0));
-  std::vector<float> t;
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  for (int r = 0; r < 7; ++r) {
-    cudaEventRecord(a, s);
-    CK(cudaGraphLaunch(ge, s));
-    cudaEventRecord(b, s);
-    CK(cudaEventSynchronize(b));
-    float ms = 0.f;
-    cudaEventElapsedTime(&ms, a, b);
-    t.push_back(ms * 1e3f / kIters);
-  }
-  std::sort(t.begin(), t.end());
-  cudaGraphExecDestroy(ge);
-  cudaGraphDestroy(g);
-  cudaStreamDestroy(s);
-  return t[t.size() / 2];
-}
 
 int main(int argc, char** argv) {  // argv[1]: only this shape ("4096x28672"), e.g. under ncu
   const int shapes[][2] = {{4096, 6144}, {4096, 4096}, {4096, 28672}, {14336, 4096},
