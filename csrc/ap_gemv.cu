@@ -60,6 +60,7 @@ __global__ void __launch_bounds__(kThreads, BITS >= 4 ? 3 : 4)
     const int r = i / LUTN, c = i % LUTN, gr = row0 + r;
     lut_s[r / RW][(r % RW) * LUTN + c] = gr < out ? to_f32(lut[(size_t)gr * LUTN + c]) : 0.f;
   }
+  pdl_wait();  // x (and y) belong to the previous kernel; the LUT above does not
   const uint32_t lut_base = (uint32_t)__cvta_generic_to_shared(&lut_s[rg][0]);
   const uint32_t rowbyte = (uint32_t)(rr * LUTN * 4) * 0x01010101u;
 
@@ -201,6 +202,7 @@ __global__ void __launch_bounds__(kThreads, 4)
   const uint4 l8 = *reinterpret_cast<const uint4*>(lut + (size_t)rowc * 8);
   const uint32_t lo_a = __byte_perm(l8.x, l8.y, 0x6420), hi_a = __byte_perm(l8.x, l8.y, 0x7531);
   const uint32_t lo_b = __byte_perm(l8.z, l8.w, 0x6420), hi_b = __byte_perm(l8.z, l8.w, 0x7531);
+  pdl_wait();  // x (and y) belong to the previous kernel; the LUT above does not
 
   const size_t plane_stride = (size_t)out * words;
   const uint32_t* qrow = qw + (size_t)rowc * words;
@@ -458,6 +460,7 @@ __global__ void __launch_bounds__(kStreamThreads, stream_blocks_per_sm<R>())
   };
   StreamItem<R> bufA, bufB;
   if (n_items > 0) load(bufA, 0);
+  pdl_wait();  // the first weights are in flight; x (and y) belong to the previous kernel
 
   stage_x_swizzled<kStreamThreads>(x + (size_t)m * in, in, xs);
   __syncthreads();
@@ -626,6 +629,7 @@ __global__ void __launch_bounds__(kMmaThreads, MINB)
   };
   MmaItem<WPL> bufA, bufB;
   if (my_items > 0) load(bufA, 0);
+  pdl_wait();  // the first weights are in flight; x (and y) belong to the previous kernel
 
   for (int i = threadIdx.x; i < ngroups * 16 * kMmaWarps; i += kMmaThreads) red[i] = 0.f;
   stage_x_swizzled<kMmaThreads>(x + (size_t)m * in, in, xs);
@@ -786,9 +790,9 @@ cudaError_t launch_mma(const void* x, const uint32_t* qw, const void* lut, void*
   const size_t smem = (size_t)in * sizeof(__half) + (size_t)br * kMmaWarps * sizeof(float);
   const cudaError_t err = allow_smem(ap3_gemv_mma_kernel<>, smem);
   if (err != cudaSuccess) return err;
-  ap3_gemv_mma_kernel<><<<dim3(ceil_div(out, br), M), kMmaThreads, smem, stream>>>(
-      static_cast<const __half*>(x), qw, static_cast<const __half*>(lut), static_cast<__half*>(y), in, out, br, fused);
-  return cudaGetLastError();
+  return launch_gemv_kernel(ap3_gemv_mma_kernel<>, dim3(ceil_div(out, br), M), dim3(kMmaThreads), smem, stream,
+                            static_cast<const __half*>(x), qw, static_cast<const __half*>(lut), static_cast<__half*>(y),
+                            in, out, br, fused);
 }
 
 // Rows per warp item of the streaming kernel. 1 row (3 blocks/SM) measured slower than 2 at every
@@ -812,9 +816,9 @@ cudaError_t launch_stream(const void* x, const uint32_t* qw, const void* lut, vo
   const size_t smem = (size_t)in * sizeof(__half);
   const cudaError_t err = allow_smem(ap3_gemv_stream_kernel<R>, smem);
   if (err != cudaSuccess) return err;
-  ap3_gemv_stream_kernel<R><<<dim3(ceil_div(out, br), M), kStreamThreads, smem, stream>>>(
-      static_cast<const __half*>(x), qw, static_cast<const __half*>(lut), static_cast<__half*>(y), in, out, br, fused);
-  return cudaGetLastError();
+  return launch_gemv_kernel(ap3_gemv_stream_kernel<R>, dim3(ceil_div(out, br), M), dim3(kStreamThreads), smem,
+                            stream, static_cast<const __half*>(x), qw, static_cast<const __half*>(lut),
+                            static_cast<__half*>(y), in, out, br, fused);
 }
 
 template <int BITS, typename T>
@@ -828,23 +832,19 @@ cudaError_t launch_gemv(const void* x, const uint32_t* qw, const void* lut, void
   const int RB = (kWarps >> ks) * (32 >> BITS);
   const dim3 grid(ceil_div(out, RB), M);
   if constexpr (BITS == 3 && std::is_same_v<T, __half>) {
-    if ((in >> 5) % 4 == 0)
-      ap3_gemv_prmt_kernel<4><<<grid, kThreads, 0, stream>>>(static_cast<const __half*>(x), qw,
-                                                             static_cast<const __half*>(lut),
-                                                             static_cast<__half*>(y), in, out, ks, fused);
-    else
-      ap3_gemv_prmt_kernel<1><<<grid, kThreads, 0, stream>>>(static_cast<const __half*>(x), qw,
-                                                             static_cast<const __half*>(lut),
-                                                             static_cast<__half*>(y), in, out, ks, fused);
-    return cudaGetLastError();
+    const auto* xh = static_cast<const __half*>(x);
+    const auto* lh = static_cast<const __half*>(lut);
+    auto* yh = static_cast<__half*>(y);
+    return (in >> 5) % 4 == 0
+               ? launch_gemv_kernel(ap3_gemv_prmt_kernel<4>, grid, dim3(kThreads), 0, stream, xh, qw, lh, yh, in, out, ks, fused)
+               : launch_gemv_kernel(ap3_gemv_prmt_kernel<1>, grid, dim3(kThreads), 0, stream, xh, qw, lh, yh, in, out, ks, fused);
   }
-  if ((in >> 5) % 4 == 0)
-    ap_gemv_kernel<BITS, 4, T><<<grid, kThreads, 0, stream>>>(
-        static_cast<const T*>(x), qw, static_cast<const T*>(lut), static_cast<T*>(y), in, out, ks, fused);
-  else
-    ap_gemv_kernel<BITS, 1, T><<<grid, kThreads, 0, stream>>>(
-        static_cast<const T*>(x), qw, static_cast<const T*>(lut), static_cast<T*>(y), in, out, ks, fused);
-  return cudaGetLastError();
+  const auto* xt = static_cast<const T*>(x);
+  const auto* lt = static_cast<const T*>(lut);
+  auto* yt = static_cast<T*>(y);
+  return (in >> 5) % 4 == 0
+             ? launch_gemv_kernel(ap_gemv_kernel<BITS, 4, T>, grid, dim3(kThreads), 0, stream, xt, qw, lt, yt, in, out, ks, fused)
+             : launch_gemv_kernel(ap_gemv_kernel<BITS, 1, T>, grid, dim3(kThreads), 0, stream, xt, qw, lt, yt, in, out, ks, fused);
 }
 
 template <int BITS, typename T>

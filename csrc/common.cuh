@@ -5,6 +5,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <utility>
@@ -115,6 +116,53 @@ __device__ void fused_arrive(const Fused& f, int m, int t0, int t1, int out, int
 template <typename T, int kRows>
 __device__ __noinline__ void fused_arrive_call(const Fused& f, int m, int t0, int t1, int out, int* s_flags) {
   fused_arrive<T, kRows>(f, m, t0, t1, out, s_flags);
+}
+
+// ---- Programmatic dependent launch (sm_90). A GEMV launched with `launch_gemv_kernel` may start while
+// the kernel before it in the stream is still finishing (in a decode step: the RMSNorm / SiLU kernel
+// that produces x): it issues its first weight loads (weights and LUTs never depend on the previous
+// kernel), then `pdl_wait()` blocks until that kernel has completed and its writes are visible. Every
+// kernel launched this way calls pdl_wait() before it reads x or writes anything to global memory.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// On by default where the device supports it (compute capability >= 9); DECDEC_PDL=0 turns it off
+// (same-process A/B: scripts set pdl_enabled() directly).
+inline bool& pdl_enabled() {
+  static bool on = [] {
+    const char* e = std::getenv("DECDEC_PDL");
+    return !(e && e[0] == '0');
+  }();
+  return on;
+}
+inline bool device_has_pdl() {
+  static int cache[64] = {0};  // 0 unknown, 1 no, 2 yes
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (cache[dev] == 0) {
+    int major = 0;
+    cache[dev] = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9 ? 2 : 1;
+  }
+  return cache[dev] == 2;
+}
+
+template <typename... KArgs, typename... Args>
+cudaError_t launch_gemv_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                               Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_enabled() && device_has_pdl() ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
 // Multiprocessor count of the current device (cached per device).

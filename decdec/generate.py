@@ -23,14 +23,29 @@ def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int | None)
     return torch.softmax(logits, dim=-1)
 
 
+def argmax_last(v: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """v [B, V] -> [B, 1] int64, the first index of the maximum (as torch.argmax), in two stages:
+    per chunk of ``chunk`` entries, then over the chunk maxima. A vocabulary-sized argmax compiled as
+    one reduction runs on one block (H200: 28.7 us per token for V = 128256); this one is two short
+    kernels. NaN-free inputs assumed (logits)."""
+    B, V = v.shape
+    n = -(-V // chunk)
+    if n <= 1:
+        return torch.argmax(v, dim=-1, keepdim=True)
+    vp = torch.nn.functional.pad(v, (0, n * chunk - V), value=-float("inf")).view(B, n, chunk)
+    local = torch.argmax(vp, dim=-1, keepdim=True)  # [B, n, 1], first max inside each chunk
+    best = torch.argmax(vp.gather(-1, local).squeeze(-1), dim=-1, keepdim=True)  # [B, 1], first chunk
+    return best * chunk + local.squeeze(-1).gather(-1, best)
+
+
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
     """logits [B, S, V] -> next token [B, 1] (int64) from the last position."""
     last = logits[:, -1].float()
     if temperature <= 0:
-        return torch.argmax(last, dim=-1, keepdim=True)
+        return argmax_last(last)
     probs = logits_to_probs(last, temperature, top_k)
     q = torch.empty_like(probs).exponential_(1)
-    return torch.argmax(probs / q, dim=-1, keepdim=True)
+    return argmax_last(probs / q)
 
 
 def prefill(model: Transformer, idx: torch.Tensor, input_pos: torch.Tensor, temperature: float,

@@ -150,6 +150,28 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([out.type_as(x), x_pass], dim=-1)
 
 
+def gqa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """q [B, H, S, Dh], k/v [B, Hkv, L, Dh], mask [1, 1, S, L] bool -> [B, S, H * Dh].
+
+    Grouped-query attention without expanding K/V to H heads: query head h uses KV head h // rep
+    (rep = H / Hkv, as repeat_interleave would), so the rep query heads of a KV head are stacked as
+    rep * S query rows of that head. Same math per (head, query) as the expanded form; no copy of
+    the cache per step (a decode step otherwise materialises K and V twice over every position).
+    H200, synthetic Llama-3-8B ap w3 decode (docs/PERF.md, session 4): 280 us of attention kernels per
+    token against 315 us with repeat_interleave; a hand-written decode form (broadcast products and
+    softmax, all inductor kernels) was slower than both."""
+    B, H, S, Dh = q.shape
+    Hkv = k.shape[1]
+    rep = H // Hkv
+    if rep == 1:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, S, Dh]
+        return y.transpose(1, 2).reshape(B, S, H * Dh)
+    qg = q.reshape(B, Hkv, rep * S, Dh)  # rows (r, s): heads h = kv * rep + r are contiguous
+    mg = mask.expand(1, 1, S, mask.shape[-1]).repeat(1, 1, rep, 1)  # [1, 1, rep * S, L], rows (r, s)
+    y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg)  # [B, Hkv, rep * S, Dh]
+    return y.view(B, Hkv, rep, S, Dh).permute(0, 3, 1, 2, 4).reshape(B, S, H * Dh)
+
+
 class KVCache(nn.Module):
     def __init__(self, max_batch_size: int, max_seq_length: int, n_kv_heads: int, head_dim: int, dtype, device):
         super().__init__()
@@ -196,11 +218,8 @@ class Attention(nn.Module):
         v = v.view(B, S, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, nH, S, Dh]
         k, v = self.kv_cache.update(input_pos, k, v)  # [B, Hkv, L, Dh]
-        rep = self.n_heads // self.n_kv_heads
-        k = k.repeat_interleave(rep, dim=1)  # GQA: [B, H, L, Dh]
-        v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)  # [B, H, S, Dh]
-        return self.wo(y.transpose(1, 2).reshape(B, S, q_size))
+        y = gqa_attention(q, k.to(q.dtype), v.to(q.dtype), mask)  # [B, S, H * Dh]
+        return self.wo(y)
 
 
 class FeedForward(nn.Module):

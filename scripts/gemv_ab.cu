@@ -1,5 +1,6 @@
 // Same-run comparison of the ap 3-bit fp16 GEMV kernels on the projection shapes: the tensor-core
-// kernel (dispatched for in % 512 == 0), the streaming HFMA2 kernel and the per-row PRMT kernel,
+// kernel (dispatched for in % 512 == 0), the streaming HFMA2 kernel and the per-row PRMT kernel, and the
+// dispatched kernel with programmatic dependent launch off / on,
 // each timed from a CUDA graph of 40 back-to-back launches (median of 7 replays) with weight copies
 // rotating over at least 4x the L2 (as scripts/bench_kernels.py), so the L2 does not hold them.
 // Pure CUDA (no torch), GPU machine:
@@ -70,30 +71,19 @@ int main(int argc, char** argv) {  // argv[1]: only this shape ("4096x28672"), e
     const float t_prmt = graph_us([&](cudaStream_t s, int i) {
       ap3_gemv_prmt_kernel<4><<<grid, kThreads, 0, s>>>(x, qw[i % kCopies], lut[i % kCopies], y, in, out, ks, Fused{});
     });
-    // register / buffering variants of the tensor-core kernel (more warps per SM against the decode's
-    // dependent-chain latency): one wave of MINB blocks per SM
-    float t_var[4] = {-1.f, -1.f, -1.f, -1.f};
-    auto variant = [&](auto kernel, int wpl, int minb) {
-      if (in % (128 * wpl) != 0) return -1.f;
-      const int slots = minb * device_sms();
-      const int br = 16 * ceil_div(groups, slots);
-      const size_t smem = (size_t)in * 2 + (size_t)br * kMmaWarps * 4;
-      CK(allow_smem(kernel, smem));
-      return graph_us([&](cudaStream_t s, int i) {
-        kernel<<<ceil_div(out, br), kMmaThreads, smem, s>>>(x, qw[i % kCopies], lut[i % kCopies], y, in, out, br,
-                                                            Fused{});
+    // programmatic dependent launch (launch_gemv_kernel): the dispatched kernel with it off and on
+    float t_pdl[2];
+    for (int on = 0; on < 2; ++on) {
+      pdl_enabled() = on;
+      t_pdl[on] = graph_us([&](cudaStream_t s, int i) {
+        CK((launch_gemv<3, __half>(x, qw[i % kCopies], lut[i % kCopies], y, 1, in, out, Fused{}, s)));
       });
-    };
-    t_var[0] = variant(ap3_gemv_mma_kernel<4, false, 3>, 4, 3);
-    t_var[1] = variant(ap3_gemv_mma_kernel<2, true, 3>, 2, 3);
-    t_var[2] = variant(ap3_gemv_mma_kernel<2, false, 4>, 2, 4);
-    t_var[3] = variant(ap3_gemv_mma_kernel<2, true, 2>, 2, 2);
+    }
     const float best_other = t_stream > 0 ? std::min(t_stream, t_prmt) : t_prmt;
     printf("%5dx%-6d %10.2f %10.2f %10.2f %9.0f %9.2f | mma at %d/%d/%d groups per block: %.2f / %.2f / %.2f us\n",
            in, out, t_mma, t_stream, t_prmt, qbytes / (t_mma * 1e3), t_mma / best_other, gpb_opts[0], gpb_opts[1],
            gpb_opts[2], t_g[0], t_g[1], t_g[2]);
-    printf("%12s variants (WPL, ping-pong, blocks/SM): 4,no,3 %.2f | 2,yes,3 %.2f | 2,no,4 %.2f | 2,yes,2 %.2f us\n",
-           "", t_var[0], t_var[1], t_var[2], t_var[3]);
+    printf("%12s dispatched kernel, PDL off / on: %.2f / %.2f us\n", "", t_pdl[0], t_pdl[1]);
     cudaFree(x);
     cudaFree(y);
     for (int c = 0; c < kCopies; ++c) {

@@ -397,3 +397,36 @@ def test_cuda_graph_capture_replay():
         for e, c in zip(expect, outs):
             assert torch.equal(e, c), "graph replay differs from eager"
     assert not torch.equal(eager[0], outs[0])  # the replays really used the new inputs
+
+
+@pytest.mark.parametrize("backend", ["ap", "lutgemm"])
+def test_gemv_waits_for_the_kernel_that_writes_x(backend):
+    """The GEMVs are launched as programmatic dependents (they start while the previous kernel in the stream
+    finishes and wait before reading x): x written by a long kernel just before, eager and inside a CUDA graph
+    (where the launches become programmatic graph edges), must be the x the GEMV reads."""
+    n, out = 4096, 28672
+    big = torch.randn(8192, 8192, generator=gen(41), device=DEV, dtype=torch.float16) * 0.01
+    v = torch.randn(8192, 1, generator=gen(42), device=DEV, dtype=torch.float16)
+    if backend == "ap":
+        qw, lut = make_ap(n, out, 3, torch.float16, 43)
+        gemv = lambda x: torch.ops.decdec.ap_gemv(x, qw, lut)  # noqa: E731
+        dense = reference.ap_dequant(qw, lut.float())
+    else:
+        b, a, qb = make_lutgemm(n, out, 3, torch.float16, 43)
+        gemv = lambda x: torch.ops.decdec.lutgemm_gemv(x, b, a, qb)  # noqa: E731
+        dense = reference.lutgemm_dequant(b, a.float(), qb.float())
+
+    def step(vv):
+        x = (big @ vv)[:n].t().contiguous()  # [1, n]: a ~20 us GEMM, then a copy, then the GEMV
+        return x, gemv(x)
+
+    x, y = step(v)
+    close(y, x.float() @ dense.t(), f"{backend} after a GEMM (eager)")
+    static_v = v.clone()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        gx, gy = step(static_v)
+    for seed in (44, 45):
+        static_v.copy_(torch.randn(8192, 1, generator=gen(seed), device=DEV, dtype=torch.float16))
+        g.replay()
+        close(gy, gx.float() @ dense.t(), f"{backend} after a GEMM (graph replay)")

@@ -9,7 +9,7 @@ import torch
 from conftest import compose_cfg, typed
 from decdec import checkpoint as ckpt
 from decdec.builder import build_model
-from decdec.generate import Generator, logits_to_probs, sample
+from decdec.generate import Generator, argmax_last, logits_to_probs, sample
 
 CPU = torch.device("cpu")
 PROMPT = torch.tensor([1, 17, 42, 99, 7, 250, 3], dtype=torch.long)
@@ -20,6 +20,19 @@ def test_greedy_sample_is_argmax_of_last_position():
     tok = sample(logits, 0.0, 200)
     assert tok.shape == (3, 1) and tok.dtype == torch.int64
     assert torch.equal(tok[:, 0], logits[:, -1].argmax(-1))
+
+
+@pytest.mark.parametrize("V", [1, 1000, 1024, 1025, 5000, 128256])
+def test_argmax_last_equals_torch_argmax_with_ties(V):
+    g = torch.Generator().manual_seed(V)
+    v = torch.randn(4, V, generator=g)
+    v[1] = torch.randint(0, 3, (V,), generator=g).float()  # many ties: the first maximum must win
+    v[2] = 0.0
+    v[3, -1] = 100.0  # the maximum in the padded last chunk
+    got = argmax_last(v, chunk=1024)
+    assert got.shape == (4, 1) and got.dtype == torch.int64
+    assert torch.equal(got[:, 0], torch.argmax(v, dim=-1))
+    assert torch.equal(argmax_last(v, chunk=7)[:, 0], torch.argmax(v, dim=-1))
 
 
 def test_temperature_sampling_stays_in_top_k():

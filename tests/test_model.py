@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import transformers
 
-from decdec.model import PROJECTIONS, ModelArgs, Transformer, hf_to_decdec_state_dict, rope_inv_freq
+from decdec.model import PROJECTIONS, ModelArgs, Transformer, gqa_attention, hf_to_decdec_state_dict, rope_inv_freq
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0)
@@ -180,3 +180,22 @@ def test_state_dict_has_no_buffers():
     keys = set(model.state_dict())
     assert keys == set(hf_to_decdec_state_dict(hf.state_dict(), model.args))
     assert not any("cache" in k or "rope" in k or "mask" in k for k in keys)
+
+
+@pytest.mark.parametrize("H,Hkv,S", [(8, 2, 1), (8, 2, 5), (6, 6, 3), (40, 10, 1), (4, 1, 4)])
+def test_gqa_attention_equals_expanded_heads(H, Hkv, S):
+    """Grouped rows == repeat_interleave'd K/V (query head h reads KV head h // rep), causal mask, any S."""
+    g = torch.Generator().manual_seed(H * 100 + S)
+    B, L, Dh = 2, 11, 16
+    q, k, v = (torch.randn(B, n, s, Dh, generator=g, dtype=torch.float64) for n, s in ((H, S), (Hkv, L), (Hkv, L)))
+    pos = torch.arange(L - S, L)
+    mask = (torch.arange(L)[None, :] <= pos[:, None])[None, None]  # [1, 1, S, L]
+    rep = H // Hkv
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask)  # [B, H, S, Dh]
+    got = gqa_attention(q, k, v, mask)
+    assert got.shape == (B, S, H * Dh)
+    torch.testing.assert_close(got, want.transpose(1, 2).reshape(B, S, H * Dh), rtol=1e-12, atol=1e-12)
+    mask2 = mask.clone()
+    mask2[..., 0] = False  # a different mask must change the result (the mask is applied per row)
+    assert not torch.allclose(gqa_attention(q, k, v, mask2), got)

@@ -1,0 +1,143 @@
+"""Where a decode step's GPU time goes, per kernel, on one card (torch.profiler / CUPTI, no nsys).
+
+    python scripts/profile_e2e.py -o model=llama3 -o model.source=synthetic -o device=cuda \
+        -o compile=cudagraphs -o backend=ap -o precision=w3 -o dec=off --steps 32
+
+Builds the model as `run.py` does, decodes one warm-up sample (records the CUDA graphs), then profiles
+`--steps` decode steps and prints, per kernel name and per token: calls, GPU microseconds, share of
+the GPU time; the same grouped into categories (quantized GEMV, DEC, dense GEMM, attention, fused
+pointwise, copies); and the step's wall time against the sum of its kernels (GPU idle = host bound or
+launch gaps). Writes the per-kernel table as CSV under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from decdec.config import register_configs
+from decdec.run import Run, env_device_name
+
+REPO = Path(__file__).resolve().parent.parent
+
+CATEGORIES = [  # first match wins; patterns on the demangled kernel name
+    ("quantized GEMV", r"ap3_gemv|ap_gemv|lutgemm_gemv"),
+    ("DEC", r"dec_kernel|dec_"),
+    ("dense GEMM/GEMV", r"gemv|gemm|cutlass|sm90_xmma|cublas|splitK|ampere_|sm80_"),
+    ("attention", r"flash|fmha|attention|sdpa|softmax"),
+    ("fused pointwise (inductor)", r"triton"),
+    ("copy / fill", r"copy|memcpy|memset|fill|Memcpy|Memset|elementwise"),
+]
+
+
+def category(name: str) -> str:
+    for cat, pat in CATEGORIES:
+        if re.search(pat, name):
+            return cat
+    return "other"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-o", "--override", dest="overrides", action="append", default=[])
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--out", type=Path, default=REPO / "outputs" / "profile")
+    a = ap.parse_args()
+    register_configs()
+    from decdec.generate import Generator
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["logger=yaml", "task=tune", *a.overrides])
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        with Run(OmegaConf.to_object(cfg), a.out / f"run-{stamp}", OmegaConf.to_container(cfg, resolve=True),
+                 a.overrides) as run:
+            _, built = run._build()
+            g = torch.Generator().manual_seed(0)
+            prompt = torch.randint(0, built.args.vocab_size, (16,), generator=g)
+            sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
+            gen = Generator(built.model, run.device, run.dtype, prompt.numel() + a.steps + 8, cfg.compile.mode)
+            gen.generate(prompt, a.steps + 1)  # warm-up: compiles and records the graphs
+            gen.generate(prompt, a.steps + 1)
+            sync()
+            t0 = time.perf_counter()
+            gen.generate(prompt, 1)
+            sync()
+            t1 = time.perf_counter()
+            gen.generate(prompt, a.steps + 1)
+            t_enq = time.perf_counter()  # the host has queued every step (the graphs run behind it)
+            sync()
+            t2 = time.perf_counter()
+            wall_us = ((t2 - t1) - (t1 - t0)) / a.steps * 1e6  # per decode step, prefill excluded
+            host_us = ((t_enq - t1) - (t1 - t0)) / a.steps * 1e6  # host time to queue a step (approx.)
+            acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=acts) as prof_pre:
+                gen.generate(prompt, 1)
+                sync()
+            with torch.profiler.profile(activities=acts) as prof:
+                gen.generate(prompt, a.steps + 1)
+                sync()
+            device_name = env_device_name(run.device)
+
+    def kernels(p) -> dict[str, list[float]]:
+        out = defaultdict(list)
+        for e in p.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0:
+                out[e.name].append(e.device_time)  # microseconds
+        return out
+
+    pre, full = kernels(prof_pre), kernels(prof)
+    rows = []
+    for name, times in full.items():  # decode steps = full run minus the prefill-only run
+        t = sum(times) - sum(pre.get(name, []))
+        n = len(times) - len(pre.get(name, []))
+        if n > 0 or t > 0:
+            rows.append({"kernel": name, "category": category(name), "calls_per_token": n / a.steps,
+                         "us_per_token": t / a.steps})
+    rows.sort(key=lambda r: -r["us_per_token"])
+    gpu_us = sum(r["us_per_token"] for r in rows)
+    if not rows:
+        raise SystemExit(f"no GPU kernels recorded on {device_name} (this profiles CUDA decode; use -o device=cuda)")
+    cats = defaultdict(float)
+    for r in rows:
+        cats[r["category"]] += r["us_per_token"]
+
+    title = (f"{device_name}, {' '.join(a.overrides)}: decode step wall {wall_us:.1f} us "
+             f"({1e6 / wall_us:.1f} tokens/s), kernels {gpu_us:.1f} us ({100 * gpu_us / wall_us:.0f} % busy), "
+             f"host queues a step in {host_us:.1f} us")
+    t = Table(title=title)
+    for col in ("category", "us/token", "% of kernels"):
+        t.add_column(col, justify="left" if col == "category" else "right")
+    for c, us in sorted(cats.items(), key=lambda kv: -kv[1]):
+        t.add_row(c, f"{us:.1f}", f"{100 * us / gpu_us:.1f}")
+    Console(width=200).print(t)
+    k = Table(title=f"top {a.top} kernels per decode token")
+    for col in ("kernel", "category", "calls", "us/token", "us/call"):
+        k.add_column(col, justify="left" if col in ("kernel", "category") else "right")
+    for r in rows[: a.top]:
+        calls = r["calls_per_token"]
+        k.add_row(r["kernel"][:110], r["category"], f"{calls:.1f}", f"{r['us_per_token']:.1f}",
+                  f"{r['us_per_token'] / calls:.2f}" if calls else "-")
+    Console(width=220).print(k)
+    a.out.mkdir(parents=True, exist_ok=True)
+    path = a.out / f"profile-{stamp}.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["kernel", "category", "calls_per_token", "us_per_token"])
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wall_us_per_token={wall_us:.1f} kernel_us_per_token={gpu_us:.1f} host_us_per_token={host_us:.1f} wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
