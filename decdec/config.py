@@ -16,7 +16,7 @@ from omegaconf import MISSING
 
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
 BACKENDS = ("ap", "lutgemm", "fp16")
-COMPILE_MODES = ("none", "inductor", "cudagraphs")
+COMPILE_MODES = ("none", "inductor", "cudagraphs", "graphed")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 SELECTIONS = ("dynamic", "exact_topk", "static", "random")
 
@@ -60,7 +60,7 @@ class PrecisionConfig:
 
 @dataclass
 class CompileConfig:
-    mode: str = "none"  # none | inductor (torch.compile default) | cudagraphs (reduce-overhead)
+    mode: str = "none"  # none | inductor (torch.compile default) | cudagraphs (reduce-overhead) | graphed (inductor + one CUDA graph per step)
 
 
 @dataclass

@@ -3,6 +3,15 @@ be compiled, and a ``Generator`` that owns the compiled callables (never module 
 
 Sampling never syncs with the host inside a step: greedy is an argmax, sampling draws with the
 exponential trick (``argmax(p / q), q ~ Exp(1)``) instead of ``torch.multinomial``.
+
+Every mode decodes on static device buffers (``StaticDecode``: the last token, its position and
+the output tokens), so a step is device work only. ``compile=graphed`` compiles the step with
+inductor and captures it, bookkeeping included, once per (temperature, top_k) into one
+``torch.cuda.CUDAGraph``: a step costs the host one graph launch. ``compile=cudagraphs`` goes through
+``torch.compile(mode="reduce-overhead")`` (CUDA-graph trees: dynamo guards and input checks on every
+call, plus the eager bookkeeping ops). On an H200 the host needed ~2.45 ms to queue a Llama-3-8B
+reduce-overhead step, about the GPU's own 2.54 ms (docs/PERF.md, session 4); ``graphed`` is the fix
+for that, written after the session's GPU time was spent: not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -60,12 +69,68 @@ def decode_one_token(model: Transformer, cur_token: torch.Tensor, input_pos: tor
     return sample(model(cur_token, input_pos), temperature, top_k)
 
 
+class StaticDecode:
+    """One decode step on static device buffers: ``tok`` [1, 1] (the last token), ``pos`` [1] (its
+    position) and ``out`` [max_seq] (all tokens). ``step`` computes the next token with ``fn``
+    (``decode_one_token`` or its compiled form), writes it to ``out[pos + 1]`` and advances ``tok`` and
+    ``pos`` -- all device ops with no host sync, so the whole step can be captured in a CUDA graph.
+    Batch size 1 (what ``Generator`` decodes)."""
+
+    def __init__(self, model: Transformer, fn: Callable, device: torch.device, max_seq_length: int):
+        self.model, self.fn = model, fn
+        self.tok = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.out = torch.zeros(max_seq_length, dtype=torch.long, device=device)
+
+    def step(self, temperature: float, top_k: int | None) -> None:
+        nxt = self.fn(self.model, self.tok, self.pos, temperature, top_k)  # [1, 1]
+        self.out.index_copy_(0, self.pos + 1, nxt.view(1))
+        self.tok.copy_(nxt)
+        self.pos.add_(1)
+
+
+class GraphedDecode(StaticDecode):
+    """``StaticDecode`` whose step is captured into a CUDA graph per (temperature, top_k) on first use
+    (after two warm-up steps on a side stream, which compile the step; the state they advance is put
+    back, and the KV-cache rows they write are rewritten by the real steps before anything reads them)."""
+
+    def __init__(self, model: Transformer, fn: Callable, device: torch.device, max_seq_length: int):
+        super().__init__(model, fn, device, max_seq_length)
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.replays = 0
+
+    def step(self, temperature: float, top_k: int | None) -> None:
+        key = (float(temperature), top_k)
+        g = self.graphs.get(key)
+        if g is None:
+            g = self.graphs[key] = self._capture(temperature, top_k)
+        g.replay()
+        self.replays += 1
+
+    def _capture(self, temperature: float, top_k: int | None) -> torch.cuda.CUDAGraph:
+        saved = self.tok.clone(), self.pos.clone(), self.out.clone()
+        side = torch.cuda.Stream(self.out.device)
+        side.wait_stream(torch.cuda.current_stream(self.out.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                super().step(temperature, top_k)
+        torch.cuda.current_stream(self.out.device).wait_stream(side)
+        for buf, val in zip((self.tok, self.pos, self.out), saved):
+            buf.copy_(val)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            super().step(temperature, top_k)
+        return g
+
+
 class Generator:
     """Runs prefill + token-by-token decode with a static KV cache of ``max_seq_length``.
 
-    ``compile_mode``: ``none`` (eager), ``inductor`` (``torch.compile`` default mode) or
-    ``cudagraphs`` (``reduce-overhead``; CUDA graphs are recorded on the first call, so the first
-    sample is the warm-up).
+    ``compile_mode``: ``none`` (eager), ``inductor`` (``torch.compile`` default mode), ``cudagraphs``
+    (``torch.compile`` reduce-overhead) or ``graphed`` (inductor + one CUDA graph per decode step, see the
+    module docstring). The last two record graphs on the first call, so the first sample is the warm-up,
+    and the graphs hold the weights and DEC settings as they were when recorded: after ``set_dec`` or new
+    weights, make a new ``Generator``.
     """
 
     def __init__(self, model: Transformer, device: torch.device, dtype: torch.dtype, max_seq_length: int,
@@ -74,15 +139,22 @@ class Generator:
         self.compile_mode = compile_mode
         model.setup_caches(1, max_seq_length, dtype, device)
         self._prefill: Callable = prefill
-        self._decode: Callable = decode_one_token
-        if compile_mode == "inductor":
-            self._decode = torch.compile(decode_one_token, mode="default", fullgraph=True)
-        elif compile_mode == "cudagraphs":
+        if compile_mode == "none":
+            self._decode = StaticDecode(model, decode_one_token, device, max_seq_length)
+        elif compile_mode == "inductor":
+            fn = torch.compile(decode_one_token, mode="default", fullgraph=True)
+            self._decode = StaticDecode(model, fn, device, max_seq_length)
+        elif compile_mode in ("cudagraphs", "graphed"):
             if device.type != "cuda":
-                raise ValueError("compile=cudagraphs needs a CUDA device; use compile=inductor or compile=none on CPU")
-            self._decode = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
-        elif compile_mode != "none":
-            raise ValueError(f"unknown compile mode {compile_mode!r}; choose none, inductor or cudagraphs")
+                raise ValueError(f"compile={compile_mode} needs a CUDA device; use compile=inductor or compile=none on CPU")
+            if compile_mode == "cudagraphs":
+                fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+                self._decode = StaticDecode(model, fn, device, max_seq_length)
+            else:
+                fn = torch.compile(decode_one_token, mode="default", fullgraph=True)
+                self._decode = GraphedDecode(model, fn, device, max_seq_length)
+        else:
+            raise ValueError(f"unknown compile mode {compile_mode!r}; choose none, inductor, cudagraphs or graphed")
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
@@ -91,14 +163,13 @@ class Generator:
         s = prompt.numel()
         if s + max_new_tokens > self.max_seq_length:
             raise ValueError(f"prompt ({s}) + max_new_tokens ({max_new_tokens}) exceeds the KV cache ({self.max_seq_length})")
-        out = torch.empty(s + max_new_tokens, dtype=torch.long, device=self.device)
-        out[:s] = prompt
+        d = self._decode
+        d.out[:s] = prompt
         input_pos = torch.arange(s, device=self.device)
         token = self._prefill(self.model, prompt.view(1, -1).to(self.device), input_pos, temperature, top_k)
-        out[s] = token[0, 0]
-        pos = torch.tensor([s], device=self.device)
-        for i in range(1, max_new_tokens):
-            token = self._decode(self.model, token.clone(), pos, temperature, top_k)
-            out[s + i] = token[0, 0]
-            pos += 1
-        return out
+        d.out[s] = token[0, 0]
+        d.tok.copy_(token)
+        d.pos.fill_(s)
+        for _ in range(1, max_new_tokens):
+            d.step(temperature, top_k)
+        return d.out[: s + max_new_tokens].clone()

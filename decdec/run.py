@@ -60,8 +60,8 @@ def validate(cfg: Config, device: torch.device) -> None:
         raise ConfigError(f"backend={cfg.backend.name!r}; choose one of {list(BACKENDS)}")
     if cfg.compile.mode not in COMPILE_MODES:
         raise ConfigError(f"compile.mode={cfg.compile.mode!r}; choose one of {list(COMPILE_MODES)}")
-    if cfg.compile.mode == "cudagraphs" and device.type != "cuda":
-        raise ConfigError("compile=cudagraphs needs a CUDA GPU; on CPU use compile=none or compile=inductor")
+    if cfg.compile.mode in ("cudagraphs", "graphed") and device.type != "cuda":
+        raise ConfigError(f"compile={cfg.compile.mode} needs a CUDA GPU; on CPU use compile=none or compile=inductor")
     if cfg.precision.mixed:
         if cfg.backend.name == "fp16":
             raise ConfigError("precision=w3.5 (mixed) quantizes weights; backend=fp16 has none -- pick backend=ap or lutgemm")

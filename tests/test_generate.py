@@ -9,7 +9,7 @@ import torch
 from conftest import compose_cfg, typed
 from decdec import checkpoint as ckpt
 from decdec.builder import build_model
-from decdec.generate import Generator, argmax_last, logits_to_probs, sample
+from decdec.generate import Generator, StaticDecode, argmax_last, logits_to_probs, sample
 
 CPU = torch.device("cpu")
 PROMPT = torch.tensor([1, 17, 42, 99, 7, 250, 3], dtype=torch.long)
@@ -69,6 +69,25 @@ def set_k(model, k: int) -> None:
         m.set_dec(k, 2)
 
 
+def test_static_decode_step_bookkeeping():
+    """A step feeds tok at pos to fn, writes the next token to out[pos + 1] and advances tok and pos
+    in place (the buffers a CUDA graph captures); fn sees the same tensors every step."""
+    seen = []
+
+    def fn(model, tok, pos, temperature, top_k):
+        seen.append((tok.data_ptr(), pos.data_ptr(), int(tok), int(pos), temperature, top_k))
+        return (tok * 10 + pos).view(1, 1)
+
+    d = StaticDecode(None, fn, CPU, 6)
+    d.tok.fill_(3)
+    d.pos.fill_(1)
+    d.step(0.5, 7)
+    d.step(0.5, 7)
+    assert [x[2:] for x in seen] == [(3, 1, 0.5, 7), (31, 2, 0.5, 7)]
+    assert len({x[:2] for x in seen}) == 1  # static buffers, no copies
+    assert d.out.tolist() == [0, 0, 31, 312, 0, 0] and int(d.tok) == 312 and int(d.pos) == 3
+
+
 @torch.no_grad()
 def test_generator_rejects_prompt_longer_than_cache(tiny_ap):
     gen = Generator(tiny_ap, CPU, torch.float32, max_seq_length=PROMPT.numel() + 4)
@@ -80,6 +99,8 @@ def test_generator_rejects_prompt_longer_than_cache(tiny_ap):
 def test_generator_compile_modes(tiny_ap):
     with pytest.raises(ValueError, match="cudagraphs needs a CUDA device"):
         Generator(tiny_ap, CPU, torch.float32, 16, "cudagraphs")
+    with pytest.raises(ValueError, match="graphed needs a CUDA device"):
+        Generator(tiny_ap, CPU, torch.float32, 16, "graphed")
     with pytest.raises(ValueError, match="unknown compile mode"):
         Generator(tiny_ap, CPU, torch.float32, 16, "jit")
 

@@ -1,0 +1,85 @@
+"""Host cost of a decode step on the GPU: compile=cudagraphs as shipped (inductor + one CUDA graph per
+step, decdec.generate.GraphedDecode) against torch.compile(mode="reduce-overhead") (CUDA-graph trees),
+and inductor without graphs; greedy tokens of the graphed and the plain inductor decode must be equal.
+
+    python scripts/bench_decode_host.py [--shape smollm2-135m] [--backend fp16] [--tokens 64]
+
+A small model makes the host the bottleneck, so tokens/s measures the host's cost per step. Synthetic
+weights. Prints one line per setting (median of 3 samples after a warm-up sample).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from decdec.config import DecConfig, KChunk
+from decdec.generate import Generator, decode_one_token, prefill
+from decdec.synthetic import build_synthetic
+
+
+def reduce_overhead_generate(model, fn, prompt: torch.Tensor, n: int, dev: torch.device) -> torch.Tensor:
+    """The decode loop as it was with reduce-overhead (session 3): eager bookkeeping around each call."""
+    s = prompt.numel()
+    out = torch.empty(s + n, dtype=torch.long, device=dev)
+    out[:s] = prompt
+    token = prefill(model, prompt.view(1, -1).to(dev), torch.arange(s, device=dev), 0.0, None)
+    out[s] = token[0, 0]
+    pos = torch.tensor([s], device=dev)
+    for i in range(1, n):
+        token = fn(model, token.clone(), pos, 0.0, None)
+        out[s + i] = token[0, 0]
+        pos += 1
+    return out
+
+
+def rate(run, n: int) -> tuple[float, torch.Tensor]:
+    rates, toks = [], None
+    for i in range(4):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        toks = run()
+        torch.cuda.synchronize()
+        if i:
+            rates.append((n - 1) / (time.perf_counter() - t0))
+    return statistics.median(rates), toks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="smollm2-135m")
+    ap.add_argument("--backend", default="fp16")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--skip-reduce-overhead", action="store_true")
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    dec = DecConfig(name="off", n_tb=8, k_chunk=KChunk(qkv=0, o=0, gate_up=0, down=0))
+    model = build_synthetic(a.shape, a.backend, 3, False, torch.float16, dev, dec, seed=0).model
+    prompt = torch.arange(1, 17)
+    n = a.tokens
+    with torch.no_grad():
+        results = {}
+        for mode in ("cudagraphs", "inductor"):
+            torch._dynamo.reset()
+            gen = Generator(model, dev, torch.float16, prompt.numel() + n + 4, mode)
+            r, toks = rate(lambda: gen.generate(prompt, n), n)
+            results[mode] = toks
+            print(f"{a.shape} {a.backend} compile={mode}: {r:.1f} tokens/s ({1e6 / r:.1f} us per step)", flush=True)
+        same = torch.equal(results["cudagraphs"], results["inductor"])
+        print(f"greedy tokens graphed == inductor: {same}", flush=True)
+        if not a.skip_reduce_overhead:
+            torch._dynamo.reset()
+            model.setup_caches(1, prompt.numel() + n + 4, torch.float16, dev)
+            fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+            r, toks = rate(lambda: reduce_overhead_generate(model, fn, prompt, n, dev), n)
+            print(f"{a.shape} {a.backend} reduce-overhead (before): {r:.1f} tokens/s ({1e6 / r:.1f} us per step); "
+                  f"tokens == graphed: {torch.equal(toks, results['cudagraphs'])}", flush=True)
+        if not same:
+            raise SystemExit("graphed decode differs from the same compiled step without graphs")
+
+
+if __name__ == "__main__":
+    main()
