@@ -558,12 +558,8 @@ __global__ void __launch_bounds__(kStreamThreads, stream_blocks_per_sm<R>())
 constexpr int kMmaThreads = 256;
 constexpr int kMmaWarps = kMmaThreads / 32;
 
-// Variants for scripts/gemv_ab.cu (the product launches <4, true, 2>): WPL words per lane, plane and row
-// in an item (4: 16-byte loads, 2: 8-byte loads, in % 256 == 0); PP: ping-pong buffers (the next
-// item's loads in flight during compute) or one buffer; MINB: blocks per SM the registers allow.
-template <int WPL>
-struct MmaItem {  // one lane's share: rows g and g + 8, 3 planes x WPL words each, and the two LUTs
-  uint32_t w[2][3][WPL];
+struct MmaItem {  // one lane's share: rows g and g + 8, 3 planes x 4 words each, and the two LUTs
+  uint32_t w[2][3][4];
   uint4 l[2];
 };
 
@@ -589,13 +585,12 @@ __device__ __forceinline__ void ap3_mma_step(const uint32_t (&A)[2], const uint3
   mma16816(acc1, w0[2], w1[2], w0[3], w1[3], xv.z, xv.w);
 }
 
-template <int WPL = 4, bool PP = true, int MINB = 2>
-__global__ void __launch_bounds__(kMmaThreads, MINB)
+__global__ void __launch_bounds__(kMmaThreads, 2)
     ap3_gemv_mma_kernel(const __half* __restrict__ x, const uint32_t* __restrict__ qw, const __half* __restrict__ lut,
                         __half* __restrict__ y, int in, int out, int block_rows, Fused fused) {
   extern __shared__ __align__(16) uint4 xs[];  // in / 8 chunks of x, then red [groups * 16][kMmaWarps]
   __shared__ int flags[kMmaThreads];
-  const int words = in >> 5, KS = WPL == 4 ? words >> 4 : words >> 3;  // k-slices of 4 * WPL words
+  const int words = in >> 5, KS = words >> 4;  // k-slices of 16 words
   const int m = blockIdx.y;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int r0 = blockIdx.x * block_rows, r1 = min(out, r0 + block_rows);
@@ -605,29 +600,22 @@ __global__ void __launch_bounds__(kMmaThreads, MINB)
   const size_t plane = (size_t)out * words;
   float* red = reinterpret_cast<float*>(xs + (in >> 3));
 
-  auto load = [&](MmaItem<WPL>& d, int j) {  // this warp's j-th item
+  auto load = [&](MmaItem& d, int j) {  // this warp's j-th item
     const int i = warp + kMmaWarps * j, grp = i / KS, ks = i - grp * KS;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       int r = r0 + 16 * grp + g + 8 * h;
       r = r < r1 ? r : r1 - 1;  // rows past the tile: decode a valid row, never stored
-      const uint32_t* p = qw + (size_t)r * words + WPL * (4 * ks + t);
+      const uint32_t* p = qw + (size_t)r * words + 4 * (4 * ks + t);
 #pragma unroll
       for (int q = 0; q < 3; ++q) {
-        if constexpr (WPL == 4) {
-          const uint4 v = ldg_stream_v4(p + q * plane);
-          d.w[h][q][0] = v.x; d.w[h][q][1] = v.y; d.w[h][q][2] = v.z; d.w[h][q][3] = v.w;
-        } else {
-          static_assert(WPL == 2, "WPL is 4 or 2");
-          uint32_t a, b;
-          asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(a), "=r"(b) : "l"(p + q * plane));
-          d.w[h][q][0] = a; d.w[h][q][1] = b;
-        }
+        const uint4 v = ldg_stream_v4(p + q * plane);
+        d.w[h][q][0] = v.x; d.w[h][q][1] = v.y; d.w[h][q][2] = v.z; d.w[h][q][3] = v.w;
       }
       d.l[h] = __ldg(reinterpret_cast<const uint4*>(lut + (size_t)r * 8));
     }
   };
-  MmaItem<WPL> bufA, bufB;
+  MmaItem bufA, bufB;
   if (my_items > 0) load(bufA, 0);
   pdl_wait();  // the first weights are in flight; x (and y) belong to the previous kernel
 
@@ -637,17 +625,17 @@ __global__ void __launch_bounds__(kMmaThreads, MINB)
 
   const uint32_t xs_base = (uint32_t)__cvta_generic_to_shared(xs);
   float acc0[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};
-  auto compute = [&](const MmaItem<WPL>& c, int j) {
+  auto compute = [&](const MmaItem& c, int j) {
     const int i = warp + kMmaWarps * j, grp = i / KS, ks = i - grp * KS;
     uint32_t lt[2][4];
 #pragma unroll
     for (int h = 0; h < 2; ++h) lut_tables(c.l[h], lt[h][0], lt[h][1], lt[h][2], lt[h][3]);
-    // the lane's words WPL (4 ks + t) + v; chunk c of x sits at xs_swz(c) = c ^ ((c >> 4) & 7), so for
-    // the 4-word group g4 = 4 ks + t (WPL = 4) chunk 16 g4 + c' sits at 16 g4 + (c' ^ (g4 & 7))
+    // the lane's words 4 (4 ks + t) + v; chunk c of x sits at xs_swz(c) = c ^ ((c >> 4) & 7), so for
+    // the 4-word group g4 = 4 ks + t chunk 16 g4 + c' sits at 16 g4 + (c' ^ (g4 & 7))
     const int g4 = 4 * ks + t;
     const uint32_t gbase = xs_base + 256u * (uint32_t)g4, sw = (uint32_t)(g4 & 7);
 #pragma unroll
-    for (int v = 0; v < WPL; ++v) {
+    for (int v = 0; v < 4; ++v) {
       uint32_t A[2], B[2], C[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -655,18 +643,10 @@ __global__ void __launch_bounds__(kMmaThreads, MINB)
         B[h] = __funnelshift_l(c.w[h][1][v], c.w[h][1][v], 1);
         C[h] = __funnelshift_l(c.w[h][2][v], c.w[h][2][v], 2);
       }
-      if constexpr (WPL == 4) {
-        ap3_mma_step<0>(A, B, C, lt, gbase + 16u * ((4u * v + 0) ^ sw), acc0, acc1);
-        ap3_mma_step<1>(A, B, C, lt, gbase + 16u * ((4u * v + 1) ^ sw), acc0, acc1);
-        ap3_mma_step<2>(A, B, C, lt, gbase + 16u * ((4u * v + 2) ^ sw), acc0, acc1);
-        ap3_mma_step<3>(A, B, C, lt, gbase + 16u * ((4u * v + 3) ^ sw), acc0, acc1);
-      } else {
-        const int wc = 4 * (WPL * g4 + v);  // first chunk of the word
-        ap3_mma_step<0>(A, B, C, lt, xs_base + 16u * (uint32_t)xs_swz(wc + 0), acc0, acc1);
-        ap3_mma_step<1>(A, B, C, lt, xs_base + 16u * (uint32_t)xs_swz(wc + 1), acc0, acc1);
-        ap3_mma_step<2>(A, B, C, lt, xs_base + 16u * (uint32_t)xs_swz(wc + 2), acc0, acc1);
-        ap3_mma_step<3>(A, B, C, lt, xs_base + 16u * (uint32_t)xs_swz(wc + 3), acc0, acc1);
-      }
+      ap3_mma_step<0>(A, B, C, lt, gbase + 16u * ((4u * v + 0) ^ sw), acc0, acc1);
+      ap3_mma_step<1>(A, B, C, lt, gbase + 16u * ((4u * v + 1) ^ sw), acc0, acc1);
+      ap3_mma_step<2>(A, B, C, lt, gbase + 16u * ((4u * v + 2) ^ sw), acc0, acc1);
+      ap3_mma_step<3>(A, B, C, lt, gbase + 16u * ((4u * v + 3) ^ sw), acc0, acc1);
     }
     const int i_next = i + kMmaWarps;
     if (j + 1 >= my_items || i_next / KS != grp) {  // the warp's last item of this group: flush
@@ -679,21 +659,15 @@ __global__ void __launch_bounds__(kMmaThreads, MINB)
     }
   };
 
-  if constexpr (PP) {
-    // ping-pong buffers (no register copies): the next item's loads are in flight during compute
-    for (int j = 0; j < my_items; j += 2) {
-      if (j + 1 < my_items) load(bufB, j + 1);
-      compute(bufA, j);
-      if (j + 1 >= my_items) break;
-      if (j + 2 < my_items) load(bufA, j + 2);
-      compute(bufB, j + 1);
-    }
-  } else {
-    (void)bufB;
-    for (int j = 0; j < my_items; ++j) {
-      if (j > 0) load(bufA, j);
-      compute(bufA, j);
-    }
+  // ping-pong buffers (no register copies): the next item's loads are in flight during compute. H200
+  // (scripts/gemv_ab.cu, session 3 code, run in session 4): one buffer, 2 words per lane or 3-4 blocks
+  // per SM (64-113 registers) were all slower, 4096x28672 27.8-35.3 us against 24.0 us here.
+  for (int j = 0; j < my_items; j += 2) {
+    if (j + 1 < my_items) load(bufB, j + 1);
+    compute(bufA, j);
+    if (j + 1 >= my_items) break;
+    if (j + 2 < my_items) load(bufA, j + 2);
+    compute(bufB, j + 1);
   }
   __syncthreads();
   float* gpart = fused.on() ? fused.gpart + (size_t)m * out : nullptr;
@@ -788,9 +762,9 @@ cudaError_t launch_mma(const void* x, const uint32_t* qw, const void* lut, void*
                        const Fused& fused, cudaStream_t stream) {
   const int br = mma_block_rows(out, fused.on() ? fused.reserve_blocks : 0);
   const size_t smem = (size_t)in * sizeof(__half) + (size_t)br * kMmaWarps * sizeof(float);
-  const cudaError_t err = allow_smem(ap3_gemv_mma_kernel<>, smem);
+  const cudaError_t err = allow_smem(ap3_gemv_mma_kernel, smem);
   if (err != cudaSuccess) return err;
-  return launch_gemv_kernel(ap3_gemv_mma_kernel<>, dim3(ceil_div(out, br), M), dim3(kMmaThreads), smem, stream,
+  return launch_gemv_kernel(ap3_gemv_mma_kernel, dim3(ceil_div(out, br), M), dim3(kMmaThreads), smem, stream,
                             static_cast<const __half*>(x), qw, static_cast<const __half*>(lut), static_cast<__half*>(y),
                             in, out, br, fused);
 }

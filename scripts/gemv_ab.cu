@@ -55,9 +55,9 @@ int main(int argc, char** argv) {  // argv[1]: only this shape ("4096x28672"), e
     for (int o = 0; o < 3; ++o) {
       const int br = 16 * gpb_opts[o];
       const size_t smem = (size_t)in * 2 + (size_t)br * kMmaWarps * 4;
-      CK(allow_smem(ap3_gemv_mma_kernel<>, smem));
+      CK(allow_smem(ap3_gemv_mma_kernel, smem));
       t_g[o] = graph_us([&](cudaStream_t s, int i) {
-        ap3_gemv_mma_kernel<><<<ceil_div(out, br), kMmaThreads, smem, s>>>(x, qw[i % kCopies], lut[i % kCopies], y, in,
+        ap3_gemv_mma_kernel<<<ceil_div(out, br), kMmaThreads, smem, s>>>(x, qw[i % kCopies], lut[i % kCopies], y, in,
                                                                          out, br, Fused{});
       });
     }
