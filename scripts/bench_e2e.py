@@ -72,7 +72,8 @@ def main() -> None:
     ap.add_argument("--targets", type=float, nargs="*", default=[0.025, 0.05, 0.10])
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--samples", type=int, default=3)
-    ap.add_argument("--settings", nargs="*", default=["fp16", "ap-w3", "lutgemm-w3", "ap-w4", "lutgemm-w4"])
+    ap.add_argument("--settings", nargs="*", default=["fp16", "ap-w3", "lutgemm-w3", "ap-w4", "lutgemm-w4"],
+                    help="backend[-precision][@compile], e.g. fp16 ap-w3 ap-w3@graphed")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench")
     a = ap.parse_args()
     register_configs()
@@ -91,8 +92,10 @@ def main() -> None:
 
         bw = None
         for setting in a.settings:
-            backend, _, prec = setting.partition("-")
+            spec, _, mode = setting.partition("@")  # "ap-w3@graphed": this setting with compile=graphed
+            backend, _, prec = spec.partition("-")
             ov = [f"backend={backend}", "dec=off"] + ([f"precision={prec}"] if prec else [])
+            ov += [f"compile={mode}"] if mode else []
             with make_run(["task=tune", *tune_args, *ov]) as run:
                 bw = bw or hbm_bandwidth(run.device)
                 _, built = run._build()
@@ -102,7 +105,7 @@ def main() -> None:
                 run._reset_peak()
                 rate = run._decode_rate(built, prompt, a.tokens, a.samples)
                 wb = weight_bytes(built.model)
-                rows.append({"setting": f"{setting} dec=off", "tokens_per_s": rate, "weight_bytes": wb,
+                rows.append({"setting": f"{setting} dec=off", "tokens_per_s": rate, "compile": mode or "(overrides)", "weight_bytes": wb,
                              "floor_tokens_per_s": bw / wb if bw else None, "peak_gpu_bytes": run._peak(),
                              "gpu_bytes_after_build": after_build,
                              "device": env_device_name(run.device)})
