@@ -89,6 +89,16 @@ class StaticDecode:
         self.pos.add_(1)
 
 
+def graph_signature(model: Transformer) -> tuple:
+    """What a recorded decode graph bakes in besides weights: every projection's DEC setting (k_chunk and
+    n_tb are launch arguments) and the addresses of the KV caches and RoPE tables (``setup_caches``
+    reallocates them)."""
+    dec = tuple((m.k_chunk, m.dec.n_tb if getattr(m, "dec", None) is not None else 0)
+                for _, _, m in model.linears()) if hasattr(model, "linears") else ()
+    caches = tuple((c.data_ptr(), tuple(c.shape)) for c in (model.layers[0].attention.kv_cache.k_cache,))
+    return dec, caches, model.rope_cos.data_ptr()
+
+
 class GraphedDecode(StaticDecode):
     """``StaticDecode`` whose step is captured into a CUDA graph per (temperature, top_k) on first use
     (after two warm-up steps on a side stream, which compile the step; the state they advance is put
@@ -98,6 +108,15 @@ class GraphedDecode(StaticDecode):
         super().__init__(model, fn, device, max_seq_length)
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.replays = 0
+        self.signature: tuple | None = None
+
+    def refresh(self) -> None:
+        """Drop the recorded graphs if the model's DEC settings or caches changed since they were recorded
+        (they are recorded again on the next step)."""
+        sig = graph_signature(self.model)
+        if sig != self.signature:
+            self.graphs.clear()
+            self.signature = sig
 
     def step(self, temperature: float, top_k: int | None) -> None:
         key = (float(temperature), top_k)
@@ -128,9 +147,9 @@ class Generator:
 
     ``compile_mode``: ``none`` (eager), ``inductor`` (``torch.compile`` default mode), ``cudagraphs``
     (``torch.compile`` reduce-overhead) or ``graphed`` (inductor + one CUDA graph per decode step, see the
-    module docstring). The last two record graphs on the first call, so the first sample is the warm-up,
-    and the graphs hold the weights and DEC settings as they were when recorded: after ``set_dec`` or new
-    weights, make a new ``Generator``.
+    module docstring). The last two record graphs on the first call, so the first sample is the warm-up.
+    ``graphed`` records again when a projection's DEC setting or the caches changed (``graph_signature``);
+    the weights themselves are read in place, so loading new values into them needs nothing.
     """
 
     def __init__(self, model: Transformer, device: torch.device, dtype: torch.dtype, max_seq_length: int,
@@ -164,6 +183,8 @@ class Generator:
         if s + max_new_tokens > self.max_seq_length:
             raise ValueError(f"prompt ({s}) + max_new_tokens ({max_new_tokens}) exceeds the KV cache ({self.max_seq_length})")
         d = self._decode
+        if isinstance(d, GraphedDecode):
+            d.refresh()
         d.out[:s] = prompt
         input_pos = torch.arange(s, device=self.device)
         token = self._prefill(self.model, prompt.view(1, -1).to(self.device), input_pos, temperature, top_k)

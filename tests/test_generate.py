@@ -9,7 +9,7 @@ import torch
 from conftest import compose_cfg, typed
 from decdec import checkpoint as ckpt
 from decdec.builder import build_model
-from decdec.generate import Generator, StaticDecode, argmax_last, logits_to_probs, sample
+from decdec.generate import Generator, StaticDecode, argmax_last, graph_signature, logits_to_probs, sample
 
 CPU = torch.device("cpu")
 PROMPT = torch.tensor([1, 17, 42, 99, 7, 250, 3], dtype=torch.long)
@@ -86,6 +86,21 @@ def test_static_decode_step_bookkeeping():
     assert [x[2:] for x in seen] == [(3, 1, 0.5, 7), (31, 2, 0.5, 7)]
     assert len({x[:2] for x in seen}) == 1  # static buffers, no copies
     assert d.out.tolist() == [0, 0, 31, 312, 0, 0] and int(d.tok) == 312 and int(d.pos) == 3
+
+
+def test_graph_signature_tracks_dec_settings_and_caches(tiny_ap):
+    """compile=graphed records again when what its graphs bake in changes: k_chunk / n_tb of any
+    projection, or the KV caches (setup_caches reallocates them)."""
+    set_k(tiny_ap, 0)
+    tiny_ap.setup_caches(1, 16, torch.float32, CPU)
+    base = graph_signature(tiny_ap)
+    assert graph_signature(tiny_ap) == base
+    next(iter(tiny_ap.linears()))[2].set_dec(8, 2)
+    assert graph_signature(tiny_ap) != base
+    set_k(tiny_ap, 0)
+    assert graph_signature(tiny_ap) == base
+    tiny_ap.setup_caches(1, 16, torch.float32, CPU)
+    assert graph_signature(tiny_ap) != base
 
 
 @torch.no_grad()
