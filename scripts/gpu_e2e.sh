@@ -3,6 +3,7 @@
 # ../shared/tools/gpu-wheels.sh). JIT-builds decdec._C, runs the GPU e2e tests, then the
 # end-to-end decode benchmark on a SYNTHETIC Llama-3-8B (compile=cudagraphs). Logs under $OUT.
 #   bash scripts/gpu_e2e.sh            # STEPS="build test bench" by default
+#   STEPS="build host" bash scripts/gpu_e2e.sh   # host cost of a decode step: graphed vs inductor vs reduce-overhead
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/decdec_gpu}"
@@ -16,8 +17,13 @@ if [[ " $STEPS " == *" build "* ]]; then
   python3 scripts/build_kernels.py > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 fi
 if [[ " $STEPS " == *" test "* ]]; then
-  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests/test_gpu_e2e.py -m cuda -q -x -p no:cacheprovider 2>&1 \
+  timeout "${TEST_TIMEOUT:-420}" python3 -m pytest tests/test_gpu_e2e.py -m cuda -q -x -p no:cacheprovider 2>&1 \
     | tee "$OUT/e2e_pytest.log" | tail -15
+  [[ ${PIPESTATUS[0]} == 0 ]] || status=1
+fi
+if [[ " $STEPS " == *" host "* ]]; then
+  timeout "${HOST_TIMEOUT:-240}" python3 scripts/bench_decode_host.py ${HOST_ARGS:-} 2>&1 | tee "$OUT/decode_host.log" \
+    | grep -vE "^\s*$|Warn" | tail -8
   [[ ${PIPESTATUS[0]} == 0 ]] || status=1
 fi
 if [[ " $STEPS " == *" bench "* ]]; then
