@@ -15,12 +15,11 @@
 from __future__ import annotations
 
 import itertools
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 
+from decdec import timing
 from decdec.config import PROJECTIONS
 from decdec.reference import chunk_quotas
 
@@ -34,48 +33,12 @@ class Timing:
     seconds: float  # median time of one call
 
 
-def _timer(device: torch.device):
-    if device.type == "cuda":
-        def run(fn, iters: int, reps: int = 7) -> float:
-            # `iters` calls captured in one CUDA graph and replayed, as compile=cudagraphs decodes:
-            # timing eager calls would measure the host's op dispatch (~20 us), not the kernels
-            for _ in range(3):
-                fn()  # warm-up outside capture (the fused op sizes its workspace here)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(iters):
-                    fn()
-            graph.replay()
-            torch.cuda.synchronize()
-            samples = []
-            for _ in range(reps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                graph.replay()
-                end.record()
-                end.synchronize()
-                samples.append(start.elapsed_time(end) / 1e3 / iters)
-            del graph
-            return statistics.median(samples)
-    else:
-        def run(fn, iters: int, reps: int = 5) -> float:
-            fn()
-            samples = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    fn()
-                samples.append((time.perf_counter() - t0) / iters)
-            return statistics.median(samples)
-    return run
-
-
 @torch.no_grad()
 def time_projections(model, bitwidths: dict[int, int], k_chunks: list[int], n_tbs: list[int], iters: int,
                      device: torch.device, dtype: torch.dtype) -> list[Timing]:
-    """Median per-call time of each projection (per bit-width) for every (n_tb, k_chunk)."""
-    timer = _timer(device)
+    """Median per-call time of each projection (per bit-width) for every (n_tb, k_chunk): on CUDA from a
+    CUDA graph (as compile=cudagraphs decodes), on the CPU from a host loop."""
+    timer = timing.graph_seconds if device.type == "cuda" else timing.host_seconds
     by_key: dict[tuple[str, int], list] = {}
     for proj, layer, mod in model.linears():
         by_key.setdefault((proj, bitwidths[layer]), []).append(mod)
@@ -83,10 +46,8 @@ def time_projections(model, bitwidths: dict[int, int], k_chunks: list[int], n_tb
     for (proj, bits), mods in by_key.items():
         saved = [(m.k_chunk, m.dec.n_tb if m.dec else 1) for m in mods]
         xs = [torch.randn(1, mods[0].in_features, device=device, dtype=dtype) for _ in range(4)]
-        counter = itertools.count()
 
-        def call():
-            i = next(counter)
+        def call(i: int) -> None:  # cycles over every layer's weights, so the L2 does not hold them
             mods[i % len(mods)](xs[i % len(xs)])
 
         for n_tb in n_tbs:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from decdec import ops, reference
+from decdec.timing import graph_seconds
 
 LLAMA = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
 PHI3 = [(5120, 7680), (5120, 5120), (5120, 35840), (17920, 5120)]
@@ -56,26 +57,8 @@ def timeit(fn, n_inputs: int, iters: int = 200, batch: int = 50, warmup: int = 1
 
 def timeit_graph(fn, n_inputs: int, calls: int = 24, replays: int = 15) -> float:
     """Median per-call GPU time (microseconds) of fn(i) replayed from one CUDA graph of `calls`
-    calls (i rotating), i.e. without per-launch host gaps, as a decoder running CUDA graphs sees it."""
-    for i in range(3):
-        fn(i % n_inputs)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fn(i % n_inputs)
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / calls)
-    del g
-    return statistics.median(times)
+    calls (i rotating over n_inputs), i.e. without per-launch host gaps, as a decoder running CUDA graphs sees it."""
+    return graph_seconds(lambda i: fn(i % n_inputs), calls, reps=replays) * 1e6
 
 
 def ceilings() -> dict:

@@ -68,3 +68,12 @@ def test_tune_rejects_bad_settings(tmp_path, cache_dir):
         run_inprocess(["model=tiny", "task=tune", "task.target_slowdown=2", "logger=yaml"], tmp_path / "a", cache_dir)
     with pytest.raises(ConfigError, match="k_chunks"):
         run_inprocess(["model=tiny", "task=tune", "task.k_chunks=[4,8]", "logger=yaml"], tmp_path / "b", cache_dir)
+
+
+def test_host_seconds_passes_call_indices_and_returns_per_call_time():
+    from decdec import timing
+
+    seen = []
+    t = timing.host_seconds(seen.append, calls=4, reps=3, warmup=2)
+    assert seen == [0, 1] + [0, 1, 2, 3] * 3  # warm-up calls, then each rep's calls in order (inputs rotate on i)
+    assert 0 < t < 1e-3
