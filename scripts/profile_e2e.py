@@ -32,11 +32,11 @@ from decdec.run import Run, env_device_name
 REPO = Path(__file__).resolve().parent.parent
 
 CATEGORIES = [  # first match wins; patterns on the demangled kernel name
+    ("attention", r"flash|fmha|attention|sdpa"),  # incl. inductor's kernels preparing SDPA's inputs
+    ("fused pointwise (inductor)", r"^triton_"),  # named after the ops they fuse (e.g. ..._ap_gemv_mul_silu)
     ("quantized GEMV", r"ap3_gemv|ap_gemv|lutgemm_gemv"),
-    ("DEC", r"dec_kernel|dec_"),
-    ("dense GEMM/GEMV", r"gemv|gemm|cutlass|sm90_xmma|cublas|splitK|ampere_|sm80_"),
-    ("attention", r"flash|fmha|attention|sdpa|softmax"),
-    ("fused pointwise (inductor)", r"triton"),
+    ("DEC", r"dec_kernel|dec_select"),
+    ("dense GEMM/GEMV (cuBLAS)", r"nvjet|gemv|gemm|cutlass|xmma|cublas|splitK"),
     ("copy / fill", r"copy|memcpy|memset|fill|Memcpy|Memset|elementwise"),
 ]
 
