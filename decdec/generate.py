@@ -82,6 +82,9 @@ class StaticDecode:
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.out = torch.zeros(max_seq_length, dtype=torch.long, device=device)
 
+    def refresh(self) -> None:
+        """Called before each generation; nothing is recorded here."""
+
     def step(self, temperature: float, top_k: int | None) -> None:
         nxt = self.fn(self.model, self.tok, self.pos, temperature, top_k)  # [1, 1]
         self.out.index_copy_(0, self.pos + 1, nxt.view(1))
@@ -93,10 +96,9 @@ def graph_signature(model: Transformer) -> tuple:
     """What a recorded decode graph bakes in besides weights: every projection's DEC setting (k_chunk and
     n_tb are launch arguments) and the addresses of the KV caches and RoPE tables (``setup_caches``
     reallocates them)."""
-    dec = tuple((m.k_chunk, m.dec.n_tb if getattr(m, "dec", None) is not None else 0)
-                for _, _, m in model.linears()) if hasattr(model, "linears") else ()
-    caches = tuple((c.data_ptr(), tuple(c.shape)) for c in (model.layers[0].attention.kv_cache.k_cache,))
-    return dec, caches, model.rope_cos.data_ptr()
+    dec = tuple((m.k_chunk, m.dec.n_tb if getattr(m, "dec", None) is not None else 0) for _, _, m in model.linears())
+    k_cache = model.layers[0].attention.kv_cache.k_cache
+    return dec, k_cache.data_ptr(), tuple(k_cache.shape), model.rope_cos.data_ptr()
 
 
 class GraphedDecode(StaticDecode):
@@ -158,22 +160,14 @@ class Generator:
         self.compile_mode = compile_mode
         model.setup_caches(1, max_seq_length, dtype, device)
         self._prefill: Callable = prefill
-        if compile_mode == "none":
-            self._decode = StaticDecode(model, decode_one_token, device, max_seq_length)
-        elif compile_mode == "inductor":
-            fn = torch.compile(decode_one_token, mode="default", fullgraph=True)
-            self._decode = StaticDecode(model, fn, device, max_seq_length)
-        elif compile_mode in ("cudagraphs", "graphed"):
-            if device.type != "cuda":
-                raise ValueError(f"compile={compile_mode} needs a CUDA device; use compile=inductor or compile=none on CPU")
-            if compile_mode == "cudagraphs":
-                fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
-                self._decode = StaticDecode(model, fn, device, max_seq_length)
-            else:
-                fn = torch.compile(decode_one_token, mode="default", fullgraph=True)
-                self._decode = GraphedDecode(model, fn, device, max_seq_length)
-        else:
+        torch_modes = {"none": None, "inductor": "default", "cudagraphs": "reduce-overhead", "graphed": "default"}
+        if compile_mode not in torch_modes:
             raise ValueError(f"unknown compile mode {compile_mode!r}; choose none, inductor, cudagraphs or graphed")
+        if compile_mode in ("cudagraphs", "graphed") and device.type != "cuda":
+            raise ValueError(f"compile={compile_mode} needs a CUDA device; use compile=inductor or compile=none on CPU")
+        mode = torch_modes[compile_mode]
+        fn = decode_one_token if mode is None else torch.compile(decode_one_token, mode=mode, fullgraph=True)
+        self._decode = (GraphedDecode if compile_mode == "graphed" else StaticDecode)(model, fn, device, max_seq_length)
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
@@ -183,8 +177,7 @@ class Generator:
         if s + max_new_tokens > self.max_seq_length:
             raise ValueError(f"prompt ({s}) + max_new_tokens ({max_new_tokens}) exceeds the KV cache ({self.max_seq_length})")
         d = self._decode
-        if isinstance(d, GraphedDecode):
-            d.refresh()
+        d.refresh()
         d.out[:s] = prompt
         input_pos = torch.arange(s, device=self.device)
         token = self._prefill(self.model, prompt.view(1, -1).to(self.device), input_pos, temperature, top_k)
