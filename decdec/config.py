@@ -16,7 +16,7 @@ from omegaconf import MISSING
 
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
 BACKENDS = ("ap", "lutgemm", "fp16")
-COMPILE_MODES = ("none", "inductor", "cudagraphs", "graphed")
+COMPILE_MODES = ("none", "inductor", "cudagraphs", "reduce-overhead")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 SELECTIONS = ("dynamic", "exact_topk", "static", "random")
 
@@ -60,7 +60,7 @@ class PrecisionConfig:
 
 @dataclass
 class CompileConfig:
-    mode: str = "none"  # none | inductor (torch.compile default) | cudagraphs (reduce-overhead) | graphed (inductor + one CUDA graph per step)
+    mode: str = "none"  # none | inductor (torch.compile default) | cudagraphs (inductor + one CUDA graph per step) | reduce-overhead (torch's CUDA-graph trees)
 
 
 @dataclass

@@ -5,13 +5,13 @@ Sampling never syncs with the host inside a step: greedy is an argmax, sampling 
 exponential trick (``argmax(p / q), q ~ Exp(1)``) instead of ``torch.multinomial``.
 
 Every mode decodes on static device buffers (``StaticDecode``: the last token, its position and
-the output tokens), so a step is device work only. ``compile=graphed`` compiles the step with
+the output tokens), so a step is device work only. ``compile=cudagraphs`` compiles the step with
 inductor and captures it, bookkeeping included, once per (temperature, top_k) into one
-``torch.cuda.CUDAGraph``: a step costs the host one graph launch. ``compile=cudagraphs`` goes through
-``torch.compile(mode="reduce-overhead")`` (CUDA-graph trees: dynamo guards and input checks on every
-call, plus the eager bookkeeping ops). On an H200 the host needed ~2.45 ms to queue a Llama-3-8B
-reduce-overhead step, about the GPU's own 2.54 ms (docs/PERF.md, session 4); ``graphed`` is the fix
-for that, written after the session's GPU time was spent: not yet run on a GPU.
+``torch.cuda.CUDAGraph`` (``GraphedDecode``): a step costs the host one graph launch.
+``compile=reduce-overhead`` goes through ``torch.compile(mode="reduce-overhead")`` (CUDA-graph trees:
+dynamo guards and input checks on every call). H200, synthetic Llama-3-8B ap w3: 349.6 against 340.0
+tokens/s; SmolLM2-135M fp16, where the host matters more: 1723 against 1944 us per step (docs/PERF.md,
+session 5).
 """
 
 from __future__ import annotations
@@ -148,9 +148,10 @@ class Generator:
     """Runs prefill + token-by-token decode with a static KV cache of ``max_seq_length``.
 
     ``compile_mode``: ``none`` (eager), ``inductor`` (``torch.compile`` default mode), ``cudagraphs``
-    (``torch.compile`` reduce-overhead) or ``graphed`` (inductor + one CUDA graph per decode step, see the
-    module docstring). The last two record graphs on the first call, so the first sample is the warm-up.
-    ``graphed`` records again when a projection's DEC setting or the caches changed (``graph_signature``);
+    (inductor + one CUDA graph per decode step, see the module docstring) or ``reduce-overhead``
+    (``torch.compile``'s CUDA-graph trees). The last two record graphs on the first call, so the first
+    sample is the warm-up. ``cudagraphs`` records again when a projection's DEC setting or the caches
+    changed (``graph_signature``);
     the weights themselves are read in place, so loading new values into them needs nothing.
     """
 
@@ -160,14 +161,14 @@ class Generator:
         self.compile_mode = compile_mode
         model.setup_caches(1, max_seq_length, dtype, device)
         self._prefill: Callable = prefill
-        torch_modes = {"none": None, "inductor": "default", "cudagraphs": "reduce-overhead", "graphed": "default"}
+        torch_modes = {"none": None, "inductor": "default", "cudagraphs": "default", "reduce-overhead": "reduce-overhead"}
         if compile_mode not in torch_modes:
-            raise ValueError(f"unknown compile mode {compile_mode!r}; choose none, inductor, cudagraphs or graphed")
-        if compile_mode in ("cudagraphs", "graphed") and device.type != "cuda":
+            raise ValueError(f"unknown compile mode {compile_mode!r}; choose none, inductor, cudagraphs or reduce-overhead")
+        if compile_mode in ("cudagraphs", "reduce-overhead") and device.type != "cuda":
             raise ValueError(f"compile={compile_mode} needs a CUDA device; use compile=inductor or compile=none on CPU")
         mode = torch_modes[compile_mode]
         fn = decode_one_token if mode is None else torch.compile(decode_one_token, mode=mode, fullgraph=True)
-        self._decode = (GraphedDecode if compile_mode == "graphed" else StaticDecode)(model, fn, device, max_seq_length)
+        self._decode = (GraphedDecode if compile_mode == "cudagraphs" else StaticDecode)(model, fn, device, max_seq_length)
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,

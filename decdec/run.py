@@ -60,7 +60,7 @@ def validate(cfg: Config, device: torch.device) -> None:
         raise ConfigError(f"backend={cfg.backend.name!r}; choose one of {list(BACKENDS)}")
     if cfg.compile.mode not in COMPILE_MODES:
         raise ConfigError(f"compile.mode={cfg.compile.mode!r}; choose one of {list(COMPILE_MODES)}")
-    if cfg.compile.mode in ("cudagraphs", "graphed") and device.type != "cuda":
+    if cfg.compile.mode in ("cudagraphs", "reduce-overhead") and device.type != "cuda":
         raise ConfigError(f"compile={cfg.compile.mode} needs a CUDA GPU; on CPU use compile=none or compile=inductor")
     if cfg.precision.mixed:
         if cfg.backend.name == "fp16":

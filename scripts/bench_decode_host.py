@@ -1,7 +1,6 @@
-"""Host cost of a decode step on the GPU: compile=graphed (inductor + one CUDA graph per step,
-decdec.generate.GraphedDecode) against compile=cudagraphs (torch.compile(mode="reduce-overhead"), CUDA-graph
-trees, on StaticDecode's buffers), the session-3 reduce-overhead loop (eager clone/index_put around each call)
-and inductor without graphs; every setting's greedy tokens must equal the plain inductor decode's.
+"""Host cost of a decode step on the GPU: compile=cudagraphs (inductor + one CUDA graph per step,
+decdec.generate.GraphedDecode) against compile=reduce-overhead (torch's CUDA-graph trees) and inductor
+without graphs; every setting's greedy tokens must equal the plain inductor decode's.
 
     python scripts/bench_decode_host.py [--shape smollm2-135m] [--backend fp16] [--tokens 64]
 
@@ -18,23 +17,8 @@ import time
 import torch
 
 from decdec.config import DecConfig, KChunk
-from decdec.generate import Generator, decode_one_token, prefill
+from decdec.generate import Generator
 from decdec.synthetic import build_synthetic
-
-
-def reduce_overhead_generate(model, fn, prompt: torch.Tensor, n: int, dev: torch.device) -> torch.Tensor:
-    """The decode loop as it was with reduce-overhead (session 3): eager bookkeeping around each call."""
-    s = prompt.numel()
-    out = torch.empty(s + n, dtype=torch.long, device=dev)
-    out[:s] = prompt
-    token = prefill(model, prompt.view(1, -1).to(dev), torch.arange(s, device=dev), 0.0, None)
-    out[s] = token[0, 0]
-    pos = torch.tensor([s], device=dev)
-    for i in range(1, n):
-        token = fn(model, token.clone(), pos, 0.0, None)
-        out[s + i] = token[0, 0]
-        pos += 1
-    return out
 
 
 def rate(run, n: int) -> tuple[float, torch.Tensor]:
@@ -54,7 +38,6 @@ def main() -> None:
     ap.add_argument("--shape", default="smollm2-135m")
     ap.add_argument("--backend", default="fp16")
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--skip-reduce-overhead", action="store_true")
     a = ap.parse_args()
     dev = torch.device("cuda")
     dec = DecConfig(name="off", n_tb=8, k_chunk=KChunk(qkv=0, o=0, gate_up=0, down=0))
@@ -63,24 +46,16 @@ def main() -> None:
     n = a.tokens
     with torch.no_grad():
         results = {}
-        for mode in ("graphed", "cudagraphs", "inductor"):
+        for mode in ("cudagraphs", "reduce-overhead", "inductor"):
             torch._dynamo.reset()
             gen = Generator(model, dev, torch.float16, prompt.numel() + n + 4, mode)
             r, toks = rate(lambda: gen.generate(prompt, n), n)
             results[mode] = toks
             print(f"{a.shape} {a.backend} compile={mode}: {r:.1f} tokens/s ({1e6 / r:.1f} us per step)", flush=True)
-        same = all(torch.equal(results[m], results["inductor"]) for m in ("graphed", "cudagraphs"))
-        print(f"greedy tokens graphed == cudagraphs == inductor: {same}", flush=True)
-        if not a.skip_reduce_overhead:
-            torch._dynamo.reset()
-            model.setup_caches(1, prompt.numel() + n + 4, torch.float16, dev)
-            fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
-            r, toks = rate(lambda: reduce_overhead_generate(model, fn, prompt, n, dev), n)
-            print(f"{a.shape} {a.backend} reduce-overhead (before): {r:.1f} tokens/s ({1e6 / r:.1f} us per step); "
-                  f"tokens == inductor: {torch.equal(toks, results['inductor'])}", flush=True)
+        same = all(torch.equal(results[m], results["inductor"]) for m in ("cudagraphs", "reduce-overhead"))
+        print(f"greedy tokens cudagraphs == reduce-overhead == inductor: {same}", flush=True)
         if not same:
             raise SystemExit("a graphed decode differs from the same compiled step without graphs")
-
 
 if __name__ == "__main__":
     main()

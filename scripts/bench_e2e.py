@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--samples", type=int, default=3)
     ap.add_argument("--settings", nargs="*", default=["fp16", "ap-w3", "lutgemm-w3", "ap-w4", "lutgemm-w4"],
-                    help="backend[-precision][@compile], e.g. fp16 ap-w3 ap-w3@graphed")
+                    help="backend[-precision][@compile], e.g. fp16 ap-w3 ap-w3@reduce-overhead")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench")
     a = ap.parse_args()
     register_configs()
@@ -92,7 +92,7 @@ def main() -> None:
 
         bw = None
         for setting in a.settings:
-            spec, _, mode = setting.partition("@")  # "ap-w3@graphed": this setting with compile=graphed
+            spec, _, mode = setting.partition("@")  # "ap-w3@inductor": this setting with compile=inductor
             backend, _, prec = spec.partition("-")
             ov = [f"backend={backend}", "dec=off"] + ([f"precision={prec}"] if prec else [])
             ov += [f"compile={mode}"] if mode else []

@@ -3,7 +3,7 @@
 # ../shared/tools/gpu-wheels.sh). JIT-builds decdec._C, runs the GPU e2e tests, then the
 # end-to-end decode benchmark on a SYNTHETIC Llama-3-8B (compile=cudagraphs). Logs under $OUT.
 #   bash scripts/gpu_e2e.sh            # STEPS="build test bench" by default
-#   STEPS="build host" bash scripts/gpu_e2e.sh   # host cost of a decode step: graphed vs inductor vs reduce-overhead
+#   STEPS="build host" bash scripts/gpu_e2e.sh   # host cost of a decode step: cudagraphs vs inductor vs reduce-overhead
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/decdec_gpu}"

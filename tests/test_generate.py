@@ -89,7 +89,7 @@ def test_static_decode_step_bookkeeping():
 
 
 def test_graph_signature_tracks_dec_settings_and_caches(tiny_ap):
-    """compile=graphed records again when what its graphs bake in changes: k_chunk / n_tb of any
+    """compile=cudagraphs records again when what its graphs bake in changes: k_chunk / n_tb of any
     projection, or the KV caches (setup_caches reallocates them)."""
     set_k(tiny_ap, 0)
     tiny_ap.setup_caches(1, 16, torch.float32, CPU)
@@ -114,8 +114,8 @@ def test_generator_rejects_prompt_longer_than_cache(tiny_ap):
 def test_generator_compile_modes(tiny_ap):
     with pytest.raises(ValueError, match="cudagraphs needs a CUDA device"):
         Generator(tiny_ap, CPU, torch.float32, 16, "cudagraphs")
-    with pytest.raises(ValueError, match="graphed needs a CUDA device"):
-        Generator(tiny_ap, CPU, torch.float32, 16, "graphed")
+    with pytest.raises(ValueError, match="reduce-overhead needs a CUDA device"):
+        Generator(tiny_ap, CPU, torch.float32, 16, "reduce-overhead")
     with pytest.raises(ValueError, match="unknown compile mode"):
         Generator(tiny_ap, CPU, torch.float32, 16, "jit")
 

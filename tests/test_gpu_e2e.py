@@ -84,7 +84,7 @@ def test_no_cudagraph_skips():
                             DecConfig(name="t", n_tb=4, k_chunk=KChunk(qkv=128, o=128, gate_up=128, down=128)))
     torch._dynamo.reset()
     counters.clear()
-    gen = Generator(built.model, dev, torch.float16, 48, "cudagraphs")
+    gen = Generator(built.model, dev, torch.float16, 48, "reduce-overhead")  # torch's CUDA-graph trees
     gen.generate(torch.arange(1, 9), 16)
     gen.generate(torch.arange(1, 9), 16)
     skips = {k: v for k, v in counters["inductor"].items() if "cudagraph_skips" in k}
@@ -93,7 +93,7 @@ def test_no_cudagraph_skips():
 
 @pytest.mark.parametrize("k", [0, 16])
 def test_graphed_decode_equals_inductor_decode(k):
-    """compile=graphed replays one CUDA graph per step of the same inductor-compiled step that
+    """compile=cudagraphs replays one CUDA graph per step of the same inductor-compiled step that
     compile=inductor runs without graphs: greedy tokens must be identical, the graph recorded once
     and replayed every step; sampling inside the graph draws fresh noise each step and call.
     The tiny model keeps its three inductor compiles short (smollm2's 30 layers took minutes)."""
@@ -109,7 +109,7 @@ def test_graphed_decode_equals_inductor_decode(k):
     torch._dynamo.reset()
     want = Generator(built.model, dev, torch.float16, 64, "inductor").generate(prompt, 40)
     torch._dynamo.reset()
-    gen = Generator(built.model, dev, torch.float16, 64, "graphed")
+    gen = Generator(built.model, dev, torch.float16, 64, "cudagraphs")
     first = gen.generate(prompt, 40)
     again = gen.generate(prompt, 40)
     assert torch.equal(first, want) and torch.equal(again, want)

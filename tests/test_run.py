@@ -196,7 +196,7 @@ def _fails(tmp_path, cache: Path, overrides: list[str], exc=Exception, *fragment
     (["device=cuda"], ["device=cuda", "device=cpu"]),
     (["device=tpu"], ["device=", "cpu"]),
     (["compile=cudagraphs"], ["cudagraphs", "compile=inductor"]),
-    (["compile=graphed"], ["compile=graphed", "CUDA GPU", "compile=inductor"]),
+    (["compile=reduce-overhead"], ["compile=reduce-overhead", "CUDA GPU", "compile=inductor"]),
     (["compile.mode=fast"], ["compile.mode='fast'", "inductor"]),
     (["backend.name=int8"], ["backend='int8'", "lutgemm"]),
     (["precision.dtype=fp8"], ["precision.dtype='fp8'", "bfloat16"]),
