@@ -351,6 +351,47 @@ at::Tensor lutgemm_gemv_dec_cuda(const at::Tensor& x, const at::Tensor& binary, 
                });
 }
 
+// ---------------------------------------------------------------------------- decode attention
+void check_attn_tensor(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  DD_CHECK(t.is_cuda(), "decdec: ", name, " must be a CUDA tensor, got device ", t.device());
+  DD_CHECK(t.device() == q.device(), "decdec: ", name, " is on ", t.device(), " but q is on ", q.device());
+  DD_CHECK(t.scalar_type() == q.scalar_type(), "decdec: ", name, " must be ", q.scalar_type(), " like q, got ",
+           t.scalar_type());
+  DD_CHECK(t.is_contiguous(), "decdec: ", name, " must be contiguous, got shape ", t.sizes(), " strides ", t.strides());
+}
+
+at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                 const at::Tensor& pos, int64_t window) {
+  DD_CHECK(q.is_cuda(), "decdec: q must be a CUDA tensor, got device ", q.device());
+  const DType dt = dtype_of(q);
+  DD_CHECK(q.dim() == 3, "decdec: q must be [B, H, Dh], got shape ", q.sizes());
+  check_attn_tensor(q, "q", q);
+  check_attn_tensor(k_cache, "k_cache", q);
+  check_attn_tensor(v_cache, "v_cache", q);
+  DD_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), "decdec: k_cache and v_cache must be [B, Hkv, L, Dh] of one shape, got ",
+           k_cache.sizes(), " and ", v_cache.sizes());
+  const int B = i32(q.size(0), "B"), H = i32(q.size(1), "H"), Dh = i32(q.size(2), "Dh");
+  const int Hkv = i32(k_cache.size(1), "Hkv"), L = i32(k_cache.size(2), "L");
+  DD_CHECK(k_cache.size(0) >= B && k_cache.size(3) == Dh, "decdec: caches ", k_cache.sizes(), " do not fit q ", q.sizes(),
+           " (need >= ", B, " sequences of head dim ", Dh, ")");
+  DD_CHECK(decdec::decode_attention_supported(H, Hkv, Dh), "decdec: decode_attention needs H % Hkv == 0, H / Hkv <= 8 and ",
+           "head dim <= 256, got H=", H, ", Hkv=", Hkv, ", Dh=", Dh);
+  DD_CHECK(L > 0, "decdec: empty KV cache");
+  DD_CHECK(pos.is_cuda() && pos.device() == q.device() && pos.scalar_type() == at::kLong && pos.numel() == 1,
+           "decdec: pos must be one int64 on q's device, got ", pos.sizes(), " ", pos.scalar_type(), " on ", pos.device());
+  DD_CHECK(window >= 0, "decdec: window must be >= 0 (0 = none), got ", window);
+  c10::cuda::CUDAGuard guard(q.device());
+  auto y = at::empty({q.size(0), q.size(1) * q.size(2)}, q.options());
+  auto part = at::empty({(int64_t)decdec::decode_attention_part_floats(B, H, Hkv, L, Dh)}, q.options().dtype(at::kFloat));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  int* counters = tile_counters(q.get_device(), (size_t)B * Hkv, stream.stream());
+  cuda_ok(decdec::decode_attention(dt, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), pos.data_ptr<int64_t>(),
+                                   y.data_ptr(), part.data_ptr<float>(), counters, B, H, Hkv, L, Dh, (int)window,
+                                   stream.stream()),
+          "decode_attention launch");
+  return y;
+}
+
 // ---------------------------------------------------------------------------- python helpers
 // Pinned, mapped host memory holding a copy of q_residual, exposed as a CUDA tensor (its UVA
 // address): DEC reads it zero-copy over PCIe and no GPU memory is used. Freed by the deleter.
@@ -407,6 +448,7 @@ TORCH_LIBRARY_IMPL(decdec, CUDA, m) {
   m.impl("dec", &dec_cuda);
   m.impl("ap_gemv_dec", &ap_gemv_dec_cuda);
   m.impl("lutgemm_gemv_dec", &lutgemm_gemv_dec_cuda);
+  m.impl("decode_attention", &decode_attention_cuda);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

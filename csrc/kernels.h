@@ -72,4 +72,15 @@ cudaError_t dec(DType dt, const void* x, const uint32_t* q_residual, const void*
 cudaError_t dec_select_debug(DType dt, const void* x, const float* bounds, uint8_t* mask, int M, int in,
                              int k_chunk, cudaStream_t stream);
 
+// ---- Decode attention (attention.cu): q [B, H, Dh] (RoPE applied), caches [>= B, Hkv, L, Dh], pos [1] int64
+// on the device (the query's position; rows [lo, pos] attend, lo = pos - window + 1 if window > 0 else 0;
+// pos outside [0, L) is clamped), y [B, H * Dh]. part: decode_attention_part_floats(...) floats of scratch;
+// counters: B * Hkv ints, zero on entry and on exit (the Fused protocol's counters serve).
+bool decode_attention_supported(int H, int Hkv, int Dh);  // H % Hkv == 0, H / Hkv <= 8, Dh <= 256
+int decode_attention_splits(int L);
+size_t decode_attention_part_floats(int B, int H, int Hkv, int L, int Dh);
+cudaError_t decode_attention(DType dt, const void* q, const void* k_cache, const void* v_cache, const int64_t* pos,
+                             void* y, float* part, int* counters, int B, int H, int Hkv, int L, int Dh, int window,
+                             cudaStream_t stream);
+
 }  // namespace decdec

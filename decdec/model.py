@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+import decdec.ops  # noqa: F401  registers torch.ops.decdec (decode_attention)
+
 # config key -> module path inside a layer (``layers[i].<path>``)
 PROJECTIONS = {"qkv": "attention.wqkv", "o": "attention.wo", "gate_up": "feed_forward.w1w3", "down": "feed_forward.w2"}
 
@@ -173,18 +175,27 @@ def gqa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 
 
 class KVCache(nn.Module):
+    """K and V of every layer position in one buffer ``kv [2, B, Hkv, L, Dh]``, so that a step writes
+    both with one indexed store; ``k_cache`` / ``v_cache`` are its two halves (views)."""
+
     def __init__(self, max_batch_size: int, max_seq_length: int, n_kv_heads: int, head_dim: int, dtype, device):
         super().__init__()
-        shape = (max_batch_size, n_kv_heads, max_seq_length, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (2, max_batch_size, n_kv_heads, max_seq_length, head_dim)
+        self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def k_cache(self) -> Tensor:
+        return self.kv[0]
+
+    @property
+    def v_cache(self) -> Tensor:
+        return self.kv[1]
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """input_pos [S]; k, v [B, Hkv, S, Dh] -> full caches [B, Hkv, L, Dh] after writing."""
-        k_out, v_out = self.k_cache[: k.shape[0]], self.v_cache[: k.shape[0]]
-        k_out[:, :, input_pos] = k.to(k_out.dtype)
-        v_out[:, :, input_pos] = v.to(v_out.dtype)
-        return k_out, v_out
+        kv = self.kv[:, : k.shape[0]]
+        kv[:, :, :, input_pos] = torch.stack([k, v]).to(kv.dtype)
+        return kv[0], kv[1]
 
 
 class RMSNorm(nn.Module):
@@ -206,6 +217,9 @@ class Attention(nn.Module):
         self.wqkv = make_linear("qkv", layer_idx, *shapes["qkv"])
         self.wo = make_linear("o", layer_idx, *shapes["o"])
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.window = args.sliding_window or 0
+        # decode steps (S = 1) run torch.ops.decdec.decode_attention where its kernel has the shape
+        self.decode_op = args.n_heads // args.n_kv_heads <= 8 and args.head_dim <= 256
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
@@ -218,7 +232,11 @@ class Attention(nn.Module):
         v = v.view(B, S, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, nH, S, Dh]
         k, v = self.kv_cache.update(input_pos, k, v)  # [B, Hkv, L, Dh]
-        y = gqa_attention(q, k.to(q.dtype), v.to(q.dtype), mask)  # [B, S, H * Dh]
+        if S == 1 and self.decode_op and k.dtype == q.dtype:  # one kernel, rows <= pos only (pos read on the device)
+            y = torch.ops.decdec.decode_attention(q.reshape(B, self.n_heads, self.head_dim), k, v, input_pos,
+                                                  self.window).view(B, 1, -1)
+        else:
+            y = gqa_attention(q, k.to(q.dtype), v.to(q.dtype), mask)  # [B, S, H * Dh]
         return self.wo(y)
 
 

@@ -10,6 +10,8 @@ Shapes (``M`` tokens, ``b`` bits): ``x [M, in]``; ap ``qweight [b, out, in/32] i
 ``q_bias [n_groups, out]`` (group = in / n_groups, 128 by default); DEC ``q_residual [in, out/8] int32``, ``scales [out]``,
 ``bounds [2] fp32`` (``a, b`` of DESIGN.md §2). Every GEMV returns ``[M, out]`` in ``x.dtype``.
 ``n_tb`` is the DEC kernel's thread-block count; the CPU kernels accept and ignore it.
+``decode_attention``: ``q [B, H, Dh]``, ``k_cache``/``v_cache [>= B, Hkv, L, Dh]``, ``pos [1] int64`` (read
+on the device, so a recorded graph serves every step), ``window`` (0 = none) -> ``[B, H * Dh]``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ _SCHEMAS = {
         "lutgemm_gemv_dec(Tensor x, Tensor binary, Tensor alpha, Tensor q_bias, Tensor q_residual,"
         " Tensor scales, Tensor bounds, int k_chunk, int n_tb) -> Tensor"
     ),
+    "decode_attention": "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, int window) -> Tensor",
 }
 for _schema in _SCHEMAS.values():
     _lib.define(_schema)
@@ -90,7 +93,28 @@ def _empty_out(x: torch.Tensor, out: int) -> torch.Tensor:
     return x.new_empty((x.shape[0], out))
 
 
+def _check_attention(q, k_cache, v_cache, pos, window) -> None:
+    torch._check(q.dim() == 3, lambda: f"q must be [B, H, Dh], got {tuple(q.shape)}")
+    torch._check(
+        k_cache.dim() == 4 and k_cache.shape == v_cache.shape,
+        lambda: f"k_cache and v_cache must be [B, Hkv, L, Dh] of one shape, got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}",
+    )
+    torch._check(
+        k_cache.shape[0] >= q.shape[0] and k_cache.shape[3] == q.shape[2],
+        lambda: f"caches {tuple(k_cache.shape)} do not fit q {tuple(q.shape)}",
+    )
+    torch._check(q.shape[1] % k_cache.shape[1] == 0, lambda: f"{q.shape[1]} query heads do not group over {k_cache.shape[1]} KV heads")
+    torch._check(pos.numel() == 1 and pos.dtype == torch.int64, lambda: f"pos must be one int64, got {tuple(pos.shape)} {pos.dtype}")
+    torch._check(window >= 0, lambda: f"window must be >= 0 (0 = none), got {window}")
+
+
 # ---------------------------------------------------------------------------- fake kernels
+@torch.library.register_fake("decdec::decode_attention")
+def _(q, k_cache, v_cache, pos, window):
+    _check_attention(q, k_cache, v_cache, pos, window)
+    return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
+
+
 @torch.library.register_fake("decdec::ap_gemv")
 def _(x, qweight, lut):
     out, n = _ap_shape(qweight, lut)
@@ -189,6 +213,12 @@ def _(x, binary, alpha, q_bias, q_residual, scales, bounds, k_chunk, n_tb):
     _check_x(x, n)
     _check_dec(q_residual, scales, bounds, k_chunk, n_tb, out, n)
     return reference.lutgemm_gemv_dec(x, binary, alpha, q_bias, q_residual, scales, bounds, k_chunk)
+
+
+@torch.library.impl(_lib, "decode_attention", "CPU")
+def _(q, k_cache, v_cache, pos, window):
+    _check_attention(q, k_cache, v_cache, pos, window)
+    return reference.decode_attention(q, k_cache, v_cache, pos, window)
 
 
 # ---------------------------------------------------------------------------- CUDA extension

@@ -194,3 +194,24 @@ def dec_residual_masked(x: torch.Tensor, mask: torch.Tensor, q_residual: torch.T
     rows = mask.any(0).nonzero().flatten()
     xs = (x.to(torch.float32) * mask)[:, rows]
     return xs @ residual_rows(q_residual, scales, rows)
+
+
+# ---------------------------------------------------------------------------- decode attention
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                     window: int) -> torch.Tensor:
+    """One decode query per sequence against its KV cache (grouped-query), the model's attention for S = 1.
+
+    q [B, H, Dh] (RoPE applied), k_cache / v_cache [>= B, Hkv, L, Dh], pos [1] int64: the query's position;
+    cache rows lo..pos attend (lo = pos - window + 1 with a sliding window > 0, else 0); query head h reads
+    KV head h // (H / Hkv). Scale 1 / sqrt(Dh). Returns y [B, H * Dh] in q.dtype (fp32 math)."""
+    B, H, Dh = q.shape
+    Hkv, L = k_cache.shape[1], k_cache.shape[2]
+    p = int(pos.reshape(-1)[0])
+    if not 0 <= p < L:
+        raise ValueError(f"decode_attention: position {p} outside the KV cache of {L} rows")
+    lo = max(0, p - window + 1) if window > 0 else 0
+    k = k_cache[:B, :, lo:p + 1].float()  # [B, Hkv, n, Dh]
+    v = v_cache[:B, :, lo:p + 1].float()
+    qg = q.float().reshape(B, Hkv, H // Hkv, Dh)  # heads h = g * rep + r
+    w = torch.softmax(torch.einsum("bgrd,bgnd->bgrn", qg, k) / Dh**0.5, dim=-1)
+    return torch.einsum("bgrn,bgnd->bgrd", w, v).reshape(B, H * Dh).to(q.dtype)

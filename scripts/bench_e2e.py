@@ -53,7 +53,7 @@ def hbm_bandwidth(device: torch.device) -> float | None:
 
 def weight_bytes(model) -> int:
     """Bytes of everything decode reads once per token: weights (not KV cache / RoPE tables)."""
-    skip = ("k_cache", "v_cache", "cos", "sin", "mask", "freqs")
+    skip = ("kv_cache", "cos", "sin", "mask", "freqs")
     seen, total = set(), 0
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if any(s in name for s in skip) or t.data_ptr() in seen:

@@ -4,6 +4,7 @@
 # end-to-end decode benchmark on a SYNTHETIC Llama-3-8B (compile=cudagraphs). Logs under $OUT.
 #   bash scripts/gpu_e2e.sh            # STEPS="build test bench" by default
 #   STEPS="build host" bash scripts/gpu_e2e.sh   # host cost of a decode step: cudagraphs vs inductor vs reduce-overhead
+#   STEPS="build profile" PROFILE_ARGS=--sdpa-decode bash scripts/gpu_e2e.sh   # per-kernel GPU time of a Llama-3-8B ap w3 step
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/decdec_gpu}"
@@ -24,6 +25,12 @@ fi
 if [[ " $STEPS " == *" host "* ]]; then
   timeout "${HOST_TIMEOUT:-240}" python3 scripts/bench_decode_host.py ${HOST_ARGS:-} 2>&1 | tee "$OUT/decode_host.log" \
     | grep -vE "^\s*$|Warn" | tail -8
+  [[ ${PIPESTATUS[0]} == 0 ]] || status=1
+fi
+if [[ " $STEPS " == *" profile "* ]]; then
+  timeout "${PROFILE_TIMEOUT:-240}" python3 scripts/profile_e2e.py -o model=${MODEL:-llama3} -o model.source=synthetic \
+    -o device=cuda -o compile=${COMPILE:-cudagraphs} -o backend=ap -o precision=w3 -o dec=off --steps 64 --top 12 \
+    --out "$OUT/profile" ${PROFILE_ARGS:-} 2>&1 | tee -a "$OUT/profile.log" | grep -vE "^\s*$|Warn" | tail -30
   [[ ${PIPESTATUS[0]} == 0 ]] || status=1
 fi
 if [[ " $STEPS " == *" bench "* ]]; then

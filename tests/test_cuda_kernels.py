@@ -430,3 +430,65 @@ def test_gemv_waits_for_the_kernel_that_writes_x(backend):
         static_v.copy_(torch.randn(8192, 1, generator=gen(seed), device=DEV, dtype=torch.float16))
         g.replay()
         close(gy, gx.float() @ dense.t(), f"{backend} after a GEMM (graph replay)")
+
+
+# ---------------------------------------------------------------------------- decode attention
+# (H, Hkv, Dh): Llama-3-8B, Phi-3-medium (40/10), SmolLM2 (9/3, Dh 64), Llama-3-70B (rep 8), Phi-3-mini (Dh 96,
+# no grouping), the tiny test model (Dh 16)
+ATTN_HEADS = [(32, 8, 128), (40, 10, 128), (9, 3, 64), (64, 8, 128), (32, 32, 96), (4, 2, 16)]
+
+
+def _attn_case(B, H, Hkv, L, Dh, dtype, seed, cache_batch=None):
+    g = gen(seed)
+    q = torch.randn(B, H, Dh, generator=g, device=DEV).to(dtype)
+    k = torch.randn(cache_batch or B, Hkv, L, Dh, generator=g, device=DEV).to(dtype)
+    v = torch.randn(cache_batch or B, Hkv, L, Dh, generator=g, device=DEV).to(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", ATTN_HEADS)
+def test_decode_attention(heads, dtype):
+    """Kernel vs reference at positions inside the first split, on split edges (63, 64), across many splits,
+    the last cache row, with sliding windows, and for two sequences in a larger cache."""
+    H, Hkv, Dh = heads
+    for L, B, cases in ((200, 1, [(0, 0), (63, 0), (64, 0), (130, 0), (199, 0), (150, 40), (199, 64)]),
+                        (4100, 2, [(4099, 0), (2047, 0), (4000, 2047)])):
+        q, k, v = _attn_case(B, H, Hkv, L, Dh, dtype, seed=L + H, cache_batch=B + 1)
+        for p, window in cases:
+            pos = torch.tensor([p], device=DEV)
+            y = torch.ops.decdec.decode_attention(q, k, v, pos, window)
+            ref = reference.decode_attention(q.float(), k.float(), v.float(), pos, window)
+            assert y.shape == (B, H * Dh) and y.dtype == dtype
+            close(y, ref, f"attention H={H} Hkv={Hkv} Dh={Dh} L={L} pos={p} window={window}", rel=2.0)
+
+
+def test_decode_attention_deterministic_and_graph_replays_follow_pos():
+    """Same inputs, same bits (the split merge has a fixed order; the counters come back to zero); one
+    recorded graph serves every position written into pos before its replay."""
+    q, k, v = _attn_case(1, 32, 8, 1000, 128, torch.float16, seed=5)
+    pos = torch.tensor([777], device=DEV)
+    a = torch.ops.decdec.decode_attention(q, k, v, pos, 0)
+    assert torch.equal(a, torch.ops.decdec.decode_attention(q, k, v, pos, 0))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = torch.ops.decdec.decode_attention(q, k, v, pos, 0)
+    for p in (3, 64, 500, 999):
+        pos.fill_(p)
+        g.replay()
+        close(out, reference.decode_attention(q.float(), k.float(), v.float(), pos, 0), f"graph pos={p}", rel=2.0)
+        assert torch.equal(out, torch.ops.decdec.decode_attention(q, k, v, pos, 0))
+
+
+def test_decode_attention_opcheck_and_errors():
+    q, k, v = _attn_case(1, 8, 2, 80, 64, torch.float16, seed=6)
+    pos = torch.tensor([70], device=DEV)
+    torch.library.opcheck(torch.ops.decdec.decode_attention.default, (q, k, v, pos, 0))
+    with pytest.raises(RuntimeError, match="k_cache must be Half like q, got Float"):
+        torch.ops.decdec.decode_attention(q, k.float(), v, pos, 0)
+    with pytest.raises(RuntimeError, match="pos must be one int64 on q's device"):
+        torch.ops.decdec.decode_attention(q, k, v, pos.cpu(), 0)
+    q9 = torch.randn(1, 72, 64, device=DEV, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="H / Hkv <= 8"):
+        torch.ops.decdec.decode_attention(q9, torch.zeros(1, 8, 80, 64, device=DEV, dtype=torch.float16),
+                                          torch.zeros(1, 8, 80, 64, device=DEV, dtype=torch.float16), pos, 0)

@@ -1,0 +1,205 @@
+// Decode attention: one query token per sequence against its KV cache, grouped-query, in one launch.
+//
+// y[b, h] = softmax_j(q[b, h] . K[b, g, j] * scale) V[b, g, j] over the cache rows j in [lo, pos]
+// (lo = 0, or pos - window + 1 under a sliding window), g = h / rep (rep = H / Hkv query heads per KV
+// head). `pos` is read on the device, so one recorded CUDA graph serves every decode step.
+//
+// Split over cache rows ("flash decoding"): block (s, g, b) takes rows [s * kSplit, (s + 1) * kSplit)
+// of [lo, pos] for all rep query heads of KV head g, so each K/V row is read once for its rep heads.
+// Its kWarps warps take the rows in turn, each with an online softmax (lane l holds dims l + 32 i);
+// the block merges its warps in shared memory. When [lo, pos] spans one split that block writes y;
+// otherwise every active block writes (acc[Dh], m, l) per head to `part`, and the last to arrive at
+// the (b, g) counter merges the splits in split order (deterministic), writes y and resets the counter
+// to zero (no memset, nothing spins). Blocks whose split holds no row of [lo, pos] exit at once.
+#include "common.cuh"
+
+namespace decdec {
+namespace {
+
+constexpr int kAttnWarps = 4;
+constexpr int kAttnSplit = 64;  // cache rows per block
+constexpr int kAttnMaxRep = 8;  // query heads per KV head
+
+template <typename T, int DPL>
+__global__ void __launch_bounds__(kAttnWarps * 32)
+    decode_attention_kernel(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
+                            const int64_t* __restrict__ pos_ptr, T* __restrict__ y, float* __restrict__ part,
+                            int* __restrict__ counters, int H, int Hkv, int L, int Dh, int window, float scale,
+                            int n_splits) {
+  __shared__ float s_acc[kAttnWarps][kAttnMaxRep][DPL * 32];
+  __shared__ float s_m[kAttnWarps][kAttnMaxRep], s_l[kAttnWarps][kAttnMaxRep];
+  __shared__ int s_last;
+  const int s = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
+  const int rep = H / Hkv;
+  const int64_t p64 = pos_ptr[0];
+  const int pos = p64 < 0 ? 0 : (p64 >= L ? L - 1 : (int)p64);  // clamped: never reads outside the cache
+  const int lo = window > 0 ? max(0, pos - window + 1) : 0;
+  const int first = lo / kAttnSplit, last = pos / kAttnSplit;
+  if (s < first || s > last) return;
+  const int n_active = last - first + 1;
+  const int j0 = max(lo, s * kAttnSplit), j1 = min(pos, s * kAttnSplit + kAttnSplit - 1);  // inclusive
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+
+  float qr[kAttnMaxRep][DPL];
+#pragma unroll
+  for (int r = 0; r < kAttnMaxRep; ++r)
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) {
+      const int d = lane + 32 * i;
+      qr[r][i] = (r < rep && d < Dh) ? to_f32(q[((size_t)b * H + g * rep + r) * Dh + d]) * scale : 0.f;
+    }
+  float m[kAttnMaxRep], l[kAttnMaxRep], acc[kAttnMaxRep][DPL];
+#pragma unroll
+  for (int r = 0; r < kAttnMaxRep; ++r) {
+    m[r] = -INFINITY;
+    l[r] = 0.f;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) acc[r][i] = 0.f;
+  }
+  const size_t head = ((size_t)b * Hkv + g) * L * Dh;
+  for (int j = j0 + warp; j <= j1; j += kAttnWarps) {
+    const T* krow = kc + head + (size_t)j * Dh;
+    const T* vrow = vc + head + (size_t)j * Dh;
+    float kv[DPL], vv[DPL];
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) {
+      const int d = lane + 32 * i;
+      kv[i] = d < Dh ? to_f32(krow[d]) : 0.f;
+      vv[i] = d < Dh ? to_f32(vrow[d]) : 0.f;
+    }
+    float sc[kAttnMaxRep];
+#pragma unroll
+    for (int r = 0; r < kAttnMaxRep; ++r) {
+      float t = 0.f;
+#pragma unroll
+      for (int i = 0; i < DPL; ++i) t = fmaf(qr[r][i], kv[i], t);
+      sc[r] = t;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1)
+#pragma unroll
+      for (int r = 0; r < kAttnMaxRep; ++r)
+        if (r < rep) sc[r] += __shfl_xor_sync(0xffffffffu, sc[r], off);
+#pragma unroll
+    for (int r = 0; r < kAttnMaxRep; ++r) {
+      if (r >= rep) continue;
+      const float mn = fmaxf(m[r], sc[r]);
+      const float c = __expf(m[r] - mn), p = __expf(sc[r] - mn);
+      l[r] = l[r] * c + p;
+#pragma unroll
+      for (int i = 0; i < DPL; ++i) acc[r][i] = fmaf(acc[r][i], c, p * vv[i]);
+      m[r] = mn;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kAttnMaxRep; ++r) {
+    if (r >= rep) continue;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) s_acc[warp][r][lane + 32 * i] = acc[r][i];
+    if (lane == 0) {
+      s_m[warp][r] = m[r];
+      s_l[warp][r] = l[r];
+    }
+  }
+  __syncthreads();
+
+  // merge the warps: (r, d) per thread; warp 0 always saw a row, so mx is finite
+  const size_t yrow = (size_t)b * H + (size_t)g * rep;
+  float* my_part = part + (((size_t)b * Hkv + g) * n_splits + s) * rep * (Dh + 2);
+  for (int idx = threadIdx.x; idx < rep * Dh; idx += blockDim.x) {
+    const int r = idx / Dh, d = idx - r * Dh;
+    float mx = s_m[0][r];
+#pragma unroll
+    for (int w = 1; w < kAttnWarps; ++w) mx = fmaxf(mx, s_m[w][r]);
+    float num = 0.f, den = 0.f;
+#pragma unroll
+    for (int w = 0; w < kAttnWarps; ++w) {
+      const float e = __expf(s_m[w][r] - mx);
+      num = fmaf(s_acc[w][r][d], e, num);
+      den = fmaf(s_l[w][r], e, den);
+    }
+    if (n_active == 1) {
+      y[(yrow + r) * Dh + d] = from_f32<T>(num / den);
+    } else {
+      float* pr = my_part + (size_t)r * (Dh + 2);
+      pr[d] = num;
+      if (d == 0) {
+        pr[Dh] = mx;
+        pr[Dh + 1] = den;
+      }
+    }
+  }
+  if (n_active == 1) return;
+  __threadfence();
+  __syncthreads();
+  int* counter = counters + (size_t)b * Hkv + g;
+  if (threadIdx.x == 0) s_last = atomicAdd(counter, 1) == n_active - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  const float* gpart = part + ((size_t)b * Hkv + g) * n_splits * rep * (Dh + 2);
+  for (int idx = threadIdx.x; idx < rep * Dh; idx += blockDim.x) {
+    const int r = idx / Dh, d = idx - r * Dh;
+    float mx = -INFINITY;
+    for (int t = first; t <= last; ++t) mx = fmaxf(mx, __ldcg(gpart + ((size_t)t * rep + r) * (Dh + 2) + Dh));
+    float num = 0.f, den = 0.f;
+    for (int t = first; t <= last; ++t) {
+      const float* pr = gpart + ((size_t)t * rep + r) * (Dh + 2);
+      const float e = __expf(__ldcg(pr + Dh) - mx);
+      num = fmaf(__ldcg(pr + d), e, num);
+      den = fmaf(__ldcg(pr + Dh + 1), e, den);
+    }
+    y[(yrow + r) * Dh + d] = from_f32<T>(num / den);
+  }
+  if (threadIdx.x == 0) *counter = 0;
+}
+
+template <typename T, int DPL>
+cudaError_t launch_attention(const void* q, const void* k_cache, const void* v_cache, const int64_t* pos, void* y,
+                             float* part, int* counters, int B, int H, int Hkv, int L, int Dh, int window,
+                             cudaStream_t stream) {
+  const int n_splits = decode_attention_splits(L);
+  const dim3 grid(n_splits, Hkv, B);
+  decode_attention_kernel<T, DPL><<<grid, kAttnWarps * 32, 0, stream>>>(
+      static_cast<const T*>(q), static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), pos,
+      static_cast<T*>(y), part, counters, H, Hkv, L, Dh, window, 1.0f / sqrtf((float)Dh), n_splits);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t dispatch_attention(const void* q, const void* k_cache, const void* v_cache, const int64_t* pos, void* y,
+                               float* part, int* counters, int B, int H, int Hkv, int L, int Dh, int window,
+                               cudaStream_t stream) {
+  switch (ceil_div(Dh, 32)) {
+#define DD_ATTN(n) \
+  case n: return launch_attention<T, n>(q, k_cache, v_cache, pos, y, part, counters, B, H, Hkv, L, Dh, window, stream);
+    DD_ATTN(1) DD_ATTN(2) DD_ATTN(3) DD_ATTN(4) DD_ATTN(5) DD_ATTN(6) DD_ATTN(7) DD_ATTN(8)
+#undef DD_ATTN
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+bool decode_attention_supported(int H, int Hkv, int Dh) {
+  return H > 0 && Hkv > 0 && H % Hkv == 0 && H / Hkv <= kAttnMaxRep && Dh > 0 && Dh <= 256;
+}
+
+int decode_attention_splits(int L) { return ceil_div(L, kAttnSplit); }
+
+size_t decode_attention_part_floats(int B, int H, int Hkv, int L, int Dh) {
+  return (size_t)B * Hkv * decode_attention_splits(L) * (H / Hkv) * (Dh + 2);
+}
+
+cudaError_t decode_attention(DType dt, const void* q, const void* k_cache, const void* v_cache, const int64_t* pos,
+                             void* y, float* part, int* counters, int B, int H, int Hkv, int L, int Dh, int window,
+                             cudaStream_t stream) {
+  if (B == 0) return cudaSuccess;
+  if (!decode_attention_supported(H, Hkv, Dh) || L <= 0) return cudaErrorInvalidValue;
+  return dt == DType::F16
+             ? dispatch_attention<__half>(q, k_cache, v_cache, pos, y, part, counters, B, H, Hkv, L, Dh, window, stream)
+             : dispatch_attention<__nv_bfloat16>(q, k_cache, v_cache, pos, y, part, counters, B, H, Hkv, L, Dh, window,
+                                                 stream);
+}
+
+}  // namespace decdec
