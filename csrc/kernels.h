@@ -77,6 +77,7 @@ cudaError_t dec_select_debug(DType dt, const void* x, const float* bounds, uint8
 // pos outside [0, L) is clamped), y [B, H * Dh]. part: decode_attention_part_floats(...) floats of scratch;
 // counters: B * Hkv ints, zero on entry and on exit (the Fused protocol's counters serve).
 bool decode_attention_supported(int H, int Hkv, int Dh);  // H % Hkv == 0, H / Hkv <= 8, Dh <= 256
+int decode_attention_split_rows(int L);  // cache rows per block
 int decode_attention_splits(int L);
 size_t decode_attention_part_floats(int B, int H, int Hkv, int L, int Dh);
 cudaError_t decode_attention(DType dt, const void* q, const void* k_cache, const void* v_cache, const int64_t* pos,
