@@ -94,11 +94,12 @@ class StaticDecode:
 
 def graph_signature(model: Transformer) -> tuple:
     """What a recorded decode graph bakes in besides weights: every projection's DEC setting (k_chunk and
-    n_tb are launch arguments) and the addresses of the KV caches and RoPE tables (``setup_caches``
-    reallocates them)."""
+    n_tb are launch arguments), the addresses of the KV caches and RoPE tables (``setup_caches``
+    reallocates them) and which attention decode steps use (``use_decode_attention``)."""
     dec = tuple((m.k_chunk, m.dec.n_tb if getattr(m, "dec", None) is not None else 0) for _, _, m in model.linears())
     k_cache = model.layers[0].attention.kv_cache.k_cache
-    return dec, k_cache.data_ptr(), tuple(k_cache.shape), model.rope_cos.data_ptr()
+    return (dec, k_cache.data_ptr(), tuple(k_cache.shape), model.rope_cos.data_ptr(),
+            model.layers[0].attention.decode_op)
 
 
 class GraphedDecode(StaticDecode):

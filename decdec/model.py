@@ -218,8 +218,7 @@ class Attention(nn.Module):
         self.wo = make_linear("o", layer_idx, *shapes["o"])
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.window = args.sliding_window or 0
-        # decode steps (S = 1) run torch.ops.decdec.decode_attention where its kernel has the shape
-        self.decode_op = args.n_heads // args.n_kv_heads <= 8 and args.head_dim <= 256
+        self.decode_op = False  # decode steps through decdec.decode_attention (Transformer.use_decode_attention)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
@@ -311,6 +310,18 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos)
         return self.output(self.norm(x))
+
+    def use_decode_attention(self, on: bool = True) -> None:
+        """Run decode steps (S = 1) through ``torch.ops.decdec.decode_attention``: one kernel per layer that
+        reads only cache rows <= pos, instead of SDPA over the whole masked cache. Off by default: on an
+        H200 (docs/PERF.md, session 5) the kernel took 13.2 us per call at 88 cache rows against 6.0 us of
+        cuDNN SDPA + 1.4 us of mask preparation, so a Llama-3-8B ap w3 step was slower with it."""
+        a = self.args
+        if on and not (a.n_heads // a.n_kv_heads <= 8 and a.head_dim <= 256):
+            raise ValueError(f"decode_attention supports <= 8 query heads per KV head and head_dim <= 256, "
+                             f"got {a.n_heads}/{a.n_kv_heads} heads, head_dim {a.head_dim}")
+        for layer in self.layers:
+            layer.attention.decode_op = on
 
     def linears(self) -> Iterator[tuple[str, int, nn.Module]]:
         """(proj, layer_idx, module) for all 4 * n_layers projections, layer-major, PROJECTIONS order."""

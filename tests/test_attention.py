@@ -92,6 +92,7 @@ def test_model_decode_step_uses_it_and_equals_prefill_attention(monkeypatch):
 
     off = DecConfig(name="off", n_tb=1, k_chunk=KChunk(qkv=0, o=0, gate_up=0, down=0))
     model = build_synthetic("tiny", "ap", 3, False, torch.float32, torch.device("cpu"), off, seed=0).model
+    model.use_decode_attention()
     calls = []
     real = reference.decode_attention
     monkeypatch.setattr(reference, "decode_attention", lambda *a: calls.append(a[3]) or real(*a))
@@ -108,3 +109,17 @@ def test_model_decode_step_uses_it_and_equals_prefill_attention(monkeypatch):
             step = model(tokens[:, 19:], torch.tensor([19]))[0, -1]
         torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
     assert len(calls) == 2 * model.args.n_layers and all(int(p) == 19 for p in calls)  # decode steps only
+
+
+def test_use_decode_attention_is_off_by_default_and_checks_the_shape():
+    from decdec.config import DecConfig, KChunk
+    from decdec.synthetic import build_synthetic
+
+    off = DecConfig(name="off", n_tb=1, k_chunk=KChunk(qkv=0, o=0, gate_up=0, down=0))
+    model = build_synthetic("tiny", "ap", 3, False, torch.float32, torch.device("cpu"), off, seed=0).model
+    assert not any(layer.attention.decode_op for layer in model.layers)
+    model.use_decode_attention()
+    assert all(layer.attention.decode_op for layer in model.layers)
+    model.args.n_heads = 9 * model.args.n_kv_heads
+    with pytest.raises(ValueError, match="<= 8 query heads per KV head"):
+        model.use_decode_attention()

@@ -90,7 +90,7 @@ def test_static_decode_step_bookkeeping():
 
 def test_graph_signature_tracks_dec_settings_and_caches(tiny_ap):
     """compile=cudagraphs records again when what its graphs bake in changes: k_chunk / n_tb of any
-    projection, or the KV caches (setup_caches reallocates them)."""
+    projection, the decode attention op, or the KV caches (setup_caches reallocates them)."""
     set_k(tiny_ap, 0)
     tiny_ap.setup_caches(1, 16, torch.float32, CPU)
     base = graph_signature(tiny_ap)
@@ -98,6 +98,10 @@ def test_graph_signature_tracks_dec_settings_and_caches(tiny_ap):
     next(iter(tiny_ap.linears()))[2].set_dec(8, 2)
     assert graph_signature(tiny_ap) != base
     set_k(tiny_ap, 0)
+    assert graph_signature(tiny_ap) == base
+    tiny_ap.use_decode_attention()  # another attention op in the step
+    assert graph_signature(tiny_ap) != base
+    tiny_ap.use_decode_attention(False)
     assert graph_signature(tiny_ap) == base
     tiny_ap.setup_caches(1, 16, torch.float32, CPU)
     assert graph_signature(tiny_ap) != base
