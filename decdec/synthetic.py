@@ -33,6 +33,11 @@ SHAPES: dict[str, dict] = {
     "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0,
                          max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True),
+    # SmolLM2's projection and head shapes with 4 layers: GPU tests of compiled decode (a 30-layer step took
+    # ~30 s to compile per test on the H200)
+    "smollm2-4l": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=4,
+                       num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0,
+                       max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True),
     "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=320, rope_theta=10000.0,
                  max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False),

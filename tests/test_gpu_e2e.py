@@ -37,7 +37,7 @@ def test_compiled_decode_equals_eager(backend, mode, k):
 
     dev = torch.device("cuda")
     dec = DecConfig(name="t", n_tb=8, k_chunk=KChunk(qkv=k, o=k, gate_up=k, down=k))
-    built = build_synthetic("smollm2-135m", backend, 3, False, torch.float16, dev, dec, seed=1)
+    built = build_synthetic("smollm2-4l", backend, 3, False, torch.float16, dev, dec, seed=1)  # SmolLM2 shapes
     model = built.model
     prompt = torch.arange(5, 21)
     torch._dynamo.reset()
