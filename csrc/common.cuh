@@ -118,6 +118,69 @@ __device__ __noinline__ void fused_arrive_call(const Fused& f, int m, int t0, in
   fused_arrive<T, kRows>(f, m, t0, t1, out, s_flags);
 }
 
+// ---- 3-bit PRMT register-LUT decode (the ap GEMVs; any 3-bit code with an 8-entry fp16 LUT per row).
+// l8: the 8 fp16 LUT entries of a row in order; the four tables feed ap3_decode8's PRMT lookups.
+__device__ __forceinline__ void lut_tables(const uint4 l8, uint32_t& lo_a, uint32_t& hi_a, uint32_t& lo_b,
+                                           uint32_t& hi_b) {
+  lo_a = __byte_perm(l8.x, l8.y, 0x6420);
+  hi_a = __byte_perm(l8.x, l8.y, 0x7531);
+  lo_b = __byte_perm(l8.z, l8.w, 0x6420);
+  hi_b = __byte_perm(l8.z, l8.w, 0x7531);
+}
+
+// (a & ~m) | (c & m) with m an immediate: one LOP3 (written out so that the compiler does not
+// re-associate the bit mixing into more instructions, which it does from plain C++).
+template <uint32_t M>
+__device__ __forceinline__ uint32_t bitsel(uint32_t a, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xB8;" : "=r"(d) : "r"(a), "n"(M), "r"(c));
+  return d;
+}
+
+// 8 weights (channels 4n + k of one word, n = 0..7) times the matching x chunk, into 2 half2 sums.
+// A, B, C: the word's bit-planes, B rotated left by 1 and C by 2 (so bit 4n+k+q of plane q's
+// rotated word is bit q of code(4n+k)). ALU: 2 LOP3 + SHF + LOP3 + 8 PRMT; the >> 16 is an IMAD.HI
+// (FMA pipe), because the ALU pipe is this kernel's limit.
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+template <uint32_t M>
+__device__ __forceinline__ uint32_t and_imm(uint32_t a) {
+  uint32_t d;
+  asm("and.b32 %0, %1, %2;" : "=r"(d) : "r"(a), "n"(M));
+  return d;
+}
+
+// Decode 8 weights (channels 4n + K of one word, n = 0..7) into 4 half2: w[0] = channels (K, 4+K),
+// w[1] = (8+K, 12+K), w[2] = (16+K, 20+K), w[3] = (24+K, 28+K).
+template <int K>
+__device__ __forceinline__ void ap3_decode8(uint32_t A, uint32_t B, uint32_t C, uint32_t lo_a, uint32_t hi_a,
+                                            uint32_t lo_b, uint32_t hi_b, uint32_t (&w)[4]) {
+  constexpr uint32_t m1 = 0x11111111u << ((K + 1) & 3), m2 = 0x11111111u << ((K + 2) & 3);
+  const uint32_t t = bitsel<m2>(bitsel<m1>(A, B), C);
+  const uint32_t u = and_imm<0x77777777u>(K ? __funnelshift_r(t, t, K) : t);
+  const uint32_t u_hi = __umulhi(u, 0x10000u);
+  const uint32_t LO0 = prmt(lo_a, lo_b, u), HI0 = prmt(hi_a, hi_b, u);
+  const uint32_t LO1 = prmt(lo_a, lo_b, u_hi), HI1 = prmt(hi_a, hi_b, u_hi);
+  w[0] = prmt(LO0, HI0, 0x5140);
+  w[1] = prmt(LO0, HI0, 0x7362);
+  w[2] = prmt(LO1, HI1, 0x5140);
+  w[3] = prmt(LO1, HI1, 0x7362);
+}
+
+template <int K>
+__device__ __forceinline__ void ap3_dot8(uint32_t A, uint32_t B, uint32_t C, uint32_t lo_a, uint32_t hi_a,
+                                         uint32_t lo_b, uint32_t hi_b, const uint4& xv, __half2& h0, __half2& h1) {
+  uint32_t w[4];
+  ap3_decode8<K>(A, B, C, lo_a, hi_a, lo_b, hi_b, w);
+  h0 = __hfma2(*reinterpret_cast<const __half2*>(&w[0]), *reinterpret_cast<const __half2*>(&xv.x), h0);
+  h1 = __hfma2(*reinterpret_cast<const __half2*>(&w[1]), *reinterpret_cast<const __half2*>(&xv.y), h1);
+  h0 = __hfma2(*reinterpret_cast<const __half2*>(&w[2]), *reinterpret_cast<const __half2*>(&xv.z), h0);
+  h1 = __hfma2(*reinterpret_cast<const __half2*>(&w[3]), *reinterpret_cast<const __half2*>(&xv.w), h1);
+}
+
 // ---- Programmatic dependent launch (sm_90). A GEMV launched with `launch_gemv_kernel` may start while
 // the kernel before it in the stream is still finishing (in a decode step: the RMSNorm / SiLU kernel
 // that produces x): it issues its first weight loads (weights and LUTs never depend on the previous
