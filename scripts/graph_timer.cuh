@@ -1,8 +1,12 @@
 // Graph timing for the pure-CUDA A/B scripts: `fn(stream, i)` enqueues call i; 40 calls captured in one
-// CUDA graph (after 4 warm-up calls), replayed 7 times, median microseconds per call.
+// CUDA graph (after 4 warm-up calls), replayed 7 times, median microseconds per call. Also random fills
+// (hashes of the index, so every run sees the same data) for their correctness checks.
 #pragma once
 
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <cstdint>
 
 #include <algorithm>
 #include <cstdio>
@@ -45,3 +49,27 @@ inline float graph_us(const std::function<void(cudaStream_t, int)>& fn) {
   cudaStreamDestroy(s);
   return t[t.size() / 2];
 }
+
+namespace ab_fill {  // named: CUDA 13's kernel stubs cannot tell two anonymous namespaces apart (DESIGN.md §5)
+
+__global__ void fill_random(uint32_t* p, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+    h ^= h >> 15;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    h *= 3266489917u;
+    p[i] = h ^ (h >> 16);
+  }
+}
+
+__global__ void fill_half(__half* p, size_t n, uint32_t seed, float lo, float hi) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    uint32_t h = (uint32_t)i * 747796405u + seed * 2891336453u;
+    h = ((h >> ((h >> 28) + 4)) ^ h) * 277803737u;
+    h = (h >> 22) ^ h;
+    p[i] = __float2half(lo + (hi - lo) * (h & 0xFFFFFF) / 16777216.f);
+  }
+}
+
+}  // namespace ab_fill

@@ -125,29 +125,10 @@ __global__ void __launch_bounds__(kPThreads, MINB)
   }
 }
 
-__global__ void fill_random(uint32_t* p, size_t n, uint32_t seed) {
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-    uint32_t h = (uint32_t)i * 2654435761u ^ seed;
-    h ^= h >> 15;
-    h *= 2246822519u;
-    h ^= h >> 13;
-    h *= 3266489917u;
-    p[i] = h ^ (h >> 16);
-  }
-}
-
-__global__ void fill_half(__half* p, size_t n, uint32_t seed, float lo, float hi) {
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-    uint32_t h = (uint32_t)i * 747796405u + seed * 2891336453u;
-    h = ((h >> ((h >> 28) + 4)) ^ h) * 277803737u;
-    h = (h >> 22) ^ h;
-    p[i] = __float2half(lo + (hi - lo) * (h & 0xFFFFFF) / 16777216.f);
-  }
-}
-
 }  // namespace prmt_ab
 
 using namespace prmt_ab;
+using namespace ab_fill;
 
 int main() {
   const int shapes[][2] = {{4096, 6144}, {4096, 4096}, {4096, 28672}, {14336, 4096}, {5120, 35840}};
