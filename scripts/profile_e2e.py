@@ -76,14 +76,18 @@ def main() -> None:
             sync()
             t0 = time.perf_counter()
             gen.generate(prompt, 1)
+            t0_enq = time.perf_counter()  # the host has queued the prefill
             sync()
             t1 = time.perf_counter()
             gen.generate(prompt, a.steps + 1)
-            t_enq = time.perf_counter()  # the host has queued every step (the graphs run behind it)
+            t_enq = time.perf_counter()  # the host has queued the prefill and every step (the graphs run behind it)
             sync()
             t2 = time.perf_counter()
             wall_us = ((t2 - t1) - (t1 - t0)) / a.steps * 1e6  # per decode step, prefill excluded
-            host_us = ((t_enq - t1) - (t1 - t0)) / a.steps * 1e6  # host time to queue a step (approx.)
+            # host time to queue a step: queueing time minus the prefill's queueing time (not its wall time,
+            # which made this negative when the host is fast); a host that runs ahead until the launch queue
+            # is full reads as the GPU's step time here
+            host_us = ((t_enq - t1) - (t0_enq - t0)) / a.steps * 1e6
             acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
             with torch.profiler.profile(activities=acts) as prof_pre:
                 gen.generate(prompt, 1)
