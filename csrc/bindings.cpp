@@ -343,7 +343,7 @@ at::Tensor lutgemm_gemv_dec_cuda(const at::Tensor& x, const at::Tensor& binary, 
   if (k_chunk == 0) return lutgemm_gemv_cuda(x, binary, alpha, q_bias);
   c10::cuda::CUDAGuard guard(x.device());
   return fused(x, q_residual, scales, bounds, k_chunk, n_tb, s.in, s.out,
-               decdec::lutgemm_gemv_tile_rows(s.bits, s.in, s.out), [&](const decdec::Fused& f, cudaStream_t st) {
+               decdec::lutgemm_gemv_tile_rows(dtype_of(x), s.bits, s.in, s.out), [&](const decdec::Fused& f, cudaStream_t st) {
                  return decdec::lutgemm_gemv(dtype_of(x), x.data_ptr(),
                                              reinterpret_cast<const uint32_t*>(binary.data_ptr()), alpha.data_ptr(),
                                              q_bias.data_ptr(), nullptr, (int)x.size(0), s.in, s.out, s.bits,

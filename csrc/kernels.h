@@ -50,7 +50,7 @@ cudaError_t ap_dequant(DType dt, const uint32_t* qweight, const void* lut, void*
 
 // ---- lutgemm (binary coding). binary [in/32, bits, out], alpha [G, bits, out], q_bias [G, out].
 bool lutgemm_bits_supported(int bits);
-int lutgemm_gemv_tile_rows(int bits, int in, int out);
+int lutgemm_gemv_tile_rows(DType dt, int bits, int in, int out);
 cudaError_t lutgemm_gemv(DType dt, const void* x, const uint32_t* binary, const void* alpha, const void* q_bias,
                          void* y, int M, int in, int out, int bits, int group, const Fused& fused,
                          cudaStream_t stream);

@@ -11,6 +11,8 @@
 // lookups are bank-conflict-free. The nibble -> address step is 1 PRMT per lookup: the nibbles are
 // pre-scaled to bytes (4*nibble plus the table's offset inside its 256-byte half), PRMT drops that
 // byte into a 256-byte aligned base. Per word: y += sum_p alpha_p * S_p + q_bias * sum(x over the word).
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace decdec {
@@ -149,6 +151,123 @@ __global__ void __launch_bounds__(kThreads, 3)
   }
 }
 
+// 3-bit fp16 GEMV decoded like ap (the dispatched lutgemm kernel for bits = 3, fp16): a row's 3 bits of a
+// channel form a code v, and its group's 8 values LUT[v] = q_bias + sum_p alpha_p (2 bit_p(v) - 1) (fp32, the
+// reference's order, rounded once to fp16) sit in a PRMT register LUT; ap3_decode8 (common.cuh) turns a word
+// into 32 fp16 weights, HFMA2 multiplies them with x staged in shared memory as the decode pairs them.
+// 16 lanes = 16 consecutive rows (64-byte coalesced plane loads), the block's 16 word streams (2 per warp)
+// split in; every word's alpha / q_bias come with its planes, a batch of kPBatch words ahead.
+constexpr int kPThreads = 256, kPWarps = kPThreads / 32;
+constexpr int kPRows = 16;     // rows per block (a half-warp's lanes) = the fused op's tile
+constexpr int kPStreams = 16;  // word streams per block
+constexpr int kPBatch = 4;     // words per lane whose loads are in flight together
+
+// x for ap3_dot8: chunk 4w + K of word w holds the half2 pairs (x[32w + 8j + K], x[32w + 8j + K + 4]), j = 0..3
+__device__ __forceinline__ void stage_x_pairs(const __half* __restrict__ xm, int in, uint4* xs) {
+  __half* xh = reinterpret_cast<__half*>(xs);
+  for (int j = threadIdx.x; j < (in >> 3); j += blockDim.x) {  // channels 8j .. 8j + 7 = 32w + 8q + e
+    const uint4 v = *reinterpret_cast<const uint4*>(xm + (size_t)j * 8);
+    const __half* h = reinterpret_cast<const __half*>(&v);
+    const int w = j >> 2, q = j & 3;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) xh[(4 * w + (e & 3)) * 8 + 2 * q + (e >> 2)] = h[e];
+  }
+}
+
+struct PBatch {
+  uint32_t p[kPBatch][3];  // the planes of kPBatch words of this lane's row
+  __half a[kPBatch][4];    // each word's group: alpha_0..2, q_bias
+};
+
+__global__ void __launch_bounds__(kPThreads, 3)
+    lutgemm3_prmt_kernel(const __half* __restrict__ x, const uint32_t* __restrict__ binary,
+                         const __half* __restrict__ alpha, const __half* __restrict__ q_bias, __half* __restrict__ y,
+                         int in, int out, int group, Fused fused) {
+  extern __shared__ __align__(16) uint4 xs[];  // in / 8 chunks
+  __shared__ float red[kPWarps][kPRows];
+  __shared__ int flags[kPThreads];
+  const int words = in >> 5, wpg = group >> 5;
+  const int m = blockIdx.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, half = lane >> 4, hl = lane & 15;
+  const int row = blockIdx.x * kPRows + hl;
+  const int rowc = row < out ? row : out - 1;
+  const int W = ceil_div(words, kPStreams);
+  const int w_lo = min(words, (warp * 2 + half) * W), w_hi = min(words, w_lo + W);
+
+  auto load = [&](PBatch& d, int w0) {
+#pragma unroll
+    for (int u = 0; u < kPBatch; ++u) {
+      const int w = min(w0 + u, words - 1), g = w / wpg;
+#pragma unroll
+      for (int q = 0; q < 3; ++q) {
+        d.p[u][q] = ldg_stream(binary + ((size_t)w * 3 + q) * out + rowc);
+        d.a[u][q] = __ldg(alpha + ((size_t)g * 3 + q) * out + rowc);
+      }
+      d.a[u][3] = __ldg(q_bias + (size_t)g * out + rowc);
+    }
+  };
+  PBatch cur, nxt;
+  if (w_lo < w_hi) load(cur, w_lo);
+  pdl_wait();  // the first weights are in flight; x (and y) belong to the previous kernel
+  stage_x_pairs(x + (size_t)m * in, in, xs);
+  __syncthreads();
+
+  const uint32_t xs_base = (uint32_t)__cvta_generic_to_shared(xs);
+  float acc = 0.f;
+  int cur_g = -1;
+  uint32_t lt0 = 0, lt1 = 0, lt2 = 0, lt3 = 0;
+  for (int w0 = w_lo; w0 < w_hi; w0 += kPBatch) {
+    if (w0 + kPBatch < w_hi) load(nxt, w0 + kPBatch);
+#pragma unroll
+    for (int u = 0; u < kPBatch; ++u) {
+      const int w = w0 + u;
+      if (w >= w_hi) break;
+      const int g = w / wpg;
+      if (g != cur_g) {
+        cur_g = g;
+        const float a0 = __half2float(cur.a[u][0]), a1 = __half2float(cur.a[u][1]), a2 = __half2float(cur.a[u][2]);
+        const float qb = __half2float(cur.a[u][3]);
+        __align__(16) __half l[8];
+#pragma unroll
+        for (int v = 0; v < 8; ++v)
+          l[v] = __float2half_rn((((v & 1) ? a0 : -a0) + ((v & 2) ? a1 : -a1) + ((v & 4) ? a2 : -a2)) + qb);
+        lut_tables(*reinterpret_cast<const uint4*>(l), lt0, lt1, lt2, lt3);
+      }
+      const uint32_t A = cur.p[u][0], B = __funnelshift_l(cur.p[u][1], cur.p[u][1], 1),
+                     C = __funnelshift_l(cur.p[u][2], cur.p[u][2], 2);
+      const uint32_t xa = xs_base + 64u * (uint32_t)w;
+      uint4 xv[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+        asm("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];"
+            : "=r"(xv[k].x), "=r"(xv[k].y), "=r"(xv[k].z), "=r"(xv[k].w) : "r"(xa + 16u * k));
+      __half2 h0 = __float2half2_rn(0.f), h1 = h0, h2 = h0, h3 = h0;
+      ap3_dot8<0>(A, B, C, lt0, lt1, lt2, lt3, xv[0], h0, h1);
+      ap3_dot8<1>(A, B, C, lt0, lt1, lt2, lt3, xv[1], h0, h1);
+      ap3_dot8<2>(A, B, C, lt0, lt1, lt2, lt3, xv[2], h2, h3);
+      ap3_dot8<3>(A, B, C, lt0, lt1, lt2, lt3, xv[3], h2, h3);
+      const float2 f0 = __half22float2(h0), f1 = __half22float2(h1), f2 = __half22float2(h2), f3 = __half22float2(h3);
+      acc += ((f0.x + f0.y) + (f1.x + f1.y)) + ((f2.x + f2.y) + (f3.x + f3.y));
+    }
+    cur = nxt;
+  }
+  acc += __shfl_xor_sync(0xffffffffu, acc, 16);  // the warp's two word streams of the same row
+  if (half == 0) red[warp][hl] = acc;
+  __syncthreads();
+  float* gpart = fused.on() ? fused.gpart + (size_t)m * out : nullptr;
+  if (threadIdx.x < kPRows) {
+    float sum = 0.f;
+#pragma unroll
+    for (int k = 0; k < kPWarps; ++k) sum += red[k][threadIdx.x];  // fixed order: deterministic
+    const int r = blockIdx.x * kPRows + (int)threadIdx.x;
+    if (r < out) {
+      if (gpart) gpart[r] = sum;
+      else y[(size_t)m * out + r] = __float2half_rn(sum);
+    }
+  }
+  if (fused.on()) fused_arrive_call<__half, 2>(fused, m, blockIdx.x, blockIdx.x + 1, out, flags);
+}
+
 template <int BITS, typename T>
 __global__ void __launch_bounds__(256)
     lutgemm_dequant_kernel(const uint32_t* __restrict__ binary, const T* __restrict__ alpha,
@@ -193,9 +312,19 @@ int ks_log2_for(int in, int out) {
   return ks;
 }
 
+bool use_prmt_kernel(int bits, bool f16) { return bits == 3 && f16; }
+
 template <int BITS, typename T>
 cudaError_t launch_gemv(const void* x, const uint32_t* binary, const void* alpha, const void* q_bias, void* y, int M,
                         int in, int out, int group, const Fused& fused, cudaStream_t stream) {
+  if constexpr (BITS == 3 && std::is_same_v<T, __half>) {
+    const size_t smem = (size_t)in * sizeof(__half);
+    cudaError_t err = allow_smem(lutgemm3_prmt_kernel, smem);
+    if (err != cudaSuccess) return err;
+    return launch_gemv_kernel(lutgemm3_prmt_kernel, dim3(ceil_div(out, kPRows), M), dim3(kPThreads), smem, stream,
+                              static_cast<const __half*>(x), binary, static_cast<const __half*>(alpha),
+                              static_cast<const __half*>(q_bias), static_cast<__half*>(y), in, out, group, fused);
+  }
   const int ks = ks_log2_for(in, out);
   const int RB = (kWarps >> ks) * 32;
   const dim3 grid(ceil_div(out, RB), M);
@@ -252,8 +381,8 @@ cudaError_t dequant_dispatch(int bits, const uint32_t* b, const void* a, const v
 
 bool lutgemm_bits_supported(int bits) { return bits >= 1 && bits <= 8; }
 
-int lutgemm_gemv_tile_rows(int bits, int in, int out) {
-  (void)bits;
+int lutgemm_gemv_tile_rows(DType dt, int bits, int in, int out) {
+  if (use_prmt_kernel(bits, dt == DType::F16)) return kPRows;
   return (kWarps >> ks_log2_for(in, out)) * 32;
 }
 
