@@ -18,9 +18,6 @@
 #include <vector>
 
 using namespace decdec;
-
-
-
 using namespace ab_fill;
 
 int main() {
