@@ -158,19 +158,39 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   __syncthreads();
   if (!s_last) return;
   __threadfence();
+  // The last block merges the splits: every split's (m, l) into shared memory at once (one load per
+  // thread), per-split weights exp(m - M) / den by one warp per head, then each output's acc of all
+  // splits with independent loads (a loop of dependent L2 loads per output made v2 take 13 us).
   const float* gpart = part + ((size_t)b * Hkv + g) * n_splits * rep * (Dh + 2);
+  const size_t stride = (size_t)rep * (Dh + 2);  // between splits
+  __shared__ float s_sm[kAttnMaxSplits * kAttnMaxRep], s_sl[kAttnMaxSplits * kAttnMaxRep];
+  for (int i = threadIdx.x; i < n_active * rep; i += blockDim.x) {
+    const float* pr = gpart + (size_t)(first + i / rep) * stride + (size_t)(i % rep) * (Dh + 2);
+    s_sm[i] = __ldcg(pr + Dh);
+    s_sl[i] = __ldcg(pr + Dh + 1);
+  }
+  __syncthreads();
+  for (int r = warp; r < rep; r += kAttnWarps) {
+    float mx = -INFINITY;
+    for (int t = lane; t < n_active; t += 32) mx = fmaxf(mx, s_sm[t * rep + r]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    float den = 0.f;
+    for (int t = lane; t < n_active; t += 32) den = fmaf(__expf(s_sm[t * rep + r] - mx), s_sl[t * rep + r], den);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) den += __shfl_xor_sync(0xffffffffu, den, off);
+    __syncwarp();
+    for (int t = lane; t < n_active; t += 32) s_sm[t * rep + r] = __expf(s_sm[t * rep + r] - mx) / den;  // weight
+  }
+  __syncthreads();
+#pragma unroll 4
   for (int idx = threadIdx.x; idx < rep * Dh; idx += blockDim.x) {
     const int r = idx / Dh, d = idx - r * Dh;
-    float mx = -INFINITY;
-    for (int t = first; t <= last; ++t) mx = fmaxf(mx, __ldcg(gpart + ((size_t)t * rep + r) * (Dh + 2) + Dh));
-    float num = 0.f, den = 0.f;
-    for (int t = first; t <= last; ++t) {
-      const float* pr = gpart + ((size_t)t * rep + r) * (Dh + 2);
-      const float e = __expf(__ldcg(pr + Dh) - mx);
-      num = fmaf(__ldcg(pr + d), e, num);
-      den = fmaf(__ldcg(pr + Dh + 1), e, den);
-    }
-    y[(yrow + r) * Dh + d] = from_f32<T>(num / den);
+    const float* pa = gpart + (size_t)first * stride + (size_t)r * (Dh + 2) + d;
+    float o = 0.f;
+#pragma unroll 8
+    for (int t = 0; t < n_active; ++t) o = fmaf(s_sm[t * rep + r], __ldcg(pa + (size_t)t * stride), o);
+    y[(yrow + r) * Dh + d] = from_f32<T>(o);
   }
   if (threadIdx.x == 0) *counter = 0;
 }

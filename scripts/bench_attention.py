@@ -1,0 +1,76 @@
+"""Decode attention per call on the GPU: decdec.decode_attention (one kernel, rows <= pos) against the
+SDPA path the model takes otherwise (causal-mask row, grouped query rows, F.scaled_dot_product_attention
+over the whole cache), both replayed from CUDA graphs (decdec.timing.graph_seconds), 32 layers' caches
+rotated so the L2 does not hold them. Checks both against decdec.reference first.
+
+    python scripts/bench_attention.py [--heads 32 8 128] [--lengths 88 512 2048 8192] [--out DIR]
+
+Prints a table (us per call, the op's speed-up, bytes of K/V rows read / time) and writes it as CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+from pathlib import Path
+
+import torch
+
+import decdec.ops as ops
+from decdec import reference
+from decdec.model import gqa_attention
+from decdec.timing import graph_seconds
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--heads", type=int, nargs=3, default=[32, 8, 128], metavar=("H", "HKV", "DH"))
+    ap.add_argument("--lengths", type=int, nargs="+", default=[88, 512, 2048, 8192], help="KV cache rows (L)")
+    ap.add_argument("--layers", type=int, default=32, help="caches to rotate over")
+    ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_attention")
+    a = ap.parse_args()
+    ops.load_cuda_kernels()
+    dev, dt16 = torch.device("cuda"), torch.float16
+    H, Hkv, Dh = a.heads
+    g = torch.Generator(device=dev).manual_seed(0)
+    rows = []
+    for L in a.lengths:
+        kv = [torch.randn(2, 1, Hkv, L, Dh, generator=g, device=dev, dtype=dt16) for _ in range(a.layers)]
+        q = torch.randn(1, H, Dh, generator=g, device=dev, dtype=dt16)
+        causal = torch.ones(L, L, device=dev, dtype=torch.bool).tril()
+        for p in sorted({L // 2, L - 1}):
+            pos = torch.tensor([p], device=dev)
+
+            def op(i, pos=pos):
+                return torch.ops.decdec.decode_attention(q, kv[i % a.layers][0], kv[i % a.layers][1], pos, 0)
+
+            def sdpa(i, pos=pos):
+                mask = causal[pos][None, None]  # [1, 1, 1, L], as Transformer.forward builds it
+                return gqa_attention(q.view(1, H, 1, Dh), kv[i % a.layers][0], kv[i % a.layers][1], mask).view(1, -1)
+
+            ref = reference.decode_attention(q.float(), kv[0][0].float(), kv[0][1].float(), pos, 0)
+            for name, fn in (("decode_attention", op), ("sdpa", sdpa)):
+                err = (fn(0).float() - ref).abs().max().item()
+                if err > 1e-2:
+                    raise SystemExit(f"{name} differs from the reference at L={L}, pos={p}: max error {err:.3e}")
+            t_op, t_sdpa = graph_seconds(op, 4 * a.layers), graph_seconds(sdpa, 4 * a.layers)
+            kv_bytes = 2 * Hkv * (p + 1) * Dh * 2
+            rows.append({"L": L, "pos": p, "op_us": t_op * 1e6, "sdpa_us": t_sdpa * 1e6, "speedup": t_sdpa / t_op,
+                         "op_GBps": kv_bytes / t_op / 1e9})
+            r = rows[-1]
+            print(f"H={H} Hkv={Hkv} Dh={Dh} L={L:6d} pos={p:6d}: decode_attention {r['op_us']:7.2f} us "
+                  f"({r['op_GBps']:6.1f} GB/s of K/V), sdpa {r['sdpa_us']:7.2f} us, x{r['speedup']:.2f}", flush=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    path = a.out / f"attention-{dt.datetime.now():%Y%m%d-%H%M%S}.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"{torch.cuda.get_device_name()}: wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
