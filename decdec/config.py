@@ -19,6 +19,7 @@ BACKENDS = ("ap", "lutgemm", "fp16")
 COMPILE_MODES = ("none", "inductor", "cudagraphs", "reduce-overhead")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 SELECTIONS = ("dynamic", "exact_topk", "static", "random")
+ATTENTIONS = ("auto", "sdpa", "kernel")  # decode steps' attention (Config.attention)
 
 
 @dataclass
@@ -126,6 +127,8 @@ class TuneTaskConfig:
     iters: int = 50  # calls per timing sample (median of several samples)
     verify_tokens: int = 64  # decode tokens per end-to-end verification sample
     verify_samples: int = 3
+    verify_rounds: int = 3  # choices verified end to end; one over target shrinks the budget for the next
+    verify_tolerance: float = 0.005  # measured slowdown accepted up to target + this (run-to-run noise)
     write_conf: bool = False  # also write conf/dec/tuned_<model>_<backend>_<precision>_<pct>.yaml
 
 
@@ -161,6 +164,9 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 1234
+    # decode steps' attention: kernel = torch.ops.decdec.decode_attention (one kernel per layer, cache rows <= pos),
+    # sdpa = F.scaled_dot_product_attention over the masked cache, auto = kernel on CUDA where the heads allow it
+    attention: str = "auto"
     cache_dir: str = MISSING  # where the embedded model and prepared checkpoints are cached
 
 

@@ -311,17 +311,33 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, input_pos)
         return self.output(self.norm(x))
 
+    def decode_attention_supported(self) -> bool:
+        """Whether ``torch.ops.decdec.decode_attention`` serves these heads (<= 8 query heads per KV head,
+        head_dim <= 256)."""
+        a = self.args
+        return a.n_heads // a.n_kv_heads <= 8 and a.head_dim <= 256
+
     def use_decode_attention(self, on: bool = True) -> None:
         """Run decode steps (S = 1) through ``torch.ops.decdec.decode_attention``: one kernel per layer that
-        reads only cache rows <= pos, instead of SDPA over the whole masked cache. Off by default: on an
-        H200 (docs/PERF.md, session 5) the kernel took 13.2 us per call at 88 cache rows against 6.0 us of
-        cuDNN SDPA + 1.4 us of mask preparation, so a Llama-3-8B ap w3 step was slower with it."""
+        reads only cache rows <= pos, instead of SDPA over the whole masked cache. The model is built with
+        SDPA; runs pick with ``Config.attention`` (``choose_attention``)."""
         a = self.args
-        if on and not (a.n_heads // a.n_kv_heads <= 8 and a.head_dim <= 256):
+        if on and not self.decode_attention_supported():
             raise ValueError(f"decode_attention supports <= 8 query heads per KV head and head_dim <= 256, "
                              f"got {a.n_heads}/{a.n_kv_heads} heads, head_dim {a.head_dim}")
         for layer in self.layers:
             layer.attention.decode_op = on
+
+    def choose_attention(self, mode: str, device: torch.device) -> str:
+        """Apply ``Config.attention`` and return what decode steps use ("kernel" or "sdpa"). ``auto`` takes the
+        kernel on CUDA where the heads allow it: on an H200 (docs/PERF.md, session 6) it beat SDPA at every cache
+        length from 88 to 8192 rows (x1.0-3.6 per call) and a synthetic Llama-3-8B ap w3 decode by 1.5 %. On the
+        CPU the op is the pure-PyTorch reference, so ``auto`` keeps SDPA there."""
+        if mode not in ("auto", "kernel", "sdpa"):
+            raise ValueError(f"attention={mode!r}; choose auto, kernel or sdpa")
+        on = mode == "kernel" or (mode == "auto" and device.type == "cuda" and self.decode_attention_supported())
+        self.use_decode_attention(on)
+        return "kernel" if on else "sdpa"
 
     def linears(self) -> Iterator[tuple[str, int, nn.Module]]:
         """(proj, layer_idx, module) for all 4 * n_layers projections, layer-major, PROJECTIONS order."""

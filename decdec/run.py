@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from decdec import checkpoint as ckpt
 from decdec import metrics, ops, sinks, sweep
-from decdec.config import BACKENDS, COMPILE_MODES, DTYPES, SELECTIONS, Config
+from decdec.config import ATTENTIONS, BACKENDS, COMPILE_MODES, DTYPES, SELECTIONS, Config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -62,6 +62,8 @@ def validate(cfg: Config, device: torch.device) -> None:
         raise ConfigError(f"compile.mode={cfg.compile.mode!r}; choose one of {list(COMPILE_MODES)}")
     if cfg.compile.mode in ("cudagraphs", "reduce-overhead") and device.type != "cuda":
         raise ConfigError(f"compile={cfg.compile.mode} needs a CUDA GPU; on CPU use compile=none or compile=inductor")
+    if cfg.attention not in ATTENTIONS:
+        raise ConfigError(f"attention={cfg.attention!r}; choose one of {list(ATTENTIONS)}")
     if cfg.precision.mixed:
         if cfg.backend.name == "fp16":
             raise ConfigError("precision=w3.5 (mixed) quantizes weights; backend=fp16 has none -- pick backend=ap or lutgemm")
@@ -96,6 +98,23 @@ def validate(cfg: Config, device: torch.device) -> None:
             ops.load_cuda_kernels()
         except ops.KernelsUnavailable as e:
             raise ConfigError(f"backend={cfg.backend.name} on {device}: {e}") from None
+
+
+def resolve_attention(model, mode: str, device: torch.device) -> str:
+    """Apply ``attention=`` to a built model; returns what decode steps use ("kernel" or "sdpa"). On CUDA the
+    kernel needs the built extension (backend=fp16 runs without it): ``auto`` then falls back to SDPA,
+    ``kernel`` stops with the build command."""
+    if mode != "sdpa" and device.type == "cuda":
+        try:
+            ops.load_cuda_kernels()
+        except ops.KernelsUnavailable as e:
+            if mode == "kernel":
+                raise ConfigError(f"attention=kernel: {e}; or use attention=sdpa") from None
+            mode = "sdpa"
+    try:
+        return model.choose_attention(mode, device)
+    except ValueError as e:
+        raise ConfigError(f"attention={mode}: {e}; use attention=sdpa (or auto)") from None
 
 
 def resolve_checkpoint(cfg: Config) -> Path:
@@ -247,6 +266,7 @@ class Run:
                                 self.device, cfg.dec)
         self.load_s = time.perf_counter() - t0
         self.model = built.model
+        self.attention = resolve_attention(built.model, cfg.attention, self.device)
         self.kernel = ops.kernel_path(self.device) if cfg.backend.name != "fp16" else f"dense torch matmul on {self.device}"
         env = environment(self.device, self.kernel)
         synthetic = cfg.model.source == "synthetic"
@@ -266,7 +286,7 @@ class Run:
         return {"status": "ok", "task": cfg.task.name, "model": cfg.model.name, "synthetic": cfg.model.source == "synthetic",
                 "backend": cfg.backend.name,
                 "precision": cfg.precision.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "compile": cfg.compile.mode, "dec_enabled": bool(built.dec_rows_per_token()),
+                "compile": cfg.compile.mode, "attention": self.attention, "dec_enabled": bool(built.dec_rows_per_token()),
                 "dec_rows_per_token": built.dec_rows_per_token(), "dec_bytes_per_token": built.dec_bytes_per_token(),
                 "k_chunk": _k_chunk_summary(built), "load_s": self.load_s, "kernel_path": self.kernel}
 
@@ -389,6 +409,9 @@ class Run:
             raise ConfigError(f"task.target_slowdown must be in (0, 1), got {t.target_slowdown}")
         if 0 not in t.k_chunks or any(not 0 <= k <= 1024 for k in t.k_chunks):
             raise ConfigError(f"task.k_chunks must include 0 and lie in 0..1024, got {list(t.k_chunks)}")
+        if t.verify_rounds < 1 or t.verify_tolerance < 0:
+            raise ConfigError(f"task.verify_rounds must be >= 1 and task.verify_tolerance >= 0, got "
+                              f"{t.verify_rounds} and {t.verify_tolerance}")
         if cfg.backend.name == "fp16":
             raise ConfigError("backend=fp16 has no DEC to tune; choose backend=ap or lutgemm")
         path, built = self._build()
@@ -418,19 +441,32 @@ class Run:
             for s in self.sinks:
                 s.log({"kind": "timing", "proj": tm.proj, "bits": tm.bits, "n_tb": tm.n_tb, "k_chunk": tm.k_chunk,
                        "us": tm.seconds * 1e6}, step=i)
-        choices = {}
-        for bits in sorted(set(built.bitwidths.values())):
-            c = tune.choose(timings, in_features, budget, bits)
-            if c is None:
-                raise RuntimeError(f"no DEC setting fits the budget for {bits}-bit layers (even k_chunk=0 timings exceed it)")
-            choices[bits] = c
-        for proj, layer, m in model.linears():
-            c = choices[built.bitwidths[layer]]
-            m.set_dec(c["k_chunk"][proj], c["n_tb"])
-        self._reset_peak()
-        tuned_rate = self._decode_rate(built, prompt, t.verify_tokens, t.verify_samples)
-        tuned_peak = self._peak()
-        slowdown = base_rate / tuned_rate - 1.0
+        rounds = []
+        for r in range(t.verify_rounds + 1):
+            last = r == t.verify_rounds  # nothing fitted: DEC off (k_chunk = 0), measured like the others
+            choices = {}
+            for bits in sorted(set(built.bitwidths.values())):
+                c = tune.choose(timings, in_features, 0.0 if last else budget, bits)
+                if c is None:
+                    raise RuntimeError(f"no DEC setting fits the budget for {bits}-bit layers (even k_chunk=0 timings exceed it)")
+                choices[bits] = c
+            for proj, layer, m in model.linears():
+                c = choices[built.bitwidths[layer]]
+                m.set_dec(c["k_chunk"][proj], c["n_tb"])
+            self._reset_peak()
+            tuned_rate = self._decode_rate(built, prompt, t.verify_tokens, t.verify_samples)
+            tuned_peak = self._peak()
+            slowdown = base_rate / tuned_rate - 1.0
+            rounds.append({"budget_us_per_layer": 0.0 if last else budget * 1e6, "measured_slowdown": slowdown,
+                           "tokens_per_s": tuned_rate,
+                           "choice": {str(b): {"n_tb": c["n_tb"], "k_chunk": c["k_chunk"]} for b, c in choices.items()}})
+            fits = slowdown <= t.target_slowdown + t.verify_tolerance
+            no_dec = all(k == 0 for c in choices.values() for k in c["k_chunk"].values())
+            print(f"[decdec] round {r + 1}: budget {rounds[-1]['budget_us_per_layer']:.2f} us per layer -> measured "
+                  f"{slowdown:+.2%} ({'within' if fits else 'over'} the {t.target_slowdown:.1%} target)")
+            if fits or no_dec or last:
+                break
+            budget = tune.next_budget(budget, t.target_slowdown, slowdown)
 
         mixed = cfg.precision.mixed
         one = next(iter(choices.values()))
@@ -469,7 +505,7 @@ class Run:
         summary = {"status": "ok", "task": "tune", "target_slowdown": t.target_slowdown, "measured_slowdown": slowdown,
                    "base_tokens_per_s": base_rate, "tuned_tokens_per_s": tuned_rate, "budget_us_per_layer": budget * 1e6,
                    "peak_gpu_bytes_dec_off": base_peak, "peak_gpu_bytes_tuned": tuned_peak,
-                   "overrides": overrides, "n_tbs_tried": n_tbs, "k_chunks_tried": list(t.k_chunks),
+                   "overrides": overrides, "rounds": rounds, "n_tbs_tried": n_tbs, "k_chunks_tried": list(t.k_chunks),
                    "choice": {str(b): {"n_tb": c["n_tb"], "k_chunk": c["k_chunk"], "rows_per_layer": c["rows_per_layer"]}
                               for b, c in choices.items()},
                    **{k: v for k, v in self._common_summary(built).items() if k not in ("status", "task")}}

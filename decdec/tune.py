@@ -9,7 +9,10 @@
 3. For each ``n_tb``, choose one ``k_chunk`` per projection maximising the residual rows fetched
    per layer while the summed extra time of the four projections stays within the budget
    (at least one row on every projection when that fits); keep the best ``n_tb``.
-4. Verify end to end: decode tokens/s with the choice vs ``dec=off``.
+4. Verify end to end: decode tokens/s with the choice vs ``dec=off``. A choice measured over the target
+   (the projections timed alone under-count what DEC costs inside a decode step) shrinks the budget by
+   target / measured (``next_budget``) and is chosen and verified again, up to ``task.verify_rounds``
+   times; if none fits, DEC stays off (k_chunk = 0 everywhere, measured too).
 """
 
 from __future__ import annotations
@@ -61,6 +64,12 @@ def time_projections(model, bitwidths: dict[int, int], k_chunks: list[int], n_tb
         for m, (k, n_tb) in zip(mods, saved):
             m.set_dec(k, n_tb)
     return out
+
+
+def next_budget(budget_s: float, target: float, measured: float, margin: float = 0.9) -> float:
+    """Per-layer budget for the next round after a choice measured ``measured`` slowdown end to end against
+    ``target``: scaled by target / measured (how much the per-projection timings under-counted), less a margin."""
+    return budget_s * margin * (min(1.0, target / measured) if measured > 0 else 1.0)
 
 
 def rows_per_token(k_chunk: int, in_features: int) -> int:

@@ -73,8 +73,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--samples", type=int, default=3)
     ap.add_argument("--settings", nargs="*", default=["fp16", "ap-w3", "lutgemm-w3", "ap-w4", "lutgemm-w4"],
-                    help="backend[-precision][+attn][@compile], e.g. fp16 ap-w3 ap-w3@reduce-overhead ap-w3+attn "
-                         "(+attn: decode attention through decdec.decode_attention instead of SDPA)")
+                    help="backend[-precision][+attention][@compile], e.g. fp16 ap-w3 ap-w3@reduce-overhead ap-w3+sdpa "
+                         "(+sdpa / +kernel: decode attention through SDPA / decdec.decode_attention instead of "
+                         "attention=auto)")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench")
     a = ap.parse_args()
     register_configs()
@@ -95,15 +96,15 @@ def main() -> None:
         for setting in a.settings:
             spec, _, mode = setting.partition("@")  # "ap-w3@inductor": this setting with compile=inductor
             spec, plus, extra = spec.partition("+")
-            if plus and extra != "attn":
-                raise SystemExit(f"setting {setting!r}: unknown modifier +{extra} (the one modifier is +attn)")
+            if plus and extra not in ("sdpa", "kernel"):
+                raise SystemExit(f"setting {setting!r}: unknown modifier +{extra} (choose +sdpa or +kernel)")
             backend, _, prec = spec.partition("-")
             ov = [f"backend={backend}", "dec=off"] + ([f"precision={prec}"] if prec else [])
             ov += [f"compile={mode}"] if mode else []
+            ov += [f"attention={extra}"] if plus else []
             with make_run(["task=tune", *tune_args, *ov]) as run:
                 bw = bw or hbm_bandwidth(run.device)
                 _, built = run._build()
-                built.model.use_decode_attention(extra == "attn")
                 after_build = torch.cuda.memory_allocated(run.device) if run.device.type == "cuda" else None
                 g = torch.Generator().manual_seed(0)
                 prompt = torch.randint(0, built.args.vocab_size, (16,), generator=g)

@@ -4,7 +4,7 @@
 # end-to-end decode benchmark on a SYNTHETIC Llama-3-8B (compile=cudagraphs). Logs under $OUT.
 #   bash scripts/gpu_e2e.sh            # STEPS="build test bench" by default
 #   STEPS="build host" bash scripts/gpu_e2e.sh   # host cost of a decode step: cudagraphs vs inductor vs reduce-overhead
-#   STEPS="build profile" PROFILE_ARGS=--decode-kernel bash scripts/gpu_e2e.sh   # per-kernel GPU time of a Llama-3-8B ap w3 step
+#   STEPS="build profile" PROFILE_ARGS="-o attention=sdpa" bash scripts/gpu_e2e.sh   # per-kernel GPU time of a Llama-3-8B ap w3 step
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/decdec_gpu}"

@@ -54,8 +54,6 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "profile")
-    ap.add_argument("--decode-kernel", action="store_true",
-                    help="decode steps' attention through decdec.decode_attention instead of SDPA (A/B)")
     a = ap.parse_args()
     register_configs()
     from decdec.generate import Generator
@@ -66,7 +64,6 @@ def main() -> None:
         with Run(OmegaConf.to_object(cfg), a.out / f"run-{stamp}", OmegaConf.to_container(cfg, resolve=True),
                  a.overrides) as run:
             _, built = run._build()
-            built.model.use_decode_attention(a.decode_kernel)
             g = torch.Generator().manual_seed(0)
             prompt = torch.randint(0, built.args.vocab_size, (16,), generator=g)
             sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
@@ -120,7 +117,7 @@ def main() -> None:
     for r in rows:
         cats[r["category"]] += r["us_per_token"]
 
-    title = (f"{device_name}, {' '.join(a.overrides)}{' --decode-kernel' if a.decode_kernel else ''}: decode step wall {wall_us:.1f} us "
+    title = (f"{device_name}, {' '.join(a.overrides)}: decode step wall {wall_us:.1f} us "
              f"({1e6 / wall_us:.1f} tokens/s), kernels {gpu_us:.1f} us ({100 * gpu_us / wall_us:.0f} % busy), "
              f"host queues a step in {host_us:.1f} us")
     t = Table(title=title)

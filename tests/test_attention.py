@@ -111,6 +111,28 @@ def test_model_decode_step_uses_it_and_equals_prefill_attention(monkeypatch):
     assert len(calls) == 2 * model.args.n_layers and all(int(p) == 19 for p in calls)  # decode steps only
 
 
+def test_choose_attention_follows_the_config():
+    """auto: the kernel on CUDA where the heads allow it, SDPA on the CPU (where the op is the reference);
+    kernel / sdpa force it; kernel on heads the op does not serve is an error."""
+    from decdec.config import DecConfig, KChunk
+    from decdec.synthetic import build_synthetic
+
+    off = DecConfig(name="off", n_tb=1, k_chunk=KChunk(qkv=0, o=0, gate_up=0, down=0))
+    model = build_synthetic("tiny", "ap", 3, False, torch.float32, torch.device("cpu"), off, seed=0).model
+    on = lambda: [layer.attention.decode_op for layer in model.layers]  # noqa: E731
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert model.choose_attention("auto", cpu) == "sdpa" and not any(on())
+    assert model.choose_attention("kernel", cpu) == "kernel" and all(on())
+    assert model.choose_attention("sdpa", cuda) == "sdpa" and not any(on())
+    assert model.choose_attention("auto", cuda) == "kernel" and all(on())  # sets flags only; nothing runs
+    with pytest.raises(ValueError, match="choose auto, kernel or sdpa"):
+        model.choose_attention("flash", cpu)
+    model.args.n_heads = 9 * model.args.n_kv_heads
+    assert model.choose_attention("auto", cuda) == "sdpa" and not any(on())
+    with pytest.raises(ValueError, match="<= 8 query heads per KV head"):
+        model.choose_attention("kernel", cuda)
+
+
 def test_use_decode_attention_is_off_by_default_and_checks_the_shape():
     from decdec.config import DecConfig, KChunk
     from decdec.synthetic import build_synthetic
@@ -123,3 +145,29 @@ def test_use_decode_attention_is_off_by_default_and_checks_the_shape():
     model.args.n_heads = 9 * model.args.n_kv_heads
     with pytest.raises(ValueError, match="<= 8 query heads per KV head"):
         model.use_decode_attention()
+
+
+def test_run_resolves_attention_without_built_kernels(monkeypatch):
+    """On CUDA without the built extension (backend=fp16 needs none), attention=auto falls back to SDPA and
+    attention=kernel stops with the build command; with it, auto takes the kernel."""
+    from decdec import ops
+    from decdec.config import DecConfig, KChunk
+    from decdec.run import ConfigError, resolve_attention
+    from decdec.synthetic import build_synthetic
+
+    off = DecConfig(name="off", n_tb=1, k_chunk=KChunk(qkv=0, o=0, gate_up=0, down=0))
+    model = build_synthetic("tiny", "fp16", 16, False, torch.float32, torch.device("cpu"), off, seed=0).model
+    cuda = torch.device("cuda")  # choose_attention only sets flags: nothing runs on the device
+
+    def missing():
+        raise ops.KernelsUnavailable("decdec CUDA kernels are not built (test); build the CUDA kernels first")
+
+    monkeypatch.setattr(ops, "load_cuda_kernels", missing)
+    assert resolve_attention(model, "auto", cuda) == "sdpa"
+    assert not any(layer.attention.decode_op for layer in model.layers)
+    with pytest.raises(ConfigError, match="attention=kernel: decdec CUDA kernels are not built.*attention=sdpa"):
+        resolve_attention(model, "kernel", cuda)
+    assert resolve_attention(model, "sdpa", cuda) == "sdpa"
+    monkeypatch.setattr(ops, "load_cuda_kernels", lambda: "_C.so")
+    assert resolve_attention(model, "auto", cuda) == "kernel"
+    assert all(layer.attention.decode_op for layer in model.layers)

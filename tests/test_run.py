@@ -104,12 +104,14 @@ def test_inprocess_run_wandb_offline_matches_yaml(tiny_run):
     (["precision=w4"], 2 * (4 + 4 + 4 + 16)),
     (["dec=off"], 0),
     (["dec.k_chunk.down=0", "dec.k_chunk.qkv=1024"], 2 * (64 + 4 + 4)),
+    (["attention=kernel"], 2 * (4 + 4 + 4 + 16)),
 ])
 def test_backends_precisions_dec(tmp_path, cache_dir, overrides, rows):
     summary = run_inprocess([*TINY, *overrides], tmp_path / "job", cache_dir)
     _check_outputs(tmp_path / "job", 2, 4)
     assert summary["dec_rows_per_token"] == rows
     assert summary["dec_enabled"] == bool(rows)
+    assert summary["attention"] == ("kernel" if "attention=kernel" in overrides else "sdpa")  # auto: SDPA on CPU
     env = _load(tmp_path / "job" / "env.yaml")
     if "backend=fp16" in overrides:
         assert env["manifest"] is None and "dense" in env["kernel_path"]
@@ -198,6 +200,7 @@ def _fails(tmp_path, cache: Path, overrides: list[str], exc=Exception, *fragment
     (["compile=cudagraphs"], ["cudagraphs", "compile=inductor"]),
     (["compile=reduce-overhead"], ["compile=reduce-overhead", "CUDA GPU", "compile=inductor"]),
     (["compile.mode=fast"], ["compile.mode='fast'", "inductor"]),
+    (["attention=flash"], ["attention='flash'", "sdpa", "kernel"]),
     (["backend.name=int8"], ["backend='int8'", "lutgemm"]),
     (["precision.dtype=fp8"], ["precision.dtype='fp8'", "bfloat16"]),
     (["precision=w3.5", "~dec.per_bits.4"], ["dec.per_bits gives [3]", "[3, 4]", "dec.per_bits.3.k_chunk"]),

@@ -77,3 +77,54 @@ def test_host_seconds_passes_call_indices_and_returns_per_call_time():
     t = timing.host_seconds(seen.append, calls=4, reps=3, warmup=2)
     assert seen == [0, 1] + [0, 1, 2, 3] * 3  # warm-up calls, then each rep's calls in order (inputs rotate on i)
     assert 0 < t < 1e-3
+
+
+def test_next_budget_scales_by_target_over_measured():
+    assert tune.next_budget(10e-6, 0.05, 0.10) == pytest.approx(10e-6 * 0.9 * 0.5)
+    assert tune.next_budget(10e-6, 0.05, 0.02) == pytest.approx(10e-6 * 0.9)  # under target: only the margin
+    assert tune.next_budget(10e-6, 0.05, 0.0) == pytest.approx(10e-6 * 0.9)
+
+
+def _fake_rates(monkeypatch, rates):
+    """Run._decode_rate returns `rates` in order (the first is dec=off) and records each call's k_chunks."""
+    from decdec.run import Run
+
+    seen = []
+
+    def fake(self, built, prompt, tokens, samples):
+        seen.append(sorted({m.k_chunk for _, _, m in built.model.linears()}))
+        return rates[len(seen) - 1]
+
+    monkeypatch.setattr(Run, "_decode_rate", fake)
+    return seen
+
+
+TUNE = ["model=tiny", "task=tune", "task.verify_tokens=4", "task.verify_samples=1", "task.iters=2",
+        "task.k_chunks=[0,16,64,256]", "task.target_slowdown=0.5", "logger=yaml"]
+
+
+def test_tune_shrinks_the_budget_when_the_choice_measures_over_target(tmp_path, cache_dir, monkeypatch):
+    from conftest import run_inprocess
+
+    seen = _fake_rates(monkeypatch, [100.0, 40.0, 90.0])  # dec=off, round 1 (+150 %), round 2 (+11 %)
+    summary = run_inprocess(TUNE, tmp_path / "run", cache_dir)
+    rounds = summary["rounds"]
+    assert len(rounds) == 2 and len(seen) == 3
+    assert rounds[0]["measured_slowdown"] == pytest.approx(1.5) and rounds[1]["measured_slowdown"] == pytest.approx(1 / 9)
+    assert rounds[1]["budget_us_per_layer"] == pytest.approx(rounds[0]["budget_us_per_layer"] * 0.9 * 0.5 / 1.5)
+    assert summary["measured_slowdown"] == pytest.approx(1 / 9)
+    assert summary["choice"] == {b: {**c, "rows_per_layer": summary["choice"][b]["rows_per_layer"]}
+                                 for b, c in rounds[1]["choice"].items()}
+    assert "measured +11.11%" in (tmp_path / "run" / "dec_tuned.yaml").read_text()
+
+
+def test_tune_turns_dec_off_when_no_choice_fits(tmp_path, cache_dir, monkeypatch):
+    from conftest import run_inprocess
+
+    seen = _fake_rates(monkeypatch, [100.0] + [10.0] * 8)  # every choice with DEC: +900 %
+    summary = run_inprocess([*TUNE, "task.verify_rounds=2"], tmp_path / "run", cache_dir)
+    rounds = summary["rounds"]
+    assert 2 <= len(rounds) <= 3 and len(seen) == len(rounds) + 1
+    assert all(k == 0 for k in rounds[-1]["choice"]["3"]["k_chunk"].values())  # DEC off, measured as the last round
+    assert any(k > 0 for k in rounds[0]["choice"]["3"]["k_chunk"].values())
+    assert seen[-1] == [0]
