@@ -20,6 +20,7 @@ or every job of a sweep at once::
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -66,13 +67,13 @@ def _plain(value: Any, where: str = "record") -> Any:
     raise TypeError(f"{where}: cannot write a {type(value).__name__} ({value!r}) to a sink")
 
 
-def _atomic_write_yaml(path: Path, data: Any) -> None:
-    """Write ``data`` to ``path`` so that a reader never sees a half-written file: dump to a
-    temp file in the same directory (same filesystem), fsync, then ``os.replace``."""
+def _atomic_write(path: Path, dump) -> None:
+    """Write a file so that a reader never sees it half-written: ``dump(f)`` writes a temp file in the
+    same directory (same filesystem), fsync, then ``os.replace``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yaml.safe_dump(data, f, sort_keys=False, allow_unicode=True)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            dump(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -428,6 +429,25 @@ def print_summary_table(summary: dict, title: str) -> None:
     Console().print(table)
 
 
+def _atomic_write_yaml(path: Path, data: Any) -> None:
+    _atomic_write(path, lambda f: yaml.safe_dump(data, f, sort_keys=False, allow_unicode=True))
+
+
 def write_yaml(path: Path, data: Any, what: str = "data") -> None:
     """Write plain data (numbers, strings, lists, dicts) to ``path`` atomically."""
     _atomic_write_yaml(Path(path), _plain(data, what))
+
+
+def write_csv(path: Path, rows: Sequence[dict]) -> Path:
+    """Write ``rows`` (dicts with the first row's keys) to ``path`` as CSV atomically; returns the path."""
+    if not rows:
+        raise ValueError(f"write_csv: no rows to write to {path}")
+    path = Path(path)
+
+    def dump(f) -> None:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+    _atomic_write(path, dump)
+    return path

@@ -11,7 +11,6 @@ Prints a table (us per call, the op's speed-up, bytes of K/V rows read / time) a
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 import decdec.ops as ops
 from decdec import reference
 from decdec.model import gqa_attention
+from decdec.sinks import write_csv
 from decdec.timing import graph_seconds
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,10 +65,7 @@ def main() -> None:
                   f"({r['op_GBps']:6.1f} GB/s of K/V), sdpa {r['sdpa_us']:7.2f} us, x{r['speedup']:.2f}", flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / f"attention-{dt.datetime.now():%Y%m%d-%H%M%S}.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(path, rows)
     print(f"{torch.cuda.get_device_name()}: wrote {path}")
 
 

@@ -12,7 +12,6 @@ first setting. Prints a table and writes CSV + markdown under --out.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import platform
 import statistics
@@ -30,6 +29,7 @@ from decdec.builder import build_model
 from decdec.config import register_configs
 from decdec.generate import Generator
 from decdec.run import _encode_prompt, resolve_checkpoint, resolve_device, resolve_dtype, validate
+from decdec.sinks import write_csv
 
 REPO = Path(__file__).resolve().parent.parent
 SETTINGS = {
@@ -97,10 +97,7 @@ def main() -> None:
     Console().print(table)
     a.out.mkdir(parents=True, exist_ok=True)
     stem = a.out / f"decode-{dt.datetime.now():%Y%m%d-%H%M%S}"
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(stem.with_suffix(".csv"), rows)
     lines = [f"# decode benchmark {stamp}", "", f"machine: {machine}; torch {torch.__version__}; overrides: {a.overrides}", "",
              "| setting | tokens/s (median) | min | max | ratio | DEC rows/token |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['setting']} | {r['tokens_per_s']:.2f} | {r['min']:.2f} | {r['max']:.2f} | "

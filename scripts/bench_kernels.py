@@ -17,7 +17,6 @@ does not flatter. Weights are synthetic (speed does not depend on their values).
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import statistics
 import sys
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from decdec import ops, reference
+from decdec.sinks import write_csv
 from decdec.timing import graph_seconds
 
 LLAMA = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
@@ -279,10 +279,7 @@ def main() -> int:
         print(f"{n}x{out}: ap3 {r['ap3'][0]:.1f} us ({r['ap3'][1]:.0f} GB/s) lg3 {r['lg3'][0]:.1f} us "
               f"fp16 {r['fp16'][0]:.1f} us; fused ap k=4 {r['fused_ap'][4][1]:+.1f}% "
               f"[{time.time() - t0:.0f} s]", flush=True)
-    with open(out_dir / "bench_kernels.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out_dir / "bench_kernels.csv", rows)
     md = markdown(summary, ceil, card)
     (out_dir / "bench_kernels.md").write_text(md)
     try:

@@ -14,7 +14,6 @@ Prints a table and writes it as CSV (the file name carries the PDL setting).
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import os
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from decdec import ops, reference
+from decdec.sinks import write_csv
 from decdec.timing import graph_seconds
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,10 +74,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / f"fused_overlap-pdl{int(pdl)}-{dt.datetime.now():%Y%m%d-%H%M%S}.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(path, rows)
     print(f"{torch.cuda.get_device_name()}: wrote {path}")
 
 

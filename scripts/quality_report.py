@@ -12,7 +12,6 @@ Prints a table and writes CSV + markdown under --out.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import platform
 import time
@@ -29,6 +28,7 @@ from decdec import evaluate
 from decdec.builder import build_model
 from decdec.config import register_configs
 from decdec.run import _evaluation_text, resolve_checkpoint, resolve_device, resolve_dtype
+from decdec.sinks import write_csv
 
 REPO = Path(__file__).resolve().parent.parent
 K_CHUNKS = (4, 8, 16, 32, 64, 128)
@@ -103,10 +103,7 @@ def main() -> None:
     console.print(table)
     a.out.mkdir(parents=True, exist_ok=True)
     stem = a.out / f"quality-{dt.datetime.now():%Y%m%d-%H%M%S}"
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(stem.with_suffix(".csv"), rows)
     lines = [f"# quality report {stamp}", "",
              f"machine: {machine}; torch {torch.__version__}; text {a.text}, {rows[0]['tokens']} tokens, window {a.window}, "
              f"BOS per window; overrides {a.overrides}; total {time.perf_counter() - t_start:.0f} s", "",

@@ -276,3 +276,19 @@ def test_print_summary_table(capsys):
     print_summary_table({"mean_tokens_per_s": 123.456789, "num_samples": 4, "x": math.nan}, "gen")
     out = capsys.readouterr().out
     assert "gen" in out and "123.5" in out and "num_samples" in out and "nan" in out
+
+
+def test_write_csv_round_trips_and_leaves_nothing_half_written(tmp_path):
+    import csv as csv_mod
+
+    from decdec.sinks import write_csv
+
+    rows = [{"shape": "4096x4096", "us": 5.9}, {"shape": "4096x28672", "us": 23.7}]
+    path = write_csv(tmp_path / "t.csv", rows)
+    with open(path, newline="") as f:
+        assert list(csv_mod.DictReader(f)) == [{"shape": "4096x4096", "us": "5.9"}, {"shape": "4096x28672", "us": "23.7"}]
+    with pytest.raises(ValueError, match="no rows"):
+        write_csv(tmp_path / "empty.csv", [])
+    with pytest.raises(ValueError):  # a key the header lacks: the writer fails mid-file
+        write_csv(tmp_path / "bad.csv", [{"a": 1}, {"b": 2}])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv"]  # no partial file, no temp file
