@@ -35,16 +35,10 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   __shared__ int s_last;
   const int s = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
   const int rep = H / Hkv;
-  const int64_t p64 = pos_ptr[0];
-  const int pos = p64 < 0 ? 0 : (p64 >= L ? L - 1 : (int)p64);  // clamped: never reads outside the cache
-  const int lo = window > 0 ? max(0, pos - window + 1) : 0;
-  const int first = lo / split, last = pos / split;
-  if (s < first || s > last) return;
-  const int n_active = last - first + 1;
-  const int j0 = max(lo, s * split), j1 = min(pos, s * split + split - 1);  // inclusive
+  pdl_wait();               // q, pos and the cache row come from the kernel before (launched as its dependent)
+  pdl_launch_dependents();  // the next kernel (the o projection's GEMV) may start loading its weights now
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-
-  float qr[kAttnMaxRep][DPL];
+  float qr[kAttnMaxRep][DPL];  // issued before pos is known: one round trip instead of two
 #pragma unroll
   for (int r = 0; r < kAttnMaxRep; ++r)
 #pragma unroll
@@ -52,6 +46,13 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
       const int d = lane + 32 * i;
       qr[r][i] = (r < rep && d < Dh) ? to_f32(q[((size_t)b * H + g * rep + r) * Dh + d]) * scale : 0.f;
     }
+  const int64_t p64 = pos_ptr[0];
+  const int pos = p64 < 0 ? 0 : (p64 >= L ? L - 1 : (int)p64);  // clamped: never reads outside the cache
+  const int lo = window > 0 ? max(0, pos - window + 1) : 0;
+  const int first = lo / split, last = pos / split;
+  if (s < first || s > last) return;
+  const int n_active = last - first + 1;
+  const int j0 = max(lo, s * split), j1 = min(pos, s * split + split - 1);  // inclusive
   float m[kAttnMaxRep], l[kAttnMaxRep], acc[kAttnMaxRep][DPL];
 #pragma unroll
   for (int r = 0; r < kAttnMaxRep; ++r) {
@@ -151,13 +152,18 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
     }
   }
   if (n_active == 1) return;
-  __threadfence();
+  // Release / acquire as fused_arrive does it: the barrier orders the block's partial stores before thread
+  // 0's acq_rel atomic (no fence in every thread); the last arrival's barrier after it makes the other
+  // blocks' partials visible to all its threads.
   __syncthreads();
   int* counter = counters + (size_t)b * Hkv + g;
-  if (threadIdx.x == 0) s_last = atomicAdd(counter, 1) == n_active - 1;
+  if (threadIdx.x == 0) {
+    int old;
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(old) : "l"(counter) : "memory");
+    s_last = old == n_active - 1;
+  }
   __syncthreads();
   if (!s_last) return;
-  __threadfence();
   // The last block merges the splits: every split's (m, l) into shared memory at once (one load per
   // thread), per-split weights exp(m - M) / den by one warp per head, then each output's acc of all
   // splits with independent loads (a loop of dependent L2 loads per output made v2 take 13 us).
@@ -201,10 +207,12 @@ cudaError_t launch_attention(const void* q, const void* k_cache, const void* v_c
                              cudaStream_t stream) {
   const int split = decode_attention_split_rows(L), n_splits = ceil_div(L, split);
   const dim3 grid(n_splits, Hkv, B);
-  decode_attention_kernel<T, DPL><<<grid, kAttnWarps * 32, 0, stream>>>(
-      static_cast<const T*>(q), static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), pos,
-      static_cast<T*>(y), part, counters, H, Hkv, L, Dh, window, 1.0f / sqrtf((float)Dh), split, n_splits);
-  return cudaGetLastError();
+  // a programmatic dependent of the kernel before it (it waits for it first thing), so its launch overlaps
+  // that kernel's tail; it lets the next kernel start early in turn (pdl_launch_dependents)
+  return launch_gemv_kernel(decode_attention_kernel<T, DPL>, grid, dim3(kAttnWarps * 32), 0, stream,
+                            static_cast<const T*>(q), static_cast<const T*>(k_cache),
+                            static_cast<const T*>(v_cache), pos, static_cast<T*>(y), part, counters, H, Hkv, L, Dh,
+                            window, 1.0f / sqrtf((float)Dh), split, n_splits);
 }
 
 template <typename T>
