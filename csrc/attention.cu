@@ -24,17 +24,40 @@ constexpr int kAttnBatch = kAttnWarps * kAttnRows;  // rows per block per batch;
 constexpr int kAttnMaxSplits = 64;  // the last block merges at most this many partials
 constexpr int kAttnMaxRep = 8;  // query heads per KV head
 
-template <typename T, int DPL>
+// REP: query heads per KV head as a compile-time constant (1, 2, 3, 4, 8 at head_dim 64 or 128: every loop over
+// the heads unrolls without a branch, so the score shuffles of all heads and rows interleave), or 0: H / Hkv at
+// run time, loops to kAttnMaxRep with a guard (the score reductions then run head by head behind branches).
+template <typename T, int DPL, int REP>
 __global__ void __launch_bounds__(kAttnWarps * 32)
     decode_attention_kernel(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
                             const int64_t* __restrict__ pos_ptr, T* __restrict__ y, float* __restrict__ part,
                             int* __restrict__ counters, int H, int Hkv, int L, int Dh, int window, float scale,
                             int split, int n_splits) {
-  __shared__ float s_acc[kAttnWarps][kAttnMaxRep][DPL * 32];
-  __shared__ float s_m[kAttnWarps][kAttnMaxRep], s_l[kAttnWarps][kAttnMaxRep];
+  constexpr int NR = REP ? REP : kAttnMaxRep;  // query heads the loops cover
+  __shared__ float s_acc[kAttnWarps][NR][DPL * 32];
+  __shared__ float s_m[kAttnWarps][NR], s_l[kAttnWarps][NR];
   __shared__ int s_last;
   const int s = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
-  const int rep = H / Hkv;
+  const int rep = REP ? REP : H / Hkv;
+  pdl_wait();               // q, pos and the cache row come from the kernel before (launched as its dependent)
+  pdl_launch_dependents();  // the next kernel (the o projection's GEMV) may start loading its weights now
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  // q: every load issued (clamped addresses, no branch) before any is converted, and before pos is known
+  T qraw[NR][DPL];
+#pragma unroll
+  for (int r = 0; r < NR; ++r)
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) {
+      const int d = lane + 32 * i;
+      const int rr = (REP || r < rep) ? r : 0, dd = d < Dh ? d : 0;
+      qraw[r][i] = q[((size_t)b * H + g * rep + rr) * Dh + dd];
+    }
+  float qr[NR][DPL];
+#pragma unroll
+  for (int r = 0; r < NR; ++r)
+#pragma unroll
+    for (int i = 0; i < DPL; ++i)
+      qr[r][i] = ((REP || r < rep) && lane + 32 * i < Dh) ? to_f32(qraw[r][i]) * scale : 0.f;
   const int64_t p64 = pos_ptr[0];
   const int pos = p64 < 0 ? 0 : (p64 >= L ? L - 1 : (int)p64);  // clamped: never reads outside the cache
   const int lo = window > 0 ? max(0, pos - window + 1) : 0;
@@ -42,19 +65,9 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   if (s < first || s > last) return;
   const int n_active = last - first + 1;
   const int j0 = max(lo, s * split), j1 = min(pos, s * split + split - 1);  // inclusive
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-
-  float qr[kAttnMaxRep][DPL];
+  float m[NR], l[NR], acc[NR][DPL];
 #pragma unroll
-  for (int r = 0; r < kAttnMaxRep; ++r)
-#pragma unroll
-    for (int i = 0; i < DPL; ++i) {
-      const int d = lane + 32 * i;
-      qr[r][i] = (r < rep && d < Dh) ? to_f32(q[((size_t)b * H + g * rep + r) * Dh + d]) * scale : 0.f;
-    }
-  float m[kAttnMaxRep], l[kAttnMaxRep], acc[kAttnMaxRep][DPL];
-#pragma unroll
-  for (int r = 0; r < kAttnMaxRep; ++r) {
+  for (int r = 0; r < NR; ++r) {
     m[r] = -INFINITY;
     l[r] = 0.f;
 #pragma unroll
@@ -73,11 +86,11 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
         kr[t][i] = ok ? kc[at] : from_f32<T>(0.f);
         vr[t][i] = ok ? vc[at] : from_f32<T>(0.f);
       }
-    float sc[kAttnRows][kAttnMaxRep];
+    float sc[kAttnRows][NR];
 #pragma unroll
     for (int t = 0; t < kAttnRows; ++t)
 #pragma unroll
-      for (int r = 0; r < kAttnMaxRep; ++r) {
+      for (int r = 0; r < NR; ++r) {
         float acc_s = 0.f;
 #pragma unroll
         for (int i = 0; i < DPL; ++i) acc_s = fmaf(qr[r][i], to_f32(kr[t][i]), acc_s);
@@ -88,11 +101,11 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
 #pragma unroll
       for (int t = 0; t < kAttnRows; ++t)
 #pragma unroll
-        for (int r = 0; r < kAttnMaxRep; ++r)
-          if (r < rep) sc[t][r] += __shfl_xor_sync(0xffffffffu, sc[t][r], off);
+        for (int r = 0; r < NR; ++r)
+          if (REP || r < rep) sc[t][r] += __shfl_xor_sync(0xffffffffu, sc[t][r], off);
 #pragma unroll
-    for (int r = 0; r < kAttnMaxRep; ++r) {
-      if (r >= rep) continue;
+    for (int r = 0; r < NR; ++r) {
+      if (!REP && r >= rep) continue;
       float mx = m[r];
 #pragma unroll
       for (int t = 0; t < kAttnRows; ++t)
@@ -113,8 +126,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
     }
   }
 #pragma unroll
-  for (int r = 0; r < kAttnMaxRep; ++r) {
-    if (r >= rep) continue;
+  for (int r = 0; r < NR; ++r) {
+    if (!REP && r >= rep) continue;
 #pragma unroll
     for (int i = 0; i < DPL; ++i) s_acc[warp][r][lane + 32 * i] = acc[r][i];
     if (lane == 0) {
@@ -151,13 +164,18 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
     }
   }
   if (n_active == 1) return;
-  __threadfence();
+  // Release / acquire as fused_arrive does it: the barrier orders the block's partial stores before thread
+  // 0's acq_rel atomic (no fence in every thread); the last arrival's barrier after it makes the other
+  // blocks' partials visible to all its threads.
   __syncthreads();
   int* counter = counters + (size_t)b * Hkv + g;
-  if (threadIdx.x == 0) s_last = atomicAdd(counter, 1) == n_active - 1;
+  if (threadIdx.x == 0) {
+    int old;
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(old) : "l"(counter) : "memory");
+    s_last = old == n_active - 1;
+  }
   __syncthreads();
   if (!s_last) return;
-  __threadfence();
   // The last block merges the splits: every split's (m, l) into shared memory at once (one load per
   // thread), per-split weights exp(m - M) / den by one warp per head, then each output's acc of all
   // splits with independent loads (a loop of dependent L2 loads per output made v2 take 13 us).
@@ -195,25 +213,35 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   if (threadIdx.x == 0) *counter = 0;
 }
 
-template <typename T, int DPL>
+template <typename T, int DPL, int REP>
 cudaError_t launch_attention(const void* q, const void* k_cache, const void* v_cache, const int64_t* pos, void* y,
                              float* part, int* counters, int B, int H, int Hkv, int L, int Dh, int window,
                              cudaStream_t stream) {
   const int split = decode_attention_split_rows(L), n_splits = ceil_div(L, split);
   const dim3 grid(n_splits, Hkv, B);
-  decode_attention_kernel<T, DPL><<<grid, kAttnWarps * 32, 0, stream>>>(
-      static_cast<const T*>(q), static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), pos,
-      static_cast<T*>(y), part, counters, H, Hkv, L, Dh, window, 1.0f / sqrtf((float)Dh), split, n_splits);
-  return cudaGetLastError();
+  // a programmatic dependent of the kernel before it (it waits for it first thing), so its launch overlaps
+  // that kernel's tail; it lets the next kernel start early in turn (pdl_launch_dependents)
+  return launch_gemv_kernel(decode_attention_kernel<T, DPL, REP>, grid, dim3(kAttnWarps * 32), 0, stream,
+                            static_cast<const T*>(q), static_cast<const T*>(k_cache),
+                            static_cast<const T*>(v_cache), pos, static_cast<T*>(y), part, counters, H, Hkv, L, Dh,
+                            window, 1.0f / sqrtf((float)Dh), split, n_splits);
 }
 
 template <typename T>
 cudaError_t dispatch_attention(const void* q, const void* k_cache, const void* v_cache, const int64_t* pos, void* y,
                                float* part, int* counters, int B, int H, int Hkv, int L, int Dh, int window,
                                cudaStream_t stream) {
-  switch (ceil_div(Dh, 32)) {
+  const int dpl = ceil_div(Dh, 32), rep = H / Hkv;
+#define DD_ATTN_REP(n, r) \
+  if (dpl == n && rep == r) \
+    return launch_attention<T, n, r>(q, k_cache, v_cache, pos, y, part, counters, B, H, Hkv, L, Dh, window, stream);
+  // the common layouts (head_dim 64 / 128; 1, 2, 3, 4 or 8 query heads per KV head) with REP fixed
+  DD_ATTN_REP(2, 1) DD_ATTN_REP(2, 2) DD_ATTN_REP(2, 3) DD_ATTN_REP(2, 4) DD_ATTN_REP(2, 8)
+  DD_ATTN_REP(4, 1) DD_ATTN_REP(4, 2) DD_ATTN_REP(4, 3) DD_ATTN_REP(4, 4) DD_ATTN_REP(4, 8)
+#undef DD_ATTN_REP
+  switch (dpl) {
 #define DD_ATTN(n) \
-  case n: return launch_attention<T, n>(q, k_cache, v_cache, pos, y, part, counters, B, H, Hkv, L, Dh, window, stream);
+  case n: return launch_attention<T, n, 0>(q, k_cache, v_cache, pos, y, part, counters, B, H, Hkv, L, Dh, window, stream);
     DD_ATTN(1) DD_ATTN(2) DD_ATTN(3) DD_ATTN(4) DD_ATTN(5) DD_ATTN(6) DD_ATTN(7) DD_ATTN(8)
 #undef DD_ATTN
     default: return cudaErrorInvalidValue;

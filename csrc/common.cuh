@@ -193,6 +193,15 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
+// Lets the next kernel in the stream, if launched as a programmatic dependent, start now: its blocks
+// are scheduled and run up to their pdl_wait(), which still returns only when this kernel has completed
+// and its writes are visible. A kernel calls it once all its own blocks are resident work.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // On by default where the device supports it (compute capability >= 9); DECDEC_PDL=0 turns it off
 // (same-process A/B: scripts set pdl_enabled() directly).
 inline bool& pdl_enabled() {
