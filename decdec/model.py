@@ -330,10 +330,9 @@ class Transformer(nn.Module):
 
     def choose_attention(self, mode: str, device: torch.device) -> str:
         """Apply ``Config.attention`` and return what decode steps use ("kernel" or "sdpa"). ``auto`` takes the
-        kernel on CUDA where the heads allow it: a synthetic Llama-3-8B ap w3 decode of 128 tokens was 1.5 % and
-        2.5 % faster with it than with SDPA in two same-run H200 A/Bs, though a 64-step profile had SDPA ahead
-        (docs/PERF.md, session 6, an open question). On the CPU the op is the pure-PyTorch reference, so ``auto``
-        keeps SDPA there."""
+        kernel on CUDA where the heads allow it: a synthetic Llama-3-8B ap w3 decode on an H200 ran at 393.6
+        tokens/s with it against 350.0 with SDPA over 128 tokens, and 384.3 against 302.9 over 512 (same run,
+        docs/PERF.md, session 7). On the CPU the op is the pure-PyTorch reference, so ``auto`` keeps SDPA there."""
         if mode not in ("auto", "kernel", "sdpa"):  # decdec.config.ATTENTIONS (not imported: it pulls in Hydra)
             raise ValueError(f"attention={mode!r}; choose auto, kernel or sdpa")
         on = mode == "kernel" or (mode == "auto" and device.type == "cuda" and self.decode_attention_supported())
