@@ -156,7 +156,7 @@ __global__ void __launch_bounds__(kThreads, BITS >= 4 ? 3 : 4)
   for (int off = KL / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
   if (kl == 0) red[warp][rr] = acc;
   __syncthreads();
-  float* gpart = fused.on() ? fused.gpart + (size_t)m * out : nullptr;
+  float* gpart = fused.gpart ? fused.gpart + (size_t)m * out : nullptr;
   for (int i = threadIdx.x; i < RB; i += kThreads) {
     const int r = row0 + i;
     if (r >= out) continue;
@@ -304,7 +304,7 @@ __global__ void __launch_bounds__(kThreads, 4)
   for (int off = KL / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
   if (kl == 0) red[warp][rr] = acc;
   __syncthreads();
-  float* gpart = fused.on() ? fused.gpart + (size_t)m * out : nullptr;
+  float* gpart = fused.gpart ? fused.gpart + (size_t)m * out : nullptr;
   for (int i = threadIdx.x; i < RB; i += kThreads) {
     const int r = row0 + i;
     if (r >= out) continue;
@@ -404,7 +404,7 @@ __global__ void __launch_bounds__(kStreamThreads, stream_blocks_per_sm<R>())
   stage_x_swizzled<kStreamThreads>(x + (size_t)m * in, in, xs);
   __syncthreads();
 
-  float* gpart = fused.on() ? fused.gpart + (size_t)m * out : nullptr;
+  float* gpart = fused.gpart ? fused.gpart + (size_t)m * out : nullptr;
   // chunk 16g + j of group g sits at 16g + (j ^ (g & 7)), and g & 7 == lane & 7 for every item
   const uint32_t xs_base = (uint32_t)__cvta_generic_to_shared(xs);
   const uint32_t swz = 16u * (uint32_t)(lane & 7);
@@ -609,7 +609,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
     compute(bufB, j + 1);
   }
   __syncthreads();
-  float* gpart = fused.on() ? fused.gpart + (size_t)m * out : nullptr;
+  float* gpart = fused.gpart ? fused.gpart + (size_t)m * out : nullptr;
   for (int r = threadIdx.x; r < r1 - r0; r += kMmaThreads) {
     const float4 a = *reinterpret_cast<const float4*>(red + r * kMmaWarps);
     const float4 b = *reinterpret_cast<const float4*>(red + r * kMmaWarps + 4);
@@ -699,7 +699,7 @@ int mma_block_rows(int out, int reserve) {
 
 cudaError_t launch_mma(const void* x, const uint32_t* qw, const void* lut, void* y, int M, int in, int out,
                        const Fused& fused, cudaStream_t stream) {
-  const int br = mma_block_rows(out, fused.on() ? fused.reserve_blocks : 0);
+  const int br = mma_block_rows(out, fused.reserve_blocks);
   const size_t smem = (size_t)in * sizeof(__half) + (size_t)br * kMmaWarps * sizeof(float);
   const cudaError_t err = allow_smem(ap3_gemv_mma_kernel, smem);
   if (err != cudaSuccess) return err;
@@ -725,7 +725,7 @@ int stream_block_rows(int out, int reserve) {
 template <int R>
 cudaError_t launch_stream(const void* x, const uint32_t* qw, const void* lut, void* y, int M, int in, int out,
                           const Fused& fused, cudaStream_t stream) {
-  const int br = stream_block_rows(out, fused.on() ? fused.reserve_blocks : 0);
+  const int br = stream_block_rows(out, fused.reserve_blocks);
   const size_t smem = (size_t)in * sizeof(__half);
   const cudaError_t err = allow_smem(ap3_gemv_stream_kernel<R>, smem);
   if (err != cudaSuccess) return err;

@@ -143,7 +143,8 @@ int cached_max_blocks(int dev, int in, int out, int k_chunk, int n_tb) {
   return mb;
 }
 
-void check_dec(const at::Tensor& x, const at::Tensor& q_residual, const at::Tensor& scales, const at::Tensor& bounds,
+// scales: nullptr for the parts ops (they return unscaled partials)
+void check_dec(const at::Tensor& x, const at::Tensor& q_residual, const at::Tensor* scales, const at::Tensor& bounds,
                int64_t k_chunk, int64_t n_tb, int out, int in) {
   DD_CHECK(out % 8 == 0, "decdec: DEC needs out % 8 == 0, got out=", out);
   DD_CHECK(q_residual.dim() == 2 && q_residual.size(0) == in && q_residual.size(1) == out / 8,
@@ -151,8 +152,10 @@ void check_dec(const at::Tensor& x, const at::Tensor& q_residual, const at::Tens
   DD_CHECK(q_residual.is_cuda(), "decdec: q_residual must be a CUDA tensor (pinned host memory from "
               "decdec.ops.place_residual, or device memory), got device ", q_residual.device());
   check_tensor(q_residual, "q_residual", x.device(), at::kInt);
-  DD_CHECK(scales.dim() == 1 && scales.size(0) == out, "decdec: scales must be [", out, "], got ", scales.sizes());
-  check_tensor(scales, "scales", x.device(), x.scalar_type());
+  if (scales) {
+    DD_CHECK(scales->dim() == 1 && scales->size(0) == out, "decdec: scales must be [", out, "], got ", scales->sizes());
+    check_tensor(*scales, "scales", x.device(), x.scalar_type());
+  }
   DD_CHECK(bounds.dim() == 1 && bounds.size(0) == 2, "decdec: bounds must be [2], got ", bounds.sizes());
   check_tensor(bounds, "bounds", x.device(), at::kFloat);
   DD_CHECK(k_chunk >= 0 && k_chunk <= 1024, "decdec: k_chunk must be in 0..1024, got ", k_chunk);
@@ -258,7 +261,7 @@ at::Tensor dec_cuda(const at::Tensor& x, const at::Tensor& q_residual, const at:
   check_x(x);
   DD_CHECK(scales.dim() == 1, "decdec: scales must be [out], got ", scales.sizes());
   const int out = i32(scales.size(0), "out"), in = i32(x.size(1), "in");
-  check_dec(x, q_residual, scales, bounds, k_chunk, n_tb, out, in);
+  check_dec(x, q_residual, &scales, bounds, k_chunk, n_tb, out, in);
   c10::cuda::CUDAGuard guard(x.device());
   const int M = (int)x.size(0);
   if (k_chunk == 0 || M == 0) return at::zeros({x.size(0), out}, x.options());
@@ -320,11 +323,73 @@ at::Tensor fused(const at::Tensor& x, const at::Tensor& q_residual, const at::Te
   return y;
 }
 
+// Parts mode (kernels.h `Fused`): the same fork/join, but the GEMV writes its fp32 result to parts[0] and DEC
+// its unscaled chunk partials to parts[1 + c]; no combine runs. parts [1 + P, M, out] fp32; the caller adds
+// parts[0] + scales * parts[1:].sum(0) (decdec.reference.combine_dec_parts).
+template <typename Gemv>
+at::Tensor fused_parts(const at::Tensor& x, const at::Tensor& q_residual, const at::Tensor& bounds, int64_t k_chunk,
+                       int64_t n_tb, int in, int out, Gemv&& gemv) {
+  const int dev = x.get_device();
+  const int M = (int)x.size(0);
+  const int parts = decdec::dec_parts(in);
+  auto acc = at::empty({(int64_t)1 + parts, M, out}, x.options().dtype(at::kFloat));
+  if (M == 0 || out == 0) return acc;
+  auto main = at::cuda::getCurrentCUDAStream();
+  decdec::Fused f;
+  f.gpart = acc.data_ptr<float>();
+  if (k_chunk == 0) {  // no DEC: the GEMV alone, zero partials
+    acc.narrow(0, 1, parts).zero_();
+    cuda_ok(gemv(f, main.stream()), "base GEMV launch (parts)");
+    return acc;
+  }
+  f.dpart = f.gpart + (size_t)M * out;
+  f.dec_slice = decdec::dec_slice_size(in, out, (int)n_tb);
+  f.dec_parts = parts;
+  f.n_tokens = M;
+  f.reserve_blocks = (int)n_tb;
+  auto side = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, dev);
+  auto& ev = fork_join(dev);
+  ev.fork.record(main);
+  ev.fork.block(side);
+  cuda_ok(decdec::dec(dtype_of(x), x.data_ptr(), reinterpret_cast<const uint32_t*>(q_residual.data_ptr()), nullptr,
+                      bounds.data_ptr<float>(), M, in, out, (int)k_chunk, (int)n_tb, f, side.stream()),
+          "dec launch (parts)");
+  cuda_ok(gemv(f, main.stream()), "base GEMV launch (parts)");
+  ev.join.record(side);
+  ev.join.block(main);
+  return acc;
+}
+
+at::Tensor ap_gemv_dec_parts_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& lut,
+                                  const at::Tensor& q_residual, const at::Tensor& bounds, int64_t k_chunk,
+                                  int64_t n_tb) {
+  const Ap s = check_ap(x, qweight, lut);
+  check_dec(x, q_residual, nullptr, bounds, k_chunk, n_tb, s.out, s.in);
+  c10::cuda::CUDAGuard guard(x.device());
+  return fused_parts(x, q_residual, bounds, k_chunk, n_tb, s.in, s.out, [&](const decdec::Fused& f, cudaStream_t st) {
+    return decdec::ap_gemv(dtype_of(x), x.data_ptr(), reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
+                           lut.data_ptr(), nullptr, (int)x.size(0), s.in, s.out, s.bits, f, st);
+  });
+}
+
+at::Tensor lutgemm_gemv_dec_parts_cuda(const at::Tensor& x, const at::Tensor& binary, const at::Tensor& alpha,
+                                       const at::Tensor& q_bias, const at::Tensor& q_residual,
+                                       const at::Tensor& bounds, int64_t k_chunk, int64_t n_tb) {
+  const Lg s = check_lutgemm(x, binary, alpha, q_bias);
+  check_dec(x, q_residual, nullptr, bounds, k_chunk, n_tb, s.out, s.in);
+  c10::cuda::CUDAGuard guard(x.device());
+  return fused_parts(x, q_residual, bounds, k_chunk, n_tb, s.in, s.out, [&](const decdec::Fused& f, cudaStream_t st) {
+    return decdec::lutgemm_gemv(dtype_of(x), x.data_ptr(), reinterpret_cast<const uint32_t*>(binary.data_ptr()),
+                                alpha.data_ptr(), q_bias.data_ptr(), nullptr, (int)x.size(0), s.in, s.out, s.bits,
+                                s.group, f, st);
+  });
+}
+
 at::Tensor ap_gemv_dec_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& lut,
                             const at::Tensor& q_residual, const at::Tensor& scales, const at::Tensor& bounds,
                             int64_t k_chunk, int64_t n_tb) {
   const Ap s = check_ap(x, qweight, lut);
-  check_dec(x, q_residual, scales, bounds, k_chunk, n_tb, s.out, s.in);
+  check_dec(x, q_residual, &scales, bounds, k_chunk, n_tb, s.out, s.in);
   if (k_chunk == 0) return ap_gemv_cuda(x, qweight, lut);  // no DEC: bit-identical to ap_gemv
   c10::cuda::CUDAGuard guard(x.device());
   return fused(x, q_residual, scales, bounds, k_chunk, n_tb, s.in, s.out,
@@ -339,7 +404,7 @@ at::Tensor lutgemm_gemv_dec_cuda(const at::Tensor& x, const at::Tensor& binary, 
                                  const at::Tensor& q_bias, const at::Tensor& q_residual, const at::Tensor& scales,
                                  const at::Tensor& bounds, int64_t k_chunk, int64_t n_tb) {
   const Lg s = check_lutgemm(x, binary, alpha, q_bias);
-  check_dec(x, q_residual, scales, bounds, k_chunk, n_tb, s.out, s.in);
+  check_dec(x, q_residual, &scales, bounds, k_chunk, n_tb, s.out, s.in);
   if (k_chunk == 0) return lutgemm_gemv_cuda(x, binary, alpha, q_bias);
   c10::cuda::CUDAGuard guard(x.device());
   return fused(x, q_residual, scales, bounds, k_chunk, n_tb, s.in, s.out,
@@ -448,6 +513,8 @@ TORCH_LIBRARY_IMPL(decdec, CUDA, m) {
   m.impl("dec", &dec_cuda);
   m.impl("ap_gemv_dec", &ap_gemv_dec_cuda);
   m.impl("lutgemm_gemv_dec", &lutgemm_gemv_dec_cuda);
+  m.impl("ap_gemv_dec_parts", &ap_gemv_dec_parts_cuda);
+  m.impl("lutgemm_gemv_dec_parts", &lutgemm_gemv_dec_parts_cuda);
   m.impl("decode_attention", &decode_attention_cuda);
 }
 

@@ -305,7 +305,7 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       DEC_PROBE(3);
-      fused_arrive<T>(f, m, o_lo / f.tile_rows, (o_hi - 1) / f.tile_rows + 1, out, S.flags);
+      if (f.on()) fused_arrive<T>(f, m, o_lo / f.tile_rows, (o_hi - 1) / f.tile_rows + 1, out, S.flags);
       DEC_PROBE(4);
       __syncthreads();  // S.list / accs reused by the next unit
     }

@@ -25,6 +25,10 @@ enum class DType : int { F16 = 0, BF16 = 1 };
 // the counter to 0. So no memset is needed, nothing spins (no deadlock whatever the residency), and
 // y is rounded once, as in the reference. `counters` must be zero on entry; they are zero on exit.
 // Standalone DEC uses the same protocol with gpart == nullptr and tiles = its slices.
+// Parts mode (ap_gemv_dec_parts / lutgemm_gemv_dec_parts): counters == nullptr. The GEMV writes its fp32
+// result to gpart, DEC its chunk partials to dpart, nobody combines: the caller adds
+// gpart + scale * sum(dpart), which a compiled decode step fuses into the next pointwise kernel, so
+// neither the GEMV nor DEC pays the combine's atomics and L2 round trips.
 struct Fused {
   float* gpart = nullptr;   // [M, out] base GEMV partial (nullptr: DEC alone)
   float* dpart = nullptr;   // [dec_parts][M][out] DEC partials, one per 1024-channel chunk
@@ -36,7 +40,8 @@ struct Fused {
   int n_tokens = 0;         // M
   const void* dec_scales = nullptr;  // [out] residual scales (x's dtype): y = gemv + scale * sum(dec)
   int reserve_blocks = 0;   // SM slots the concurrent DEC blocks take (the GEMV grid leaves them)
-  DECDEC_HD bool on() const { return counters != nullptr; }
+  DECDEC_HD bool on() const { return counters != nullptr; }            // the combine protocol runs
+  DECDEC_HD bool concurrent() const { return gpart != nullptr || dpart != nullptr; }  // GEMV beside DEC
 };
 
 // ---- ap (bit-planes + per-row LUT). qweight [bits, out, in/32] int32, lut [out, 2^bits].

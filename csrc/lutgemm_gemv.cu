@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(kThreads, 3)
 
   red[warp][lane] = acc;
   __syncthreads();
-  float* gpart = fused.on() ? fused.gpart + (size_t)m * out : nullptr;
+  float* gpart = fused.gpart ? fused.gpart + (size_t)m * out : nullptr;
   for (int i = threadIdx.x; i < RB; i += kThreads) {
     const int r = row0 + i;
     if (r >= out) continue;
@@ -254,7 +254,7 @@ __global__ void __launch_bounds__(kPThreads, 3)
   acc += __shfl_xor_sync(0xffffffffu, acc, 16);  // the warp's two word streams of the same row
   if (half == 0) red[warp][hl] = acc;
   __syncthreads();
-  float* gpart = fused.on() ? fused.gpart + (size_t)m * out : nullptr;
+  float* gpart = fused.gpart ? fused.gpart + (size_t)m * out : nullptr;
   if (threadIdx.x < kPRows) {
     float sum = 0.f;
 #pragma unroll

@@ -3,8 +3,9 @@
 ``QuantLinear`` replaces a projection (``wqkv``, ``wo``, ``w1w3``, ``w2``) of the model:
 
 * prefill (more than one token): dequantize + matmul, no DEC (DESIGN.md §1);
-* decode (one token): the backend's GEMV, fused with DEC when ``k_chunk > 0``
-  (``torch.ops.decdec.{ap,lutgemm}_gemv_dec``: DEC runs beside the GEMV on the GPU).
+* decode (one token): the backend's GEMV, with DEC beside it when ``k_chunk > 0``
+  (``torch.ops.decdec.{ap,lutgemm}_gemv_dec_parts``: DEC runs concurrently with the GEMV on the GPU; the
+  combine GEMV + scale * DEC is a pointwise op the compiled step fuses into the next kernel).
 
 DEC state (residual, scales, thresholds, ``k_chunk``, ``n_tb``, bucket bounds) lives in one
 ``DecState`` per linear. The residual is *not* a buffer: ``.to(device)`` never moves it to the
@@ -155,12 +156,25 @@ class QuantLinear(nn.Module):
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:
         d = self.dec
-        if self.backend == "ap":
-            if d is None or d.k_chunk == 0:
-                return torch.ops.decdec.ap_gemv(x, self.qweight, self.lut)
-            return torch.ops.decdec.ap_gemv_dec(x, self.qweight, self.lut, d.q_residual, d.scales, d.bounds,
-                                                d.k_chunk, d.n_tb)
         if d is None or d.k_chunk == 0:
+            return self.decode_kernels(x)
+        # DEC beside the GEMV; the combine (GEMV + scale * DEC) is a pointwise op that a compiled step fuses into
+        # the kernel consuming this projection's output (RoPE, the residual add, SiLU x up), so neither kernel
+        # pays the in-kernel combine's atomics and L2 round trips (docs/PERF.md, session 7)
+        return reference.combine_dec_parts(self.decode_kernels(x), d.scales, x.dtype)
+
+    def decode_kernels(self, x: torch.Tensor) -> torch.Tensor:
+        """The decode op of this linear for x [M, in]: the GEMV ([M, out], DEC off), or GEMV || DEC as parts
+        ([1 + P, M, out] fp32, before the combine). What the tuner times: in a compiled decode step the combine
+        runs inside the next pointwise kernel."""
+        d = self.dec
+        on = d is not None and d.k_chunk > 0
+        if self.backend == "ap":
+            if not on:
+                return torch.ops.decdec.ap_gemv(x, self.qweight, self.lut)
+            return torch.ops.decdec.ap_gemv_dec_parts(x, self.qweight, self.lut, d.q_residual, d.bounds, d.k_chunk,
+                                                      d.n_tb)
+        if not on:
             return torch.ops.decdec.lutgemm_gemv(x, self.binary, self.alpha, self.q_bias)
-        return torch.ops.decdec.lutgemm_gemv_dec(x, self.binary, self.alpha, self.q_bias, d.q_residual, d.scales,
-                                                 d.bounds, d.k_chunk, d.n_tb)
+        return torch.ops.decdec.lutgemm_gemv_dec_parts(x, self.binary, self.alpha, self.q_bias, d.q_residual,
+                                                       d.bounds, d.k_chunk, d.n_tb)

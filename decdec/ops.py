@@ -10,6 +10,9 @@ Shapes (``M`` tokens, ``b`` bits): ``x [M, in]``; ap ``qweight [b, out, in/32] i
 ``q_bias [n_groups, out]`` (group = in / n_groups, 128 by default); DEC ``q_residual [in, out/8] int32``, ``scales [out]``,
 ``bounds [2] fp32`` (``a, b`` of DESIGN.md §2). Every GEMV returns ``[M, out]`` in ``x.dtype``.
 ``n_tb`` is the DEC kernel's thread-block count; the CPU kernels accept and ignore it.
+``{ap,lutgemm}_gemv_dec_parts`` run the same two kernels concurrently but return ``[1 + P, M, out] fp32`` (the GEMV,
+then DEC's unscaled sums per 1024-channel chunk) and leave the combine to the caller
+(``reference.combine_dec_parts``), which a compiled decode step fuses into the next pointwise kernel.
 ``decode_attention``: ``q [B, H, Dh]``, ``k_cache``/``v_cache [>= B, Hkv, L, Dh]``, ``pos [1] int64`` (read
 on the device, so a recorded graph serves every step), ``window`` (0 = none) -> ``[B, H * Dh]``.
 """
@@ -37,6 +40,14 @@ _SCHEMAS = {
     "lutgemm_gemv_dec": (
         "lutgemm_gemv_dec(Tensor x, Tensor binary, Tensor alpha, Tensor q_bias, Tensor q_residual,"
         " Tensor scales, Tensor bounds, int k_chunk, int n_tb) -> Tensor"
+    ),
+    "ap_gemv_dec_parts": (
+        "ap_gemv_dec_parts(Tensor x, Tensor qweight, Tensor lut, Tensor q_residual, Tensor bounds, int k_chunk,"
+        " int n_tb) -> Tensor"
+    ),
+    "lutgemm_gemv_dec_parts": (
+        "lutgemm_gemv_dec_parts(Tensor x, Tensor binary, Tensor alpha, Tensor q_bias, Tensor q_residual,"
+        " Tensor bounds, int k_chunk, int n_tb) -> Tensor"
     ),
     "decode_attention": "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, int window) -> Tensor",
 }
@@ -78,12 +89,14 @@ def _lutgemm_shape(binary: torch.Tensor, alpha: torch.Tensor, q_bias: torch.Tens
 
 
 def _check_dec(q_residual, scales, bounds, k_chunk, n_tb, out, in_features) -> None:
+    """scales: None for the parts ops (they return unscaled sums)."""
     torch._check(out % 8 == 0, lambda: f"DEC needs out % 8 == 0 (8 nibbles per residual word), got out={out}")
     torch._check(
         q_residual.shape == (in_features, out // 8) and q_residual.dtype == torch.int32,
         lambda: f"q_residual must be [{in_features}, {out // 8}] int32, got {tuple(q_residual.shape)} {q_residual.dtype}",
     )
-    torch._check(scales.shape == (out,), lambda: f"scales must be [{out}], got {tuple(scales.shape)}")
+    if scales is not None:
+        torch._check(scales.shape == (out,), lambda: f"scales must be [{out}], got {tuple(scales.shape)}")
     torch._check(bounds.shape == (2,), lambda: f"bounds must be [2], got {tuple(bounds.shape)}")
     torch._check(0 <= k_chunk <= 1024, lambda: f"k_chunk must be in 0..1024, got {k_chunk}")
     torch._check(n_tb >= 1, lambda: f"n_tb must be >= 1, got {n_tb}")
@@ -165,6 +178,27 @@ def _(x, binary, alpha, q_bias, q_residual, scales, bounds, k_chunk, n_tb):
     return _empty_out(x, out)
 
 
+def dec_parts_count(in_features: int) -> int:
+    """P: DEC's chunk partials in a parts op's output (one per 1024 input channels)."""
+    return -(-in_features // reference.CHUNK)
+
+
+@torch.library.register_fake("decdec::ap_gemv_dec_parts")
+def _(x, qweight, lut, q_residual, bounds, k_chunk, n_tb):
+    out, n = _ap_shape(qweight, lut)
+    _check_x(x, n)
+    _check_dec(q_residual, None, bounds, k_chunk, n_tb, out, n)
+    return x.new_empty((1 + dec_parts_count(n), x.shape[0], out), dtype=torch.float32)
+
+
+@torch.library.register_fake("decdec::lutgemm_gemv_dec_parts")
+def _(x, binary, alpha, q_bias, q_residual, bounds, k_chunk, n_tb):
+    out, n = _lutgemm_shape(binary, alpha, q_bias)
+    _check_x(x, n)
+    _check_dec(q_residual, None, bounds, k_chunk, n_tb, out, n)
+    return x.new_empty((1 + dec_parts_count(n), x.shape[0], out), dtype=torch.float32)
+
+
 # ---------------------------------------------------------------------------- CPU kernels = reference
 @torch.library.impl(_lib, "ap_gemv", "CPU")
 def _(x, qweight, lut):
@@ -213,6 +247,22 @@ def _(x, binary, alpha, q_bias, q_residual, scales, bounds, k_chunk, n_tb):
     _check_x(x, n)
     _check_dec(q_residual, scales, bounds, k_chunk, n_tb, out, n)
     return reference.lutgemm_gemv_dec(x, binary, alpha, q_bias, q_residual, scales, bounds, k_chunk)
+
+
+@torch.library.impl(_lib, "ap_gemv_dec_parts", "CPU")
+def _(x, qweight, lut, q_residual, bounds, k_chunk, n_tb):
+    out, n = _ap_shape(qweight, lut)
+    _check_x(x, n)
+    _check_dec(q_residual, None, bounds, k_chunk, n_tb, out, n)
+    return reference.ap_gemv_dec_parts(x, qweight, lut, q_residual, bounds, k_chunk)
+
+
+@torch.library.impl(_lib, "lutgemm_gemv_dec_parts", "CPU")
+def _(x, binary, alpha, q_bias, q_residual, bounds, k_chunk, n_tb):
+    out, n = _lutgemm_shape(binary, alpha, q_bias)
+    _check_x(x, n)
+    _check_dec(q_residual, None, bounds, k_chunk, n_tb, out, n)
+    return reference.lutgemm_gemv_dec_parts(x, binary, alpha, q_bias, q_residual, bounds, k_chunk)
 
 
 @torch.library.impl(_lib, "decode_attention", "CPU")

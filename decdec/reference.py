@@ -158,6 +158,43 @@ def lutgemm_gemv_dec(x, binary, alpha, q_bias, q_residual, scales, bounds, k_chu
     return y.to(x.dtype)
 
 
+def dec_chunk_parts(x: torch.Tensor, q_residual: torch.Tensor, bounds: torch.Tensor, k_chunk: int) -> torch.Tensor:
+    """DEC's unscaled per-chunk sums ``sum_{j in S, j in chunk c} x_j * (nibble_rj - 8)``: [P, M, out] fp32,
+    P = ceil(in / 1024) (zeros where k_chunk == 0 or a chunk's quota is 0)."""
+    m, n = x.shape
+    out = q_residual.shape[1] * 8
+    p = -(-n // CHUNK)
+    parts = torch.zeros(p, m, out, dtype=torch.float32, device=x.device)
+    if k_chunk == 0:
+        return parts
+    mask = select_channels(x, bounds, k_chunk)
+    ones = torch.ones(out, dtype=torch.float32, device=x.device)
+    for c in range(p):
+        mc = torch.zeros_like(mask)
+        mc[:, c * CHUNK:(c + 1) * CHUNK] = mask[:, c * CHUNK:(c + 1) * CHUNK]
+        if mc.any():
+            parts[c] = dec_residual_masked(x, mc, q_residual, ones)
+    return parts
+
+
+def ap_gemv_dec_parts(x, qweight, lut, q_residual, bounds, k_chunk):
+    """[1 + P, M, out] fp32: the base GEMV (fp32, not rounded), then DEC's unscaled chunk sums."""
+    w = ap_dequant(qweight, lut.to(torch.float32))
+    return torch.cat([(x.to(torch.float32) @ w.t())[None], dec_chunk_parts(x, q_residual, bounds, k_chunk)])
+
+
+def lutgemm_gemv_dec_parts(x, binary, alpha, q_bias, q_residual, bounds, k_chunk):
+    w = lutgemm_dequant(binary, alpha.to(torch.float32), q_bias.to(torch.float32))
+    return torch.cat([(x.to(torch.float32) @ w.t())[None], dec_chunk_parts(x, q_residual, bounds, k_chunk)])
+
+
+def combine_dec_parts(parts: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """y = GEMV + scale * (sum of DEC's chunk sums), rounded once to ``dtype``: parts [1 + P, M, out] -> [M, out].
+    Pointwise over (M, out) with a fixed-order sum over P, so a compiled decode step fuses it into the next
+    pointwise kernel."""
+    return (parts[0] + parts[1:].sum(0) * scales.to(torch.float32)).to(dtype)
+
+
 # ---------------------------------------------------------------------------- selection ablations
 def _per_chunk_topk(scores: torch.Tensor, k_chunk: int) -> torch.Tensor:
     """scores [M, in] -> mask [M, in] of the floor(k_chunk*L/1024) highest scores of every chunk

@@ -3,7 +3,8 @@
 For each Llama-3-8B projection shape, graph-timed (decdec.timing.graph_seconds, weights rotating over
 >= 4x the L2): the ap 3-bit GEMV alone, DEC alone and the fused DEC || GEMV op, for a few k_chunk and
 n_tb. `hidden` = (GEMV + DEC - fused) / min(GEMV, DEC): 1 when the shorter one is fully hidden, 0 when
-the two run one after the other.
+the two run one after the other. `parts`: the same two kernels without the in-kernel combine
+(ap_gemv_dec_parts; the decode step adds them inside its next pointwise kernel).
 
     python scripts/fused_overlap.py [--k 1 4 8] [--n-tb 8 32 132] [--out DIR]
     DECDEC_PDL=0 python scripts/fused_overlap.py      # programmatic dependent launch off
@@ -63,13 +64,16 @@ def main() -> None:
                 t_dec = us(lambda i: torch.ops.decdec.dec(xs[i % 8], q_res, scales, bounds, k, ntb))
                 t_fused = us(lambda i: torch.ops.decdec.ap_gemv_dec(xs[i % 8], qws[i % c], luts[i % c], q_res, scales,
                                                                    bounds, k, ntb))
+                t_parts = us(lambda i: torch.ops.decdec.ap_gemv_dec_parts(xs[i % 8], qws[i % c], luts[i % c], q_res,
+                                                                         bounds, k, ntb))
                 hidden = (t_gemv + t_dec - t_fused) / min(t_gemv, t_dec)
                 rows.append({"shape": f"{n}x{out}", "k_chunk": k, "n_tb": ntb, "pdl": int(pdl), "gemv_us": t_gemv,
                              "dec_us": t_dec, "fused_us": t_fused, "slowdown_pct": (t_fused / t_gemv - 1) * 100,
-                             "hidden": hidden})
+                             "hidden": hidden, "parts_us": t_parts, "parts_slowdown_pct": (t_parts / t_gemv - 1) * 100})
                 r = rows[-1]
                 print(f"pdl={int(pdl)} {r['shape']:>10} k={k:2d} n_tb={ntb:3d}: gemv {t_gemv:6.2f} us, dec {t_dec:6.2f}, "
-                      f"fused {t_fused:6.2f} ({r['slowdown_pct']:+6.1f} %), hidden {hidden:5.2f}", flush=True)
+                      f"fused {t_fused:6.2f} ({r['slowdown_pct']:+6.1f} %), hidden {hidden:5.2f}; "
+                      f"parts {t_parts:6.2f} ({r['parts_slowdown_pct']:+6.1f} %)", flush=True)
         del qws, luts, q_res
         torch.cuda.empty_cache()
     a.out.mkdir(parents=True, exist_ok=True)

@@ -286,6 +286,54 @@ def test_fused(shape, backend, dtype):
                 prev = y
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ["ap", "lutgemm"])
+@pytest.mark.parametrize("shape", LLAMA + PHI3[3:] + SMALL, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_fused_parts(shape, backend, dtype):
+    """GEMV || DEC without the in-kernel combine: parts[0] is the GEMV in fp32, parts[1 + c] chunk c's unscaled DEC
+    sum; combined they equal the fused op's reference, deterministically."""
+    n, out = shape
+    x, base, w, qr, scales, q, fused, plain = _fused_case(backend, n, out, 3, dtype, n + out + 5)
+    op = torch.ops.decdec.ap_gemv_dec_parts if backend == "ap" else torch.ops.decdec.lutgemm_gemv_dec_parts
+    n_parts = -(-n // 1024)
+    gemv = x.float() @ w.t()
+    res = (formats.unpack_residual(q).float() * scales.float()[:, None]).t()  # [in, out], scaled
+    for k_chunk in (0, 4, 32):
+        bounds = make_bounds(x, k_chunk)
+        mask = _C.dec_select(x, bounds, k_chunk) if k_chunk else None
+        for n_tb in sorted({1, 16, SMS}):
+            prev = None
+            for _ in range(2):
+                parts = op(x, *base, qr, bounds, k_chunk, n_tb)
+                assert parts.shape == (1 + n_parts, 1, out) and parts.dtype == torch.float32
+                what = f"{backend}_gemv_dec_parts {shape} k={k_chunk} n_tb={n_tb}"
+                close(parts[0].to(dtype), gemv, what + " gemv part")
+                if k_chunk == 0:
+                    assert not parts[1:].any(), what + ": DEC parts must be zero"
+                    continue
+                xm = x.float() * mask
+                dec = xm @ res
+                close((parts[1:].sum(0) * scales.float()).to(dtype), dec, what + " DEC parts", rel=2.0)
+                for c in range(n_parts) if prev is None else ():  # chunk c's part holds only chunk c's channels
+                    sl = slice(c * 1024, (c + 1) * 1024)
+                    close((parts[1 + c] * scales.float()).to(dtype), xm[:, sl] @ res[sl], what + f" chunk {c}", rel=2.0)
+                y = reference.combine_dec_parts(parts, scales, dtype)
+                close(y, gemv + dec, what + " combined")
+                if prev is not None:
+                    assert torch.equal(parts, prev), what + " not deterministic"
+                prev = parts
+
+
+def test_fused_parts_multi_token():
+    x, base, w, qr, scales, q, _, _ = _fused_case("ap", 4096, 1024, 3, torch.float16, 79)
+    x = make_x(5, 4096, torch.float16, 80)
+    bounds = make_bounds(x, 8)
+    parts = torch.ops.decdec.ap_gemv_dec_parts(x, *base, qr, bounds, 8, 24)
+    mask = _C.dec_select(x, bounds, 8)
+    y = reference.combine_dec_parts(parts, scales, torch.float16)
+    close(y, x.float() @ w.t() + dec_from_mask(x, mask, q, scales), "parts M=5")
+
+
 def test_fused_multi_token():
     x, base, w, qr, scales, q, fused, _ = _fused_case("ap", 4096, 1024, 4, torch.float16, 77)
     x = make_x(5, 4096, torch.float16, 78)
@@ -349,6 +397,8 @@ def test_opcheck():
         "dec": (x, qr, scales, bounds, 8, 4),
         "ap_gemv_dec": (x, qw, lut, qr, scales, bounds, 8, 4),
         "lutgemm_gemv_dec": (x, b, a, qb, qr, scales, bounds, 8, 4),
+        "ap_gemv_dec_parts": (x, qw, lut, qr, bounds, 8, 4),
+        "lutgemm_gemv_dec_parts": (x, b, a, qb, qr, bounds, 8, 4),
     }
     for name, args in cases.items():
         torch.library.opcheck(getattr(torch.ops.decdec, name).default, args)
@@ -358,7 +408,8 @@ def _decode_step(x, qw, lut, b, a, qb, qr, scales, bounds):
     y1 = torch.ops.decdec.ap_gemv_dec(x, qw, lut, qr, scales, bounds, 8, 8)
     y2 = torch.ops.decdec.lutgemm_gemv_dec(x, b, a, qb, qr, scales, bounds, 8, 8)
     y3 = torch.ops.decdec.dec(x, qr, scales, bounds, 8, 8)
-    return y1 + y2.float().sum() * 0 + y3 * 0, y2
+    y4 = reference.combine_dec_parts(torch.ops.decdec.ap_gemv_dec_parts(x, qw, lut, qr, bounds, 8, 8), scales, x.dtype)
+    return y1 + y2.float().sum() * 0 + y3 * 0, y2, y4
 
 
 def test_compile_fullgraph_equals_eager():

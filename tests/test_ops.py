@@ -47,15 +47,25 @@ def _args(name, d, k_chunk=16, n_tb=4):
         "lutgemm_gemv_dec": (
             d["x"], d["binary"], d["alpha"], d["q_bias"], d["q_residual"], d["scales"], d["bounds"], k_chunk, n_tb
         ),
+        "ap_gemv_dec_parts": (d["x"], d["qweight"], d["lut"], d["q_residual"], d["bounds"], k_chunk, n_tb),
+        "lutgemm_gemv_dec_parts": (
+            d["x"], d["binary"], d["alpha"], d["q_bias"], d["q_residual"], d["bounds"], k_chunk, n_tb
+        ),
     }[name]
 
 
-ALL_OPS = ["ap_gemv", "ap_dequant", "lutgemm_gemv", "lutgemm_dequant", "dec", "ap_gemv_dec", "lutgemm_gemv_dec"]
+PARTS_OPS = ["ap_gemv_dec_parts", "lutgemm_gemv_dec_parts"]
+ALL_OPS = ["ap_gemv", "ap_dequant", "lutgemm_gemv", "lutgemm_dequant", "dec", "ap_gemv_dec", "lutgemm_gemv_dec"] + PARTS_OPS
+N_PARTS = 2  # IN = 1152: one full and one ragged 1024-channel chunk
 EXPECTED_SHAPE = {"ap_dequant": (OUT, IN), "lutgemm_dequant": (OUT, IN)}
 
 
+def _expected_shape(name, m=M):
+    return (1 + N_PARTS, m, OUT) if name in PARTS_OPS else EXPECTED_SHAPE.get(name, (m, OUT))
+
+
 def _reference(name, args):
-    if name in ("dec", "ap_gemv_dec", "lutgemm_gemv_dec"):
+    if name in ("dec", "ap_gemv_dec", "lutgemm_gemv_dec", *PARTS_OPS):
         return getattr(reference, name)(*args[:-1])  # the reference has no n_tb
     return getattr(reference, name)(*args)
 
@@ -92,7 +102,7 @@ def test_ops_equal_reference(name, dtype):
     got = getattr(OPS, name)(*args)
     want = _reference(name, args)
     assert got.dtype == want.dtype
-    assert got.shape == EXPECTED_SHAPE.get(name, (M, OUT))
+    assert got.shape == _expected_shape(name)
     assert torch.equal(got, want)
 
 
@@ -119,6 +129,27 @@ def test_fused_op_is_base_plus_dec():
     assert not torch.allclose(y, OPS.ap_gemv(*_args("ap_gemv", d)))  # DEC did something
 
 
+@pytest.mark.parametrize("backend", ["ap", "lutgemm"])
+@pytest.mark.parametrize("k_chunk", [0, 1, 64, 1024])
+def test_parts_combine_to_the_fused_op(backend, k_chunk):
+    """parts[0] = the GEMV in fp32, parts[1 + c] = chunk c's unscaled DEC sum: combined, the fused op's value."""
+    d = _inputs(seed=8)
+    parts = getattr(OPS, f"{backend}_gemv_dec_parts")(*_args(f"{backend}_gemv_dec_parts", d, k_chunk=k_chunk))
+    y = getattr(OPS, f"{backend}_gemv_dec")(*_args(f"{backend}_gemv_dec", d, k_chunk=k_chunk))
+    torch.testing.assert_close(reference.combine_dec_parts(parts, d["scales"], y.dtype), y, rtol=1e-5, atol=1e-5)
+    dec = OPS.dec(*_args("dec", d, k_chunk=k_chunk))
+    torch.testing.assert_close(parts[1:].sum(0) * d["scales"], dec, rtol=1e-5, atol=1e-6)
+    mask = reference.select_channels(d["x"], d["bounds"], k_chunk) if k_chunk else None
+    for c in range(N_PARTS):  # each part holds only its chunk's selected channels
+        if mask is None:
+            assert not parts[1 + c].any()
+            continue
+        mc = torch.zeros_like(mask)
+        mc[:, c * 1024:(c + 1) * 1024] = mask[:, c * 1024:(c + 1) * 1024]
+        ones = torch.ones(OUT)
+        torch.testing.assert_close(parts[1 + c], reference.dec_residual_masked(d["x"], mc, d["q_residual"], ones))
+
+
 # ---------------------------------------------------------------------------- fake tensors
 @pytest.mark.parametrize("m", [1, 7])
 @pytest.mark.parametrize("name", ALL_OPS)
@@ -127,8 +158,8 @@ def test_fake_shapes(name, m):
     with FakeTensorMode() as mode:
         fake = {k: mode.from_tensor(v) for k, v in d.items()}
         y = getattr(OPS, name)(*_args(name, fake))
-    assert y.shape == EXPECTED_SHAPE.get(name, (m, OUT))
-    assert y.dtype == torch.bfloat16
+    assert y.shape == _expected_shape(name, m)
+    assert y.dtype == (torch.float32 if name in PARTS_OPS else torch.bfloat16)
 
 
 def test_meta_tensors_give_shapes():
