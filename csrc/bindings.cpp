@@ -323,8 +323,9 @@ at::Tensor fused(const at::Tensor& x, const at::Tensor& q_residual, const at::Te
   return y;
 }
 
-// Parts mode (kernels.h `Fused`): the same fork/join, but the GEMV writes its fp32 result to parts[0] and DEC
-// its unscaled chunk partials to parts[1 + c]; no combine runs. parts [1 + P, M, out] fp32; the caller adds
+// Parts mode (kernels.h `Fused`): the same fork/join, but the GEMV writes its fp32 result to parts[0] and DEC its
+// unscaled chunk partials to parts[1 + c] (P <= kMaxConsumerParts chunks) or their sum to parts[1] (more chunks:
+// summed by DEC's last unit per slice); the GEMV runs no combine. parts [1 + P', M, out] fp32; the caller adds
 // parts[0] + scales * parts[1:].sum(0) (decdec.reference.combine_dec_parts).
 template <typename Gemv>
 at::Tensor fused_parts(const at::Tensor& x, const at::Tensor& q_residual, const at::Tensor& bounds, int64_t k_chunk,
@@ -332,18 +333,27 @@ at::Tensor fused_parts(const at::Tensor& x, const at::Tensor& q_residual, const 
   const int dev = x.get_device();
   const int M = (int)x.size(0);
   const int parts = decdec::dec_parts(in);
-  auto acc = at::empty({(int64_t)1 + parts, M, out}, x.options().dtype(at::kFloat));
+  const bool summed = parts > decdec::kMaxConsumerParts;
+  auto acc = at::empty({1 + (summed ? 1 : parts), M, out}, x.options().dtype(at::kFloat));
   if (M == 0 || out == 0) return acc;
   auto main = at::cuda::getCurrentCUDAStream();
   decdec::Fused f;
   f.gpart = acc.data_ptr<float>();
-  if (k_chunk == 0) {  // no DEC: the GEMV alone, zero partials
-    acc.narrow(0, 1, parts).zero_();
+  if (k_chunk == 0) {  // no DEC: the GEMV alone, zero DEC partials
+    acc.narrow(0, 1, acc.size(0) - 1).zero_();
     cuda_ok(gemv(f, main.stream()), "base GEMV launch (parts)");
     return acc;
   }
-  f.dpart = f.gpart + (size_t)M * out;
   f.dec_slice = decdec::dec_slice_size(in, out, (int)n_tb);
+  at::Tensor scratch;
+  if (summed) {
+    scratch = at::empty({(int64_t)parts * M * out}, x.options().dtype(at::kFloat));
+    f.dpart = scratch.data_ptr<float>();
+    f.dsum = f.gpart + (size_t)M * out;
+    f.dec_counters = tile_counters(dev, (size_t)M * ((out + f.dec_slice - 1) / f.dec_slice), main.stream());
+  } else {
+    f.dpart = f.gpart + (size_t)M * out;
+  }
   f.dec_parts = parts;
   f.n_tokens = M;
   f.reserve_blocks = (int)n_tb;

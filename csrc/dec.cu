@@ -185,6 +185,37 @@ __device__ void select_chunk(const T* __restrict__ xm, int in, int c, int quota,
   __syncthreads();
 }
 
+// Parts mode (kernels.h `Fused`): called by every thread of a unit after it stored chunk c's partial for output
+// slice s of token m. The last of the slice's dec_parts units sums the partials in chunk order into dsum
+// (deterministic). Release / acquire as in fused_arrive: a block barrier, one acq_rel atomic, a block barrier.
+__device__ void dec_sum_arrive(const Fused& f, int m, int s, int o_lo, int o_hi, int out, int* s_flag) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* c = f.dec_counters + (size_t)m * ceil_div(out, f.dec_slice) + s;
+    int old;
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(old) : "l"(c) : "memory");
+    const bool last = old == f.dec_parts - 1;
+    if (last) *c = 0;  // every unit of the slice has arrived: reset for the next call
+    *s_flag = last;
+  }
+  __syncthreads();
+  if (!*s_flag) return;
+  constexpr int kP = 4;  // partials whose loads are in flight together
+  const size_t pstride = (size_t)f.n_tokens * out;
+  for (int col = o_lo + (int)threadIdx.x; col < o_hi; col += kThreads) {
+    const float* p = f.dpart + (size_t)m * out + col;
+    float sum = 0.f;
+    for (int p0 = 0; p0 < f.dec_parts; p0 += kP) {
+      float t[kP];
+#pragma unroll
+      for (int q = 0; q < kP; ++q) t[q] = p0 + q < f.dec_parts ? __ldcg(p + (size_t)(p0 + q) * pstride) : 0.f;
+#pragma unroll
+      for (int q = 0; q < kP; ++q) sum += t[q];
+    }
+    f.dsum[(size_t)m * out + col] = sum;
+  }
+}
+
 template <typename T, int VW>
 __global__ void __launch_bounds__(kThreads)
     dec_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qr, const float* __restrict__ bounds, int M, int in, int out, int k_chunk, int spc, int slice, Fused f) {
@@ -305,7 +336,8 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       DEC_PROBE(3);
-      if (f.on()) fused_arrive<T>(f, m, o_lo / f.tile_rows, (o_hi - 1) / f.tile_rows + 1, out, S.flags);
+      if (f.dsum) dec_sum_arrive(f, m, s, o_lo, o_hi, out, S.flags);
+      else if (f.on()) fused_arrive<T>(f, m, o_lo / f.tile_rows, (o_hi - 1) / f.tile_rows + 1, out, S.flags);
       DEC_PROBE(4);
       __syncthreads();  // S.list / accs reused by the next unit
     }

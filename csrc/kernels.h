@@ -26,9 +26,13 @@ enum class DType : int { F16 = 0, BF16 = 1 };
 // y is rounded once, as in the reference. `counters` must be zero on entry; they are zero on exit.
 // Standalone DEC uses the same protocol with gpart == nullptr and tiles = its slices.
 // Parts mode (ap_gemv_dec_parts / lutgemm_gemv_dec_parts): counters == nullptr. The GEMV writes its fp32
-// result to gpart, DEC its chunk partials to dpart, nobody combines: the caller adds
-// gpart + scale * sum(dpart), which a compiled decode step fuses into the next pointwise kernel, so
-// neither the GEMV nor DEC pays the combine's atomics and L2 round trips.
+// result to gpart and nothing else; DEC writes its chunk partials to dpart. With at most kMaxConsumerParts
+// chunks that is all (dsum == nullptr): the caller reads them. With more (in > 4096), the last chunk unit to
+// finish an output slice also sums the slice's partials in chunk order into dsum (fp32, unscaled; dec_counters,
+// zero on entry and exit), so the caller reads one DEC vector. The caller adds gpart + scale * sum(DEC), which a
+// compiled decode step fuses into the next pointwise kernel: the GEMV pays no combine at all.
+constexpr int kMaxConsumerParts = 4;  // parts mode: DEC partials left to the caller unsummed (H200, docs/PERF.md s7)
+
 struct Fused {
   float* gpart = nullptr;   // [M, out] base GEMV partial (nullptr: DEC alone)
   float* dpart = nullptr;   // [dec_parts][M][out] DEC partials, one per 1024-channel chunk
@@ -40,6 +44,8 @@ struct Fused {
   int n_tokens = 0;         // M
   const void* dec_scales = nullptr;  // [out] residual scales (x's dtype): y = gemv + scale * sum(dec)
   int reserve_blocks = 0;   // SM slots the concurrent DEC blocks take (the GEMV grid leaves them)
+  float* dsum = nullptr;        // parts mode: [M, out] sum of the DEC partials (unscaled)
+  int* dec_counters = nullptr;  // parts mode: [M, ceil(out / dec_slice)] arrivals per DEC slice
   DECDEC_HD bool on() const { return counters != nullptr; }            // the combine protocol runs
   DECDEC_HD bool concurrent() const { return gpart != nullptr || dpart != nullptr; }  // GEMV beside DEC
 };

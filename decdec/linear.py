@@ -165,7 +165,7 @@ class QuantLinear(nn.Module):
 
     def decode_kernels(self, x: torch.Tensor) -> torch.Tensor:
         """The decode op of this linear for x [M, in]: the GEMV ([M, out], DEC off), or GEMV || DEC as parts
-        ([1 + P, M, out] fp32, before the combine). What the tuner times: in a compiled decode step the combine
+        ([1 + P', M, out] fp32: GEMV and DEC's unscaled sums, before the combine). What the tuner times: in a compiled decode step the combine
         runs inside the next pointwise kernel."""
         d = self.dec
         on = d is not None and d.k_chunk > 0

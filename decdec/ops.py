@@ -10,9 +10,10 @@ Shapes (``M`` tokens, ``b`` bits): ``x [M, in]``; ap ``qweight [b, out, in/32] i
 ``q_bias [n_groups, out]`` (group = in / n_groups, 128 by default); DEC ``q_residual [in, out/8] int32``, ``scales [out]``,
 ``bounds [2] fp32`` (``a, b`` of DESIGN.md §2). Every GEMV returns ``[M, out]`` in ``x.dtype``.
 ``n_tb`` is the DEC kernel's thread-block count; the CPU kernels accept and ignore it.
-``{ap,lutgemm}_gemv_dec_parts`` run the same two kernels concurrently but return ``[1 + P, M, out] fp32`` (the GEMV,
-then DEC's unscaled sums per 1024-channel chunk) and leave the combine to the caller
-(``reference.combine_dec_parts``), which a compiled decode step fuses into the next pointwise kernel.
+``{ap,lutgemm}_gemv_dec_parts`` run the same two kernels concurrently but return ``[1 + P', M, out] fp32`` (the
+GEMV, then DEC's unscaled sums: one per 1024-channel chunk up to 4 chunks, else their sum; ``reference.dec_parts_rows``)
+and leave the combine to the caller (``reference.combine_dec_parts``), which a compiled decode step fuses into the
+next pointwise kernel.
 ``decode_attention``: ``q [B, H, Dh]``, ``k_cache``/``v_cache [>= B, Hkv, L, Dh]``, ``pos [1] int64`` (read
 on the device, so a recorded graph serves every step), ``window`` (0 = none) -> ``[B, H * Dh]``.
 """
@@ -178,17 +179,12 @@ def _(x, binary, alpha, q_bias, q_residual, scales, bounds, k_chunk, n_tb):
     return _empty_out(x, out)
 
 
-def dec_parts_count(in_features: int) -> int:
-    """P: DEC's chunk partials in a parts op's output (one per 1024 input channels)."""
-    return -(-in_features // reference.CHUNK)
-
-
 @torch.library.register_fake("decdec::ap_gemv_dec_parts")
 def _(x, qweight, lut, q_residual, bounds, k_chunk, n_tb):
     out, n = _ap_shape(qweight, lut)
     _check_x(x, n)
     _check_dec(q_residual, None, bounds, k_chunk, n_tb, out, n)
-    return x.new_empty((1 + dec_parts_count(n), x.shape[0], out), dtype=torch.float32)
+    return x.new_empty((1 + reference.dec_parts_rows(n), x.shape[0], out), dtype=torch.float32)
 
 
 @torch.library.register_fake("decdec::lutgemm_gemv_dec_parts")
@@ -196,7 +192,7 @@ def _(x, binary, alpha, q_bias, q_residual, bounds, k_chunk, n_tb):
     out, n = _lutgemm_shape(binary, alpha, q_bias)
     _check_x(x, n)
     _check_dec(q_residual, None, bounds, k_chunk, n_tb, out, n)
-    return x.new_empty((1 + dec_parts_count(n), x.shape[0], out), dtype=torch.float32)
+    return x.new_empty((1 + reference.dec_parts_rows(n), x.shape[0], out), dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------- CPU kernels = reference

@@ -177,21 +177,40 @@ def dec_chunk_parts(x: torch.Tensor, q_residual: torch.Tensor, bounds: torch.Ten
     return parts
 
 
+MAX_CONSUMER_PARTS = 4  # csrc/kernels.h kMaxConsumerParts
+
+
+def dec_parts_rows(in_features: int) -> int:
+    """P': DEC rows of a parts op's output -- one per 1024-channel chunk up to MAX_CONSUMER_PARTS chunks, else one
+    (the chunks summed by the kernel)."""
+    p = -(-in_features // CHUNK)
+    return p if p <= MAX_CONSUMER_PARTS else 1
+
+
+def _dec_rows(x, q_residual, bounds, k_chunk) -> torch.Tensor:
+    parts = dec_chunk_parts(x, q_residual, bounds, k_chunk)
+    if parts.shape[0] <= MAX_CONSUMER_PARTS:
+        return parts
+    acc = parts[0].clone()
+    for p in parts[1:]:  # in chunk order, as the kernel's last arrival sums them
+        acc += p
+    return acc[None]
+
+
 def ap_gemv_dec_parts(x, qweight, lut, q_residual, bounds, k_chunk):
-    """[1 + P, M, out] fp32: the base GEMV (fp32, not rounded), then DEC's unscaled chunk sums."""
+    """[1 + P', M, out] fp32: the base GEMV (fp32, not rounded), then DEC's unscaled chunk sums (``dec_parts_rows``)."""
     w = ap_dequant(qweight, lut.to(torch.float32))
-    return torch.cat([(x.to(torch.float32) @ w.t())[None], dec_chunk_parts(x, q_residual, bounds, k_chunk)])
+    return torch.cat([(x.to(torch.float32) @ w.t())[None], _dec_rows(x, q_residual, bounds, k_chunk)])
 
 
 def lutgemm_gemv_dec_parts(x, binary, alpha, q_bias, q_residual, bounds, k_chunk):
     w = lutgemm_dequant(binary, alpha.to(torch.float32), q_bias.to(torch.float32))
-    return torch.cat([(x.to(torch.float32) @ w.t())[None], dec_chunk_parts(x, q_residual, bounds, k_chunk)])
+    return torch.cat([(x.to(torch.float32) @ w.t())[None], _dec_rows(x, q_residual, bounds, k_chunk)])
 
 
 def combine_dec_parts(parts: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """y = GEMV + scale * (sum of DEC's chunk sums), rounded once to ``dtype``: parts [1 + P, M, out] -> [M, out].
-    Pointwise over (M, out) with a fixed-order sum over P, so a compiled decode step fuses it into the next
-    pointwise kernel."""
+    """y = GEMV + scale * DEC, rounded once to ``dtype``: parts [1 + P', M, out] fp32 -> [M, out]. Pointwise with a
+    sum over at most MAX_CONSUMER_PARTS rows, so a compiled decode step fuses it into the next pointwise kernel."""
     return (parts[0] + parts[1:].sum(0) * scales.to(torch.float32)).to(dtype)
 
 

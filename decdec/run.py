@@ -462,8 +462,10 @@ class Run:
                            "choice": {str(b): {"n_tb": c["n_tb"], "k_chunk": c["k_chunk"]} for b, c in choices.items()}})
             fits = slowdown <= t.target_slowdown + t.verify_tolerance
             no_dec = all(k == 0 for c in choices.values() for k in c["k_chunk"].values())
-            print(f"[decdec] round {r + 1}: budget {rounds[-1]['budget_us_per_layer']:.2f} us per layer -> measured "
-                  f"{slowdown:+.2%} ({'within' if fits else 'over'} the {t.target_slowdown:.1%} target)")
+            chosen = "; ".join(f"w{b}: n_tb {c['n_tb']}, k_chunk " + " ".join(f"{p}={k}" for p, k in c["k_chunk"].items())
+                               for b, c in choices.items())
+            print(f"[decdec] round {r + 1}: budget {rounds[-1]['budget_us_per_layer']:.2f} us per layer ({chosen}) -> "
+                  f"measured {slowdown:+.2%} ({'within' if fits else 'over'} the {t.target_slowdown:.1%} target)")
             if fits or no_dec or last:
                 break
             budget = tune.next_budget(budget, t.target_slowdown, slowdown)

@@ -56,12 +56,12 @@ def _args(name, d, k_chunk=16, n_tb=4):
 
 PARTS_OPS = ["ap_gemv_dec_parts", "lutgemm_gemv_dec_parts"]
 ALL_OPS = ["ap_gemv", "ap_dequant", "lutgemm_gemv", "lutgemm_dequant", "dec", "ap_gemv_dec", "lutgemm_gemv_dec"] + PARTS_OPS
-N_PARTS = 2  # IN = 1152: one full and one ragged 1024-channel chunk
+N_CHUNKS = 2  # IN = 1152: one full and one ragged 1024-channel chunk
 EXPECTED_SHAPE = {"ap_dequant": (OUT, IN), "lutgemm_dequant": (OUT, IN)}
 
 
 def _expected_shape(name, m=M):
-    return (1 + N_PARTS, m, OUT) if name in PARTS_OPS else EXPECTED_SHAPE.get(name, (m, OUT))
+    return (1 + N_CHUNKS, m, OUT) if name in PARTS_OPS else EXPECTED_SHAPE.get(name, (m, OUT))
 
 
 def _reference(name, args):
@@ -140,14 +140,37 @@ def test_parts_combine_to_the_fused_op(backend, k_chunk):
     dec = OPS.dec(*_args("dec", d, k_chunk=k_chunk))
     torch.testing.assert_close(parts[1:].sum(0) * d["scales"], dec, rtol=1e-5, atol=1e-6)
     mask = reference.select_channels(d["x"], d["bounds"], k_chunk) if k_chunk else None
-    for c in range(N_PARTS):  # each part holds only its chunk's selected channels
+    for c in range(N_CHUNKS):  # each row holds only its chunk's selected channels
         if mask is None:
             assert not parts[1 + c].any()
             continue
         mc = torch.zeros_like(mask)
         mc[:, c * 1024:(c + 1) * 1024] = mask[:, c * 1024:(c + 1) * 1024]
-        ones = torch.ones(OUT)
-        torch.testing.assert_close(parts[1 + c], reference.dec_residual_masked(d["x"], mc, d["q_residual"], ones))
+        want = reference.dec_residual_masked(d["x"], mc, d["q_residual"], torch.ones(OUT))
+        torch.testing.assert_close(parts[1 + c], want, rtol=1e-4, atol=1e-4 * want.abs().max().item() + 1e-6)
+
+
+def test_parts_beyond_four_chunks_are_summed():
+    """in > 4096: one DEC row, the chunk sums added in chunk order (the kernel's last unit per slice does it)."""
+    g = torch.Generator().manual_seed(9)
+    n, out = 5 * 1024 + 64, 32
+    x = torch.randn(2, n, generator=g)
+    qweight = formats.pack_bitplanes(torch.randint(0, 8, (out, n), generator=g), 3)
+    lut = torch.randn(out, 8, generator=g)
+    q_residual = formats.pack_residual(torch.randint(-7, 8, (out, n), generator=g))
+    scales = torch.rand(out, generator=g) * 0.01
+    bounds = reference.bounds_from_thresholds(x.abs().amax(0).sort(descending=True).values, 64)
+    assert reference.dec_parts_rows(n) == 1 and reference.dec_parts_rows(4096) == 4
+    parts = OPS.ap_gemv_dec_parts(x, qweight, lut, q_residual, bounds, 64, 8)
+    assert parts.shape == (2, 2, out)
+    chunks = reference.dec_chunk_parts(x, q_residual, bounds, 64)
+    assert chunks.shape == (6, 2, out) and chunks[5].abs().sum() > 0  # the ragged chunk selects 64 * 64 // 1024 = 4
+    torch.testing.assert_close(parts[1], chunks.sum(0))
+    y = OPS.ap_gemv_dec(x, qweight, lut, q_residual, scales, bounds, 64, 8)
+    torch.testing.assert_close(reference.combine_dec_parts(parts, scales, y.dtype), y, rtol=1e-5, atol=1e-5)
+    with FakeTensorMode() as mode:
+        fake = OPS.ap_gemv_dec_parts(*(mode.from_tensor(t) for t in (x, qweight, lut, q_residual, bounds)), 64, 8)
+    assert fake.shape == (2, 2, out)
 
 
 # ---------------------------------------------------------------------------- fake tensors
