@@ -5,7 +5,8 @@ memcpy bandwidth), then for the Llama-3-8B and Phi-3-medium projection shapes (i
 base GEMV time and achieved GB/s (ap and lutgemm, 3 and 4 bits), torch's fp16 GEMV (F.linear),
 DEC alone (time, achieved PCIe fetch GB/s of the selected residual rows), and the fused
 DEC || GEMV op (ap 3-bit and lutgemm 3-bit) with its slowdown over the base GEMV for
-k_chunk in {0,1,2,4,8,16,32} and several n_tb.
+k_chunk in {0,1,2,4,8,16,32} and several n_tb, and the decode path's variant without the in-kernel
+combine ({ap,lutgemm}_gemv_dec_parts, from CUDA graphs).
 
 Timing: CUDA events around every call, many calls queued behind a GPU sleep (so host launch time
 is not measured), median; weights and x rotate over copies totalling >= 4x the L2 so the cache
@@ -177,18 +178,29 @@ def bench_shape(n: int, out: int, args, l2: int, sms: int, rows: list, summary: 
         t_base, tg_base = tb[0], tb[-1]
         res[f"fused_{backend}"] = {}
         res[f"fused_{backend}_graph"] = {}
+        res[f"fused_{backend}_parts_graph"] = {}
         for k in K_CHUNKS:
             bounds = reference.bounds_from_thresholds(thr, max(k, 1)).cuda()
-            best = bestg = None
+            best = bestg = bestp = None
             for ntb in n_tbs if k else n_tbs[:1]:
                 if backend == "ap":
                     _, qws, luts, c, _ = tb
                     fn = lambda i: torch.ops.decdec.ap_gemv_dec(  # noqa: E731
                         xs[i % nx], qws[i % c], luts[i % c], q_res, scales, bounds, k, ntb)
+                    fp = lambda i: torch.ops.decdec.ap_gemv_dec_parts(  # noqa: E731
+                        xs[i % nx], qws[i % c], luts[i % c], q_res, bounds, k, ntb)
                 else:
                     _, bs, als, qbs, c, _ = tb
                     fn = lambda i: torch.ops.decdec.lutgemm_gemv_dec(  # noqa: E731
                         xs[i % nx], bs[i % c], als[i % c], qbs[i % c], q_res, scales, bounds, k, ntb)
+                    fp = lambda i: torch.ops.decdec.lutgemm_gemv_dec_parts(  # noqa: E731
+                        xs[i % nx], bs[i % c], als[i % c], qbs[i % c], q_res, bounds, k, ntb)
+                # the decode path: GEMV || DEC without the in-kernel combine (the step's next kernel adds them)
+                tp = timeit_graph(fp, c * nx)
+                slowp = (tp / tg_base - 1) * 100
+                record(f"fused_{backend}_parts_graph", 3, tp, None, k, ntb, slowp)
+                if bestp is None or tp < bestp[0]:
+                    bestp = (tp, slowp, ntb)
                 t = timeit(fn, c * nx)
                 slow = (t / t_base - 1) * 100
                 record(f"fused_{backend}", 3, t, None, k, ntb, slow)
@@ -201,6 +213,7 @@ def bench_shape(n: int, out: int, args, l2: int, sms: int, rows: list, summary: 
                     bestg = (tg, slowg, ntb)
             res[f"fused_{backend}"][k] = best
             res[f"fused_{backend}_graph"][k] = bestg
+            res[f"fused_{backend}_parts_graph"][k] = bestp
     del base, q_res
     torch.cuda.empty_cache()
 
@@ -229,8 +242,9 @@ def markdown(summary: dict, ceil: dict, card: str) -> str:
         lines.append(f"| {key} | {cellg('ap3_graph')} | {cellg('ap4_graph')} | {cellg('lg3_graph')} | "
                      f"{cellg('lg4_graph')} | {r['fp16_graph'][0]:.1f} us | "
                      f"{r['fp16_graph'][0] / r['ap3_graph'][0]:.2f}x |")
-    for backend in ("ap", "lutgemm", "ap_graph", "lutgemm_graph"):
-        lines += ["", f"Fused DEC || {backend.replace('_graph', ' (CUDA graph)')} 3-bit GEMV: slowdown over the "
+    for backend in ("ap", "lutgemm", "ap_graph", "lutgemm_graph", "ap_parts_graph", "lutgemm_parts_graph"):
+        how = backend.replace("_parts_graph", " (CUDA graph, parts: no in-kernel combine, the decode path)")
+        lines += ["", f"Fused DEC || {how.replace('_graph', ' (CUDA graph)')} 3-bit GEMV: slowdown over the "
                   "base GEMV at the best n_tb (n_tb)", "",
                   "| shape | " + " | ".join(f"k={k}" for k in K_CHUNKS) + " |", "|---" * (len(K_CHUNKS) + 1) + "|"]
         for key, r in summary.items():
@@ -277,7 +291,8 @@ def main() -> int:
         bench_shape(n, out, args, props.L2_cache_size, props.multi_processor_count, rows, summary)
         r = summary[f"{n}x{out}"]
         print(f"{n}x{out}: ap3 {r['ap3'][0]:.1f} us ({r['ap3'][1]:.0f} GB/s) lg3 {r['lg3'][0]:.1f} us "
-              f"fp16 {r['fp16'][0]:.1f} us; fused ap k=4 {r['fused_ap'][4][1]:+.1f}% "
+              f"fp16 {r['fp16'][0]:.1f} us; fused ap k=4 {r['fused_ap'][4][1]:+.1f}%, "
+              f"parts (graph) {r['fused_ap_parts_graph'][4][1]:+.1f}% "
               f"[{time.time() - t0:.0f} s]", flush=True)
     write_csv(out_dir / "bench_kernels.csv", rows)
     md = markdown(summary, ceil, card)
