@@ -357,6 +357,61 @@ __device__ __forceinline__ void stage_x_swizzled(const __half* __restrict__ xm, 
   }
 }
 
+// The add + RMSNorm prologue (kernels.h `AddNorm`, in <= 8192: each thread keeps its <= 4 chunks in registers):
+// h = a + b in fp16, the block's sum of h^2 in fp32, then x = gamma * fp16(h * r), r = rsqrt(mean + eps), into the
+// layout of stage_x_swizzled. Block 0 writes h. Two block barriers; the caller synchronizes after.
+template <int kThreadsPerBlock>
+__device__ __forceinline__ void stage_x_addnorm(const __half* __restrict__ am, const AddNorm& an, int m, int in,
+                                                uint4* xs, float* s_red) {
+  __half* xh = reinterpret_cast<__half*>(xs);
+  const __half* bm = static_cast<const __half*>(an.b) + (size_t)m * in;
+  const __half* gm = static_cast<const __half*>(an.gamma);
+  __half* hm = blockIdx.x == 0 ? static_cast<__half*>(an.h_out) + (size_t)m * in : nullptr;
+  const int n16 = in >> 3;
+  uint4 h[4], g[4];
+  float ss = 0.f;
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int j = u * kThreadsPerBlock + (int)threadIdx.x;
+    if (j < n16) {
+      const uint4 av = *reinterpret_cast<const uint4*>(am + (size_t)j * 8);
+      const uint4 bv = *reinterpret_cast<const uint4*>(bm + (size_t)j * 8);
+      g[u] = *reinterpret_cast<const uint4*>(gm + (size_t)j * 8);
+      const __half2* a2 = reinterpret_cast<const __half2*>(&av);
+      const __half2* b2 = reinterpret_cast<const __half2*>(&bv);
+      __half2* h2 = reinterpret_cast<__half2*>(&h[u]);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        h2[e] = __hadd2(a2[e], b2[e]);
+        const float2 f = __half22float2(h2[e]);
+        ss = fmaf(f.x, f.x, fmaf(f.y, f.y, ss));
+      }
+      if (hm) *reinterpret_cast<uint4*>(hm + (size_t)j * 8) = h[u];
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  if ((threadIdx.x & 31) == 0) s_red[threadIdx.x >> 5] = ss;
+  __syncthreads();
+  float tot = 0.f;
+#pragma unroll
+  for (int w = 0; w < kThreadsPerBlock / 32; ++w) tot += s_red[w];
+  const float r = rsqrtf(tot / (float)in + an.eps);
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int j = u * kThreadsPerBlock + (int)threadIdx.x;
+    if (j >= n16) continue;
+    const __half* hv = reinterpret_cast<const __half*>(&h[u]);
+    const __half* gv = reinterpret_cast<const __half*>(&g[u]);
+    const int w = j >> 2, q = j & 3;  // channels 32w + 8q + e, placed as stage_x_swizzled places them
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const __half t = __float2half_rn(__half2float(hv[e]) * r);
+      xh[xs_swz(4 * w + (e & 3)) * 8 + 2 * q + (e >> 2)] = __float2half_rn(__half2float(t) * __half2float(gv[e]));
+    }
+  }
+}
+
 template <int R>
 struct StreamItem {  // one lane's share of R rows: 3 planes x 4 words per row, and the rows' LUTs
   uint4 w[R][3];
@@ -367,11 +422,11 @@ struct StreamItem {  // one lane's share of R rows: 3 planes x 4 words per row, 
 template <int R>
 constexpr int stream_blocks_per_sm() { return R == 2 ? 2 : 3; }
 
-template <int R>
+template <int R, bool NORM = false>
 __global__ void __launch_bounds__(kStreamThreads, stream_blocks_per_sm<R>())
     ap3_gemv_stream_kernel(const __half* __restrict__ x, const uint32_t* __restrict__ qw,
                            const __half* __restrict__ lut, __half* __restrict__ y, int in, int out, int block_rows,
-                           Fused fused) {
+                           Fused fused, AddNorm an) {
   extern __shared__ __align__(16) uint4 xs[];  // in / 8 chunks
   __shared__ int flags[kStreamThreads];
   const int words = in >> 5, G4 = words >> 2, T = ceil_div(G4, 32);
@@ -401,7 +456,8 @@ __global__ void __launch_bounds__(kStreamThreads, stream_blocks_per_sm<R>())
   if (n_items > 0) load(bufA, 0);
   pdl_wait();  // the first weights are in flight; x (and y) belong to the previous kernel
 
-  stage_x_swizzled<kStreamThreads>(x + (size_t)m * in, in, xs);
+  if constexpr (NORM) stage_x_addnorm<kStreamThreads>(x + (size_t)m * in, an, m, in, xs, reinterpret_cast<float*>(flags));
+  else stage_x_swizzled<kStreamThreads>(x + (size_t)m * in, in, xs);
   __syncthreads();
 
   float* gpart = fused.gpart ? fused.gpart + (size_t)m * out : nullptr;
@@ -722,16 +778,16 @@ int stream_block_rows(int out, int reserve) {
   return max(R, ceil_div(ceil_div(out, blocks), R) * R);
 }
 
-template <int R>
+template <int R, bool NORM = false>
 cudaError_t launch_stream(const void* x, const uint32_t* qw, const void* lut, void* y, int M, int in, int out,
-                          const Fused& fused, cudaStream_t stream) {
+                          const Fused& fused, cudaStream_t stream, const AddNorm& an = AddNorm{}) {
   const int br = stream_block_rows(out, fused.reserve_blocks);
   const size_t smem = (size_t)in * sizeof(__half);
-  const cudaError_t err = allow_smem(ap3_gemv_stream_kernel<R>, smem);
+  const cudaError_t err = allow_smem(ap3_gemv_stream_kernel<R, NORM>, smem);
   if (err != cudaSuccess) return err;
-  return launch_gemv_kernel(ap3_gemv_stream_kernel<R>, dim3(ceil_div(out, br), M), dim3(kStreamThreads), smem,
+  return launch_gemv_kernel(ap3_gemv_stream_kernel<R, NORM>, dim3(ceil_div(out, br), M), dim3(kStreamThreads), smem,
                             stream, static_cast<const __half*>(x), qw, static_cast<const __half*>(lut),
-                            static_cast<__half*>(y), in, out, br, fused);
+                            static_cast<__half*>(y), in, out, br, fused, an);
 }
 
 template <int BITS, typename T>
@@ -798,6 +854,18 @@ int ap_gemv_tile_rows(DType dt, int bits, int in, int out, int reserve_blocks) {
   if (use_mma_kernel(bits, dt == DType::F16, in)) return mma_block_rows(out, reserve_blocks);
   if (use_stream_kernel(bits, dt == DType::F16, in)) return stream_block_rows(out, reserve_blocks);
   return (kWarps >> ks_log2_for(bits, in, out)) * (32 >> bits);
+}
+
+bool ap_addnorm_supported(DType dt, int bits, int in) {
+  return dt == DType::F16 && !use_mma_kernel(bits, true, in) && use_stream_kernel(bits, true, in) &&
+         in <= 4 * kStreamThreads * 8;
+}
+
+cudaError_t ap_gemv_addnorm(const void* a, const AddNorm& an, const uint32_t* qweight, const void* lut, void* y, int M,
+                            int in, int out, cudaStream_t stream) {
+  if (M == 0 || out == 0) return cudaSuccess;
+  if (!ap_addnorm_supported(DType::F16, 3, in)) return cudaErrorInvalidValue;
+  return launch_stream<kStreamRows, true>(a, qweight, lut, y, M, in, out, Fused{}, stream, an);
 }
 
 cudaError_t ap_gemv(DType dt, const void* x, const uint32_t* qweight, const void* lut, void* y, int M, int in,

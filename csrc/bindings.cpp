@@ -11,6 +11,7 @@
 
 #include <cstdio>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <mutex>
 #include <string>
@@ -218,6 +219,36 @@ at::Tensor ap_gemv_cuda(const at::Tensor& x, const at::Tensor& qweight, const at
                           at::cuda::getCurrentCUDAStream()),
           "ap_gemv launch");
   return y;
+}
+
+// The residual add and RMSNorm before a projection, inside its GEMV (kernels.h `AddNorm`): returns (y, h) with
+// h = a + b and y = W (gamma * fp16(h * rsqrt(mean(h^2) + eps))).
+std::tuple<at::Tensor, at::Tensor> ap_gemv_addnorm_cuda(const at::Tensor& a, const at::Tensor& b,
+                                                        const at::Tensor& gamma, double eps, const at::Tensor& qweight,
+                                                        const at::Tensor& lut) {
+  const Ap s = check_ap(a, qweight, lut);
+  DD_CHECK(a.scalar_type() == at::kHalf, "decdec: ap_gemv_addnorm runs fp16, got ", a.scalar_type());
+  DD_CHECK(decdec::ap_addnorm_supported(decdec::DType::F16, s.bits, s.in), "decdec: ap_gemv_addnorm serves 3-bit "
+           "weights on the streaming GEMV (in a multiple of 128 that keeps its lanes busy, in <= 8192), got b=", s.bits,
+           ", in=", s.in, "; use ap_gemv after the norm");
+  DD_CHECK(b.sizes() == a.sizes(), "decdec: b must be ", a.sizes(), " like a, got ", b.sizes());
+  check_tensor(b, "b", a.device(), at::kHalf);
+  DD_CHECK(gamma.dim() == 1 && gamma.size(0) == s.in, "decdec: gamma must be [", s.in, "], got ", gamma.sizes());
+  check_tensor(gamma, "gamma", a.device(), at::kHalf);
+  DD_CHECK(eps >= 0, "decdec: eps must be >= 0, got ", eps);
+  c10::cuda::CUDAGuard guard(a.device());
+  auto y = at::empty({a.size(0), s.out}, a.options());
+  auto h = at::empty_like(a);
+  decdec::AddNorm an;
+  an.b = b.data_ptr();
+  an.gamma = gamma.data_ptr();
+  an.h_out = h.data_ptr();
+  an.eps = (float)eps;
+  cuda_ok(decdec::ap_gemv_addnorm(a.data_ptr(), an, reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
+                                  lut.data_ptr(), y.data_ptr(), (int)a.size(0), s.in, s.out,
+                                  at::cuda::getCurrentCUDAStream()),
+          "ap_gemv_addnorm launch");
+  return {y, h};
 }
 
 at::Tensor ap_dequant_cuda(const at::Tensor& qweight, const at::Tensor& lut) {
@@ -524,6 +555,7 @@ TORCH_LIBRARY_IMPL(decdec, CUDA, m) {
   m.impl("ap_gemv_dec", &ap_gemv_dec_cuda);
   m.impl("lutgemm_gemv_dec", &lutgemm_gemv_dec_cuda);
   m.impl("ap_gemv_dec_parts", &ap_gemv_dec_parts_cuda);
+  m.impl("ap_gemv_addnorm", &ap_gemv_addnorm_cuda);
   m.impl("lutgemm_gemv_dec_parts", &lutgemm_gemv_dec_parts_cuda);
   m.impl("decode_attention", &decode_attention_cuda);
 }
@@ -534,6 +566,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q_residual"), py::arg("device"));
   m.def("dec_select", &dec_select, "the DEC kernel's channel selection as bool [M, in] (debug/tests)", py::arg("x"),
         py::arg("bounds"), py::arg("k_chunk"));
+  m.def("ap_addnorm_supported", [](int bits, int in) { return decdec::ap_addnorm_supported(decdec::DType::F16, bits, in); },
+        "whether ap_gemv_addnorm serves b-bit fp16 weights with `in` input channels", py::arg("bits"), py::arg("in"));
   m.def("dec_max_blocks", &dec_max_blocks, "most co-resident DEC blocks (the n_tb limit)", py::arg("device"),
         py::arg("in_features"), py::arg("out_features"), py::arg("k_chunk"), py::arg("n_tb") = 1);
 }

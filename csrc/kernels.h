@@ -50,6 +50,20 @@ struct Fused {
   DECDEC_HD bool concurrent() const { return gpart != nullptr || dpart != nullptr; }  // GEMV beside DEC
 };
 
+// Prologue of a decode GEMV that absorbs the residual add and RMSNorm before it (ap_gemv_addnorm): the kernel
+// reads a and b (x of the kernel call is a), forms h = a + b (fp16), x = gamma * fp16(h * rsqrt(mean(h^2) + eps))
+// exactly as the model's RMSNorm does, multiplies x, and block 0 writes h (the residual stream) to h_out.
+struct AddNorm {
+  const void* b = nullptr;      // [M, in]
+  const void* gamma = nullptr;  // [in]
+  void* h_out = nullptr;        // [M, in]
+  float eps = 0.f;
+};
+// Whether ap_gemv_addnorm serves this (3-bit fp16 on the streaming kernel, in <= 8192).
+bool ap_addnorm_supported(DType dt, int bits, int in);
+cudaError_t ap_gemv_addnorm(const void* a, const AddNorm& an, const uint32_t* qweight, const void* lut, void* y, int M,
+                            int in, int out, cudaStream_t stream);
+
 // ---- ap (bit-planes + per-row LUT). qweight [bits, out, in/32] int32, lut [out, 2^bits].
 bool ap_bits_supported(int bits);
 // Rows per GEMV block (= fused tile) when `reserve_blocks` DEC blocks run beside it.

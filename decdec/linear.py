@@ -137,6 +137,23 @@ class QuantLinear(nn.Module):
             y = self._gemv(x2)
         return y.view(*lead, self.out_features)
 
+    def forward_addnorm(self, a: torch.Tensor, b: torch.Tensor | None, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(norm(h)), h) with h = a + b (a alone when b is None): the residual add and RMSNorm before this
+        projection. A one-token CUDA decode step with ap 3-bit fp16 weights, DEC off here, runs it as one kernel
+        (``torch.ops.decdec.ap_gemv_addnorm``: the GEMV forms h and the norm while staging x); anything else is the
+        same math as separate ops."""
+        if b is not None and self._addnorm_kernel(a, norm):
+            y, h = torch.ops.decdec.ap_gemv_addnorm(a.reshape(1, self.in_features), b.reshape(1, self.in_features),
+                                                    norm.weight, norm.eps, self.qweight, self.lut)
+            return y.view(*a.shape[:-1], self.out_features), h.view(a.shape)
+        h = a if b is None else a + b
+        return self(norm(h)), h
+
+    def _addnorm_kernel(self, a: torch.Tensor, norm: nn.Module) -> bool:
+        return (self.backend == "ap" and a.is_cuda and a.dtype == torch.float16 and a.numel() == self.in_features
+                and self.k_chunk == 0 and norm.weight.dtype == torch.float16
+                and ops.addnorm_supported(self.bits, self.in_features))
+
     def _dec_teacher_forced(self, x: torch.Tensor, d: DecState) -> torch.Tensor:
         """DEC at every row of x [M, in] -> [M, out] fp32, with d.selection choosing the channels."""
         if d.selection == "dynamic":  # the kernel's bucket selection, per token

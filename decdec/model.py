@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import decdec.ops  # noqa: F401  registers torch.ops.decdec (decode_attention)
+from decdec import reference
 
 # config key -> module path inside a layer (``layers[i].<path>``)
 PROJECTIONS = {"qkv": "attention.wqkv", "o": "attention.wo", "gate_up": "feed_forward.w1w3", "down": "feed_forward.w2"}
@@ -124,6 +125,18 @@ def _default_linear(proj: str, layer_idx: int, in_features: int, out_features: i
     return nn.Linear(in_features, out_features, bias=False)
 
 
+def add_norm_project(linear: nn.Module, a: Tensor, b: Tensor | None, norm: nn.Module, b_from: nn.Module | None = None
+                     ) -> tuple[Tensor, Tensor]:
+    """(linear(norm(h)), h), h = a + b (a when b is None): through the linear's fused kernel where it has one
+    (``QuantLinear.forward_addnorm``), else as separate ops (a plain ``nn.Linear``). ``b_from``: the projection
+    that produced b; when it runs DEC, its combine (GEMV + scale * DEC) is a pointwise op that the compiled step
+    fuses into a separate add + norm kernel, so the fused GEMV would add a kernel instead of removing one."""
+    if hasattr(linear, "forward_addnorm") and getattr(b_from, "k_chunk", 0) == 0:
+        return linear.forward_addnorm(a, b, norm)
+    h = a if b is None else a + b
+    return linear(norm(h)), h
+
+
 def rope_inv_freq(args: ModelArgs) -> Tensor:
     """Inverse frequencies [R/2] float32 (default or llama3-scaled), same formulas as HF."""
     r = args.rotary_dim
@@ -206,8 +219,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., D] -> [..., D]; normalised in float32 like HF, then scaled in x's dtype."""
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        return reference.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -223,9 +235,13 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
         """x [B, S, D]; cos/sin [S, R]; mask [1, 1, S, L] bool; input_pos [S] -> [B, S, D]."""
-        B, S, _ = x.shape
+        return self.attend(self.wqkv(x), cos, sin, mask, input_pos)
+
+    def attend(self, qkv: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+        """The layer after the qkv projection: qkv [B, S, (H + 2 Hkv) Dh] -> o-projection output [B, S, D]."""
+        B, S, _ = qkv.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = apply_rope(q.view(B, S, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(B, S, self.n_kv_heads, self.head_dim), cos, sin)
         v = v.view(B, S, self.n_kv_heads, self.head_dim)
@@ -248,7 +264,11 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x [B, S, D] -> [B, S, D]; w1w3 gives [B, S, 2I] = (gate, up)."""
-        gate, up = self.w1w3(x).chunk(2, dim=-1)
+        return self.down(self.w1w3(x))
+
+    def down(self, gate_up: Tensor) -> Tensor:
+        """[B, S, 2I] (gate, up) -> w2(silu(gate) * up) [B, S, D]."""
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 
@@ -262,8 +282,18 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
         """x [B, S, D] -> [B, S, D] (pre-norm residual block)."""
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h, f = self.forward_pending(x, None, cos, sin, mask, input_pos)
+        return h + f
+
+    def forward_pending(self, a: Tensor, b: Tensor | None, cos: Tensor, sin: Tensor, mask: Tensor,
+                        input_pos: Tensor, b_from: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+        """The block on the input x = a + b (b None: x = a; ``b_from`` produced b), returning its output as the pending
+        sum (h, f), h + f. Same math as ``forward``; the adds are left to the next projection, whose GEMV performs
+        them with the RMSNorm where the decode kernels allow (``add_norm_project``), instead of separate kernels."""
+        qkv, x = add_norm_project(self.attention.wqkv, a, b, self.attention_norm, b_from)
+        o = self.attention.attend(qkv, cos, sin, mask, input_pos)
+        gate_up, h = add_norm_project(self.feed_forward.w1w3, x, o, self.ffn_norm, self.attention.wo)
+        return h, self.feed_forward.down(gate_up)
 
 
 class Transformer(nn.Module):
@@ -306,10 +336,12 @@ class Transformer(nn.Module):
             raise RuntimeError("call setup_caches(...) before forward")
         mask = self.causal_mask[input_pos][None, None]  # [1, 1, S, L]
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [S, R]
-        x = self.tok_embeddings(idx)  # [B, S, D]
+        a, b = self.tok_embeddings(idx), None  # [B, S, D]; the residual stream is a + b
+        b_from = None  # the projection that produced b (the previous layer's down)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos)
-        return self.output(self.norm(x))
+            a, b = layer.forward_pending(a, b, cos, sin, mask, input_pos, b_from)
+            b_from = layer.feed_forward.w2
+        return self.output(self.norm(a if b is None else a + b))
 
     def decode_attention_supported(self) -> bool:
         """Whether ``torch.ops.decdec.decode_attention`` serves these heads (<= 8 query heads per KV head,

@@ -16,11 +16,14 @@ and leave the combine to the caller (``reference.combine_dec_parts``), which a c
 next pointwise kernel.
 ``decode_attention``: ``q [B, H, Dh]``, ``k_cache``/``v_cache [>= B, Hkv, L, Dh]``, ``pos [1] int64`` (read
 on the device, so a recorded graph serves every step), ``window`` (0 = none) -> ``[B, H * Dh]``.
+``ap_gemv_addnorm(a, b, gamma, eps, qweight, lut) -> (y, h)``: the residual add and RMSNorm before a projection,
+inside its GEMV (h = a + b, y = W rms_norm(h)); the CUDA kernel serves where ``addnorm_supported`` says.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch
 
@@ -49,6 +52,9 @@ _SCHEMAS = {
     "lutgemm_gemv_dec_parts": (
         "lutgemm_gemv_dec_parts(Tensor x, Tensor binary, Tensor alpha, Tensor q_bias, Tensor q_residual,"
         " Tensor bounds, int k_chunk, int n_tb) -> Tensor"
+    ),
+    "ap_gemv_addnorm": (
+        "ap_gemv_addnorm(Tensor a, Tensor b, Tensor gamma, float eps, Tensor qweight, Tensor lut) -> (Tensor, Tensor)"
     ),
     "decode_attention": "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, int window) -> Tensor",
 }
@@ -195,6 +201,36 @@ def _(x, binary, alpha, q_bias, q_residual, bounds, k_chunk, n_tb):
     return x.new_empty((1 + reference.dec_parts_rows(n), x.shape[0], out), dtype=torch.float32)
 
 
+def _check_addnorm(a, b, gamma, eps, qweight, lut) -> tuple[int, int]:
+    out, n = _ap_shape(qweight, lut)
+    _check_x(a, n)
+    torch._check(b.shape == a.shape, lambda: f"b must be {tuple(a.shape)} like a, got {tuple(b.shape)}")
+    torch._check(gamma.shape == (n,), lambda: f"gamma must be [{n}], got {tuple(gamma.shape)}")
+    torch._check(eps >= 0, lambda: f"eps must be >= 0, got {eps}")
+    return out, n
+
+
+@torch.library.register_fake("decdec::ap_gemv_addnorm")
+def _(a, b, gamma, eps, qweight, lut):
+    out, _ = _check_addnorm(a, b, gamma, eps, qweight, lut)
+    return _empty_out(a, out), torch.empty_like(a)
+
+
+def addnorm_supported(bits: int, in_features: int) -> bool:
+    """Where ``ap_gemv_addnorm``'s CUDA kernel serves (csrc ``ap_addnorm_supported``; checked against it on the
+    GPU): 3-bit weights on the streaming GEMV -- in a multiple of 128 whose 128-channel groups keep a warp's lanes
+    busy, not on the tensor-core kernel -- with in <= 8192. Pure arithmetic, so a compiled step evaluates it once.
+    ``DECDEC_ADDNORM=0`` turns the fused kernel off (same-machine A/B, like ``DECDEC_PDL=0``)."""
+    if os.environ.get("DECDEC_ADDNORM", "1") == "0":
+        return False
+    if bits != 3 or in_features % 128 or in_features > 8192:
+        return False
+    g4 = in_features // 128
+    stream = 5 * g4 >= 4 * 32 * (-(-g4 // 32))
+    mma = in_features % 512 == 0 and g4 % 32 != 0
+    return stream and not mma
+
+
 # ---------------------------------------------------------------------------- CPU kernels = reference
 @torch.library.impl(_lib, "ap_gemv", "CPU")
 def _(x, qweight, lut):
@@ -259,6 +295,12 @@ def _(x, binary, alpha, q_bias, q_residual, bounds, k_chunk, n_tb):
     _check_x(x, n)
     _check_dec(q_residual, None, bounds, k_chunk, n_tb, out, n)
     return reference.lutgemm_gemv_dec_parts(x, binary, alpha, q_bias, q_residual, bounds, k_chunk)
+
+
+@torch.library.impl(_lib, "ap_gemv_addnorm", "CPU")
+def _(a, b, gamma, eps, qweight, lut):
+    _check_addnorm(a, b, gamma, eps, qweight, lut)
+    return reference.ap_gemv_addnorm(a, b, gamma, eps, qweight, lut)
 
 
 @torch.library.impl(_lib, "decode_attention", "CPU")

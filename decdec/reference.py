@@ -214,6 +214,18 @@ def combine_dec_parts(parts: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     return (parts[0] + parts[1:].sum(0) * scales.to(torch.float32)).to(dtype)
 
 
+def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The model's RMSNorm: normalised in float32 like HF, then scaled by ``weight`` in h's dtype."""
+    hf = h.float()
+    return weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).type_as(h)
+
+
+def ap_gemv_addnorm(a, b, gamma, eps, qweight, lut):
+    """(y, h): h = a + b (the residual stream), y = ap_gemv(rms_norm(h, gamma, eps))."""
+    h = a + b
+    return ap_gemv(rms_norm(h, gamma, eps), qweight, lut), h
+
+
 # ---------------------------------------------------------------------------- selection ablations
 def _per_chunk_topk(scores: torch.Tensor, k_chunk: int) -> torch.Tensor:
     """scores [M, in] -> mask [M, in] of the floor(k_chunk*L/1024) highest scores of every chunk

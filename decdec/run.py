@@ -446,7 +446,7 @@ class Run:
             last = r == t.verify_rounds  # nothing fitted: DEC off (k_chunk = 0), measured like the others
             choices = {}
             for bits in sorted(set(built.bitwidths.values())):
-                c = tune.choose(timings, in_features, 0.0 if last else budget, bits)
+                c = tune.choose(timings, in_features, 0.0 if last else budget, bits, dec=not last)
                 if c is None:
                     raise RuntimeError(f"no DEC setting fits the budget for {bits}-bit layers (even k_chunk=0 timings exceed it)")
                 choices[bits] = c

@@ -77,12 +77,13 @@ def rows_per_token(k_chunk: int, in_features: int) -> int:
     return sum(chunk_quotas(k_chunk, in_features))
 
 
-def choose(timings: list[Timing], in_features: dict[str, int], budget_s: float, bits: int) -> dict | None:
-    """Best (n_tb, {proj: k_chunk}) for one bit-width within ``budget_s`` extra seconds per layer."""
+def choose(timings: list[Timing], in_features: dict[str, int], budget_s: float, bits: int, dec: bool = True) -> dict | None:
+    """Best (n_tb, {proj: k_chunk}) for one bit-width within ``budget_s`` extra seconds per layer; ``dec=False``:
+    k_chunk = 0 everywhere (a zero budget alone could still admit a DEC setting timed at or under its GEMV)."""
     best = None
     for n_tb in sorted({t.n_tb for t in timings if t.bits == bits}):
         table = {(t.proj, t.k_chunk): t.seconds for t in timings if t.bits == bits and t.n_tb == n_tb}
-        ks = sorted({k for (_, k) in table})
+        ks = sorted({k for (_, k) in table}) if dec else [0]
         base = {p: table[(p, 0)] for p in PROJECTIONS}
         for combo in itertools.product(ks, repeat=len(PROJECTIONS)):
             extra = sum(table[(p, k)] - base[p] for p, k in zip(PROJECTIONS, combo))

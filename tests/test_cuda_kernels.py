@@ -344,6 +344,41 @@ def test_fused_multi_token():
     close(y, x.float() @ w.t() + dec_from_mask(x, mask, q, scales), "fused M=5")
 
 
+# ---------------------------------------------------------------------------- add + RMSNorm inside the GEMV
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("shape", [(4096, 6144), (4096, 28672), (8192, 1024)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_ap_gemv_addnorm(shape, m):
+    n, out = shape
+    qw, lut = make_ap(n, out, 3, torch.float16, n + out + 7)
+    a, b = make_x(m, n, torch.float16, 91), make_x(m, n, torch.float16, 92)
+    gamma = (torch.rand(n, generator=gen(93), device=DEV) + 0.5).half()
+    y, h = torch.ops.decdec.ap_gemv_addnorm(a, b, gamma, 1e-5, qw, lut)
+    assert torch.equal(h, a + b), "h must be the fp16 sum a + b"
+    x = reference.rms_norm(a + b, gamma, 1e-5)
+    close(y, x.float() @ reference.ap_dequant(qw, lut.float()).t(), f"ap_gemv_addnorm {shape} M={m}", rel=2.0)
+    y2, h2 = torch.ops.decdec.ap_gemv_addnorm(a, b, gamma, 1e-5, qw, lut)
+    assert torch.equal(y, y2) and torch.equal(h, h2)
+
+
+def test_addnorm_support_rule_matches_the_kernel():
+    for n in range(128, 16384 + 1, 128):
+        assert ops.addnorm_supported(3, n) == _C.ap_addnorm_supported(3, n), n
+    assert not ops.addnorm_supported(4, 4096) and not _C.ap_addnorm_supported(4, 4096)
+
+
+def test_ap_gemv_addnorm_errors_and_opcheck():
+    qw, lut = make_ap(4096, 256, 3, torch.float16, 94)
+    a, b = make_x(1, 4096, torch.float16, 95), make_x(1, 4096, torch.float16, 96)
+    gamma = torch.ones(4096, device=DEV, dtype=torch.float16)
+    torch.library.opcheck(torch.ops.decdec.ap_gemv_addnorm.default, (a, b, gamma, 1e-5, qw, lut))
+    qw5, lut5 = make_ap(5120, 256, 3, torch.float16, 97)
+    with pytest.raises(RuntimeError, match="ap_gemv_addnorm serves 3-bit"):
+        torch.ops.decdec.ap_gemv_addnorm(make_x(1, 5120, torch.float16, 98), make_x(1, 5120, torch.float16, 99),
+                                         torch.ones(5120, device=DEV, dtype=torch.float16), 1e-5, qw5, lut5)
+    with pytest.raises(RuntimeError, match="gamma must be"):
+        torch.ops.decdec.ap_gemv_addnorm(a, b, gamma[:100], 1e-5, qw, lut)
+
+
 # ---------------------------------------------------------------------------- errors
 def test_errors_name_the_values():
     qw, lut = make_ap(1024, 256, 3, torch.float16, 1)

@@ -155,3 +155,40 @@ def test_tune_on_gpu_small_model(tmp_path, cache_dir):
     dec = yaml.safe_load((tmp_path / "run" / "dec_tuned.yaml").read_text())
     assert set(dec["k_chunk"]) == {"qkv", "o", "gate_up", "down"}
     assert all(v in (0, 8, 64) for v in dec["k_chunk"].values())
+
+
+def test_addnorm_decode_equals_separate_ops(monkeypatch):
+    """Llama-3-8B layer shapes (2 layers): decode steps whose qkv and gate_up GEMVs perform the residual add and
+    RMSNorm themselves (ap_gemv_addnorm) give the logits of the same model with separate add / norm ops, eager and
+    compiled (one CUDA graph per step)."""
+    _kernels_or_skip()
+    from decdec.config import DecConfig, KChunk
+    from decdec.synthetic import build_synthetic
+
+    dev = torch.device("cuda")
+    dec = DecConfig(name="t", n_tb=8, k_chunk=KChunk(qkv=0, o=0, gate_up=0, down=0))
+    model = build_synthetic("llama3-2l", "ap", 3, False, torch.float16, dev, dec, seed=3).model
+    lin, norm = model.layers[1].attention.wqkv, model.layers[1].attention_norm
+    assert lin._addnorm_kernel(torch.zeros(1, 1, 4096, device=dev, dtype=torch.float16), norm)
+    tokens = torch.randint(0, 1024, (24,), generator=torch.Generator().manual_seed(4))
+
+    def step(m, tok, pos):
+        return m(tok, pos)
+
+    def run(fn):
+        model.setup_caches(1, 32, torch.float16, dev)
+        with torch.no_grad():
+            model(tokens[:8].view(1, -1).to(dev), torch.arange(8, device=dev))
+            return torch.stack([fn(model, tokens[i:i + 1].view(1, 1).to(dev), torch.tensor([i], device=dev))[0, -1].float()
+                                for i in range(8, 24)])
+
+    fused = run(step)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(step, fullgraph=True))
+    with monkeypatch.context() as mp:
+        mp.setattr(ops, "addnorm_supported", lambda bits, n: False)
+        assert not lin._addnorm_kernel(torch.zeros(1, 1, 4096, device=dev, dtype=torch.float16), norm)
+        separate = run(step)
+    scale = separate.abs().max()
+    assert (fused - separate).abs().max() / scale < 0.02, "fused add + RMSNorm GEMV differs from separate ops"
+    assert (compiled - fused).abs().max() / scale < 0.02, "compiled fused decode differs from eager"

@@ -199,3 +199,32 @@ def test_gqa_attention_equals_expanded_heads(H, Hkv, S):
     mask2 = mask.clone()
     mask2[..., 0] = False  # a different mask must change the result (the mask is applied per row)
     assert not torch.allclose(gqa_attention(q, k, v, mask2), got)
+
+
+def test_add_norm_project_keeps_separate_ops_after_a_dec_projection():
+    """The fused add + RMSNorm GEMV is skipped when b comes from a projection running DEC (its combine then fuses
+    into the separate add + norm kernel); the result is the same math either way."""
+    from decdec.model import RMSNorm, add_norm_project
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.fused_calls = nn.Linear(8, 4, bias=False), 0
+
+        def forward(self, x):
+            return self.lin(x)
+
+        def forward_addnorm(self, a, b, norm):
+            self.fused_calls += 1
+            h = a + b
+            return self(norm(h)), h
+
+    class Dec(nn.Module):
+        k_chunk = 16
+
+    probe, norm = Probe(), RMSNorm(8, 1e-5)
+    a, b = torch.randn(1, 1, 8), torch.randn(1, 1, 8)
+    y1, h1 = add_norm_project(probe, a, b, norm, None)
+    y2, h2 = add_norm_project(probe, a, b, norm, Dec())
+    assert probe.fused_calls == 1
+    assert torch.equal(h1, a + b) and torch.equal(h2, a + b) and torch.allclose(y1, y2)

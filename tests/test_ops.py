@@ -173,6 +173,33 @@ def test_parts_beyond_four_chunks_are_summed():
     assert fake.shape == (2, 2, out)
 
 
+def test_addnorm_op_is_add_then_rmsnorm_then_gemv():
+    d = _inputs(torch.float16, seed=10)
+    b = torch.randn(M, IN, generator=torch.Generator().manual_seed(11)).half()
+    gamma = (torch.rand(IN, generator=torch.Generator().manual_seed(12)) + 0.5).half()
+    y, h = OPS.ap_gemv_addnorm(d["x"], b, gamma, 1e-5, d["qweight"], d["lut"])
+    assert torch.equal(h, d["x"] + b)
+    xn = reference.rms_norm(d["x"] + b, gamma, 1e-5)
+    assert torch.equal(y, OPS.ap_gemv(xn, d["qweight"], d["lut"]))
+    result = torch.library.opcheck(OPS.ap_gemv_addnorm.default, (d["x"], b, gamma, 1e-5, d["qweight"], d["lut"]),
+                                   test_utils=("test_schema", "test_faketensor"))
+    assert all(v == "SUCCESS" for v in result.values()), result
+    with FakeTensorMode() as mode:
+        fy, fh = OPS.ap_gemv_addnorm(*(mode.from_tensor(t) for t in (d["x"], b, gamma)), 1e-5,
+                                     mode.from_tensor(d["qweight"]), mode.from_tensor(d["lut"]))
+    assert fy.shape == (M, OUT) and fh.shape == (M, IN)
+    with pytest.raises(RuntimeError, match="gamma must be"):
+        OPS.ap_gemv_addnorm(d["x"], b, gamma[:10], 1e-5, d["qweight"], d["lut"])
+
+
+@pytest.mark.parametrize("n,ok", [(4096, True), (8192, True), (14336, False), (5120, False), (2048, False),
+                                  (576, False), (4160, False)])
+def test_addnorm_supported_rule(n, ok):
+    """The shapes the fused add + RMSNorm GEMV serves (its CUDA twin is checked on the GPU)."""
+    assert decdec.ops.addnorm_supported(3, n) is ok
+    assert not decdec.ops.addnorm_supported(4, n)
+
+
 # ---------------------------------------------------------------------------- fake tensors
 @pytest.mark.parametrize("m", [1, 7])
 @pytest.mark.parametrize("name", ALL_OPS)

@@ -128,3 +128,13 @@ def test_tune_turns_dec_off_when_no_choice_fits(tmp_path, cache_dir, monkeypatch
     assert all(k == 0 for k in rounds[-1]["choice"]["3"]["k_chunk"].values())  # DEC off, measured as the last round
     assert any(k > 0 for k in rounds[0]["choice"]["3"]["k_chunk"].values())
     assert seen[-1] == [0]
+
+
+def test_choose_without_dec_ignores_timings_under_the_gemv():
+    """Timing noise can put a DEC setting at or under its GEMV: a zero budget would admit it, dec=False does not."""
+    from decdec.tune import PROJECTIONS, Timing, choose
+
+    t = [Timing(p, 3, 8, 0, 10e-6) for p in PROJECTIONS] + [Timing(p, 3, 8, 16, 9.9e-6) for p in PROJECTIONS]
+    ins = {p: 4096 for p in PROJECTIONS}
+    assert all(k == 16 for k in choose(t, ins, 0.0, 3)["k_chunk"].values())
+    assert all(k == 0 for k in choose(t, ins, 0.0, 3, dec=False)["k_chunk"].values())
