@@ -128,7 +128,10 @@ def test_peak_memory_with_dec_matches_dec_off():
 
     dev = torch.device("cuda")
     peaks = []
-    for k in (0, 64):
+    # dec=off twice around DEC: the first run in a fresh process also holds first-use temporaries (run first with
+    # `-k`, H200 2026-11-27, it exceeded the 1 % bound; after other tests it never did), so DEC is compared with
+    # the dec=off run after it
+    for k in (0, 64, 0):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         built = build_synthetic("smollm2-135m", "ap", 3, False, torch.float16, dev,
@@ -136,7 +139,7 @@ def test_peak_memory_with_dec_matches_dec_off():
         Generator(built.model, dev, torch.float16, 64, "none").generate(torch.arange(1, 17), 16)
         peaks.append(torch.cuda.max_memory_allocated())
         del built
-    assert abs(peaks[1] - peaks[0]) <= 0.01 * peaks[0], peaks  # residuals stay in host memory
+    assert abs(peaks[1] - peaks[2]) <= 0.01 * peaks[2], peaks  # residuals stay in host memory
 
 
 def test_tune_on_gpu_small_model(tmp_path, cache_dir):
