@@ -128,9 +128,9 @@ def test_peak_memory_with_dec_matches_dec_off():
 
     dev = torch.device("cuda")
     peaks = []
-    # dec=off twice around DEC: the first run in a fresh process also holds first-use temporaries (run first with
-    # `-k`, H200 2026-11-27, it exceeded the 1 % bound; after other tests it never did), so DEC is compared with
-    # the dec=off run after it
+    # dec=off twice around DEC, and DEC compared with the second: run first in a fresh process (`-k`, H200,
+    # 2026-11-27) the test failed the 1 % bound, after other tests it never did -- the suspected cause, first-use
+    # temporaries in the process's first run, is not yet confirmed on a GPU
     for k in (0, 64, 0):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
