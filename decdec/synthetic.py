@@ -38,15 +38,15 @@ SHAPES: dict[str, dict] = {
     "smollm2-4l": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=4,
                        num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0,
                        max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True),
-    # Llama-3-8B's projection shapes with 2 layers and a small vocabulary: GPU tests of the decode kernels that only
-    # serve in = 4096 (the fused add + RMSNorm GEMV)
-    "llama3-2l": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
-                      num_attention_heads=32, num_key_value_heads=8, vocab_size=1024, rope_theta=500000.0,
-                      max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False),
     "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=320, rope_theta=10000.0,
                  max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False),
 }
+
+
+# Llama-3-8B's projection shapes with 2 layers and a small vocabulary: GPU tests of the decode kernels that only
+# serve in = 4096 (the fused add + RMSNorm GEMV)
+SHAPES["llama3-2l"] = {**SHAPES["llama3-8b"], "num_hidden_layers": 2, "vocab_size": 1024}
 
 
 def _random_int32(shape, generator, device) -> torch.Tensor:
