@@ -422,7 +422,7 @@ struct StreamItem {  // one lane's share of R rows: 3 planes x 4 words per row, 
 template <int R>
 constexpr int stream_blocks_per_sm() { return R == 2 ? 2 : 3; }
 
-template <int R, bool NORM = false>
+template <int R, bool NORM = false, bool PACKED = false>
 __global__ void __launch_bounds__(kStreamThreads, stream_blocks_per_sm<R>())
     ap3_gemv_stream_kernel(const __half* __restrict__ x, const uint32_t* __restrict__ qw,
                            const __half* __restrict__ lut, __half* __restrict__ y, int in, int out, int block_rows,
@@ -446,9 +446,9 @@ __global__ void __launch_bounds__(kStreamThreads, stream_blocks_per_sm<R>())
 #pragma unroll
     for (int j = 0; j < R; ++j) {
       const int r = ra + j < r1 ? ra + j : ra;
-      const uint32_t* p = qw + (size_t)r * words + 4 * g;
-#pragma unroll
-      for (int q = 0; q < 3; ++q) d.w[j][q] = ldg_stream_v4(p + q * plane);
+      const uint32_t* p = PACKED ? qw + ((size_t)r * words + 4 * g) * 3 : qw + (size_t)r * words + 4 * g;
+#pragma unroll  // PACKED: d.w[j] is the flat 12 words, group v's W_k at 3 v + k
+      for (int q = 0; q < 3; ++q) d.w[j][q] = ldg_stream_v4(p + (PACKED ? 4 * q : q * plane));
       d.l[j] = __ldg(reinterpret_cast<const uint4*>(lut + (size_t)r * 8));
     }
   };
@@ -481,12 +481,17 @@ __global__ void __launch_bounds__(kStreamThreads, stream_blocks_per_sm<R>())
         uint32_t A[R], B[R], C[R];
 #pragma unroll
         for (int j = 0; j < R; ++j) {
-          const uint32_t* w0 = reinterpret_cast<const uint32_t*>(&c.w[j][0]);
-          const uint32_t* w1 = reinterpret_cast<const uint32_t*>(&c.w[j][1]);
-          const uint32_t* w2 = reinterpret_cast<const uint32_t*>(&c.w[j][2]);
-          A[j] = w0[v];
-          B[j] = __funnelshift_l(w1[v], w1[v], 1);
-          C[j] = __funnelshift_l(w2[v], w2[v], 2);
+          if constexpr (PACKED) {
+            const uint32_t* f = reinterpret_cast<const uint32_t*>(&c.w[j][0]);
+            A[j] = f[3 * v]; B[j] = f[3 * v + 1]; C[j] = f[3 * v + 2];
+          } else {
+            const uint32_t* w0 = reinterpret_cast<const uint32_t*>(&c.w[j][0]);
+            const uint32_t* w1 = reinterpret_cast<const uint32_t*>(&c.w[j][1]);
+            const uint32_t* w2 = reinterpret_cast<const uint32_t*>(&c.w[j][2]);
+            A[j] = w0[v];
+            B[j] = __funnelshift_l(w1[v], w1[v], 1);
+            C[j] = __funnelshift_l(w2[v], w2[v], 2);
+          }
         }
         // chunks 4v .. 4v+3 of the group: physical (4v + k) ^ (lane & 7); v >= 2 adds 128 bytes
         const uint32_t p01 = gbase + ((16u * (4 * (v & 1))) ^ swz) + 128u * (v >> 1);
@@ -499,12 +504,12 @@ __global__ void __launch_bounds__(kStreamThreads, stream_blocks_per_sm<R>())
 #pragma unroll
         for (int j = 0; j < R; ++j) {
           __half2 h0 = __float2half2_rn(0.f), h1 = h0;
-          ap3_dot8<0>(A[j], B[j], C[j], lt[j][0], lt[j][1], lt[j][2], lt[j][3], xv[0], h0, h1);
-          ap3_dot8<1>(A[j], B[j], C[j], lt[j][0], lt[j][1], lt[j][2], lt[j][3], xv[1], h0, h1);
+          ap3_dot8<0, PACKED>(A[j], B[j], C[j], lt[j][0], lt[j][1], lt[j][2], lt[j][3], xv[0], h0, h1);
+          ap3_dot8<1, PACKED>(A[j], B[j], C[j], lt[j][0], lt[j][1], lt[j][2], lt[j][3], xv[1], h0, h1);
           const float2 f0 = __half22float2(h0), f1 = __half22float2(h1);
           __half2 h2 = __float2half2_rn(0.f), h3 = h2;
-          ap3_dot8<2>(A[j], B[j], C[j], lt[j][0], lt[j][1], lt[j][2], lt[j][3], xv[2], h2, h3);
-          ap3_dot8<3>(A[j], B[j], C[j], lt[j][0], lt[j][1], lt[j][2], lt[j][3], xv[3], h2, h3);
+          ap3_dot8<2, PACKED>(A[j], B[j], C[j], lt[j][0], lt[j][1], lt[j][2], lt[j][3], xv[2], h2, h3);
+          ap3_dot8<3, PACKED>(A[j], B[j], C[j], lt[j][0], lt[j][1], lt[j][2], lt[j][3], xv[3], h2, h3);
           const float2 f2 = __half22float2(h2), f3 = __half22float2(h3);
           acc[j] += ((f0.x + f0.y) + (f1.x + f1.y)) + ((f2.x + f2.y) + (f3.x + f3.y));
         }
@@ -566,23 +571,27 @@ __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-template <int K>
+template <int K, bool PACKED, int OFF>  // x chunk at shared address xaddr + OFF
 __device__ __forceinline__ void ap3_mma_step(const uint32_t (&A)[2], const uint32_t (&B)[2], const uint32_t (&C)[2],
                                              const uint32_t (&lt)[2][4], uint32_t xaddr, float (&acc0)[4],
                                              float (&acc1)[4]) {
   uint32_t w0[4], w1[4];
-  ap3_decode8<K>(A[0], B[0], C[0], lt[0][0], lt[0][1], lt[0][2], lt[0][3], w0);
-  ap3_decode8<K>(A[1], B[1], C[1], lt[1][0], lt[1][1], lt[1][2], lt[1][3], w1);
+  ap3_decode8_any<K, PACKED>(A[0], B[0], C[0], lt[0][0], lt[0][1], lt[0][2], lt[0][3], w0);
+  ap3_decode8_any<K, PACKED>(A[1], B[1], C[1], lt[1][0], lt[1][1], lt[1][2], lt[1][3], w1);
   uint4 xv;
-  asm("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(xv.x), "=r"(xv.y), "=r"(xv.z), "=r"(xv.w) : "r"(xaddr));
+  asm("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4+%5];" : "=r"(xv.x), "=r"(xv.y), "=r"(xv.z), "=r"(xv.w) : "r"(xaddr),
+      "n"(OFF));
   // a0 / a2: row g, a1 / a3: row g + 8; b0 / b1: the x pairs of the same channels
   mma16816(acc0, w0[0], w1[0], w0[1], w1[1], xv.x, xv.y);
   mma16816(acc1, w0[2], w1[2], w0[3], w1[3], xv.z, xv.w);
 }
 
+// PACKED: qweight in the kernel layout [out, in/32, 3] (the lane's 4 groups x 3 words are 48 contiguous bytes).
+// NORM: x is formed from a + b and RMSNorm while staging (kernels.h `AddNorm`, in <= 8192), as the streaming kernel.
+template <bool PACKED, bool NORM = false>
 __global__ void __launch_bounds__(kMmaThreads, 2)
     ap3_gemv_mma_kernel(const __half* __restrict__ x, const uint32_t* __restrict__ qw, const __half* __restrict__ lut,
-                        __half* __restrict__ y, int in, int out, int block_rows, Fused fused) {
+                        __half* __restrict__ y, int in, int out, int block_rows, Fused fused, AddNorm an) {
   extern __shared__ __align__(16) uint4 xs[];  // in / 8 chunks of x, then red [groups * 16][kMmaWarps]
   __shared__ int flags[kMmaThreads];
   const int words = in >> 5, KS = words >> 4;  // k-slices of 16 words
@@ -595,56 +604,83 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   const size_t plane = (size_t)out * words;
   float* red = reinterpret_cast<float*>(xs + (in >> 3));
 
-  auto load = [&](MmaItem& d, int j) {  // this warp's j-th item
-    const int i = warp + kMmaWarps * j, grp = i / KS, ks = i - grp * KS;
+  // item i = warp + 8 j is (16-row group grp, k-slice ks) = (i / KS, i % KS): loads and computes walk their items in
+  // order, each with a cursor advanced by 8 items (no division per item)
+  struct Cursor {
+    int grp, ks;
+  };
+  auto advance = [&](Cursor& c) {
+    c.ks += kMmaWarps;
+    while (c.ks >= KS) c.ks -= KS, ++c.grp;
+  };
+  Cursor lc{warp / KS, warp % KS};
+  Cursor cc = lc;
+  auto load = [&](MmaItem& d) {  // this warp's next item
+    const int grp = lc.grp, ks = lc.ks;
+    advance(lc);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       int r = r0 + 16 * grp + g + 8 * h;
       r = r < r1 ? r : r1 - 1;  // rows past the tile: decode a valid row, never stored
-      const uint32_t* p = qw + (size_t)r * words + 4 * (4 * ks + t);
+      const uint32_t* p = PACKED ? qw + ((size_t)r * words + 4 * (4 * ks + t)) * 3
+                                 : qw + (size_t)r * words + 4 * (4 * ks + t);
 #pragma unroll
-      for (int q = 0; q < 3; ++q) {
-        const uint4 v = ldg_stream_v4(p + q * plane);
+      for (int q = 0; q < 3; ++q) {  // PACKED: d.w[h] is the flat 12 words, group v's W_k at 3 v + k
+        const uint4 v = ldg_stream_v4(p + (PACKED ? 4 * q : q * plane));
         d.w[h][q][0] = v.x; d.w[h][q][1] = v.y; d.w[h][q][2] = v.z; d.w[h][q][3] = v.w;
       }
       d.l[h] = __ldg(reinterpret_cast<const uint4*>(lut + (size_t)r * 8));
     }
   };
   MmaItem bufA, bufB;
-  if (my_items > 0) load(bufA, 0);
+  if (my_items > 0) load(bufA);
   pdl_wait();  // the first weights are in flight; x (and y) belong to the previous kernel
 
   for (int i = threadIdx.x; i < ngroups * 16 * kMmaWarps; i += kMmaThreads) red[i] = 0.f;
-  stage_x_swizzled<kMmaThreads>(x + (size_t)m * in, in, xs);
+  if constexpr (NORM) stage_x_addnorm<kMmaThreads>(x + (size_t)m * in, an, m, in, xs, reinterpret_cast<float*>(flags));
+  else stage_x_swizzled<kMmaThreads>(x + (size_t)m * in, in, xs);
   __syncthreads();
 
   const uint32_t xs_base = (uint32_t)__cvta_generic_to_shared(xs);
+  // the lane's words 4 (4 ks + t) + v; chunk c of x sits at xs_swz(c) = c ^ ((c >> 4) & 7), so for the 4-word group
+  // g4 = 4 ks + t chunk 16 g4 + (4 v + K) sits at 16 g4 + ((4 v + K) ^ (g4 & 7)) = 16 g4 + 4 (v ^ s) + (K ^ t) with
+  // s = ks & 1: byte offset 64 v + (v even ? 64 s : -64 s) + 16 (K ^ t) from 256 g4
+  const uint32_t kt0 = 16u * (0 ^ t), kt1 = 16u * (1 ^ t), kt2 = 16u * (2 ^ t), kt3 = 16u * (3 ^ t);
   float acc0[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};
   auto compute = [&](const MmaItem& c, int j) {
-    const int i = warp + kMmaWarps * j, grp = i / KS, ks = i - grp * KS;
+    const int grp = cc.grp, ks = cc.ks;
     uint32_t lt[2][4];
 #pragma unroll
     for (int h = 0; h < 2; ++h) lut_tables(c.l[h], lt[h][0], lt[h][1], lt[h][2], lt[h][3]);
-    // the lane's words 4 (4 ks + t) + v; chunk c of x sits at xs_swz(c) = c ^ ((c >> 4) & 7), so for
-    // the 4-word group g4 = 4 ks + t chunk 16 g4 + c' sits at 16 g4 + (c' ^ (g4 & 7))
-    const int g4 = 4 * ks + t;
-    const uint32_t gbase = xs_base + 256u * (uint32_t)g4, sw = (uint32_t)(g4 & 7);
-#pragma unroll
-    for (int v = 0; v < 4; ++v) {
+    const uint32_t gbase = xs_base + 256u * (uint32_t)(4 * ks + t), d = 64u * (uint32_t)(ks & 1);
+    const uint32_t pe = gbase + d, po = gbase - d;
+    const uint32_t a_e[4] = {pe + kt0, pe + kt1, pe + kt2, pe + kt3}, a_o[4] = {po + kt0, po + kt1, po + kt2, po + kt3};
+    auto word_group = [&](auto vc) {  // the lane's word v of each row: 32 channels, 4 MMAs per row pair
+      constexpr int v = decltype(vc)::value;
       uint32_t A[2], B[2], C[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        A[h] = c.w[h][0][v];
-        B[h] = __funnelshift_l(c.w[h][1][v], c.w[h][1][v], 1);
-        C[h] = __funnelshift_l(c.w[h][2][v], c.w[h][2][v], 2);
+        if constexpr (PACKED) {
+          const uint32_t* f = &c.w[h][0][0];
+          A[h] = f[3 * v]; B[h] = f[3 * v + 1]; C[h] = f[3 * v + 2];
+        } else {
+          A[h] = c.w[h][0][v];
+          B[h] = __funnelshift_l(c.w[h][1][v], c.w[h][1][v], 1);
+          C[h] = __funnelshift_l(c.w[h][2][v], c.w[h][2][v], 2);
+        }
       }
-      ap3_mma_step<0>(A, B, C, lt, gbase + 16u * ((4u * v + 0) ^ sw), acc0, acc1);
-      ap3_mma_step<1>(A, B, C, lt, gbase + 16u * ((4u * v + 1) ^ sw), acc0, acc1);
-      ap3_mma_step<2>(A, B, C, lt, gbase + 16u * ((4u * v + 2) ^ sw), acc0, acc1);
-      ap3_mma_step<3>(A, B, C, lt, gbase + 16u * ((4u * v + 3) ^ sw), acc0, acc1);
-    }
-    const int i_next = i + kMmaWarps;
-    if (j + 1 >= my_items || i_next / KS != grp) {  // the warp's last item of this group: flush
+      const uint32_t* a = (v & 1) ? a_o : a_e;
+      ap3_mma_step<0, PACKED, 64 * v>(A, B, C, lt, a[0], acc0, acc1);
+      ap3_mma_step<1, PACKED, 64 * v>(A, B, C, lt, a[1], acc0, acc1);
+      ap3_mma_step<2, PACKED, 64 * v>(A, B, C, lt, a[2], acc0, acc1);
+      ap3_mma_step<3, PACKED, 64 * v>(A, B, C, lt, a[3], acc0, acc1);
+    };
+    word_group(std::integral_constant<int, 0>{});
+    word_group(std::integral_constant<int, 1>{});
+    word_group(std::integral_constant<int, 2>{});
+    word_group(std::integral_constant<int, 3>{});
+    advance(cc);
+    if (j + 1 >= my_items || cc.grp != grp) {  // the warp's last item of this group: flush
       if (t == 0) {  // every column of D is the same dot product: lanes t = 0 keep column 0
         red[(16 * grp + g) * kMmaWarps + warp] = acc0[0] + acc1[0];
         red[(16 * grp + g + 8) * kMmaWarps + warp] = acc0[2] + acc1[2];
@@ -658,10 +694,10 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   // (scripts/gemv_ab.cu, session 3 code, run in session 4): one buffer, 2 words per lane or 3-4 blocks
   // per SM (64-113 registers) were all slower, 4096x28672 27.8-35.3 us against 24.0 us here.
   for (int j = 0; j < my_items; j += 2) {
-    if (j + 1 < my_items) load(bufB, j + 1);
+    if (j + 1 < my_items) load(bufB);
     compute(bufA, j);
     if (j + 1 >= my_items) break;
-    if (j + 2 < my_items) load(bufA, j + 2);
+    if (j + 2 < my_items) load(bufA);
     compute(bufB, j + 1);
   }
   __syncthreads();
@@ -733,8 +769,16 @@ bool use_stream_kernel(int bits, bool f16, int in) {
 // H200, 2026-11-27, same-run A/B (scripts/gemv_ab.cu, docs/PERF.md): 5120x7680 15.7 -> 10.9 us,
 // 5120x5120 11.4 -> 8.8, 5120x35840 43.1 -> 36.9, 17920x5120 26.9 -> 24.0, 14336x4096 14.8 -> 14.6;
 // 4096x6144 / 4096x4096 stay on the streaming kernel (6.8 / 5.2 us there, 7.3 / 5.6 here).
+// DECDEC_MMA4096=1 sends those widths to the tensor-core kernel too (same-machine A/B).
+bool mma_everywhere() {
+  static const bool on = [] {
+    const char* e = std::getenv("DECDEC_MMA4096");
+    return e && e[0] == '1';
+  }();
+  return on;
+}
 bool use_mma_kernel(int bits, bool f16, int in) {
-  return bits == 3 && f16 && in % 512 == 0 && (in / 128) % 32 != 0;
+  return bits == 3 && f16 && in % 512 == 0 && ((in / 128) % 32 != 0 || mma_everywhere());
 }
 
 // Rows per block of the tensor-core kernel, in whole 16-row groups. What sets the time is the most
@@ -753,15 +797,16 @@ int mma_block_rows(int out, int reserve) {
   return 16 * gpb;
 }
 
+template <bool PACKED, bool NORM = false>
 cudaError_t launch_mma(const void* x, const uint32_t* qw, const void* lut, void* y, int M, int in, int out,
-                       const Fused& fused, cudaStream_t stream) {
+                       const Fused& fused, cudaStream_t stream, const AddNorm& an = AddNorm{}) {
   const int br = mma_block_rows(out, fused.reserve_blocks);
   const size_t smem = (size_t)in * sizeof(__half) + (size_t)br * kMmaWarps * sizeof(float);
-  const cudaError_t err = allow_smem(ap3_gemv_mma_kernel, smem);
+  const cudaError_t err = allow_smem(ap3_gemv_mma_kernel<PACKED, NORM>, smem);
   if (err != cudaSuccess) return err;
-  return launch_gemv_kernel(ap3_gemv_mma_kernel, dim3(ceil_div(out, br), M), dim3(kMmaThreads), smem, stream,
+  return launch_gemv_kernel(ap3_gemv_mma_kernel<PACKED, NORM>, dim3(ceil_div(out, br), M), dim3(kMmaThreads), smem, stream,
                             static_cast<const __half*>(x), qw, static_cast<const __half*>(lut), static_cast<__half*>(y),
-                            in, out, br, fused);
+                            in, out, br, fused, an);
 }
 
 // Rows per warp item of the streaming kernel. 1 row (3 blocks/SM) measured slower than 2 at every
@@ -778,25 +823,35 @@ int stream_block_rows(int out, int reserve) {
   return max(R, ceil_div(ceil_div(out, blocks), R) * R);
 }
 
-template <int R, bool NORM = false>
+template <int R, bool NORM = false, bool PACKED = false>
 cudaError_t launch_stream(const void* x, const uint32_t* qw, const void* lut, void* y, int M, int in, int out,
                           const Fused& fused, cudaStream_t stream, const AddNorm& an = AddNorm{}) {
   const int br = stream_block_rows(out, fused.reserve_blocks);
   const size_t smem = (size_t)in * sizeof(__half);
-  const cudaError_t err = allow_smem(ap3_gemv_stream_kernel<R, NORM>, smem);
+  const cudaError_t err = allow_smem(ap3_gemv_stream_kernel<R, NORM, PACKED>, smem);
   if (err != cudaSuccess) return err;
-  return launch_gemv_kernel(ap3_gemv_stream_kernel<R, NORM>, dim3(ceil_div(out, br), M), dim3(kStreamThreads), smem,
+  return launch_gemv_kernel(ap3_gemv_stream_kernel<R, NORM, PACKED>, dim3(ceil_div(out, br), M), dim3(kStreamThreads), smem,
                             stream, static_cast<const __half*>(x), qw, static_cast<const __half*>(lut),
                             static_cast<__half*>(y), in, out, br, fused, an);
 }
 
+// The 3-bit kernel layout (common.cuh) is read by the tensor-core and streaming kernels only.
+bool packed_ok(DType dt, int bits, int in) {
+  return dt == DType::F16 && (use_mma_kernel(bits, true, in) || use_stream_kernel(bits, true, in));
+}
+
 template <int BITS, typename T>
 cudaError_t launch_gemv(const void* x, const uint32_t* qw, const void* lut, void* y, int M, int in, int out,
-                        const Fused& fused, cudaStream_t stream) {
+                        const Fused& fused, cudaStream_t stream, bool packed) {
   if constexpr (BITS == 3 && std::is_same_v<T, __half>) {
-    if (use_mma_kernel(BITS, true, in)) return launch_mma(x, qw, lut, y, M, in, out, fused, stream);
-    if (use_stream_kernel(BITS, true, in)) return launch_stream<kStreamRows>(x, qw, lut, y, M, in, out, fused, stream);
+    if (use_mma_kernel(BITS, true, in))
+      return packed ? launch_mma<true>(x, qw, lut, y, M, in, out, fused, stream)
+                    : launch_mma<false>(x, qw, lut, y, M, in, out, fused, stream);
+    if (use_stream_kernel(BITS, true, in))
+      return packed ? launch_stream<kStreamRows, false, true>(x, qw, lut, y, M, in, out, fused, stream)
+                    : launch_stream<kStreamRows>(x, qw, lut, y, M, in, out, fused, stream);
   }
+  if (packed) return cudaErrorInvalidValue;  // the checks in bindings.cpp name the cause first
   const int ks = ks_log2_for(BITS, in, out);
   const int RB = (kWarps >> ks) * (32 >> BITS);
   const dim3 grid(ceil_div(out, RB), M);
@@ -816,10 +871,52 @@ cudaError_t launch_gemv(const void* x, const uint32_t* qw, const void* lut, void
              : launch_gemv_kernel(ap_gemv_kernel<BITS, 1, T>, grid, dim3(kThreads), 0, stream, xt, qw, lt, yt, in, out, ks, fused);
 }
 
+// Dequantize the 3-bit kernel layout (prefill): one thread per (row, 32-channel group).
+template <typename T>
+__global__ void __launch_bounds__(256)
+    ap3p_dequant_kernel(const uint32_t* __restrict__ qw, const T* __restrict__ lut, T* __restrict__ w, int in, int out) {
+  const int words = in >> 5;
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (long long)out * words) return;
+  const int r = (int)(i / words), wd = (int)(i % words);
+  uint32_t W[3];
+#pragma unroll
+  for (int k = 0; k < 3; ++k) W[k] = __ldg(qw + (size_t)i * 3 + k);
+  T vals[8];
+#pragma unroll
+  for (int c = 0; c < 8; ++c) vals[c] = lut[(size_t)r * 8 + c];
+  T* dst = w + (size_t)r * in + (size_t)wd * 32;
+#pragma unroll
+  for (int j0 = 0; j0 < 32; j0 += 8) {
+    __align__(16) T o[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int ch = j0 + j, n = ch >> 2, k = ch & 3;
+      const int code = k < 3 ? (W[k] >> (4 * n)) & 7
+                             : ((W[0] >> (4 * n + 3)) & 1) | (((W[1] >> (4 * n + 3)) & 1) << 1) |
+                                   (((W[2] >> (4 * n + 3)) & 1) << 2);
+      T v = vals[0];
+#pragma unroll
+      for (int c = 1; c < 8; ++c) v = code == c ? vals[c] : v;  // no local-memory indexing
+      o[j] = v;
+    }
+    *reinterpret_cast<uint4*>(dst + j0) = *reinterpret_cast<const uint4*>(o);
+  }
+}
+
 template <int BITS, typename T>
-cudaError_t launch_dequant(const uint32_t* qw, const void* lut, void* w, int in, int out, cudaStream_t stream) {
+cudaError_t launch_dequant(const uint32_t* qw, const void* lut, void* w, int in, int out, cudaStream_t stream,
+                           bool packed) {
   const long long n = (long long)out * (in >> 5);
   if (n == 0) return cudaSuccess;
+  if (packed) {
+    if constexpr (BITS == 3) {
+      ap3p_dequant_kernel<T><<<(unsigned)((n + 255) / 256), 256, 0, stream>>>(qw, static_cast<const T*>(lut),
+                                                                             static_cast<T*>(w), in, out);
+      return cudaGetLastError();
+    }
+    return cudaErrorInvalidValue;
+  }
   ap_dequant_kernel<BITS, T><<<(unsigned)((n + 255) / 256), 256, 0, stream>>>(qw, static_cast<const T*>(lut),
                                                                                static_cast<T*>(w), in, out);
   return cudaGetLastError();
@@ -827,21 +924,22 @@ cudaError_t launch_dequant(const uint32_t* qw, const void* lut, void* w, int in,
 
 template <typename T>
 cudaError_t gemv_dispatch(int bits, const void* x, const uint32_t* qw, const void* lut, void* y, int M, int in,
-                          int out, const Fused& f, cudaStream_t s) {
+                          int out, const Fused& f, cudaStream_t s, bool packed) {
   switch (bits) {
-    case 2: return launch_gemv<2, T>(x, qw, lut, y, M, in, out, f, s);
-    case 3: return launch_gemv<3, T>(x, qw, lut, y, M, in, out, f, s);
-    case 4: return launch_gemv<4, T>(x, qw, lut, y, M, in, out, f, s);
+    case 2: return launch_gemv<2, T>(x, qw, lut, y, M, in, out, f, s, packed);
+    case 3: return launch_gemv<3, T>(x, qw, lut, y, M, in, out, f, s, packed);
+    case 4: return launch_gemv<4, T>(x, qw, lut, y, M, in, out, f, s, packed);
     default: return cudaErrorInvalidValue;
   }
 }
 
 template <typename T>
-cudaError_t dequant_dispatch(int bits, const uint32_t* qw, const void* lut, void* w, int in, int out, cudaStream_t s) {
+cudaError_t dequant_dispatch(int bits, const uint32_t* qw, const void* lut, void* w, int in, int out, cudaStream_t s,
+                             bool packed) {
   switch (bits) {
-    case 2: return launch_dequant<2, T>(qw, lut, w, in, out, s);
-    case 3: return launch_dequant<3, T>(qw, lut, w, in, out, s);
-    case 4: return launch_dequant<4, T>(qw, lut, w, in, out, s);
+    case 2: return launch_dequant<2, T>(qw, lut, w, in, out, s, packed);
+    case 3: return launch_dequant<3, T>(qw, lut, w, in, out, s, packed);
+    case 4: return launch_dequant<4, T>(qw, lut, w, in, out, s, packed);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -856,29 +954,39 @@ int ap_gemv_tile_rows(DType dt, int bits, int in, int out, int reserve_blocks) {
   return (kWarps >> ks_log2_for(bits, in, out)) * (32 >> bits);
 }
 
+// Both fast kernels stage x with the add + norm (4 chunks of 8 channels per thread: in <= 8192).
 bool ap_addnorm_supported(DType dt, int bits, int in) {
-  return dt == DType::F16 && !use_mma_kernel(bits, true, in) && use_stream_kernel(bits, true, in) &&
+  static_assert(kStreamThreads == kMmaThreads, "stage_x_addnorm holds 4 chunks per thread of either kernel");
+  return dt == DType::F16 && (use_mma_kernel(bits, true, in) || use_stream_kernel(bits, true, in)) &&
          in <= 4 * kStreamThreads * 8;
 }
 
+bool ap3_packed_supported(DType dt, int bits, int in) { return packed_ok(dt, bits, in); }
+
 cudaError_t ap_gemv_addnorm(const void* a, const AddNorm& an, const uint32_t* qweight, const void* lut, void* y, int M,
-                            int in, int out, cudaStream_t stream) {
+                            int in, int out, cudaStream_t stream, bool packed) {
   if (M == 0 || out == 0) return cudaSuccess;
   if (!ap_addnorm_supported(DType::F16, 3, in)) return cudaErrorInvalidValue;
-  return launch_stream<kStreamRows, true>(a, qweight, lut, y, M, in, out, Fused{}, stream, an);
+  if (use_mma_kernel(3, true, in))
+    return packed ? launch_mma<true, true>(a, qweight, lut, y, M, in, out, Fused{}, stream, an)
+                  : launch_mma<false, true>(a, qweight, lut, y, M, in, out, Fused{}, stream, an);
+  return packed ? launch_stream<kStreamRows, true, true>(a, qweight, lut, y, M, in, out, Fused{}, stream, an)
+                : launch_stream<kStreamRows, true>(a, qweight, lut, y, M, in, out, Fused{}, stream, an);
 }
 
 cudaError_t ap_gemv(DType dt, const void* x, const uint32_t* qweight, const void* lut, void* y, int M, int in,
-                    int out, int bits, const Fused& fused, cudaStream_t stream) {
+                    int out, int bits, const Fused& fused, cudaStream_t stream, bool packed) {
   if (M == 0 || out == 0) return cudaSuccess;
-  return dt == DType::F16 ? gemv_dispatch<__half>(bits, x, qweight, lut, y, M, in, out, fused, stream)
-                          : gemv_dispatch<__nv_bfloat16>(bits, x, qweight, lut, y, M, in, out, fused, stream);
+  if (packed && !packed_ok(dt, bits, in)) return cudaErrorInvalidValue;
+  return dt == DType::F16 ? gemv_dispatch<__half>(bits, x, qweight, lut, y, M, in, out, fused, stream, packed)
+                          : gemv_dispatch<__nv_bfloat16>(bits, x, qweight, lut, y, M, in, out, fused, stream, packed);
 }
 
 cudaError_t ap_dequant(DType dt, const uint32_t* qweight, const void* lut, void* w, int in, int out, int bits,
-                       cudaStream_t stream) {
-  return dt == DType::F16 ? dequant_dispatch<__half>(bits, qweight, lut, w, in, out, stream)
-                          : dequant_dispatch<__nv_bfloat16>(bits, qweight, lut, w, in, out, stream);
+                       cudaStream_t stream, bool packed) {
+  if (packed && !packed_ok(dt, bits, in)) return cudaErrorInvalidValue;
+  return dt == DType::F16 ? dequant_dispatch<__half>(bits, qweight, lut, w, in, out, stream, packed)
+                          : dequant_dispatch<__nv_bfloat16>(bits, qweight, lut, w, in, out, stream, packed);
 }
 
 }  // namespace decdec

@@ -90,12 +90,31 @@ int i32(int64_t v, const char* what) {
 
 struct Ap {
   int bits, out, in;
+  bool packed;  // 3-bit kernel layout [out, in/32, 3]
 };
+// The 3-bit kernel layout [out, in/32, 3] with lut [out, 8] (decdec/formats.py is_ap3_kernel_layout: the same rule).
+// Never a bit-plane qweight [b, out, in/32] with its lut [out, 2^b]: both would need b = out = 3 and in/32 = 3,
+// which is not a multiple of 4.
+bool is_ap3_kernel_layout(const at::Tensor& qweight, const at::Tensor& lut) {
+  return qweight.dim() == 3 && qweight.size(2) == 3 && qweight.size(1) % 4 == 0 && lut.dim() == 2 &&
+         lut.size(0) == qweight.size(0) && lut.size(1) == 8;
+}
 Ap check_ap(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& lut) {
   check_x(x);
-  DD_CHECK(qweight.dim() == 3, "decdec: qweight must be [b, out, in/32], got shape ", qweight.sizes());
+  DD_CHECK(qweight.dim() == 3, "decdec: qweight must be [b, out, in/32] (or [out, in/32, 3], the 3-bit kernel layout), "
+           "got shape ", qweight.sizes());
   check_tensor(qweight, "qweight", x.device(), at::kInt);
-  Ap s{i32(qweight.size(0), "bits"), i32(qweight.size(1), "out"), i32(qweight.size(2) * 32, "in")};
+  if (is_ap3_kernel_layout(qweight, lut)) {
+    Ap s{3, i32(qweight.size(0), "out"), i32(qweight.size(1) * 32, "in"), true};
+    DD_CHECK(x.size(1) == s.in, "decdec: x has ", x.size(1), " input channels, qweight expects ", s.in);
+    check_tensor(lut, "lut", x.device(), x.scalar_type());
+    DD_CHECK(decdec::ap3_packed_supported(dtype_of(x), 3, s.in), "decdec: qweight ", qweight.sizes(), " is in the "
+             "3-bit kernel layout, which only the fp16 tensor-core and streaming GEMVs read (decdec.ops."
+             "ap3_kernel_layout(3, dtype, in) says where), got ", x.scalar_type(), " with in=", s.in,
+             "; pass the bit-plane layout (decdec.formats.unpack_ap3_kernel(qweight))");
+    return s;
+  }
+  Ap s{i32(qweight.size(0), "bits"), i32(qweight.size(1), "out"), i32(qweight.size(2) * 32, "in"), false};
   DD_CHECK(decdec::ap_bits_supported(s.bits), "decdec: ap kernels support 2..4 bits, got b=", s.bits);
   DD_CHECK(x.size(1) == s.in, "decdec: x has ", x.size(1), " input channels, qweight expects ", s.in);
   DD_CHECK(lut.dim() == 2 && lut.size(0) == s.out && lut.size(1) == (int64_t{1} << s.bits), "decdec: lut must be [",
@@ -216,7 +235,7 @@ at::Tensor ap_gemv_cuda(const at::Tensor& x, const at::Tensor& qweight, const at
   auto y = at::empty({x.size(0), s.out}, x.options());
   cuda_ok(decdec::ap_gemv(dtype_of(x), x.data_ptr(), reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
                           lut.data_ptr(), y.data_ptr(), (int)x.size(0), s.in, s.out, s.bits, decdec::Fused{},
-                          at::cuda::getCurrentCUDAStream()),
+                          at::cuda::getCurrentCUDAStream(), s.packed),
           "ap_gemv launch");
   return y;
 }
@@ -229,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor> ap_gemv_addnorm_cuda(const at::Tensor& a, con
   const Ap s = check_ap(a, qweight, lut);
   DD_CHECK(a.scalar_type() == at::kHalf, "decdec: ap_gemv_addnorm runs fp16, got ", a.scalar_type());
   DD_CHECK(decdec::ap_addnorm_supported(decdec::DType::F16, s.bits, s.in), "decdec: ap_gemv_addnorm serves 3-bit "
-           "weights on the streaming GEMV (in a multiple of 128 that keeps its lanes busy, in <= 8192), got b=", s.bits,
+           "weights on the tensor-core or streaming GEMV (in <= 8192 where decdec.ops.addnorm_supported), got b=", s.bits,
            ", in=", s.in, "; use ap_gemv after the norm");
   DD_CHECK(b.sizes() == a.sizes(), "decdec: b must be ", a.sizes(), " like a, got ", b.sizes());
   check_tensor(b, "b", a.device(), at::kHalf);
@@ -246,18 +265,19 @@ std::tuple<at::Tensor, at::Tensor> ap_gemv_addnorm_cuda(const at::Tensor& a, con
   an.eps = (float)eps;
   cuda_ok(decdec::ap_gemv_addnorm(a.data_ptr(), an, reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
                                   lut.data_ptr(), y.data_ptr(), (int)a.size(0), s.in, s.out,
-                                  at::cuda::getCurrentCUDAStream()),
+                                  at::cuda::getCurrentCUDAStream(), s.packed),
           "ap_gemv_addnorm launch");
   return {y, h};
 }
 
 at::Tensor ap_dequant_cuda(const at::Tensor& qweight, const at::Tensor& lut) {
   DD_CHECK(lut.is_cuda(), "decdec: lut must be a CUDA tensor, got ", lut.device());
-  const Ap s = check_ap(at::empty({1, qweight.dim() == 3 ? qweight.size(2) * 32 : 0}, lut.options()), qweight, lut);
+  const int64_t in = qweight.dim() != 3 ? 0 : is_ap3_kernel_layout(qweight, lut) ? qweight.size(1) * 32 : qweight.size(2) * 32;
+  const Ap s = check_ap(at::empty({1, in}, lut.options()), qweight, lut);
   c10::cuda::CUDAGuard guard(lut.device());
   auto w = at::empty({s.out, s.in}, lut.options());
   cuda_ok(decdec::ap_dequant(dtype_of(lut), reinterpret_cast<const uint32_t*>(qweight.data_ptr()), lut.data_ptr(),
-                             w.data_ptr(), s.in, s.out, s.bits, at::cuda::getCurrentCUDAStream()),
+                             w.data_ptr(), s.in, s.out, s.bits, at::cuda::getCurrentCUDAStream(), s.packed),
           "ap_dequant launch");
   return w;
 }
@@ -409,7 +429,7 @@ at::Tensor ap_gemv_dec_parts_cuda(const at::Tensor& x, const at::Tensor& qweight
   c10::cuda::CUDAGuard guard(x.device());
   return fused_parts(x, q_residual, bounds, k_chunk, n_tb, s.in, s.out, [&](const decdec::Fused& f, cudaStream_t st) {
     return decdec::ap_gemv(dtype_of(x), x.data_ptr(), reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
-                           lut.data_ptr(), nullptr, (int)x.size(0), s.in, s.out, s.bits, f, st);
+                           lut.data_ptr(), nullptr, (int)x.size(0), s.in, s.out, s.bits, f, st, s.packed);
   });
 }
 
@@ -437,7 +457,7 @@ at::Tensor ap_gemv_dec_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
                decdec::ap_gemv_tile_rows(dtype_of(x), s.bits, s.in, s.out, (int)n_tb), [&](const decdec::Fused& f, cudaStream_t st) {
                  return decdec::ap_gemv(dtype_of(x), x.data_ptr(),
                                         reinterpret_cast<const uint32_t*>(qweight.data_ptr()), lut.data_ptr(),
-                                        nullptr, (int)x.size(0), s.in, s.out, s.bits, f, st);
+                                        nullptr, (int)x.size(0), s.in, s.out, s.bits, f, st, s.packed);
                });
 }
 
@@ -566,6 +586,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q_residual"), py::arg("device"));
   m.def("dec_select", &dec_select, "the DEC kernel's channel selection as bool [M, in] (debug/tests)", py::arg("x"),
         py::arg("bounds"), py::arg("k_chunk"));
+  m.def("ap3_packed_supported", [](int bits, int in) { return decdec::ap3_packed_supported(decdec::DType::F16, bits, in); },
+        "whether fp16 b-bit ap weights with `in` input channels run in the 3-bit kernel layout", py::arg("bits"),
+        py::arg("in"));
   m.def("ap_addnorm_supported", [](int bits, int in) { return decdec::ap_addnorm_supported(decdec::DType::F16, bits, in); },
         "whether ap_gemv_addnorm serves b-bit fp16 weights with `in` input channels", py::arg("bits"), py::arg("in"));
   m.def("dec_max_blocks", &dec_max_blocks, "most co-resident DEC blocks (the n_tb limit)", py::arg("device"),

@@ -171,11 +171,50 @@ __device__ __forceinline__ void ap3_decode8(uint32_t A, uint32_t B, uint32_t C, 
   w[3] = prmt(LO1, HI1, 0x7362);
 }
 
+// ---- The 3-bit kernel layout (decdec/formats.py pack_ap3_kernel): qweight [out, in/32, 3], the three words W0, W1,
+// W2 of a 32-channel group hold selector nibbles: nibble n of W_k (k = 0, 1, 2) is the code of channel 4n + k in
+// bits 0-2, and bit 3 of nibble n of W_q is bit q of the code of channel 4n + 3. So channels 4n + k, k < 3, need one
+// AND (clear bit 3) before the PRMT lookup, and channels 4n + 3 three LOP3 (vs. the bit-plane layout's 2 LOP3, a
+// funnel shift and an AND for every 8 weights, and two rotates per word). Same bytes as the bit-planes.
+__device__ __forceinline__ uint32_t shr_fma(uint32_t a, int k) { return __umulhi(a, 1u << (32 - k)); }  // a >> k, FMA pipe
+
 template <int K>
+__device__ __forceinline__ uint32_t ap3p_selector(uint32_t W0, uint32_t W1, uint32_t W2) {
+  if constexpr (K == 0) return and_imm<0x77777777u>(W0);
+  else if constexpr (K == 1) return and_imm<0x77777777u>(W1);
+  else if constexpr (K == 2) return and_imm<0x77777777u>(W2);
+  else {  // bit 3 of each nibble of W0, W1, W2 -> bits 0, 1, 2
+    const uint32_t t = bitsel<0x11111111u>(shr_fma(W1, 2), shr_fma(W0, 3));
+    return and_imm<0x77777777u>(bitsel<0x44444444u>(t, shr_fma(W2, 1)));
+  }
+}
+
+// The PRMT lookup of 8 selector nibbles (channels 4n + K, n = 0..7) into 4 half2, as ap3_decode8.
+__device__ __forceinline__ void ap3_lookup8(uint32_t u, uint32_t lo_a, uint32_t hi_a, uint32_t lo_b, uint32_t hi_b,
+                                            uint32_t (&w)[4]) {
+  const uint32_t u_hi = __umulhi(u, 0x10000u);
+  const uint32_t LO0 = prmt(lo_a, lo_b, u), HI0 = prmt(hi_a, hi_b, u);
+  const uint32_t LO1 = prmt(lo_a, lo_b, u_hi), HI1 = prmt(hi_a, hi_b, u_hi);
+  w[0] = prmt(LO0, HI0, 0x5140);
+  w[1] = prmt(LO0, HI0, 0x7362);
+  w[2] = prmt(LO1, HI1, 0x5140);
+  w[3] = prmt(LO1, HI1, 0x7362);
+}
+
+// Decode 8 weights (channels 4n + K) from the words of one 32-channel group: the bit-plane layout (A, B, C = planes,
+// B rotated left by 1 and C by 2) or, PACKED, the kernel layout (A, B, C = W0, W1, W2).
+template <int K, bool PACKED>
+__device__ __forceinline__ void ap3_decode8_any(uint32_t A, uint32_t B, uint32_t C, uint32_t lo_a, uint32_t hi_a,
+                                                uint32_t lo_b, uint32_t hi_b, uint32_t (&w)[4]) {
+  if constexpr (PACKED) ap3_lookup8(ap3p_selector<K>(A, B, C), lo_a, hi_a, lo_b, hi_b, w);
+  else ap3_decode8<K>(A, B, C, lo_a, hi_a, lo_b, hi_b, w);
+}
+
+template <int K, bool PACKED = false>
 __device__ __forceinline__ void ap3_dot8(uint32_t A, uint32_t B, uint32_t C, uint32_t lo_a, uint32_t hi_a,
                                          uint32_t lo_b, uint32_t hi_b, const uint4& xv, __half2& h0, __half2& h1) {
   uint32_t w[4];
-  ap3_decode8<K>(A, B, C, lo_a, hi_a, lo_b, hi_b, w);
+  ap3_decode8_any<K, PACKED>(A, B, C, lo_a, hi_a, lo_b, hi_b, w);
   h0 = __hfma2(*reinterpret_cast<const __half2*>(&w[0]), *reinterpret_cast<const __half2*>(&xv.x), h0);
   h1 = __hfma2(*reinterpret_cast<const __half2*>(&w[1]), *reinterpret_cast<const __half2*>(&xv.y), h1);
   h0 = __hfma2(*reinterpret_cast<const __half2*>(&w[2]), *reinterpret_cast<const __half2*>(&xv.z), h0);

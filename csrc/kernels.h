@@ -62,16 +62,19 @@ struct AddNorm {
 // Whether ap_gemv_addnorm serves this (3-bit fp16 on the streaming kernel, in <= 8192).
 bool ap_addnorm_supported(DType dt, int bits, int in);
 cudaError_t ap_gemv_addnorm(const void* a, const AddNorm& an, const uint32_t* qweight, const void* lut, void* y, int M,
-                            int in, int out, cudaStream_t stream);
+                            int in, int out, cudaStream_t stream, bool packed = false);
 
-// ---- ap (bit-planes + per-row LUT). qweight [bits, out, in/32] int32, lut [out, 2^bits].
+// ---- ap (bit-planes + per-row LUT). qweight [bits, out, in/32] int32, lut [out, 2^bits]; `packed`: 3-bit qweight
+// in the kernel layout [out, in/32, 3] (common.cuh, decdec/formats.py pack_ap3_kernel), for fp16 where
+// ap3_packed_supported (the tensor-core and streaming GEMVs' shapes).
 bool ap_bits_supported(int bits);
+bool ap3_packed_supported(DType dt, int bits, int in);
 // Rows per GEMV block (= fused tile) when `reserve_blocks` DEC blocks run beside it.
 int ap_gemv_tile_rows(DType dt, int bits, int in, int out, int reserve_blocks);
 cudaError_t ap_gemv(DType dt, const void* x, const uint32_t* qweight, const void* lut, void* y, int M, int in,
-                    int out, int bits, const Fused& fused, cudaStream_t stream);
+                    int out, int bits, const Fused& fused, cudaStream_t stream, bool packed = false);
 cudaError_t ap_dequant(DType dt, const uint32_t* qweight, const void* lut, void* w, int in, int out, int bits,
-                       cudaStream_t stream);
+                       cudaStream_t stream, bool packed = false);
 
 // ---- lutgemm (binary coding). binary [in/32, bits, out], alpha [G, bits, out], q_bias [G, out].
 bool lutgemm_bits_supported(int bits);

@@ -132,6 +132,8 @@ def build_model(checkpoint: ckpt.Checkpoint, backend: str, bits: int, mixed: boo
     _check_shapes(model, sd, checkpoint.path)
     model.load_state_dict(sd, assign=True)
     model = model.to(device)
+    for _, _, mod in model.linears():
+        mod.use_kernel_layout()
 
     if backend != "fp16":
         cheat = checkpoint.load(ckpt.CHEATSHEET)

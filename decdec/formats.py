@@ -78,6 +78,54 @@ def unpack_bitplanes(qweight: torch.Tensor) -> torch.Tensor:
     return codes.to(torch.int64)
 
 
+# ---------------------------------------------------------------------------- ap 3-bit kernel layout
+# The fp16 3-bit CUDA GEMVs read their weights in a layout of their own, made once when a model is placed on the GPU
+# (QuantLinear.use_kernel_layout): qweight [out, in/32, 3] int32, the three words W0, W1, W2 of each 32-channel
+# group adjacent, with nibble n of W_k (k < 3) holding the code of channel 32 w + 4 n + k in bits 0-2 and bit 3 of
+# nibble n of W_q holding bit q of the code of channel 32 w + 4 n + 3. The nibbles are ready-made PRMT selectors
+# (csrc/common.cuh), so decoding costs fewer integer instructions than from bit-planes. Same bytes, a permutation of
+# the bits within each group; the transform is its own inverse on the (plane, channel mod 4 < 3) bits.
+_NIB0 = 0x11111111  # bit 0 of every nibble
+_NIB3 = -0x77777778  # 0x88888888 as int32: bit 3 of every nibble
+
+
+def _swap_ap3_bits(words: torch.Tensor) -> torch.Tensor:
+    """[3, ...] int32 -> [3, ...]: word q of the result takes bit q of each nibble-position k < 3 from word k and
+    keeps its own bit 3 of every nibble; applying it twice gives the input back."""
+    out = []
+    for q in range(3):
+        w = words[q] & _NIB3
+        for b in range(3):
+            w = w | (((words[b] >> q) & _NIB0) << b)
+        out.append(w)
+    return torch.stack(out)
+
+
+def pack_ap3_kernel(qweight: torch.Tensor) -> torch.Tensor:
+    """3-bit bit-plane qweight [3, out, in/32] int32 -> the kernel layout [out, in/32, 3] (in % 128 == 0)."""
+    if qweight.dim() != 3 or qweight.shape[0] != 3 or qweight.dtype != torch.int32:
+        raise ValueError(f"pack_ap3_kernel takes 3-bit bit-planes [3, out, in/32] int32, got {tuple(qweight.shape)} "
+                         f"{qweight.dtype}")
+    if qweight.shape[2] % 4:
+        raise ValueError(f"the 3-bit kernel layout needs in % 128 == 0, got in = {qweight.shape[2] * 32}")
+    return _swap_ap3_bits(qweight).permute(1, 2, 0).contiguous()
+
+
+def unpack_ap3_kernel(packed: torch.Tensor) -> torch.Tensor:
+    """The kernel layout [out, in/32, 3] int32 -> 3-bit bit-planes [3, out, in/32] (inverse of pack_ap3_kernel)."""
+    if packed.dim() != 3 or packed.shape[2] != 3 or packed.dtype != torch.int32:
+        raise ValueError(f"unpack_ap3_kernel takes [out, in/32, 3] int32, got {tuple(packed.shape)} {packed.dtype}")
+    return _swap_ap3_bits(packed.permute(2, 0, 1)).contiguous()
+
+
+def is_ap3_kernel_layout(qweight: torch.Tensor, lut: torch.Tensor) -> bool:
+    """Whether qweight (with its lut [out, 8]) is in the 3-bit kernel layout rather than bit-planes [b, out, in/32]
+    with lut [out, 2**b]. The shapes never fit both: that would need b = out = 3 and in/32 = 3, not a multiple of 4.
+    Mirrors is_ap3_kernel_layout in csrc/bindings.cpp."""
+    return (qweight.dim() == 3 and qweight.shape[2] == 3 and qweight.shape[1] % 4 == 0 and lut.dim() == 2
+            and lut.shape[0] == qweight.shape[0] and lut.shape[1] == 8)
+
+
 # ---------------------------------------------------------------------------- lutgemm BCQ
 def pack_bcq(bit_planes: torch.Tensor) -> torch.Tensor:
     """bit_planes [b, out, in] in {0,1} -> binary [in/32, b, out] int32."""

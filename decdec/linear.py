@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from decdec import ops, reference
+from decdec import formats, ops, reference
 
 
 @dataclass
@@ -68,6 +68,17 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         k = self.dec.k_chunk if self.dec else 0
         return f"{self.backend}, in={self.in_features}, out={self.out_features}, bits={self.bits}, k_chunk={k}"
+
+    def use_kernel_layout(self) -> bool:
+        """Re-lay 3-bit fp16 ap weights on CUDA in the kernels' own layout (``formats.pack_ap3_kernel``: fewer
+        integer instructions per weight in the GEMV, same bytes) where ``ops.ap3_kernel_layout`` says the kernels read
+        it. Call once the weights are on their device; every op accepts either layout. Returns whether it did."""
+        if not (self.backend == "ap" and self.qweight.is_cuda and self.qweight.shape[0] == 3
+                and not formats.is_ap3_kernel_layout(self.qweight, self.lut)
+                and ops.ap3_kernel_layout(self.bits, self.lut.dtype, self.in_features)):
+            return False
+        self.qweight = formats.pack_ap3_kernel(self.qweight)
+        return True
 
     # ------------------------------------------------------------------ DEC
     def attach_dec(self, q_residual: torch.Tensor, scales: torch.Tensor, thresholds: torch.Tensor,

@@ -5,8 +5,8 @@ CUDA kernels live in ``csrc/`` and register themselves for the same schemas thro
 (``load_cuda_kernels``). The schemas stay here so that ``torch.compile`` sees the ops on any
 machine, with or without the extension.
 
-Shapes (``M`` tokens, ``b`` bits): ``x [M, in]``; ap ``qweight [b, out, in/32] int32``,
-``lut [out, 2**b]``; lutgemm ``binary [in/32, b, out] int32``, ``alpha [n_groups, b, out]``,
+Shapes (``M`` tokens, ``b`` bits): ``x [M, in]``; ap ``qweight [b, out, in/32] int32`` (or, 3-bit fp16 on CUDA where
+``ap3_kernel_layout`` says, the kernel layout ``[out, in/32, 3]`` of ``formats.pack_ap3_kernel``), ``lut [out, 2**b]``; lutgemm ``binary [in/32, b, out] int32``, ``alpha [n_groups, b, out]``,
 ``q_bias [n_groups, out]`` (group = in / n_groups, 128 by default); DEC ``q_residual [in, out/8] int32``, ``scales [out]``,
 ``bounds [2] fp32`` (``a, b`` of DESIGN.md §2). Every GEMV returns ``[M, out]`` in ``x.dtype``.
 ``n_tb`` is the DEC kernel's thread-block count; the CPU kernels accept and ignore it.
@@ -27,7 +27,7 @@ import os
 
 import torch
 
-from decdec import reference
+from decdec import formats, reference
 
 _lib = torch.library.Library("decdec", "DEF")  # noqa: the library object must outlive the module
 
@@ -73,6 +73,8 @@ def _ap_shape(qweight: torch.Tensor, lut: torch.Tensor) -> tuple[int, int]:
         qweight.dim() == 3 and qweight.dtype == torch.int32,
         lambda: f"qweight must be [b, out, in/32] int32, got {tuple(qweight.shape)} {qweight.dtype}",
     )
+    if formats.is_ap3_kernel_layout(qweight, lut):  # [out, in/32, 3]
+        return qweight.shape[0], qweight.shape[1] * 32
     bits, out, words = qweight.shape
     torch._check(lut.shape == (out, 2**bits), lambda: f"lut must be [{out}, {2 ** bits}], got {tuple(lut.shape)}")
     return out, words * 32
@@ -218,17 +220,33 @@ def _(a, b, gamma, eps, qweight, lut):
 
 def addnorm_supported(bits: int, in_features: int) -> bool:
     """Where ``ap_gemv_addnorm``'s CUDA kernel serves (csrc ``ap_addnorm_supported``; checked against it on the
-    GPU): 3-bit weights on the streaming GEMV -- in a multiple of 128 whose 128-channel groups keep a warp's lanes
-    busy, not on the tensor-core kernel -- with in <= 8192. Pure arithmetic, so a compiled step evaluates it once.
+    GPU): 3-bit weights on the tensor-core or streaming GEMV (``_ap3_fp16_gemv``) with in <= 8192. Pure
+    arithmetic, so a compiled step evaluates it once.
     ``DECDEC_ADDNORM=0`` turns the fused kernel off (same-machine A/B, like ``DECDEC_PDL=0``)."""
     if os.environ.get("DECDEC_ADDNORM", "1") == "0":
         return False
-    if bits != 3 or in_features % 128 or in_features > 8192:
-        return False
+    return bits == 3 and in_features <= 8192 and _ap3_fp16_gemv(in_features) is not None
+
+
+def _ap3_fp16_gemv(in_features: int) -> str | None:
+    """Which fast 3-bit fp16 GEMV csrc dispatches for this width (ap_gemv.cu use_mma_kernel / use_stream_kernel):
+    the tensor-core kernel for in % 512 == 0 unless in / 128 is a multiple of 32, else the streaming kernel where its
+    lanes stay busy (in % 128 == 0, 5 g4 >= 4 * 32 * ceil(g4 / 32) with g4 = in / 128), else neither."""
+    if in_features % 128:
+        return None
     g4 = in_features // 128
-    stream = 5 * g4 >= 4 * 32 * (-(-g4 // 32))
-    mma = in_features % 512 == 0 and g4 % 32 != 0
-    return stream and not mma
+    if in_features % 512 == 0 and g4 % 32 != 0:
+        return "mma"
+    return "stream" if 5 * g4 >= 4 * 32 * (-(-g4 // 32)) else None
+
+
+def ap3_kernel_layout(bits: int, dtype: torch.dtype, in_features: int) -> bool:
+    """Whether fp16 ap weights of this shape run on CUDA in the 3-bit kernel layout (``formats.pack_ap3_kernel``;
+    csrc ``ap3_packed_supported``, checked against it on the GPU): 3 bits on the tensor-core or streaming GEMV.
+    ``DECDEC_KERNEL_LAYOUT=0`` keeps the bit-plane layout (same-machine A/B)."""
+    if os.environ.get("DECDEC_KERNEL_LAYOUT", "1") == "0":
+        return False
+    return bits == 3 and dtype == torch.float16 and _ap3_fp16_gemv(in_features) is not None
 
 
 # ---------------------------------------------------------------------------- CPU kernels = reference

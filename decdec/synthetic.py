@@ -94,6 +94,7 @@ def build_synthetic(shape: str, backend: str, bits: int, mixed: bool, dtype: tor
     for _, _, mod in model.linears():
         if backend == "ap":
             mod.lut.copy_(mod.lut.sort(dim=1).values)
+            mod.use_kernel_layout()  # as builder.build_model: the CUDA GEMVs' own layout where they read it
         if backend == "fp16":
             continue
         std = 0.02 / math.sqrt(2 ** mod.bits)

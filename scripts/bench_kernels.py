@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from decdec import ops, reference
+from decdec import formats, ops, reference
 from decdec.sinks import write_csv
 from decdec.timing import graph_seconds
 
@@ -108,6 +108,10 @@ def bench_shape(n: int, out: int, args, l2: int, sms: int, rows: list, summary: 
         c = copies_for(wbytes, l2)
         qws = [rand_words((bits, out, n // 32)) for _ in range(c)]
         luts = [torch.randn(out, 2**bits, device="cuda", dtype=dt) * 0.05 for _ in range(c)]
+        if ops.ap3_kernel_layout(bits, dt, n):  # what a built model runs (QuantLinear.use_kernel_layout)
+            tb = timeit_graph(lambda i: torch.ops.decdec.ap_gemv(xs[i % nx], qws[i % c], luts[i % c]), c * nx)
+            record("ap_gemv_graph_bitplanes", bits, tb, wbytes + 2 * (n + out))
+            qws = [formats.pack_ap3_kernel(q) for q in qws]
         t = timeit(lambda i: torch.ops.decdec.ap_gemv(xs[i % nx], qws[i % c], luts[i % c]), c * nx)
         g = record("ap_gemv", bits, t, wbytes + 2 * (n + out))
         tg = timeit_graph(lambda i: torch.ops.decdec.ap_gemv(xs[i % nx], qws[i % c], luts[i % c]), c * nx)

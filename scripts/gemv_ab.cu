@@ -1,11 +1,11 @@
-// Same-run comparison of the ap 3-bit fp16 GEMV kernels on the projection shapes: the tensor-core
-// kernel (dispatched for in % 512 == 0), the streaming HFMA2 kernel and the per-row PRMT kernel, and the
-// dispatched kernel with programmatic dependent launch off / on,
-// each timed from a CUDA graph of 40 back-to-back launches (median of 7 replays) with weight copies
-// rotating over at least 4x the L2 (as scripts/bench_kernels.py), so the L2 does not hold them.
-// Pure CUDA (no torch), GPU machine:
+// Same-run comparison of the ap 3-bit fp16 GEMV's two weight layouts on the projection shapes: the bit-plane layout
+// [3, out, in/32] (the checkpoint format) and the 3-bit kernel layout [out, in/32, 3] (csrc/common.cuh,
+// decdec/formats.py pack_ap3_kernel), on the tensor-core kernel, the streaming kernel and the dispatched one, each
+// timed from a CUDA graph of 40 back-to-back launches (median of 7 replays) with weight copies rotating over at
+// least 4x the L2 (as scripts/bench_kernels.py), so the L2 does not hold them. Also checks that both layouts give
+// bit-identical outputs on random weights (same products, same order). Pure CUDA (no torch), GPU machine:
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -Icsrc scripts/gemv_ab.cu -o /tmp/ab && /tmp/ab
-//   ncu --section WarpStateStats --section ComputeWorkloadAnalysis -k regex:ap3_gemv_mma -c 1 /tmp/ab 4096x28672
+//   ncu --section WarpStateStats --section ComputeWorkloadAnalysis -k regex:ap3_gemv -c 2 /tmp/ab 4096x28672
 #include "../csrc/ap_gemv.cu"
 #include "graph_timer.cuh"
 
@@ -14,9 +14,23 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <random>
 #include <vector>
 
 using namespace decdec;
+
+// bit-planes [3][out][words] -> kernel layout [out][words][3] (formats.pack_ap3_kernel)
+static std::vector<uint32_t> pack_kernel_layout(const std::vector<uint32_t>& planes, int out, int words) {
+  std::vector<uint32_t> p((size_t)out * words * 3);
+  const size_t ps = (size_t)out * words;
+  for (size_t i = 0; i < ps; ++i)
+    for (int q = 0; q < 3; ++q) {
+      uint32_t w = planes[q * ps + i] & 0x88888888u;
+      for (int b = 0; b < 3; ++b) w |= ((planes[b * ps + i] >> q) & 0x11111111u) << b;
+      p[i * 3 + q] = w;
+    }
+  return p;
+}
 
 int main(int argc, char** argv) {  // argv[1]: only this shape ("4096x28672"), e.g. under ncu
   const int shapes[][2] = {{4096, 6144}, {4096, 4096}, {4096, 28672}, {14336, 4096},
@@ -24,70 +38,88 @@ int main(int argc, char** argv) {  // argv[1]: only this shape ("4096x28672"), e
   constexpr int kMaxCopies = 64;
   int l2 = 0;
   CK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, 0));
-  printf("%-12s %10s %10s %10s %9s %9s\n", "in x out", "mma us", "stream us", "prmt us", "mma GB/s", "mma/best");
+  // HBM copy bandwidth (read + write), the ceiling for "% HBM"
+  float hbm = 0.f;
+  {
+    const size_t n = (size_t)1 << 30;
+    void *a, *b;
+    CK(cudaMalloc(&a, n));
+    CK(cudaMalloc(&b, n));
+    const float us = graph_us([&](cudaStream_t s, int) { CK(cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice, s)); });
+    hbm = 2.f * n / (us * 1e3f);
+    cudaFree(a);
+    cudaFree(b);
+  }
+  printf("HBM copy %.0f GB/s\n", hbm);
+  printf("%-12s %9s %9s %9s %9s %9s %9s %7s %7s %s\n", "in x out", "mma bp", "mma kl", "strm bp", "strm kl", "disp bp",
+         "disp kl", "kl/bp", "%HBM", "outputs");
+  std::mt19937 rng(1234);
   for (auto& sh : shapes) {
-    const int in = sh[0], out = sh[1];
+    const int in = sh[0], out = sh[1], words = in / 32;
     char name[32];
     snprintf(name, sizeof name, "%dx%d", in, out);
     if (argc > 1 && strcmp(argv[1], name) != 0) continue;
-    const size_t qbytes = (size_t)3 * out * in / 8;
-    std::vector<__half> hx(in);
+    const size_t nw = (size_t)3 * out * words, qbytes = nw * 4;
+    std::vector<__half> hx(in), hl((size_t)out * 8);
     for (int i = 0; i < in; ++i) hx[i] = __float2half(((i * 7919) % 2001 - 1000) / 3000.f);
+    for (auto& v : hl) v = __float2half(((int)(rng() % 2001) - 1000) / 700.f);
+    std::vector<uint32_t> planes(nw);
+    for (auto& w : planes) w = rng();
+    const std::vector<uint32_t> packed = pack_kernel_layout(planes, out, words);
     const int kCopies = std::min(kMaxCopies, std::max(4, (int)((4.0 * l2 + qbytes - 1) / qbytes)));
     __half *x, *y, *lut[kMaxCopies];
-    uint32_t* qw[kMaxCopies];
+    uint32_t *qb[kMaxCopies], *qk[kMaxCopies];
     CK(cudaMalloc(&x, in * 2));
     CK(cudaMemcpy(x, hx.data(), in * 2, cudaMemcpyHostToDevice));
     CK(cudaMalloc(&y, out * 2));
     for (int c = 0; c < kCopies; ++c) {
-      CK(cudaMalloc(&qw[c], qbytes));
-      CK(cudaMemset(qw[c], 0x5a + c, qbytes));
+      CK(cudaMalloc(&qb[c], qbytes));
+      CK(cudaMalloc(&qk[c], qbytes));
+      CK(cudaMemcpy(qb[c], planes.data(), qbytes, cudaMemcpyHostToDevice));
+      CK(cudaMemcpy(qk[c], packed.data(), qbytes, cudaMemcpyHostToDevice));
       CK(cudaMalloc(&lut[c], (size_t)out * 16));
-      CK(cudaMemset(lut[c], 0x21, (size_t)out * 16));
+      CK(cudaMemcpy(lut[c], hl.data(), (size_t)out * 16, cudaMemcpyHostToDevice));
     }
-    const float t_mma = graph_us([&](cudaStream_t s, int i) {
-      CK(launch_mma(x, qw[i % kCopies], lut[i % kCopies], y, 1, in, out, Fused{}, s));
-    });
-    // the tensor-core kernel at other block sizes (16-row groups per block)
-    const int groups = ceil_div(out, 16), slots = 2 * device_sms();
-    const int gpb_opts[3] = {ceil_div(groups, slots), max(1, groups / slots), ceil_div(groups, slots) + 1};
-    float t_g[3];
-    for (int o = 0; o < 3; ++o) {
-      const int br = 16 * gpb_opts[o];
-      const size_t smem = (size_t)in * 2 + (size_t)br * kMmaWarps * 4;
-      CK(allow_smem(ap3_gemv_mma_kernel, smem));
-      t_g[o] = graph_us([&](cudaStream_t s, int i) {
-        ap3_gemv_mma_kernel<<<ceil_div(out, br), kMmaThreads, smem, s>>>(x, qw[i % kCopies], lut[i % kCopies], y, in,
-                                                                         out, br, Fused{});
+    // same outputs from both layouts (dispatched kernel)
+    std::vector<__half> yb(out), yk(out);
+    CK((launch_gemv<3, __half>(x, qb[0], lut[0], y, 1, in, out, Fused{}, 0, false)));
+    CK(cudaMemcpy(yb.data(), y, out * 2, cudaMemcpyDeviceToHost));
+    CK((launch_gemv<3, __half>(x, qk[0], lut[0], y, 1, in, out, Fused{}, 0, true)));
+    CK(cudaMemcpy(yk.data(), y, out * 2, cudaMemcpyDeviceToHost));
+    int diff = 0;
+    for (int i = 0; i < out; ++i) diff += memcmp(&yb[i], &yk[i], 2) != 0;
+
+    const bool mma_ok = in % 512 == 0, stream_ok = in % 128 == 0;
+    auto t_mma = [&](bool pk) {
+      if (!mma_ok) return -1.f;
+      return graph_us([&](cudaStream_t s, int i) {
+        CK((pk ? launch_mma<true>(x, qk[i % kCopies], lut[i % kCopies], y, 1, in, out, Fused{}, s)
+               : launch_mma<false>(x, qb[i % kCopies], lut[i % kCopies], y, 1, in, out, Fused{}, s)));
       });
-    }
-    float t_stream = -1.f;
-    if (in % 128 == 0)
-      t_stream = graph_us([&](cudaStream_t s, int i) {
-        CK(launch_stream<kStreamRows>(x, qw[i % kCopies], lut[i % kCopies], y, 1, in, out, Fused{}, s));
+    };
+    auto t_stream = [&](bool pk) {
+      if (!stream_ok) return -1.f;
+      return graph_us([&](cudaStream_t s, int i) {
+        CK((pk ? launch_stream<kStreamRows, false, true>(x, qk[i % kCopies], lut[i % kCopies], y, 1, in, out, Fused{}, s)
+               : launch_stream<kStreamRows>(x, qb[i % kCopies], lut[i % kCopies], y, 1, in, out, Fused{}, s)));
       });
-    const int ks = ks_log2_for(3, in, out);
-    const dim3 grid(ceil_div(out, (kWarps >> ks) * 4), 1);
-    const float t_prmt = graph_us([&](cudaStream_t s, int i) {
-      ap3_gemv_prmt_kernel<4><<<grid, kThreads, 0, s>>>(x, qw[i % kCopies], lut[i % kCopies], y, in, out, ks, Fused{});
-    });
-    // programmatic dependent launch (launch_gemv_kernel): the dispatched kernel with it off and on
-    float t_pdl[2];
-    for (int on = 0; on < 2; ++on) {
-      pdl_enabled() = on;
-      t_pdl[on] = graph_us([&](cudaStream_t s, int i) {
-        CK((launch_gemv<3, __half>(x, qw[i % kCopies], lut[i % kCopies], y, 1, in, out, Fused{}, s)));
+    };
+    auto t_disp = [&](bool pk) {
+      return graph_us([&](cudaStream_t s, int i) {
+        CK((launch_gemv<3, __half>(x, pk ? qk[i % kCopies] : qb[i % kCopies], lut[i % kCopies], y, 1, in, out,
+                                   Fused{}, s, pk)));
       });
-    }
-    const float best_other = t_stream > 0 ? std::min(t_stream, t_prmt) : t_prmt;
-    printf("%5dx%-6d %10.2f %10.2f %10.2f %9.0f %9.2f | mma at %d/%d/%d groups per block: %.2f / %.2f / %.2f us\n",
-           in, out, t_mma, t_stream, t_prmt, qbytes / (t_mma * 1e3), t_mma / best_other, gpb_opts[0], gpb_opts[1],
-           gpb_opts[2], t_g[0], t_g[1], t_g[2]);
-    printf("%12s dispatched kernel, PDL off / on: %.2f / %.2f us\n", "", t_pdl[0], t_pdl[1]);
+    };
+    const float mb = t_mma(false), mk = t_mma(true), sb = t_stream(false), sk = t_stream(true);
+    const float db = t_disp(false), dk = t_disp(true);
+    printf("%5dx%-6d %9.2f %9.2f %9.2f %9.2f %9.2f %9.2f %7.3f %6.1f%% %s\n", in, out, mb, mk, sb, sk, db, dk, dk / db,
+           100.f * (qbytes + out * 16.f) / (dk * 1e3f) / hbm, diff ? "DIFFER" : "identical");
+    if (diff) printf("  %d of %d outputs differ between the layouts\n", diff, out);
     cudaFree(x);
     cudaFree(y);
     for (int c = 0; c < kCopies; ++c) {
-      cudaFree(qw[c]);
+      cudaFree(qb[c]);
+      cudaFree(qk[c]);
       cudaFree(lut[c]);
     }
   }

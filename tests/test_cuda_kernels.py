@@ -346,7 +346,8 @@ def test_fused_multi_token():
 
 # ---------------------------------------------------------------------------- add + RMSNorm inside the GEMV
 @pytest.mark.parametrize("m", [1, 2])
-@pytest.mark.parametrize("shape", [(4096, 6144), (4096, 28672), (8192, 1024)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", [(4096, 6144), (4096, 28672), (8192, 1024), (5120, 7680), (2048, 512)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
 def test_ap_gemv_addnorm(shape, m):
     n, out = shape
     qw, lut = make_ap(n, out, 3, torch.float16, n + out + 7)
@@ -371,12 +372,71 @@ def test_ap_gemv_addnorm_errors_and_opcheck():
     a, b = make_x(1, 4096, torch.float16, 95), make_x(1, 4096, torch.float16, 96)
     gamma = torch.ones(4096, device=DEV, dtype=torch.float16)
     torch.library.opcheck(torch.ops.decdec.ap_gemv_addnorm.default, (a, b, gamma, 1e-5, qw, lut))
-    qw5, lut5 = make_ap(5120, 256, 3, torch.float16, 97)
+    qw5, lut5 = make_ap(1152, 256, 3, torch.float16, 97)  # in = 1152: the per-row PRMT kernel
     with pytest.raises(RuntimeError, match="ap_gemv_addnorm serves 3-bit"):
-        torch.ops.decdec.ap_gemv_addnorm(make_x(1, 5120, torch.float16, 98), make_x(1, 5120, torch.float16, 99),
-                                         torch.ones(5120, device=DEV, dtype=torch.float16), 1e-5, qw5, lut5)
+        torch.ops.decdec.ap_gemv_addnorm(make_x(1, 1152, torch.float16, 98), make_x(1, 1152, torch.float16, 99),
+                                         torch.ones(1152, device=DEV, dtype=torch.float16), 1e-5, qw5, lut5)
     with pytest.raises(RuntimeError, match="gamma must be"):
         torch.ops.decdec.ap_gemv_addnorm(a, b, gamma[:100], 1e-5, qw, lut)
+
+
+# ---------------------------------------------------------------------------- the 3-bit kernel layout
+KERNEL_LAYOUT_SHAPES = LLAMA + PHI3 + [(8192, 1024), (28672, 8192), (4096, 1001)]
+
+
+@pytest.mark.parametrize("shape", KERNEL_LAYOUT_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_kernel_layout_gemv_equals_bitplanes(shape):
+    """The tensor-core and streaming GEMVs give the same bits from both layouts (same products, same order), and
+    the reference; dequantize is exact."""
+    n, out = shape
+    assert ops.ap3_kernel_layout(3, torch.float16, n)
+    qw, lut = make_ap(n, out, 3, torch.float16, n + out + 11)
+    pk = formats.pack_ap3_kernel(qw)
+    assert pk.shape == (out, n // 32, 3)
+    for m in (1, 3) if out <= 8192 else (1,):
+        x = make_x(m, n, torch.float16, n + m)
+        y = torch.ops.decdec.ap_gemv(x, pk, lut)
+        assert torch.equal(y, torch.ops.decdec.ap_gemv(x, qw, lut)), f"{shape} M={m}: layouts differ"
+        close(y, x.float() @ reference.ap_dequant(qw, lut.float()).t(), f"kernel layout {shape} M={m}")
+    assert torch.equal(torch.ops.decdec.ap_dequant(pk, lut), reference.ap_dequant(qw, lut))
+
+
+@pytest.mark.parametrize("shape", [(4096, 6144), (14336, 4096), (5120, 7680)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_kernel_layout_fused_and_addnorm(shape):
+    n, out = shape
+    x, (qw, lut), w, qr, scales, q, fused, _ = _fused_case("ap", n, out, 3, torch.float16, n + out + 13)
+    pk = formats.pack_ap3_kernel(qw)
+    for k_chunk in (0, 4):
+        bounds = make_bounds(x, k_chunk)
+        for n_tb in (16, SMS):
+            a = torch.ops.decdec.ap_gemv_dec_parts(x, pk, lut, qr, bounds, k_chunk, n_tb)
+            b = torch.ops.decdec.ap_gemv_dec_parts(x, qw, lut, qr, bounds, k_chunk, n_tb)
+            assert torch.equal(a, b), f"parts {shape} k={k_chunk} n_tb={n_tb}"
+            assert torch.equal(fused(x, pk, lut, qr, scales, bounds, k_chunk, n_tb),
+                               fused(x, qw, lut, qr, scales, bounds, k_chunk, n_tb)), f"fused {shape} k={k_chunk}"
+    if ops.addnorm_supported(3, n):
+        a, b = make_x(1, n, torch.float16, 101), make_x(1, n, torch.float16, 102)
+        gamma = (torch.rand(n, generator=gen(103), device=DEV) + 0.5).half()
+        ya, ha = torch.ops.decdec.ap_gemv_addnorm(a, b, gamma, 1e-5, pk, lut)
+        yb, hb = torch.ops.decdec.ap_gemv_addnorm(a, b, gamma, 1e-5, qw, lut)
+        assert torch.equal(ya, yb) and torch.equal(ha, hb)
+
+
+def test_kernel_layout_rule_matches_the_kernel_and_errors():
+    for n in range(128, 16384 + 1, 128):
+        assert ops.ap3_kernel_layout(3, torch.float16, n) == _C.ap3_packed_supported(3, n), n
+    assert not _C.ap3_packed_supported(4, 4096) and not ops.ap3_kernel_layout(3, torch.bfloat16, 4096)
+    qw, lut = make_ap(4096, 256, 3, torch.float16, 104)
+    pk = formats.pack_ap3_kernel(qw)
+    x = make_x(1, 4096, torch.float16, 105)
+    torch.library.opcheck(torch.ops.decdec.ap_gemv.default, (x, pk, lut))
+    torch.library.opcheck(torch.ops.decdec.ap_dequant.default, (pk, lut))
+    with pytest.raises(RuntimeError, match="3-bit kernel layout"):
+        torch.ops.decdec.ap_gemv(x.bfloat16(), pk, lut.bfloat16())
+    qw3, lut3 = make_ap(384, 64, 3, torch.float16, 106)  # in = 384: the per-row PRMT kernel, bit-planes only
+    assert not ops.ap3_kernel_layout(3, torch.float16, 384)
+    with pytest.raises(RuntimeError, match="unpack_ap3_kernel"):
+        torch.ops.decdec.ap_gemv(make_x(1, 384, torch.float16, 107), formats.pack_ap3_kernel(qw3), lut3)
 
 
 # ---------------------------------------------------------------------------- errors

@@ -195,3 +195,32 @@ def test_addnorm_decode_equals_separate_ops(monkeypatch):
     scale = separate.abs().max()
     assert (fused - separate).abs().max() / scale < 0.02, "fused add + RMSNorm GEMV differs from separate ops"
     assert (compiled - fused).abs().max() / scale < 0.02, "compiled fused decode differs from eager"
+
+
+def test_kernel_layout_model_equals_bitplanes():
+    """A model built on CUDA holds its 3-bit fp16 ap weights in the kernels' layout (QuantLinear.use_kernel_layout),
+    and decodes to the same logits, bit for bit, as with the checkpoint's bit-planes."""
+    _kernels_or_skip()
+    from decdec import formats
+    from decdec.config import DecConfig, KChunk
+    from decdec.synthetic import build_synthetic
+
+    dev = torch.device("cuda")
+    dec = DecConfig(name="t", n_tb=8, k_chunk=KChunk(qkv=0, o=0, gate_up=0, down=4))
+    model = build_synthetic("llama3-2l", "ap", 3, False, torch.float16, dev, dec, seed=5).model
+    lins = [mod for _, _, mod in model.linears()]
+    assert all(formats.is_ap3_kernel_layout(m.qweight, m.lut) for m in lins)
+    tokens = torch.randint(0, 1024, (16,), generator=torch.Generator().manual_seed(6))
+
+    def run():
+        model.setup_caches(1, 32, torch.float16, dev)
+        with torch.no_grad():
+            model(tokens[:8].view(1, -1).to(dev), torch.arange(8, device=dev))
+            return torch.stack([model(tokens[i:i + 1].view(1, 1).to(dev), torch.tensor([i], device=dev))[0, -1]
+                                for i in range(8, 16)])
+
+    packed = run()
+    for m in lins:
+        m.qweight = formats.unpack_ap3_kernel(m.qweight)
+    assert not any(formats.is_ap3_kernel_layout(m.qweight, m.lut) for m in lins)
+    assert torch.equal(run(), packed), "decode logits differ between the weight layouts"

@@ -154,3 +154,16 @@ def test_dec_state_dtypes_and_not_a_buffer():
     assert d.scales.dtype == torch.bfloat16 and d.thresholds.dtype == torch.float32 and d.bounds.dtype == torch.float32
     # the residual lives outside the module's state: .to(device) / state_dict never carry it
     assert not any("residual" in k for k in lin.state_dict())
+
+
+def test_kernel_layout_only_where_the_cuda_kernels_read_it():
+    """use_kernel_layout leaves CPU weights (and non-3-bit, non-fp16 ones) in bit-planes; a linear whose weights are
+    in the kernel layout computes the same (the ops read both)."""
+    lin, dense = make_linear("ap", 3, inp=4096, out=16)
+    assert not lin.use_kernel_layout()  # CPU
+    assert lin.qweight.shape == (3, 16, 128)
+    x = torch.randn(1, 4096, generator=_gen(9))
+    y = lin(x)
+    lin.qweight = formats.pack_ap3_kernel(lin.qweight)
+    assert torch.equal(lin(x), y)
+    assert torch.equal(lin.dequantize(), reference.ap_dequant(formats.unpack_ap3_kernel(lin.qweight), lin.lut))

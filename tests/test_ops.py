@@ -192,12 +192,41 @@ def test_addnorm_op_is_add_then_rmsnorm_then_gemv():
         OPS.ap_gemv_addnorm(d["x"], b, gamma[:10], 1e-5, d["qweight"], d["lut"])
 
 
-@pytest.mark.parametrize("n,ok", [(4096, True), (8192, True), (14336, False), (5120, False), (2048, False),
-                                  (576, False), (4160, False)])
+@pytest.mark.parametrize("n,ok", [(4096, True), (8192, True), (14336, False), (5120, True), (2048, True),
+                                  (1152, False), (576, False), (4160, False)])
 def test_addnorm_supported_rule(n, ok):
     """The shapes the fused add + RMSNorm GEMV serves (its CUDA twin is checked on the GPU)."""
     assert decdec.ops.addnorm_supported(3, n) is ok
     assert not decdec.ops.addnorm_supported(4, n)
+
+
+@pytest.mark.parametrize("n,ok", [(4096, True), (8192, True), (14336, True), (5120, True), (17920, True),
+                                  (2048, True), (1152, False), (576, False), (384, False), (4160, False)])
+def test_kernel_layout_rule(n, ok, monkeypatch):
+    """Where fp16 3-bit weights run in the kernel layout: the tensor-core or streaming GEMV's widths (its CUDA twin
+    is checked on the GPU); never bf16 or other bit widths; DECDEC_KERNEL_LAYOUT=0 turns it off."""
+    assert decdec.ops.ap3_kernel_layout(3, torch.float16, n) is ok
+    assert not decdec.ops.ap3_kernel_layout(3, torch.bfloat16, n)
+    assert not decdec.ops.ap3_kernel_layout(4, torch.float16, n)
+    monkeypatch.setenv("DECDEC_KERNEL_LAYOUT", "0")
+    assert not decdec.ops.ap3_kernel_layout(3, torch.float16, n)
+
+
+def test_ap_ops_accept_the_kernel_layout():
+    """CPU kernels (= reference), fakes and opcheck take qweight in either layout, with the same results."""
+    g = torch.Generator().manual_seed(40)
+    codes = torch.randint(0, 8, (OUT, 1024), generator=g)
+    qw = formats.pack_bitplanes(codes, 3)
+    pk = formats.pack_ap3_kernel(qw)
+    lut = torch.randn(OUT, 8, generator=g).half()
+    x = torch.randn(M, 1024, generator=g).half()
+    assert torch.equal(OPS.ap_gemv(x, pk, lut), OPS.ap_gemv(x, qw, lut))
+    assert torch.equal(OPS.ap_dequant(pk, lut), OPS.ap_dequant(qw, lut))
+    torch.library.opcheck(OPS.ap_gemv.default, (x, pk, lut))
+    torch.library.opcheck(OPS.ap_dequant.default, (pk, lut))
+    with FakeTensorMode() as mode:
+        assert OPS.ap_gemv(mode.from_tensor(x), mode.from_tensor(pk), mode.from_tensor(lut)).shape == (M, OUT)
+        assert OPS.ap_dequant(mode.from_tensor(pk), mode.from_tensor(lut)).shape == (OUT, 1024)
 
 
 # ---------------------------------------------------------------------------- fake tensors
