@@ -571,7 +571,7 @@ __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-template <int K, bool PACKED, int OFF>  // x chunk at shared address xaddr + OFF
+template <int K, bool PACKED>
 __device__ __forceinline__ void ap3_mma_step(const uint32_t (&A)[2], const uint32_t (&B)[2], const uint32_t (&C)[2],
                                              const uint32_t (&lt)[2][4], uint32_t xaddr, float (&acc0)[4],
                                              float (&acc1)[4]) {
@@ -579,8 +579,7 @@ __device__ __forceinline__ void ap3_mma_step(const uint32_t (&A)[2], const uint3
   ap3_decode8_any<K, PACKED>(A[0], B[0], C[0], lt[0][0], lt[0][1], lt[0][2], lt[0][3], w0);
   ap3_decode8_any<K, PACKED>(A[1], B[1], C[1], lt[1][0], lt[1][1], lt[1][2], lt[1][3], w1);
   uint4 xv;
-  asm("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4+%5];" : "=r"(xv.x), "=r"(xv.y), "=r"(xv.z), "=r"(xv.w) : "r"(xaddr),
-      "n"(OFF));
+  asm("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(xv.x), "=r"(xv.y), "=r"(xv.z), "=r"(xv.w) : "r"(xaddr));
   // a0 / a2: row g, a1 / a3: row g + 8; b0 / b1: the x pairs of the same channels
   mma16816(acc0, w0[0], w1[0], w0[1], w1[1], xv.x, xv.y);
   mma16816(acc1, w0[2], w1[2], w0[3], w1[3], xv.z, xv.w);
@@ -604,20 +603,8 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   const size_t plane = (size_t)out * words;
   float* red = reinterpret_cast<float*>(xs + (in >> 3));
 
-  // item i = warp + 8 j is (16-row group grp, k-slice ks) = (i / KS, i % KS): loads and computes walk their items in
-  // order, each with a cursor advanced by 8 items (no division per item)
-  struct Cursor {
-    int grp, ks;
-  };
-  auto advance = [&](Cursor& c) {
-    c.ks += kMmaWarps;
-    while (c.ks >= KS) c.ks -= KS, ++c.grp;
-  };
-  Cursor lc{warp / KS, warp % KS};
-  Cursor cc = lc;
-  auto load = [&](MmaItem& d) {  // this warp's next item
-    const int grp = lc.grp, ks = lc.ks;
-    advance(lc);
+  auto load = [&](MmaItem& d, int j) {  // this warp's j-th item
+    const int i = warp + kMmaWarps * j, grp = i / KS, ks = i - grp * KS;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       int r = r0 + 16 * grp + g + 8 * h;
@@ -633,7 +620,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
     }
   };
   MmaItem bufA, bufB;
-  if (my_items > 0) load(bufA);
+  if (my_items > 0) load(bufA, 0);
   pdl_wait();  // the first weights are in flight; x (and y) belong to the previous kernel
 
   for (int i = threadIdx.x; i < ngroups * 16 * kMmaWarps; i += kMmaThreads) red[i] = 0.f;
@@ -642,21 +629,18 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   __syncthreads();
 
   const uint32_t xs_base = (uint32_t)__cvta_generic_to_shared(xs);
-  // the lane's words 4 (4 ks + t) + v; chunk c of x sits at xs_swz(c) = c ^ ((c >> 4) & 7), so for the 4-word group
-  // g4 = 4 ks + t chunk 16 g4 + (4 v + K) sits at 16 g4 + ((4 v + K) ^ (g4 & 7)) = 16 g4 + 4 (v ^ s) + (K ^ t) with
-  // s = ks & 1: byte offset 64 v + (v even ? 64 s : -64 s) + 16 (K ^ t) from 256 g4
-  const uint32_t kt0 = 16u * (0 ^ t), kt1 = 16u * (1 ^ t), kt2 = 16u * (2 ^ t), kt3 = 16u * (3 ^ t);
   float acc0[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};
   auto compute = [&](const MmaItem& c, int j) {
-    const int grp = cc.grp, ks = cc.ks;
+    const int i = warp + kMmaWarps * j, grp = i / KS, ks = i - grp * KS;
     uint32_t lt[2][4];
 #pragma unroll
     for (int h = 0; h < 2; ++h) lut_tables(c.l[h], lt[h][0], lt[h][1], lt[h][2], lt[h][3]);
-    const uint32_t gbase = xs_base + 256u * (uint32_t)(4 * ks + t), d = 64u * (uint32_t)(ks & 1);
-    const uint32_t pe = gbase + d, po = gbase - d;
-    const uint32_t a_e[4] = {pe + kt0, pe + kt1, pe + kt2, pe + kt3}, a_o[4] = {po + kt0, po + kt1, po + kt2, po + kt3};
-    auto word_group = [&](auto vc) {  // the lane's word v of each row: 32 channels, 4 MMAs per row pair
-      constexpr int v = decltype(vc)::value;
+    // the lane's words 4 (4 ks + t) + v; chunk c of x sits at xs_swz(c) = c ^ ((c >> 4) & 7), so for
+    // the 4-word group g4 = 4 ks + t chunk 16 g4 + c' sits at 16 g4 + (c' ^ (g4 & 7))
+    const int g4 = 4 * ks + t;
+    const uint32_t gbase = xs_base + 256u * (uint32_t)g4, sw = (uint32_t)(g4 & 7);
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
       uint32_t A[2], B[2], C[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -669,18 +653,13 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
           C[h] = __funnelshift_l(c.w[h][2][v], c.w[h][2][v], 2);
         }
       }
-      const uint32_t* a = (v & 1) ? a_o : a_e;
-      ap3_mma_step<0, PACKED, 64 * v>(A, B, C, lt, a[0], acc0, acc1);
-      ap3_mma_step<1, PACKED, 64 * v>(A, B, C, lt, a[1], acc0, acc1);
-      ap3_mma_step<2, PACKED, 64 * v>(A, B, C, lt, a[2], acc0, acc1);
-      ap3_mma_step<3, PACKED, 64 * v>(A, B, C, lt, a[3], acc0, acc1);
-    };
-    word_group(std::integral_constant<int, 0>{});
-    word_group(std::integral_constant<int, 1>{});
-    word_group(std::integral_constant<int, 2>{});
-    word_group(std::integral_constant<int, 3>{});
-    advance(cc);
-    if (j + 1 >= my_items || cc.grp != grp) {  // the warp's last item of this group: flush
+      ap3_mma_step<0, PACKED>(A, B, C, lt, gbase + 16u * ((4u * v + 0) ^ sw), acc0, acc1);
+      ap3_mma_step<1, PACKED>(A, B, C, lt, gbase + 16u * ((4u * v + 1) ^ sw), acc0, acc1);
+      ap3_mma_step<2, PACKED>(A, B, C, lt, gbase + 16u * ((4u * v + 2) ^ sw), acc0, acc1);
+      ap3_mma_step<3, PACKED>(A, B, C, lt, gbase + 16u * ((4u * v + 3) ^ sw), acc0, acc1);
+    }
+    const int i_next = i + kMmaWarps;
+    if (j + 1 >= my_items || i_next / KS != grp) {  // the warp's last item of this group: flush
       if (t == 0) {  // every column of D is the same dot product: lanes t = 0 keep column 0
         red[(16 * grp + g) * kMmaWarps + warp] = acc0[0] + acc1[0];
         red[(16 * grp + g + 8) * kMmaWarps + warp] = acc0[2] + acc1[2];
@@ -694,10 +673,10 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   // (scripts/gemv_ab.cu, session 3 code, run in session 4): one buffer, 2 words per lane or 3-4 blocks
   // per SM (64-113 registers) were all slower, 4096x28672 27.8-35.3 us against 24.0 us here.
   for (int j = 0; j < my_items; j += 2) {
-    if (j + 1 < my_items) load(bufB);
+    if (j + 1 < my_items) load(bufB, j + 1);
     compute(bufA, j);
     if (j + 1 >= my_items) break;
-    if (j + 2 < my_items) load(bufA);
+    if (j + 2 < my_items) load(bufA, j + 2);
     compute(bufB, j + 1);
   }
   __syncthreads();
