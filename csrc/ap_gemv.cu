@@ -446,9 +446,9 @@ __global__ void __launch_bounds__(kStreamThreads, stream_blocks_per_sm<R>())
 #pragma unroll
     for (int j = 0; j < R; ++j) {
       const int r = ra + j < r1 ? ra + j : ra;
-      const uint32_t* p = PACKED ? qw + ((size_t)r * words + 4 * g) * 3 : qw + (size_t)r * words + 4 * g;
-#pragma unroll  // PACKED: d.w[j] is the flat 12 words, group v's W_k at 3 v + k
-      for (int q = 0; q < 3; ++q) d.w[j][q] = ldg_stream_v4(p + (PACKED ? 4 * q : q * plane));
+      const uint32_t* p = PACKED ? qw + kl_offset(r, words, 4 * g) : qw + (size_t)r * words + 4 * g;
+#pragma unroll  // d.w[j][q][v]: plane q (PACKED: word W_q) of the lane's group 4 g + v
+      for (int q = 0; q < 3; ++q) d.w[j][q] = ldg_stream_v4(p + (PACKED ? 8 * q : q * plane));
       d.l[j] = __ldg(reinterpret_cast<const uint4*>(lut + (size_t)r * 8));
     }
   };
@@ -482,8 +482,9 @@ __global__ void __launch_bounds__(kStreamThreads, stream_blocks_per_sm<R>())
 #pragma unroll
         for (int j = 0; j < R; ++j) {
           if constexpr (PACKED) {
-            const uint32_t* f = reinterpret_cast<const uint32_t*>(&c.w[j][0]);
-            A[j] = f[3 * v]; B[j] = f[3 * v + 1]; C[j] = f[3 * v + 2];
+            A[j] = reinterpret_cast<const uint32_t*>(&c.w[j][0])[v];
+            B[j] = reinterpret_cast<const uint32_t*>(&c.w[j][1])[v];
+            C[j] = reinterpret_cast<const uint32_t*>(&c.w[j][2])[v];
           } else {
             const uint32_t* w0 = reinterpret_cast<const uint32_t*>(&c.w[j][0]);
             const uint32_t* w1 = reinterpret_cast<const uint32_t*>(&c.w[j][1]);
@@ -585,7 +586,7 @@ __device__ __forceinline__ void ap3_mma_step(const uint32_t (&A)[2], const uint3
   mma16816(acc1, w0[2], w1[2], w0[3], w1[3], xv.z, xv.w);
 }
 
-// PACKED: qweight in the kernel layout [out, in/32, 3] (the lane's 4 groups x 3 words are 48 contiguous bytes).
+// PACKED: qweight in the kernel layout [out, in/256, 3, 8] (common.cuh).
 // NORM: x is formed from a + b and RMSNorm while staging (kernels.h `AddNorm`, in <= 8192), as the streaming kernel.
 template <bool PACKED, bool NORM = false>
 __global__ void __launch_bounds__(kMmaThreads, 2)
@@ -609,11 +610,11 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
     for (int h = 0; h < 2; ++h) {
       int r = r0 + 16 * grp + g + 8 * h;
       r = r < r1 ? r : r1 - 1;  // rows past the tile: decode a valid row, never stored
-      const uint32_t* p = PACKED ? qw + ((size_t)r * words + 4 * (4 * ks + t)) * 3
+      const uint32_t* p = PACKED ? qw + kl_offset(r, words, 4 * (4 * ks + t))
                                  : qw + (size_t)r * words + 4 * (4 * ks + t);
 #pragma unroll
-      for (int q = 0; q < 3; ++q) {  // PACKED: d.w[h] is the flat 12 words, group v's W_k at 3 v + k
-        const uint4 v = ldg_stream_v4(p + (PACKED ? 4 * q : q * plane));
+      for (int q = 0; q < 3; ++q) {  // d.w[h][q][v]: plane q (PACKED: word W_q) of group 4 (4 ks + t) + v
+        const uint4 v = ldg_stream_v4(p + (PACKED ? 8 * q : q * plane));
         d.w[h][q][0] = v.x; d.w[h][q][1] = v.y; d.w[h][q][2] = v.z; d.w[h][q][3] = v.w;
       }
       d.l[h] = __ldg(reinterpret_cast<const uint4*>(lut + (size_t)r * 8));
@@ -645,8 +646,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         if constexpr (PACKED) {
-          const uint32_t* f = &c.w[h][0][0];
-          A[h] = f[3 * v]; B[h] = f[3 * v + 1]; C[h] = f[3 * v + 2];
+          A[h] = c.w[h][0][v]; B[h] = c.w[h][1][v]; C[h] = c.w[h][2][v];
         } else {
           A[h] = c.w[h][0][v];
           B[h] = __funnelshift_l(c.w[h][1][v], c.w[h][1][v], 1);
@@ -816,7 +816,7 @@ cudaError_t launch_stream(const void* x, const uint32_t* qw, const void* lut, vo
 
 // The 3-bit kernel layout (common.cuh) is read by the tensor-core and streaming kernels only.
 bool packed_ok(DType dt, int bits, int in) {
-  return dt == DType::F16 && (use_mma_kernel(bits, true, in) || use_stream_kernel(bits, true, in));
+  return dt == DType::F16 && in % 256 == 0 && (use_mma_kernel(bits, true, in) || use_stream_kernel(bits, true, in));
 }
 
 template <int BITS, typename T>
@@ -860,7 +860,7 @@ __global__ void __launch_bounds__(256)
   const int r = (int)(i / words), wd = (int)(i % words);
   uint32_t W[3];
 #pragma unroll
-  for (int k = 0; k < 3; ++k) W[k] = __ldg(qw + (size_t)i * 3 + k);
+  for (int k = 0; k < 3; ++k) W[k] = __ldg(qw + kl_offset(r, words, wd) + 8 * k);
   T vals[8];
 #pragma unroll
   for (int c = 0; c < 8; ++c) vals[c] = lut[(size_t)r * 8 + c];

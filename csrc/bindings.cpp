@@ -90,22 +90,21 @@ int i32(int64_t v, const char* what) {
 
 struct Ap {
   int bits, out, in;
-  bool packed;  // 3-bit kernel layout [out, in/32, 3]
+  bool packed;  // 3-bit kernel layout [out, in/256, 3, 8]
 };
-// The 3-bit kernel layout [out, in/32, 3] with lut [out, 8] (decdec/formats.py is_ap3_kernel_layout: the same rule).
-// Never a bit-plane qweight [b, out, in/32] with its lut [out, 2^b]: both would need b = out = 3 and in/32 = 3,
-// which is not a multiple of 4.
+// The 3-bit kernel layout [out, in/256, 3, 8] (4-D, unlike the bit-planes [b, out, in/32]; decdec/formats.py
+// is_ap3_kernel_layout: the same rule).
 bool is_ap3_kernel_layout(const at::Tensor& qweight, const at::Tensor& lut) {
-  return qweight.dim() == 3 && qweight.size(2) == 3 && qweight.size(1) % 4 == 0 && lut.dim() == 2 &&
+  return qweight.dim() == 4 && qweight.size(2) == 3 && qweight.size(3) == 8 && lut.dim() == 2 &&
          lut.size(0) == qweight.size(0) && lut.size(1) == 8;
 }
 Ap check_ap(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& lut) {
   check_x(x);
-  DD_CHECK(qweight.dim() == 3, "decdec: qweight must be [b, out, in/32] (or [out, in/32, 3], the 3-bit kernel layout), "
-           "got shape ", qweight.sizes());
+  DD_CHECK(qweight.dim() == 3 || is_ap3_kernel_layout(qweight, lut), "decdec: qweight must be [b, out, in/32] (or "
+           "[out, in/256, 3, 8], the 3-bit kernel layout, with lut [out, 8]), got shape ", qweight.sizes());
   check_tensor(qweight, "qweight", x.device(), at::kInt);
   if (is_ap3_kernel_layout(qweight, lut)) {
-    Ap s{3, i32(qweight.size(0), "out"), i32(qweight.size(1) * 32, "in"), true};
+    Ap s{3, i32(qweight.size(0), "out"), i32(qweight.size(1) * 256, "in"), true};
     DD_CHECK(x.size(1) == s.in, "decdec: x has ", x.size(1), " input channels, qweight expects ", s.in);
     check_tensor(lut, "lut", x.device(), x.scalar_type());
     DD_CHECK(decdec::ap3_packed_supported(dtype_of(x), 3, s.in), "decdec: qweight ", qweight.sizes(), " is in the "
@@ -272,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor> ap_gemv_addnorm_cuda(const at::Tensor& a, con
 
 at::Tensor ap_dequant_cuda(const at::Tensor& qweight, const at::Tensor& lut) {
   DD_CHECK(lut.is_cuda(), "decdec: lut must be a CUDA tensor, got ", lut.device());
-  const int64_t in = qweight.dim() != 3 ? 0 : is_ap3_kernel_layout(qweight, lut) ? qweight.size(1) * 32 : qweight.size(2) * 32;
+  const int64_t in = is_ap3_kernel_layout(qweight, lut) ? qweight.size(1) * 256 : qweight.dim() == 3 ? qweight.size(2) * 32 : 0;
   const Ap s = check_ap(at::empty({1, in}, lut.options()), qweight, lut);
   c10::cuda::CUDAGuard guard(lut.device());
   auto w = at::empty({s.out, s.in}, lut.options());

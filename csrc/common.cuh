@@ -171,11 +171,17 @@ __device__ __forceinline__ void ap3_decode8(uint32_t A, uint32_t B, uint32_t C, 
   w[3] = prmt(LO1, HI1, 0x7362);
 }
 
-// ---- The 3-bit kernel layout (decdec/formats.py pack_ap3_kernel): qweight [out, in/32, 3], the three words W0, W1,
-// W2 of a 32-channel group hold selector nibbles: nibble n of W_k (k = 0, 1, 2) is the code of channel 4n + k in
-// bits 0-2, and bit 3 of nibble n of W_q is bit q of the code of channel 4n + 3. So channels 4n + k, k < 3, need one
+// ---- The 3-bit kernel layout (decdec/formats.py pack_ap3_kernel): qweight [out, in/256, 3, 8], the three words W0,
+// W1, W2 of a 32-channel group hold selector nibbles: nibble n of W_k (k = 0, 1, 2) is the code of channel 4n + k in
+// bits 0-2, and bit 3 of nibble n of W_q is bit q of the code of channel 4n + 3. Per 8 groups (256 channels) the 8
+// W0, then the 8 W1, then the 8 W2: a lane's 16-byte load of 4 groups' W_q shares its 32-byte sector only with its
+// neighbour lane's load of the same instruction, never with another instruction. So channels 4n + k, k < 3, need one
 // AND (clear bit 3) before the PRMT lookup, and channels 4n + 3 three LOP3 (vs. the bit-plane layout's 2 LOP3, a
 // funnel shift and an AND for every 8 weights, and two rotates per word). Same bytes as the bit-planes.
+// Word offset of W0 of group w (w % 4 == 0 for a 16-byte load) of row r; W_q is 8 q words further.
+__host__ __device__ __forceinline__ size_t kl_offset(int r, int words, int w) {
+  return (size_t)r * words * 3 + (size_t)(w >> 3) * 24 + (w & 7);
+}
 __device__ __forceinline__ uint32_t shr_fma(uint32_t a, int k) { return __umulhi(a, 1u << (32 - k)); }  // a >> k, FMA pipe
 
 template <int K>

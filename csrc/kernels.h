@@ -65,7 +65,7 @@ cudaError_t ap_gemv_addnorm(const void* a, const AddNorm& an, const uint32_t* qw
                             int in, int out, cudaStream_t stream, bool packed = false);
 
 // ---- ap (bit-planes + per-row LUT). qweight [bits, out, in/32] int32, lut [out, 2^bits]; `packed`: 3-bit qweight
-// in the kernel layout [out, in/32, 3] (common.cuh, decdec/formats.py pack_ap3_kernel), for fp16 where
+// in the kernel layout [out, in/256, 3, 8] (common.cuh, decdec/formats.py pack_ap3_kernel), for fp16 where
 // ap3_packed_supported (the tensor-core and streaming GEMVs' shapes).
 bool ap_bits_supported(int bits);
 bool ap3_packed_supported(DType dt, int bits, int in);

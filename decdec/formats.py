@@ -80,11 +80,12 @@ def unpack_bitplanes(qweight: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- ap 3-bit kernel layout
 # The fp16 3-bit CUDA GEMVs read their weights in a layout of their own, made once when a model is placed on the GPU
-# (QuantLinear.use_kernel_layout): qweight [out, in/32, 3] int32, the three words W0, W1, W2 of each 32-channel
-# group adjacent, with nibble n of W_k (k < 3) holding the code of channel 32 w + 4 n + k in bits 0-2 and bit 3 of
-# nibble n of W_q holding bit q of the code of channel 32 w + 4 n + 3. The nibbles are ready-made PRMT selectors
-# (csrc/common.cuh), so decoding costs fewer integer instructions than from bit-planes. Same bytes, a permutation of
-# the bits within each group; the transform is its own inverse on the (plane, channel mod 4 < 3) bits.
+# (QuantLinear.use_kernel_layout): qweight [out, in/256, 3, 8] int32. Each 32-channel group w has three words W0,
+# W1, W2: nibble n of W_k (k < 3) holds the code of channel 32 w + 4 n + k in bits 0-2, and bit 3 of nibble n of W_q
+# holds bit q of the code of channel 32 w + 4 n + 3. The nibbles are ready-made PRMT selectors (csrc/common.cuh), so
+# decoding costs fewer integer instructions than from bit-planes. Per 8 groups (256 channels) the 8 W0 come first,
+# then the 8 W1, then the 8 W2, so the GEMV's 16-byte loads stay sector-aligned. Same bytes as the bit-planes; the bit
+# transform is its own inverse.
 _NIB0 = 0x11111111  # bit 0 of every nibble
 _NIB3 = -0x77777778  # 0x88888888 as int32: bit 3 of every nibble
 
@@ -102,27 +103,28 @@ def _swap_ap3_bits(words: torch.Tensor) -> torch.Tensor:
 
 
 def pack_ap3_kernel(qweight: torch.Tensor) -> torch.Tensor:
-    """3-bit bit-plane qweight [3, out, in/32] int32 -> the kernel layout [out, in/32, 3] (in % 128 == 0)."""
+    """3-bit bit-plane qweight [3, out, in/32] int32 -> the kernel layout [out, in/256, 3, 8] (in % 256 == 0)."""
     if qweight.dim() != 3 or qweight.shape[0] != 3 or qweight.dtype != torch.int32:
         raise ValueError(f"pack_ap3_kernel takes 3-bit bit-planes [3, out, in/32] int32, got {tuple(qweight.shape)} "
                          f"{qweight.dtype}")
-    if qweight.shape[2] % 4:
-        raise ValueError(f"the 3-bit kernel layout needs in % 128 == 0, got in = {qweight.shape[2] * 32}")
-    return _swap_ap3_bits(qweight).permute(1, 2, 0).contiguous()
+    _, out, words = qweight.shape
+    if words % 8:
+        raise ValueError(f"the 3-bit kernel layout needs in % 256 == 0, got in = {words * 32}")
+    return _swap_ap3_bits(qweight).view(3, out, words // 8, 8).permute(1, 2, 0, 3).contiguous()
 
 
 def unpack_ap3_kernel(packed: torch.Tensor) -> torch.Tensor:
-    """The kernel layout [out, in/32, 3] int32 -> 3-bit bit-planes [3, out, in/32] (inverse of pack_ap3_kernel)."""
-    if packed.dim() != 3 or packed.shape[2] != 3 or packed.dtype != torch.int32:
-        raise ValueError(f"unpack_ap3_kernel takes [out, in/32, 3] int32, got {tuple(packed.shape)} {packed.dtype}")
-    return _swap_ap3_bits(packed.permute(2, 0, 1)).contiguous()
+    """The kernel layout [out, in/256, 3, 8] int32 -> 3-bit bit-planes [3, out, in/32] (inverse of pack_ap3_kernel)."""
+    if packed.dim() != 4 or packed.shape[2:] != (3, 8) or packed.dtype != torch.int32:
+        raise ValueError(f"unpack_ap3_kernel takes [out, in/256, 3, 8] int32, got {tuple(packed.shape)} {packed.dtype}")
+    out, blocks = packed.shape[:2]
+    return _swap_ap3_bits(packed.permute(2, 0, 1, 3).reshape(3, out, blocks * 8)).contiguous()
 
 
 def is_ap3_kernel_layout(qweight: torch.Tensor, lut: torch.Tensor) -> bool:
-    """Whether qweight (with its lut [out, 8]) is in the 3-bit kernel layout rather than bit-planes [b, out, in/32]
-    with lut [out, 2**b]. The shapes never fit both: that would need b = out = 3 and in/32 = 3, not a multiple of 4.
-    Mirrors is_ap3_kernel_layout in csrc/bindings.cpp."""
-    return (qweight.dim() == 3 and qweight.shape[2] == 3 and qweight.shape[1] % 4 == 0 and lut.dim() == 2
+    """Whether qweight (with its lut [out, 8]) is in the 3-bit kernel layout [out, in/256, 3, 8] -- 4-D, unlike the
+    bit-planes [b, out, in/32]. Mirrors is_ap3_kernel_layout in csrc/bindings.cpp."""
+    return (qweight.dim() == 4 and tuple(qweight.shape[2:]) == (3, 8) and lut.dim() == 2
             and lut.shape[0] == qweight.shape[0] and lut.shape[1] == 8)
 
 

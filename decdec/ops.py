@@ -6,7 +6,7 @@ CUDA kernels live in ``csrc/`` and register themselves for the same schemas thro
 machine, with or without the extension.
 
 Shapes (``M`` tokens, ``b`` bits): ``x [M, in]``; ap ``qweight [b, out, in/32] int32`` (or, 3-bit fp16 on CUDA where
-``ap3_kernel_layout`` says, the kernel layout ``[out, in/32, 3]`` of ``formats.pack_ap3_kernel``), ``lut [out, 2**b]``; lutgemm ``binary [in/32, b, out] int32``, ``alpha [n_groups, b, out]``,
+``ap3_kernel_layout`` says, the kernel layout ``[out, in/256, 3, 8]`` of ``formats.pack_ap3_kernel``), ``lut [out, 2**b]``; lutgemm ``binary [in/32, b, out] int32``, ``alpha [n_groups, b, out]``,
 ``q_bias [n_groups, out]`` (group = in / n_groups, 128 by default); DEC ``q_residual [in, out/8] int32``, ``scales [out]``,
 ``bounds [2] fp32`` (``a, b`` of DESIGN.md §2). Every GEMV returns ``[M, out]`` in ``x.dtype``.
 ``n_tb`` is the DEC kernel's thread-block count; the CPU kernels accept and ignore it.
@@ -69,12 +69,13 @@ def _check_x(x: torch.Tensor, in_features: int) -> None:
 
 
 def _ap_shape(qweight: torch.Tensor, lut: torch.Tensor) -> tuple[int, int]:
+    if formats.is_ap3_kernel_layout(qweight, lut):  # [out, in/256, 3, 8]
+        torch._check(qweight.dtype == torch.int32, lambda: f"qweight must be int32, got {qweight.dtype}")
+        return qweight.shape[0], qweight.shape[1] * 256
     torch._check(
         qweight.dim() == 3 and qweight.dtype == torch.int32,
         lambda: f"qweight must be [b, out, in/32] int32, got {tuple(qweight.shape)} {qweight.dtype}",
     )
-    if formats.is_ap3_kernel_layout(qweight, lut):  # [out, in/32, 3]
-        return qweight.shape[0], qweight.shape[1] * 32
     bits, out, words = qweight.shape
     torch._check(lut.shape == (out, 2**bits), lambda: f"lut must be [{out}, {2 ** bits}], got {tuple(lut.shape)}")
     return out, words * 32
@@ -242,11 +243,12 @@ def _ap3_fp16_gemv(in_features: int) -> str | None:
 
 def ap3_kernel_layout(bits: int, dtype: torch.dtype, in_features: int) -> bool:
     """Whether fp16 ap weights of this shape run on CUDA in the 3-bit kernel layout (``formats.pack_ap3_kernel``;
-    csrc ``ap3_packed_supported``, checked against it on the GPU): 3 bits on the tensor-core or streaming GEMV.
+    csrc ``ap3_packed_supported``, checked against it on the GPU): 3 bits on the tensor-core or streaming GEMV,
+    in % 256 == 0.
     ``DECDEC_KERNEL_LAYOUT=0`` keeps the bit-plane layout (same-machine A/B)."""
     if os.environ.get("DECDEC_KERNEL_LAYOUT", "1") == "0":
         return False
-    return bits == 3 and dtype == torch.float16 and _ap3_fp16_gemv(in_features) is not None
+    return bits == 3 and dtype == torch.float16 and in_features % 256 == 0 and _ap3_fp16_gemv(in_features) is not None
 
 
 # ---------------------------------------------------------------------------- CPU kernels = reference

@@ -17,7 +17,7 @@ N_BUCKETS = 32
 
 # ---------------------------------------------------------------------------- base weights
 def ap_dequant(qweight: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """qweight [b, out, in/32] int32 (or the 3-bit kernel layout [out, in/32, 3]), lut [out, 2**b] -> W [out, in]
+    """qweight [b, out, in/32] int32 (or the 3-bit kernel layout [out, in/256, 3, 8]), lut [out, 2**b] -> W [out, in]
     in lut.dtype."""
     if formats.is_ap3_kernel_layout(qweight, lut):
         qweight = formats.unpack_ap3_kernel(qweight)

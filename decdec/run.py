@@ -465,7 +465,8 @@ class Run:
             chosen = "; ".join(f"w{b}: n_tb {c['n_tb']}, k_chunk " + " ".join(f"{p}={k}" for p, k in c["k_chunk"].items())
                                for b, c in choices.items())
             print(f"[decdec] round {r + 1}: budget {rounds[-1]['budget_us_per_layer']:.2f} us per layer ({chosen}) -> "
-                  f"measured {slowdown:+.2%} ({'within' if fits else 'over'} the {t.target_slowdown:.1%} target)")
+                  f"measured {slowdown:+.2%} ({'within' if fits else 'over'} the {t.target_slowdown:.1%} target + "
+                  f"{t.verify_tolerance:.1%} tolerance)")
             if fits or no_dec or last:
                 break
             budget = tune.next_budget(budget, t.target_slowdown, slowdown)

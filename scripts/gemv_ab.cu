@@ -19,16 +19,18 @@
 
 using namespace decdec;
 
-// bit-planes [3][out][words] -> kernel layout [out][words][3] (formats.pack_ap3_kernel)
+// bit-planes [3][out][words] -> kernel layout [out][words/8][3][8] (formats.pack_ap3_kernel)
 static std::vector<uint32_t> pack_kernel_layout(const std::vector<uint32_t>& planes, int out, int words) {
   std::vector<uint32_t> p((size_t)out * words * 3);
   const size_t ps = (size_t)out * words;
-  for (size_t i = 0; i < ps; ++i)
-    for (int q = 0; q < 3; ++q) {
-      uint32_t w = planes[q * ps + i] & 0x88888888u;
-      for (int b = 0; b < 3; ++b) w |= ((planes[b * ps + i] >> q) & 0x11111111u) << b;
-      p[i * 3 + q] = w;
-    }
+  for (int r = 0; r < out; ++r)
+    for (int wd = 0; wd < words; ++wd)
+      for (int q = 0; q < 3; ++q) {
+        const size_t i = (size_t)r * words + wd;
+        uint32_t w = planes[q * ps + i] & 0x88888888u;
+        for (int b = 0; b < 3; ++b) w |= ((planes[b * ps + i] >> q) & 0x11111111u) << b;
+        p[kl_offset(r, words, wd) + 8 * q] = w;
+      }
   return p;
 }
 

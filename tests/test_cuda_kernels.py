@@ -392,7 +392,7 @@ def test_kernel_layout_gemv_equals_bitplanes(shape):
     assert ops.ap3_kernel_layout(3, torch.float16, n)
     qw, lut = make_ap(n, out, 3, torch.float16, n + out + 11)
     pk = formats.pack_ap3_kernel(qw)
-    assert pk.shape == (out, n // 32, 3)
+    assert pk.shape == (out, n // 256, 3, 8)
     for m in (1, 3) if out <= 8192 else (1,):
         x = make_x(m, n, torch.float16, n + m)
         y = torch.ops.decdec.ap_gemv(x, pk, lut)
@@ -433,10 +433,10 @@ def test_kernel_layout_rule_matches_the_kernel_and_errors():
     torch.library.opcheck(torch.ops.decdec.ap_dequant.default, (pk, lut))
     with pytest.raises(RuntimeError, match="3-bit kernel layout"):
         torch.ops.decdec.ap_gemv(x.bfloat16(), pk, lut.bfloat16())
-    qw3, lut3 = make_ap(384, 64, 3, torch.float16, 106)  # in = 384: the per-row PRMT kernel, bit-planes only
-    assert not ops.ap3_kernel_layout(3, torch.float16, 384)
+    qw3, lut3 = make_ap(1280, 64, 3, torch.float16, 106)  # in = 1280: the per-row PRMT kernel, bit-planes only
+    assert not ops.ap3_kernel_layout(3, torch.float16, 1280)
     with pytest.raises(RuntimeError, match="unpack_ap3_kernel"):
-        torch.ops.decdec.ap_gemv(make_x(1, 384, torch.float16, 107), formats.pack_ap3_kernel(qw3), lut3)
+        torch.ops.decdec.ap_gemv(make_x(1, 1280, torch.float16, 107), formats.pack_ap3_kernel(qw3), lut3)
 
 
 # ---------------------------------------------------------------------------- errors

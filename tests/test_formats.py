@@ -23,9 +23,9 @@ def test_kernel_layout_round_trip_and_nibbles():
     codes = torch.randint(0, 8, (6, 256), generator=_gen(31))
     qw = formats.pack_bitplanes(codes, 3)
     pk = formats.pack_ap3_kernel(qw)
-    assert pk.shape == (6, 8, 3) and pk.dtype == torch.int32 and pk.is_contiguous()
+    assert pk.shape == (6, 1, 3, 8) and pk.dtype == torch.int32 and pk.is_contiguous()
     assert torch.equal(formats.unpack_ap3_kernel(pk), qw)
-    w = pk.to(torch.int64) & 0xFFFFFFFF  # [out, words, 3] as unsigned
+    w = pk.permute(0, 1, 3, 2).reshape(6, 8, 3).to(torch.int64) & 0xFFFFFFFF  # [out, words, W_q] as unsigned
     ch = torch.arange(32)
     n, k = ch // 4, ch % 4
     for q in range(3):
@@ -36,31 +36,29 @@ def test_kernel_layout_round_trip_and_nibbles():
 
 
 def test_kernel_layout_hand_built_word():
-    codes = torch.zeros(1, 128, dtype=torch.int64)
+    codes = torch.zeros(1, 256, dtype=torch.int64)  # in = 256: one block of 8 groups
     codes[0, 1] = 5  # channel 4*0 + 1: nibble 0 of W1 = 5
     codes[0, 3] = 6  # channel 4*0 + 3: bits 1, 2 -> bit 3 of nibble 0 of W1 and W2
     codes[0, 30] = 7  # channel 4*7 + 2: nibble 7 of W2 = 7
-    pk = formats.pack_ap3_kernel(formats.pack_bitplanes(codes, 3))
-    assert pk[0, 0].tolist() == [0, _i32(0x5 | 0x8), _i32(0x7 << 28 | 0x8)]
-    assert not pk[0, 1:].any()
+    pk = formats.pack_ap3_kernel(formats.pack_bitplanes(codes, 3))  # [1, 1, 3, 8]: W_q of group 0 at [0, 0, q, 0]
+    assert pk[0, 0, :, 0].tolist() == [0, _i32(0x5 | 0x8), _i32(0x7 << 28 | 0x8)]
+    assert not pk[0, 0, :, 1:].any()
 
 
 def test_kernel_layout_is_told_apart_from_bitplanes():
-    lut8 = torch.zeros(16, 8)
-    assert formats.is_ap3_kernel_layout(torch.zeros(16, 4, 3, dtype=torch.int32), lut8)
-    assert not formats.is_ap3_kernel_layout(torch.zeros(3, 16, 4, dtype=torch.int32), torch.zeros(16, 8))
-    # bit-planes with in/32 == 3 never pass: [3, out, 3] with lut [out, 8] needs out == 3, not a multiple of 4
-    assert not formats.is_ap3_kernel_layout(torch.zeros(3, 3, 3, dtype=torch.int32), torch.zeros(3, 8))
-    assert not formats.is_ap3_kernel_layout(torch.zeros(4, 4, 3, dtype=torch.int32), torch.zeros(4, 16))
+    assert formats.is_ap3_kernel_layout(torch.zeros(16, 4, 3, 8, dtype=torch.int32), torch.zeros(16, 8))
+    assert not formats.is_ap3_kernel_layout(torch.zeros(3, 16, 32, dtype=torch.int32), torch.zeros(16, 8))
+    assert not formats.is_ap3_kernel_layout(torch.zeros(3, 3, 24, dtype=torch.int32), torch.zeros(3, 8))
+    assert not formats.is_ap3_kernel_layout(torch.zeros(16, 4, 3, 8, dtype=torch.int32), torch.zeros(16, 16))
 
 
 def test_kernel_layout_errors():
     with pytest.raises(ValueError, match=r"3-bit bit-planes \[3, out, in/32\]"):
         formats.pack_ap3_kernel(torch.zeros(4, 8, 4, dtype=torch.int32))
-    with pytest.raises(ValueError, match="in % 128 == 0, got in = 96"):
-        formats.pack_ap3_kernel(torch.zeros(3, 8, 3, dtype=torch.int32))
-    with pytest.raises(ValueError, match=r"\[out, in/32, 3\]"):
-        formats.unpack_ap3_kernel(torch.zeros(3, 8, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="in % 256 == 0, got in = 128"):
+        formats.pack_ap3_kernel(torch.zeros(3, 8, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"\[out, in/256, 3, 8\]"):
+        formats.unpack_ap3_kernel(torch.zeros(8, 4, 3, dtype=torch.int32))
 
 
 def test_reference_dequant_reads_both_layouts():

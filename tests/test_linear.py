@@ -161,7 +161,7 @@ def test_kernel_layout_only_where_the_cuda_kernels_read_it():
     in the kernel layout computes the same (the ops read both)."""
     lin, dense = make_linear("ap", 3, inp=4096, out=16)
     assert not lin.use_kernel_layout()  # CPU
-    assert lin.qweight.shape == (3, 16, 128)
+    assert lin.qweight.shape == (3, 16, 128)  # still bit-planes
     x = torch.randn(1, 4096, generator=_gen(9))
     y = lin(x)
     lin.qweight = formats.pack_ap3_kernel(lin.qweight)

@@ -201,7 +201,7 @@ def test_addnorm_supported_rule(n, ok):
 
 
 @pytest.mark.parametrize("n,ok", [(4096, True), (8192, True), (14336, True), (5120, True), (17920, True),
-                                  (2048, True), (1152, False), (576, False), (384, False), (4160, False)])
+                                  (2048, True), (1152, False), (1280, False), (576, False), (384, False), (4160, False)])
 def test_kernel_layout_rule(n, ok, monkeypatch):
     """Where fp16 3-bit weights run in the kernel layout: the tensor-core or streaming GEMV's widths (its CUDA twin
     is checked on the GPU); never bf16 or other bit widths; DECDEC_KERNEL_LAYOUT=0 turns it off."""
