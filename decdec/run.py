@@ -6,7 +6,9 @@ process, so a Run releases everything (sinks, model, compiled graphs) when it cl
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import platform
 import statistics
 import subprocess
@@ -22,6 +24,21 @@ from decdec import metrics, ops, sinks, sweep
 from decdec.config import ATTENTIONS, BACKENDS, COMPILE_MODES, DTYPES, SELECTIONS, Config
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """os.environ[name] = value inside the block (read by decdec.ops at trace time), restored after."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 class ConfigError(ValueError):
@@ -436,6 +453,13 @@ class Run:
         budget = t.target_slowdown * step_s / args.n_layers
         print(f"[decdec] dec=off decode: {base_rate:.2f} tokens/s ({step_s * 1e3:.3f} ms/token); "
               f"budget per layer {budget * 1e6:.2f} us for a {t.target_slowdown:.1%} target")
+        fusion_s = 0.0
+        if tune.uses_fused_addnorm(model):  # what a DEC projection pays for the add + norm fusion it undoes
+            with _env("DECDEC_ADDNORM", "0"):
+                sep_rate = self._decode_rate(built, prompt, t.verify_tokens, t.verify_samples)
+            fusion_s = tune.fusion_seconds(step_s, 1.0 / sep_rate, args.n_layers)
+            print(f"[decdec] without the fused add + norm GEMVs: {sep_rate:.2f} tokens/s: "
+                  f"{fusion_s * 1e6:.2f} us per fusion a DEC projection undoes")
         timings = tune.time_projections(model, built.bitwidths, sorted(t.k_chunks), n_tbs, t.iters, self.device, self.dtype)
         for i, tm in enumerate(timings):
             for s in self.sinks:
@@ -446,7 +470,7 @@ class Run:
             last = r == t.verify_rounds  # nothing fitted: DEC off (k_chunk = 0), measured like the others
             choices = {}
             for bits in sorted(set(built.bitwidths.values())):
-                c = tune.choose(timings, in_features, 0.0 if last else budget, bits, dec=not last)
+                c = tune.choose(timings, in_features, 0.0 if last else budget, bits, dec=not last, fusion_s=fusion_s)
                 if c is None:
                     raise RuntimeError(f"no DEC setting fits the budget for {bits}-bit layers (even k_chunk=0 timings exceed it)")
                 choices[bits] = c
@@ -507,6 +531,7 @@ class Run:
         print(f"use: python run.py <same model/backend/precision/compile> {overrides}")
         summary = {"status": "ok", "task": "tune", "target_slowdown": t.target_slowdown, "measured_slowdown": slowdown,
                    "base_tokens_per_s": base_rate, "tuned_tokens_per_s": tuned_rate, "budget_us_per_layer": budget * 1e6,
+                   "fusion_us": fusion_s * 1e6,
                    "peak_gpu_bytes_dec_off": base_peak, "peak_gpu_bytes_tuned": tuned_peak,
                    "overrides": overrides, "rounds": rounds, "n_tbs_tried": n_tbs, "k_chunks_tried": list(t.k_chunks),
                    "choice": {str(b): {"n_tb": c["n_tb"], "k_chunk": c["k_chunk"], "rows_per_layer": c["rows_per_layer"]}

@@ -5,10 +5,13 @@
    events, as compile=cudagraphs decodes; the calls cycle over all layers' weights so the L2 cache
    does not flatter).
 2. Time one whole decode step with DEC off; a decoder layer's budget is
-   ``target_slowdown x step_time / n_layers``.
+   ``target_slowdown x step_time / n_layers``. Where the qkv and gate_up GEMVs perform the residual add and
+   RMSNorm themselves (``ap_gemv_addnorm``), time a second step without that fusion: the difference per fused
+   projection is what a DEC choice pays for each fusion it undoes (``fusions_lost``), which the projections
+   timed alone do not see.
 3. For each ``n_tb``, choose one ``k_chunk`` per projection maximising the residual rows fetched
-   per layer while the summed extra time of the four projections stays within the budget
-   (at least one row on every projection when that fits); keep the best ``n_tb``.
+   per layer while the summed extra time of the four projections plus the fusions lost stays within the
+   budget (at least one row on every projection when that fits); keep the best ``n_tb``.
 4. Verify end to end: decode tokens/s with the choice vs ``dec=off``. A choice measured over the target
    (the projections timed alone under-count what DEC costs inside a decode step) shrinks the budget by
    target / measured (``next_budget``) and is chosen and verified again, up to ``task.verify_rounds``
@@ -73,13 +76,38 @@ def next_budget(budget_s: float, target: float, measured: float, margin: float =
     return budget_s * margin * (min(1.0, target / measured) if measured > 0 else 1.0)
 
 
+def fusions_lost(k_chunk: dict[str, int]) -> int:
+    """Add + RMSNorm fusions per decoder layer that a choice turns back into separate kernels
+    (``model.add_norm_project``): qkv's when qkv or the previous layer's down runs DEC, gate_up's when gate_up or o
+    does."""
+    return int(k_chunk["qkv"] > 0 or k_chunk["down"] > 0) + int(k_chunk["gate_up"] > 0 or k_chunk["o"] > 0)
+
+
+def uses_fused_addnorm(model) -> bool:
+    """Whether a decode step of this model runs the fused add + RMSNorm GEMV (QuantLinear._addnorm_kernel's
+    conditions, DEC aside) on its qkv or gate_up projections."""
+    from decdec import ops
+
+    return any(getattr(m, "backend", None) == "ap" and m.lut.is_cuda and m.lut.dtype == torch.float16
+               and ops.addnorm_supported(m.bits, m.in_features)
+               for proj, _, m in model.linears() if proj in ("qkv", "gate_up"))
+
+
+def fusion_seconds(step_fused_s: float, step_separate_s: float, n_layers: int) -> float:
+    """Time one add + RMSNorm fusion saves, from a decode step with and without the fusions (2 per layer, less
+    layer 0's qkv, whose input has nothing to add)."""
+    return max(0.0, (step_separate_s - step_fused_s) / max(1, 2 * n_layers - 1))
+
+
 def rows_per_token(k_chunk: int, in_features: int) -> int:
     return sum(chunk_quotas(k_chunk, in_features))
 
 
-def choose(timings: list[Timing], in_features: dict[str, int], budget_s: float, bits: int, dec: bool = True) -> dict | None:
-    """Best (n_tb, {proj: k_chunk}) for one bit-width within ``budget_s`` extra seconds per layer; ``dec=False``:
-    k_chunk = 0 everywhere (a zero budget alone could still admit a DEC setting timed at or under its GEMV)."""
+def choose(timings: list[Timing], in_features: dict[str, int], budget_s: float, bits: int, dec: bool = True,
+           fusion_s: float = 0.0) -> dict | None:
+    """Best (n_tb, {proj: k_chunk}) for one bit-width within ``budget_s`` extra seconds per layer, each add + RMSNorm
+    fusion the choice undoes charged ``fusion_s``; ``dec=False``: k_chunk = 0 everywhere (a zero budget alone could
+    still admit a DEC setting timed at or under its GEMV)."""
     best = None
     for n_tb in sorted({t.n_tb for t in timings if t.bits == bits}):
         table = {(t.proj, t.k_chunk): t.seconds for t in timings if t.bits == bits and t.n_tb == n_tb}
@@ -87,6 +115,7 @@ def choose(timings: list[Timing], in_features: dict[str, int], budget_s: float, 
         base = {p: table[(p, 0)] for p in PROJECTIONS}
         for combo in itertools.product(ks, repeat=len(PROJECTIONS)):
             extra = sum(table[(p, k)] - base[p] for p, k in zip(PROJECTIONS, combo))
+            extra += fusion_s * fusions_lost(dict(zip(PROJECTIONS, combo)))
             if extra > budget_s:
                 continue
             per = [rows_per_token(k, in_features[p]) for p, k in zip(PROJECTIONS, combo)]

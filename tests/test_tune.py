@@ -138,3 +138,38 @@ def test_choose_without_dec_ignores_timings_under_the_gemv():
     ins = {p: 4096 for p in PROJECTIONS}
     assert all(k == 16 for k in choose(t, ins, 0.0, 3)["k_chunk"].values())
     assert all(k == 0 for k in choose(t, ins, 0.0, 3, dec=False)["k_chunk"].values())
+
+
+def test_fusions_lost_follows_the_model_rule():
+    """qkv's add + norm fusion goes when qkv or (the previous layer's) down runs DEC, gate_up's when gate_up or o does
+    (model.add_norm_project)."""
+    z = dict.fromkeys(IN, 0)
+    assert tune.fusions_lost(z) == 0
+    assert tune.fusions_lost({**z, "down": 4}) == 1 and tune.fusions_lost({**z, "qkv": 1, "down": 4}) == 1
+    assert tune.fusions_lost({**z, "o": 1}) == 1 and tune.fusions_lost({**z, "gate_up": 8, "o": 1}) == 1
+    assert tune.fusions_lost({**z, "qkv": 1, "gate_up": 1}) == 2
+    assert tune.fusion_seconds(1.0e-3, 1.1e-3, 32) == pytest.approx(1e-4 / 63)
+    assert tune.fusion_seconds(1.1e-3, 1.0e-3, 32) == 0.0  # noise: never a credit
+
+
+def test_choose_charges_the_fusions_a_choice_undoes():
+    """A fusion charge enters the budget: with 1.5 us per fusion and 3 us per layer, DEC on all four projections (two
+    fusions) no longer fits, and the choice keeps to one pair that undoes one fusion (qkv + down or o + gate_up)."""
+    t = _table(16, {p: 0.1 for p in IN})
+    free = tune.choose(t, IN, budget_s=3.0e-6, bits=3)
+    assert all(k > 0 for k in free["k_chunk"].values())
+    charged = tune.choose(t, IN, budget_s=3.0e-6, bits=3, fusion_s=1.5e-6)
+    k = charged["k_chunk"]
+    assert charged["extra_s"] <= 3.0e-6 and tune.fusions_lost(k) == 1
+    assert (k["qkv"] == k["down"] == 0) or (k["o"] == k["gate_up"] == 0)
+    assert charged["extra_s"] == pytest.approx(1.5e-6 + sum(0.1e-6 * v for v in k.values()))
+    assert tune.choose(t, IN, budget_s=1.4e-6, bits=3, fusion_s=1.5e-6)["k_chunk"] == dict.fromkeys(IN, 0)
+
+
+def test_uses_fused_addnorm_is_false_on_cpu():
+    from decdec.synthetic import build_synthetic
+    import torch
+
+    dec = DecConfig(name="t", n_tb=1)
+    model = build_synthetic("tiny", "ap", 3, False, torch.float16, torch.device("cpu"), dec).model
+    assert not tune.uses_fused_addnorm(model)
