@@ -691,17 +691,20 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   if (fused.on()) fused_arrive<__half, 4>(fused, m, blockIdx.x, blockIdx.x + 1, out, flags);
 }
 
-template <int BITS, typename T>
+// Dequantize (prefill): one thread per (row, 32-channel group). PACKED (BITS = 3): the kernel layout (common.cuh).
+template <int BITS, typename T, bool PACKED = false>
 __global__ void __launch_bounds__(256)
     ap_dequant_kernel(const uint32_t* __restrict__ qw, const T* __restrict__ lut, T* __restrict__ w, int in, int out) {
+  static_assert(!PACKED || BITS == 3, "the kernel layout holds 3-bit codes");
   constexpr int LUTN = 1 << BITS;
   const int words = in >> 5;
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= (long long)out * words) return;
   const int r = (int)(i / words), wd = (int)(i % words);
-  uint32_t p[BITS];
+  uint32_t p[BITS];  // bit-planes, or PACKED: W0, W1, W2
 #pragma unroll
-  for (int q = 0; q < BITS; ++q) p[q] = __ldg(qw + ((size_t)q * out + r) * words + wd);
+  for (int q = 0; q < BITS; ++q)
+    p[q] = __ldg(qw + (PACKED ? kl_offset(r, words, wd) + 8 * q : ((size_t)q * out + r) * words + wd));
   T vals[LUTN];
 #pragma unroll
   for (int c = 0; c < LUTN; ++c) vals[c] = lut[(size_t)r * LUTN + c];
@@ -712,8 +715,14 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       int code = 0;
+      if constexpr (PACKED) {  // channel 4 n + k: nibble n of W_k (k < 3), or bit 3 of nibble n of W0, W1, W2
+        const int n = (j0 + j) >> 2, k = (j0 + j) & 3;
+        code = k < 3 ? (p[k] >> (4 * n)) & 7
+                     : ((p[0] >> (4 * n + 3)) & 1) | (((p[1] >> (4 * n + 3)) & 1) << 1) | (((p[2] >> (4 * n + 3)) & 1) << 2);
+      } else {
 #pragma unroll
-      for (int q = 0; q < BITS; ++q) code |= ((p[q] >> (j0 + j)) & 1u) << q;
+        for (int q = 0; q < BITS; ++q) code |= ((p[q] >> (j0 + j)) & 1u) << q;
+      }
       T v = vals[0];
 #pragma unroll
       for (int c = 1; c < LUTN; ++c) v = code == c ? vals[c] : v;  // no local-memory indexing
@@ -850,39 +859,6 @@ cudaError_t launch_gemv(const void* x, const uint32_t* qw, const void* lut, void
              : launch_gemv_kernel(ap_gemv_kernel<BITS, 1, T>, grid, dim3(kThreads), 0, stream, xt, qw, lt, yt, in, out, ks, fused);
 }
 
-// Dequantize the 3-bit kernel layout (prefill): one thread per (row, 32-channel group).
-template <typename T>
-__global__ void __launch_bounds__(256)
-    ap3p_dequant_kernel(const uint32_t* __restrict__ qw, const T* __restrict__ lut, T* __restrict__ w, int in, int out) {
-  const int words = in >> 5;
-  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= (long long)out * words) return;
-  const int r = (int)(i / words), wd = (int)(i % words);
-  uint32_t W[3];
-#pragma unroll
-  for (int k = 0; k < 3; ++k) W[k] = __ldg(qw + kl_offset(r, words, wd) + 8 * k);
-  T vals[8];
-#pragma unroll
-  for (int c = 0; c < 8; ++c) vals[c] = lut[(size_t)r * 8 + c];
-  T* dst = w + (size_t)r * in + (size_t)wd * 32;
-#pragma unroll
-  for (int j0 = 0; j0 < 32; j0 += 8) {
-    __align__(16) T o[8];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const int ch = j0 + j, n = ch >> 2, k = ch & 3;
-      const int code = k < 3 ? (W[k] >> (4 * n)) & 7
-                             : ((W[0] >> (4 * n + 3)) & 1) | (((W[1] >> (4 * n + 3)) & 1) << 1) |
-                                   (((W[2] >> (4 * n + 3)) & 1) << 2);
-      T v = vals[0];
-#pragma unroll
-      for (int c = 1; c < 8; ++c) v = code == c ? vals[c] : v;  // no local-memory indexing
-      o[j] = v;
-    }
-    *reinterpret_cast<uint4*>(dst + j0) = *reinterpret_cast<const uint4*>(o);
-  }
-}
-
 template <int BITS, typename T>
 cudaError_t launch_dequant(const uint32_t* qw, const void* lut, void* w, int in, int out, cudaStream_t stream,
                            bool packed) {
@@ -890,8 +866,8 @@ cudaError_t launch_dequant(const uint32_t* qw, const void* lut, void* w, int in,
   if (n == 0) return cudaSuccess;
   if (packed) {
     if constexpr (BITS == 3) {
-      ap3p_dequant_kernel<T><<<(unsigned)((n + 255) / 256), 256, 0, stream>>>(qw, static_cast<const T*>(lut),
-                                                                             static_cast<T*>(w), in, out);
+      ap_dequant_kernel<3, T, true><<<(unsigned)((n + 255) / 256), 256, 0, stream>>>(qw, static_cast<const T*>(lut),
+                                                                                  static_cast<T*>(w), in, out);
       return cudaGetLastError();
     }
     return cudaErrorInvalidValue;

@@ -154,14 +154,10 @@ __device__ __forceinline__ uint32_t and_imm(uint32_t a) {
   return d;
 }
 
-// Decode 8 weights (channels 4n + K of one word, n = 0..7) into 4 half2: w[0] = channels (K, 4+K),
-// w[1] = (8+K, 12+K), w[2] = (16+K, 20+K), w[3] = (24+K, 28+K).
-template <int K>
-__device__ __forceinline__ void ap3_decode8(uint32_t A, uint32_t B, uint32_t C, uint32_t lo_a, uint32_t hi_a,
-                                            uint32_t lo_b, uint32_t hi_b, uint32_t (&w)[4]) {
-  constexpr uint32_t m1 = 0x11111111u << ((K + 1) & 3), m2 = 0x11111111u << ((K + 2) & 3);
-  const uint32_t t = bitsel<m2>(bitsel<m1>(A, B), C);
-  const uint32_t u = and_imm<0x77777777u>(K ? __funnelshift_r(t, t, K) : t);
+// The PRMT lookup of 8 selector nibbles (channels 4n + K, n = 0..7; bit 3 of each clear) into 4
+// half2: w[0] = channels (K, 4+K), ..., w[3] = (24+K, 28+K).
+__device__ __forceinline__ void ap3_lookup8(uint32_t u, uint32_t lo_a, uint32_t hi_a, uint32_t lo_b, uint32_t hi_b,
+                                            uint32_t (&w)[4]) {
   const uint32_t u_hi = __umulhi(u, 0x10000u);
   const uint32_t LO0 = prmt(lo_a, lo_b, u), HI0 = prmt(hi_a, hi_b, u);
   const uint32_t LO1 = prmt(lo_a, lo_b, u_hi), HI1 = prmt(hi_a, hi_b, u_hi);
@@ -169,6 +165,16 @@ __device__ __forceinline__ void ap3_decode8(uint32_t A, uint32_t B, uint32_t C, 
   w[1] = prmt(LO0, HI0, 0x7362);
   w[2] = prmt(LO1, HI1, 0x5140);
   w[3] = prmt(LO1, HI1, 0x7362);
+}
+
+// Decode 8 weights (channels 4n + K of one word, n = 0..7) into 4 half2: w[0] = channels (K, 4+K),
+// w[1] = (8+K, 12+K), w[2] = (16+K, 20+K), w[3] = (24+K, 28+K).
+template <int K>
+__device__ __forceinline__ void ap3_decode8(uint32_t A, uint32_t B, uint32_t C, uint32_t lo_a, uint32_t hi_a,
+                                            uint32_t lo_b, uint32_t hi_b, uint32_t (&w)[4]) {
+  constexpr uint32_t m1 = 0x11111111u << ((K + 1) & 3), m2 = 0x11111111u << ((K + 2) & 3);
+  const uint32_t t = bitsel<m2>(bitsel<m1>(A, B), C);
+  ap3_lookup8(and_imm<0x77777777u>(K ? __funnelshift_r(t, t, K) : t), lo_a, hi_a, lo_b, hi_b, w);
 }
 
 // ---- The 3-bit kernel layout (decdec/formats.py pack_ap3_kernel): qweight [out, in/256, 3, 8], the three words W0,
@@ -193,18 +199,6 @@ __device__ __forceinline__ uint32_t ap3p_selector(uint32_t W0, uint32_t W1, uint
     const uint32_t t = bitsel<0x11111111u>(shr_fma(W1, 2), shr_fma(W0, 3));
     return and_imm<0x77777777u>(bitsel<0x44444444u>(t, shr_fma(W2, 1)));
   }
-}
-
-// The PRMT lookup of 8 selector nibbles (channels 4n + K, n = 0..7) into 4 half2, as ap3_decode8.
-__device__ __forceinline__ void ap3_lookup8(uint32_t u, uint32_t lo_a, uint32_t hi_a, uint32_t lo_b, uint32_t hi_b,
-                                            uint32_t (&w)[4]) {
-  const uint32_t u_hi = __umulhi(u, 0x10000u);
-  const uint32_t LO0 = prmt(lo_a, lo_b, u), HI0 = prmt(hi_a, hi_b, u);
-  const uint32_t LO1 = prmt(lo_a, lo_b, u_hi), HI1 = prmt(hi_a, hi_b, u_hi);
-  w[0] = prmt(LO0, HI0, 0x5140);
-  w[1] = prmt(LO0, HI0, 0x7362);
-  w[2] = prmt(LO1, HI1, 0x5140);
-  w[3] = prmt(LO1, HI1, 0x7362);
 }
 
 // Decode 8 weights (channels 4n + K) from the words of one 32-channel group: the bit-plane layout (A, B, C = planes,
