@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from decdec import ops, reference
+from decdec import formats, ops, reference
 from decdec.sinks import write_csv
 from decdec.timing import graph_seconds
 
@@ -48,6 +48,8 @@ def main() -> None:
         wbytes = 3 * out * n // 8 + out * 16
         c = max(4, -(-4 * l2 // wbytes))
         qws = [words((3, out, n // 32)) for _ in range(c)]
+        if ops.ap3_kernel_layout(3, dt16, n):  # what a built model runs (QuantLinear.use_kernel_layout)
+            qws = [formats.pack_ap3_kernel(q) for q in qws]
         luts = [torch.randn(out, 8, device="cuda", dtype=dt16) * 0.05 for _ in range(c)]
         xs = [torch.randn(1, n, device="cuda", dtype=dt16) for _ in range(8)]
         q_res = ops.place_residual(words((n, out // 8), device="cpu"), torch.device("cuda"))

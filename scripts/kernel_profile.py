@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from decdec import ops, reference
+from decdec import formats, ops, reference
 
 
 def main() -> None:
@@ -26,6 +26,8 @@ def main() -> None:
     dt = torch.float16
     x = torch.randn(1, n, device="cuda", dtype=dt)
     qw = torch.randint(-(2**31), 2**31 - 1, (3, out, n // 32), dtype=torch.int32, device="cuda")
+    if ops.ap3_kernel_layout(3, dt, n):  # what a built model runs (QuantLinear.use_kernel_layout)
+        qw = formats.pack_ap3_kernel(qw)
     lut = torch.randn(out, 8, device="cuda", dtype=dt) * 0.05
     qr = ops.place_residual(torch.randint(-(2**31), 2**31 - 1, (n, out // 8), dtype=torch.int32), torch.device("cuda"))
     scales = torch.rand(out, device="cuda", dtype=dt) * 0.01
