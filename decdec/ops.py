@@ -6,7 +6,8 @@ CUDA kernels live in ``csrc/`` and register themselves for the same schemas thro
 machine, with or without the extension.
 
 Shapes (``M`` tokens, ``b`` bits): ``x [M, in]``; ap ``qweight [b, out, in/32] int32`` (or, 3-bit fp16 on CUDA where
-``ap3_kernel_layout`` says, the kernel layout ``[out, in/256, 3, 8]`` of ``formats.pack_ap3_kernel``), ``lut [out, 2**b]``; lutgemm ``binary [in/32, b, out] int32``, ``alpha [n_groups, b, out]``,
+``ap3_kernel_layout`` says, the kernel layout ``[out, in/256, 3, 8]`` of ``formats.pack_ap3_kernel``),
+``lut [out, 2**b]``; lutgemm ``binary [in/32, b, out] int32``, ``alpha [n_groups, b, out]``,
 ``q_bias [n_groups, out]`` (group = in / n_groups, 128 by default); DEC ``q_residual [in, out/8] int32``, ``scales [out]``,
 ``bounds [2] fp32`` (``a, b`` of DESIGN.md §2). Every GEMV returns ``[M, out]`` in ``x.dtype``.
 ``n_tb`` is the DEC kernel's thread-block count; the CPU kernels accept and ignore it.
