@@ -173,3 +173,28 @@ def test_uses_fused_addnorm_is_false_on_cpu():
     dec = DecConfig(name="t", n_tb=1)
     model = build_synthetic("tiny", "ap", 3, False, torch.float16, torch.device("cpu"), dec).model
     assert not tune.uses_fused_addnorm(model)
+
+
+def test_tune_measures_the_fusion_charge_without_the_fused_gemvs(tmp_path, cache_dir, monkeypatch):
+    """Where the model runs fused add + norm GEMVs, the tune task times a second dec=off step with DECDEC_ADDNORM=0
+    (restored afterwards) and reports the difference per fusion; the choice is charged it."""
+    import os
+
+    from conftest import run_inprocess
+
+    monkeypatch.delenv("DECDEC_ADDNORM", raising=False)
+    monkeypatch.setattr(tune, "uses_fused_addnorm", lambda model: True)
+    env_seen = []
+    from decdec.run import Run
+
+    rates = [100.0, 90.0, 99.0]  # dec=off, dec=off without the fusions, round 1
+
+    def fake(self, built, prompt, tokens, samples):
+        env_seen.append(os.environ.get("DECDEC_ADDNORM"))
+        return rates[len(env_seen) - 1]
+
+    monkeypatch.setattr(Run, "_decode_rate", fake)
+    summary = run_inprocess(TUNE, tmp_path / "run", cache_dir)
+    assert env_seen == [None, "0", None] and "DECDEC_ADDNORM" not in os.environ
+    n_layers = 2  # model=tiny
+    assert summary["fusion_us"] == pytest.approx((1 / 90 - 1 / 100) / (2 * n_layers - 1) * 1e6)
