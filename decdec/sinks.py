@@ -451,3 +451,11 @@ def write_csv(path: Path, rows: Sequence[dict]) -> Path:
 
     _atomic_write(path, dump)
     return path
+
+
+def write_stamped_csv(out_dir: Path, prefix: str, rows: Sequence[dict]) -> Path:
+    """``write_csv`` to ``out_dir/<prefix>-<YYYYmmdd-HHMMSS>.csv`` (the directory made if missing): a benchmark's
+    result file that never overwrites an earlier run's. Returns the path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return write_csv(out_dir / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}.csv", rows)

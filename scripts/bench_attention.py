@@ -11,7 +11,6 @@ Prints a table (us per call, the op's speed-up, bytes of K/V rows read / time) a
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ import torch
 import decdec.ops as ops
 from decdec import reference
 from decdec.model import gqa_attention
-from decdec.sinks import write_csv
+from decdec.sinks import write_stamped_csv
 from decdec.timing import graph_seconds
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,9 +62,7 @@ def main() -> None:
             r = rows[-1]
             print(f"H={H} Hkv={Hkv} Dh={Dh} L={L:6d} pos={p:6d}: decode_attention {r['op_us']:7.2f} us "
                   f"({r['op_GBps']:6.1f} GB/s of K/V), sdpa {r['sdpa_us']:7.2f} us, x{r['speedup']:.2f}", flush=True)
-    a.out.mkdir(parents=True, exist_ok=True)
-    path = a.out / f"attention-{dt.datetime.now():%Y%m%d-%H%M%S}.csv"
-    write_csv(path, rows)
+    path = write_stamped_csv(a.out, "attention", rows)
     print(f"{torch.cuda.get_device_name()}: wrote {path}")
 
 

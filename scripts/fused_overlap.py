@@ -15,14 +15,13 @@ Prints a table and writes it as CSV (the file name carries the PDL setting).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 from pathlib import Path
 
 import torch
 
 from decdec import formats, ops, reference
-from decdec.sinks import write_csv
+from decdec.sinks import write_stamped_csv
 from decdec.timing import graph_seconds
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,9 +77,7 @@ def main() -> None:
                       f"parts {t_parts:6.2f} ({r['parts_slowdown_pct']:+6.1f} %)", flush=True)
         del qws, luts, q_res
         torch.cuda.empty_cache()
-    a.out.mkdir(parents=True, exist_ok=True)
-    path = a.out / f"fused_overlap-pdl{int(pdl)}-{dt.datetime.now():%Y%m%d-%H%M%S}.csv"
-    write_csv(path, rows)
+    path = write_stamped_csv(a.out, f"fused_overlap-pdl{int(pdl)}", rows)
     print(f"{torch.cuda.get_device_name()}: wrote {path}")
 
 

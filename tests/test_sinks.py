@@ -292,3 +292,14 @@ def test_write_csv_round_trips_and_leaves_nothing_half_written(tmp_path):
     with pytest.raises(ValueError):  # a key the header lacks: the writer fails mid-file
         write_csv(tmp_path / "bad.csv", [{"a": 1}, {"b": 2}])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv"]  # no partial file, no temp file
+
+
+def test_write_stamped_csv_makes_the_dir_and_a_timestamped_file(tmp_path):
+    from decdec.sinks import write_stamped_csv
+
+    path = write_stamped_csv(tmp_path / "new" / "dir", "bench", [{"a": 1, "b": 2.5}, {"a": 3, "b": 4.0}])
+    assert path.parent == tmp_path / "new" / "dir" and path.suffix == ".csv"
+    assert path.name.startswith("bench-") and len(path.stem) == len("bench-20261127-120000")
+    assert path.read_text().splitlines() == ["a,b", "1,2.5", "3,4.0"]
+    with pytest.raises(ValueError, match="no rows"):
+        write_stamped_csv(tmp_path, "empty", [])
