@@ -16,10 +16,13 @@
 //     and the scales are read off DEC's critical path.
 #include "common.cuh"
 
-// Phase timestamps for scripts/dec_phase_probe.cu (defines DEC_PROBE before including this file);
+// Phase timestamps for scripts/dec_phase_probe.cu and dec_timeline.cu (they define these before including this file);
 // nothing in a normal build.
 #ifndef DEC_PROBE
 #define DEC_PROBE(i)
+#endif
+#ifndef DEC_SPROBE  // inside the selection: histograms shared, offsets scanned, list written (scripts/dec_timeline.cu)
+#define DEC_SPROBE(i)
 #endif
 
 namespace decdec {
@@ -37,10 +40,7 @@ __host__ __device__ inline int chunk_quota(int k_chunk, int in, int c) {
 __host__ __device__ inline int slices_per_chunk(int in, int n_tb) { return max(1, n_tb / n_chunks(in)); }
 
 struct DecSmem {
-  float floors[32];
-  int hist[36];  // buckets 0..31 (bucket 32, below every floor, is not counted: it is never needed)
-  int wsum[kWarps];
-  int mono;
+  int hist_w[kWarps][32];  // per warp: its channels in buckets 0..31 (bucket 32, below every floor, is not counted)
   int flags[kThreads];
   int list[kChunk];     // selected channels of the chunk, in channel order
   float listx[kChunk];  // their x values
@@ -58,46 +58,51 @@ __host__ __device__ inline int dec_accs_floats(int out, int slice) {
   return V <= kThreads / 2 ? kThreads * (vw * 8 + 1) : 0;
 }
 
-__device__ __forceinline__ int bucket_of(const float* floors, bool mono, float ax) {
-  if (mono) {  // non-increasing floors: {i : floor_i > ax} is a prefix
-    int pos = 0;
+// The 32 bucket floors from bounds [a, b], floor i in lane i of the calling warp, with the reference's exact fp32
+// expressions (reference.bucket_floors; no FMA contraction), and whether they are non-increasing.
+__device__ __forceinline__ float warp_floor(const float* __restrict__ bounds, int lane, bool& mono) {
+  const float a = bounds[0], b = bounds[1];
+  float f;
+  if (lane < 15) f = __fadd_rn(a, __fdiv_rn(__fmul_rn(__fsub_rn(b, a), (float)lane), 15.0f));
+  else if (lane == 15) f = b;  // exactly b, as reference.bucket_floors (the formula can miss b by an ulp)
+  else f = __fdiv_rn(__fmul_rn(b, (float)(31 - lane)), 16.0f);
+  const float nxt = __shfl_down_sync(0xffffffffu, f, 1);
+  mono = __ballot_sync(0xffffffffu, lane == 31 || f >= nxt) == 0xffffffffu;
+  return f;
+}
+
+// Buckets (number of floors above |x|) of the lane's 4 channels; fl: the warp's floors (warp_floor). Every lane of
+// the warp calls it (shuffles).
+__device__ __forceinline__ void buckets4(float fl, bool mono, const float (&ax)[4], int (&b)[4]) {
+  if (mono) {  // non-increasing floors: {i : floor_i > ax} is a prefix; 4 independent binary searches
+    int pos[4] = {0, 0, 0, 0};
 #pragma unroll
     for (int step = 16; step > 0; step >>= 1)
-      if (floors[pos + step - 1] > ax) pos += step;
-    if (pos == 31 && floors[31] > ax) pos = 32;
-    return pos;
-  }
-  int c = 0;
 #pragma unroll
-  for (int i = 0; i < 32; ++i) c += floors[i] > ax;
-  return c;
-}
-
-__device__ void compute_floors(const float* __restrict__ bounds, float* floors, int* mono_flag) {
-  if (threadIdx.x < 32) {
-    const int i = threadIdx.x;
-    const float a = bounds[0], b = bounds[1];
-    float f;
-    if (i < 15) f = __fadd_rn(a, __fdiv_rn(__fmul_rn(__fsub_rn(b, a), (float)i), 15.0f));
-    else if (i == 15) f = b;  // exactly b, as reference.bucket_floors (the formula can miss b by an ulp)
-    else f = __fdiv_rn(__fmul_rn(b, (float)(31 - i)), 16.0f);
-    floors[i] = f;
-    const float nxt = __shfl_down_sync(0xffffffffu, f, 1);
-    const unsigned ok = __ballot_sync(0xffffffffu, i == 31 || f >= nxt);
-    if (i == 0) *mono_flag = ok == 0xffffffffu;
+      for (int j = 0; j < 4; ++j)
+        if (__shfl_sync(0xffffffffu, fl, pos[j] + step - 1) > ax[j]) pos[j] += step;
+    const float f31 = __shfl_sync(0xffffffffu, fl, 31);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) b[j] = pos[j] == 31 && f31 > ax[j] ? 32 : pos[j];
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) b[j] = 0;
+  for (int i = 0; i < 32; ++i) {
+    const float f = __shfl_sync(0xffffffffu, fl, i);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) b[j] += f > ax[j];
   }
 }
 
-// Selection of token m into list[0 .. k_total): chunk c's channels at list[c*k_chunk ...], in
-// channel order. On DEC's critical path, so it avoids long dependent chains:
-//  1. every thread: the buckets of 16 channels (independent binary searches), stored as bytes,
-//     then the per-chunk bucket counts (warp-aggregated shared atomics); one barrier;
-//  2. a warp per chunk, lane = 32-channel group: overflow bucket o and how many of it to take,
-//     per-group counts with byte-SIMD compares, prefix scans across lanes, then each lane emits
-//     its group's selected channels (lowest indices first inside bucket o, as the reference).
-
-// Channel selection of chunk c of token xm into S.list / S.listx [0 .. quota), quota > 0.
-// Thread t owns channels 4t .. 4t+3 of the chunk. Three barriers.
+// Channel selection of chunk c of token xm into S.list / S.listx [0 .. quota), quota > 0, in channel order: every
+// channel of the buckets before the overflow bucket o, then the lowest-index channels of bucket o (the reference's
+// choice). Thread t owns channels 4t .. 4t+3 of the chunk. On DEC's critical path, so two block barriers only:
+//  1. every warp computes the floors itself (lane i: floor i), the buckets of its 128 channels (binary searches over
+//     shuffled floors) and its 32-bucket histogram (bit-sliced ballots) into S.hist_w[warp]; barrier;
+//  2. every warp reads all warps' histograms: the chunk's totals give o and how many of it to take, the earlier
+//     warps' counts give this warp's offset, a packed scan of (channels before o, channels in o) its lanes'; each
+//     thread writes its selected channels; barrier.
 template <typename T>
 __device__ void select_chunk(const T* __restrict__ xm, int in, int c, int quota, const float* __restrict__ bounds,
                              DecSmem& S) {
@@ -114,17 +119,16 @@ __device__ void select_chunk(const T* __restrict__ xm, int in, int c, int quota,
 #pragma unroll
     for (int j = 0; j < 4; ++j) xv[j] = i0 + j < L ? to_f32(xm[base + i0 + j]) : 0.f;
   }
-  if (warp == 0) compute_floors(bounds, S.floors, &S.mono);
-  if (warp == 1) {
-    S.hist[lane] = 0;
-    if (lane < 4) S.hist[32 + lane] = 0;
-  }
-  __syncthreads();
-  const bool mono = S.mono != 0;
-  int b[4];
+  bool mono;
+  const float fl = warp_floor(bounds, lane, mono);
+  float ax[4];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) b[j] = i0 + j < L ? bucket_of(S.floors, mono, fabsf(xv[j])) : 33;
-  {  // warp histogram by bit-sliced ballots: lane L counts the warp's channels in bucket L (< 32)
+  for (int j = 0; j < 4; ++j) ax[j] = fabsf(xv[j]);
+  int b[4];
+  buckets4(fl, mono, ax, b);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) b[j] = i0 + j < L ? b[j] : 33;  // past the chunk: in no bucket
+  {  // warp histogram by bit-sliced ballots: lane l counts the warp's channels in bucket l (< 32)
     int cnt = 0;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -136,11 +140,19 @@ __device__ void select_chunk(const T* __restrict__ xm, int in, int c, int quota,
       }
       cnt += __popc(mm);
     }
-    if (cnt) atomicAdd(&S.hist[lane], cnt);
+    S.hist_w[warp][lane] = cnt;
   }
   __syncthreads();
-  // overflow bucket o and how many of it to take (every warp computes it, no extra barrier)
-  int cum = S.hist[lane];
+  DEC_SPROBE(0);
+  // lane = bucket: the chunk's count, and the count in the warps before this one
+  int tot = 0, prev = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    const int v = S.hist_w[w][lane];
+    tot += v;
+    prev += w < warp ? v : 0;
+  }
+  int cum = tot;
 #pragma unroll
   for (int off = 1; off < 32; off <<= 1) {
     const int v = __shfl_up_sync(0xffffffffu, cum, off);
@@ -150,7 +162,12 @@ __device__ void select_chunk(const T* __restrict__ xm, int in, int c, int quota,
   const int o = reach ? __ffs(reach) - 1 : 32;  // bucket 32 holds the rest: quota <= L
   const int before = __shfl_sync(0xffffffffu, cum, o > 0 ? min(o - 1, 31) : 0);
   const int need = quota - (o > 0 ? before : 0);
-  // one block-wide exclusive scan of (channels in higher buckets, channels in bucket o), packed
+  // the earlier warps' channels in buckets below o and in bucket o (no channel is in bucket 32: floor 31 is 0)
+  int lt_prev = lane < o ? prev : 0;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) lt_prev += __shfl_xor_sync(0xffffffffu, lt_prev, off);
+  const int eq_prev = __shfl_sync(0xffffffffu, prev, o < 32 ? o : 0) * (o < 32);
+  // this warp's lanes: exclusive scan of (channels below o, channels in o), packed
   int n_lt = 0, n_eq = 0;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
@@ -164,13 +181,10 @@ __device__ void select_chunk(const T* __restrict__ xm, int in, int c, int quota,
     const int v = __shfl_up_sync(0xffffffffu, inc, off);
     if (lane >= off) inc += v;
   }
-  if (lane == 31) S.wsum[warp] = inc;
-  __syncthreads();
-  int pre = 0;
-  for (int w = 0; w < warp; ++w) pre += S.wsum[w];
-  const int ex = pre + inc - packed;
-  int eq_before = ex >> 16;
-  int pos = (ex & 0xFFFF) + min(eq_before, need);
+  const int ex = inc - packed;
+  DEC_SPROBE(1);
+  int eq_before = eq_prev + (ex >> 16);
+  int pos = lt_prev + (ex & 0xFFFF) + min(eq_before, need);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const bool is_o = b[j] == o;
@@ -182,6 +196,7 @@ __device__ void select_chunk(const T* __restrict__ xm, int in, int c, int quota,
       ++pos;
     }
   }
+  DEC_SPROBE(2);
   __syncthreads();
 }
 
