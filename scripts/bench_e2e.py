@@ -7,6 +7,7 @@ of ``backend=fp16`` (dense), ``ap``/``lutgemm`` at 3 and 4 bits with ``dec=off``
 with DEC autotuned (task=tune) for each target slowdown; the memory floor of each setting
 (bytes the weights occupy -- read once per token -- over the measured HBM copy bandwidth); and
 peak GPU memory with and without DEC. Prints a table, writes CSV + markdown under --out.
+``--dec llama3`` runs the quantized settings with that DEC config (conf/dec/) instead of dec=off.
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ def main() -> None:
                     help="backend[-precision][+attention][@compile], e.g. fp16 ap-w3 ap-w3@reduce-overhead ap-w3+sdpa "
                          "(+sdpa / +kernel: decode attention through SDPA / decdec.decode_attention instead of "
                          "attention=auto)")
+    ap.add_argument("--dec", default="off",
+                    help="DEC config of the quantized settings (conf/dec/NAME.yaml, e.g. llama3: the model's shipped "
+                         "k_chunk / n_tb); default off. fp16 always runs without DEC")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench")
     a = ap.parse_args()
     register_configs()
@@ -99,7 +103,8 @@ def main() -> None:
             if plus and extra not in ("sdpa", "kernel"):
                 raise SystemExit(f"setting {setting!r}: unknown modifier +{extra} (choose +sdpa or +kernel)")
             backend, _, prec = spec.partition("-")
-            ov = [f"backend={backend}", "dec=off"] + ([f"precision={prec}"] if prec else [])
+            dec = "off" if backend == "fp16" else a.dec
+            ov = [f"backend={backend}", f"dec={dec}"] + ([f"precision={prec}"] if prec else [])
             ov += [f"compile={mode}"] if mode else []
             ov += [f"attention={extra}"] if plus else []
             with make_run(["task=tune", *tune_args, *ov]) as run:
@@ -111,7 +116,7 @@ def main() -> None:
                 run._reset_peak()
                 rate = run._decode_rate(built, prompt, a.tokens, a.samples)
                 wb = weight_bytes(built.model)
-                rows.append({"setting": f"{setting} dec=off", "tokens_per_s": rate, "compile": mode or "(overrides)", "weight_bytes": wb,
+                rows.append({"setting": f"{setting} dec={dec}", "tokens_per_s": rate, "compile": mode or "(overrides)", "weight_bytes": wb,
                              "floor_tokens_per_s": bw / wb if bw else None, "peak_gpu_bytes": run._peak(),
                              "gpu_bytes_after_build": after_build,
                              "device": env_device_name(run.device)})

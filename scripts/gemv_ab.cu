@@ -11,6 +11,7 @@
 #include "graph_timer.cuh"
 
 #include <algorithm>
+#include <array>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -35,9 +36,12 @@ static std::vector<uint32_t> pack_kernel_layout(const std::vector<uint32_t>& pla
   return p;
 }
 
-int main(int argc, char** argv) {  // argv[1]: only this shape ("4096x28672"), e.g. under ncu
-  const int shapes[][2] = {{4096, 6144}, {4096, 4096}, {4096, 28672}, {14336, 4096},
-                           {5120, 7680}, {5120, 5120}, {5120, 35840}, {17920, 5120}};
+int main(int argc, char** argv) {  // argv[1]: only this shape ("4096x28672", any in % 512 == 0), e.g. under ncu
+  std::vector<std::array<int, 2>> shapes = {{4096, 6144}, {4096, 4096}, {4096, 28672}, {14336, 4096},
+                                            {5120, 7680}, {5120, 5120}, {5120, 35840}, {17920, 5120}};
+  int a_in = 0, a_out = 0;  // any INxOUT (in % 512 == 0), e.g. Llama-3-70B's 8192x57344
+  if (argc > 1 && sscanf(argv[1], "%dx%d", &a_in, &a_out) == 2 && a_in > 0 && a_out > 0 && a_in % 512 == 0)
+    shapes = {{a_in, a_out}};
   constexpr int kMaxCopies = 64;
   int l2 = 0;
   CK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, 0));
