@@ -1,0 +1,38 @@
+"""scripts/bench_e2e.py on the tiny model (CPU): the --dec option puts a DEC config on the quantized settings only."""
+
+from __future__ import annotations
+
+import csv
+import runpy
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _bench(tmp_path: Path, monkeypatch, *extra: str) -> tuple[list[dict], list[list[str]]]:
+    out = tmp_path / "bench"
+    argv = ["bench_e2e.py", "-o", "model=tiny", "--settings", "fp16", "ap-w3", "--targets", "--samples", "1",
+            "--tokens", "3", "--out", str(out), *extra]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(REPO / "scripts" / "bench_e2e.py"), run_name="__main__")
+    (table,) = out.glob("e2e-*.csv")
+    rows = list(csv.DictReader(table.open()))
+    overrides = [yaml.safe_load((d / "env.yaml").read_text())["overrides"] for d in sorted(table.with_suffix("").iterdir())]
+    return rows, overrides
+
+
+def test_dec_option_applies_to_quantized_settings_only(tmp_path, monkeypatch, cache_dir):
+    rows, overrides = _bench(tmp_path, monkeypatch, "--dec", "tiny")
+    assert [r["setting"] for r in rows] == ["fp16 dec=off", "ap-w3 dec=tiny"]
+    assert all(float(r["tokens_per_s"]) > 0 for r in rows)
+    assert "dec=off" in overrides[0] and "dec=tiny" not in overrides[0]
+    assert "dec=tiny" in overrides[1] and "dec=off" not in overrides[1]
+
+
+def test_dec_off_by_default(tmp_path, monkeypatch, cache_dir):
+    rows, overrides = _bench(tmp_path, monkeypatch)
+    assert [r["setting"] for r in rows] == ["fp16 dec=off", "ap-w3 dec=off"]
+    assert all("dec=off" in o for o in overrides)
