@@ -61,6 +61,7 @@ __global__ void __launch_bounds__(kThreads, BITS >= 4 ? 3 : 4)
     lut_s[r / RW][(r % RW) * LUTN + c] = gr < out ? to_f32(lut[(size_t)gr * LUTN + c]) : 0.f;
   }
   pdl_wait();  // x (and y) belong to the previous kernel; the LUT above does not
+  gemv_trigger_dependents();
   const uint32_t lut_base = (uint32_t)__cvta_generic_to_shared(&lut_s[rg][0]);
   const uint32_t rowbyte = (uint32_t)(rr * LUTN * 4) * 0x01010101u;
 
@@ -203,6 +204,7 @@ __global__ void __launch_bounds__(kThreads, 4)
   const uint32_t lo_a = __byte_perm(l8.x, l8.y, 0x6420), hi_a = __byte_perm(l8.x, l8.y, 0x7531);
   const uint32_t lo_b = __byte_perm(l8.z, l8.w, 0x6420), hi_b = __byte_perm(l8.z, l8.w, 0x7531);
   pdl_wait();  // x (and y) belong to the previous kernel; the LUT above does not
+  gemv_trigger_dependents();
 
   const size_t plane_stride = (size_t)out * words;
   const uint32_t* qrow = qw + (size_t)rowc * words;
@@ -455,6 +457,7 @@ __global__ void __launch_bounds__(kStreamThreads, stream_blocks_per_sm<R>())
   StreamItem<R> bufA, bufB;
   if (n_items > 0) load(bufA, 0);
   pdl_wait();  // the first weights are in flight; x (and y) belong to the previous kernel
+  gemv_trigger_dependents();
 
   if constexpr (NORM) stage_x_addnorm<kStreamThreads>(x + (size_t)m * in, an, m, in, xs, reinterpret_cast<float*>(flags));
   else stage_x_swizzled<kStreamThreads>(x + (size_t)m * in, in, xs);
@@ -623,6 +626,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   MmaItem bufA, bufB;
   if (my_items > 0) load(bufA, 0);
   pdl_wait();  // the first weights are in flight; x (and y) belong to the previous kernel
+  gemv_trigger_dependents();
 
   for (int i = threadIdx.x; i < ngroups * 16 * kMmaWarps; i += kMmaThreads) red[i] = 0.f;
   if constexpr (NORM) stage_x_addnorm<kMmaThreads>(x + (size_t)m * in, an, m, in, xs, reinterpret_cast<float*>(flags));

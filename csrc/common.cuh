@@ -241,6 +241,19 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
+// The GEMVs trigger their dependents as soon as they have waited for their own predecessor: the trigger fires once
+// every block of the GEMV has executed it (all are resident), so the next kernel's blocks only take the slots that
+// the GEMV's finishing blocks free, and issue their weight loads during the GEMV's tail instead of after it.
+// Build with -DDECDEC_GEMV_EARLY_TRIGGER=0 (DECDEC_NVCC_FLAGS for scripts/build_kernels.py) for the A/B.
+#ifndef DECDEC_GEMV_EARLY_TRIGGER
+#define DECDEC_GEMV_EARLY_TRIGGER 1
+#endif
+__device__ __forceinline__ void gemv_trigger_dependents() {
+#if DECDEC_GEMV_EARLY_TRIGGER
+  pdl_launch_dependents();
+#endif
+}
+
 // On by default where the device supports it (compute capability >= 9); DECDEC_PDL=0 turns it off
 // (same-process A/B: scripts set pdl_enabled() directly).
 inline bool& pdl_enabled() {

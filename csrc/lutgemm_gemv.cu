@@ -66,6 +66,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   };
 
   pdl_wait();  // x (and y) belong to the previous kernel
+  gemv_trigger_dependents();
   for (int tw0 = 0; tw0 < words; tw0 += kTileWords) {
     const int tw = min(kTileWords, words - tw0);
     int wl = ks;
@@ -209,6 +210,7 @@ __global__ void __launch_bounds__(kPThreads, 3)
   PBatch cur, nxt;
   if (w_lo < w_hi) load(cur, w_lo);
   pdl_wait();  // the first weights are in flight; x (and y) belong to the previous kernel
+  gemv_trigger_dependents();
   stage_x_pairs(x + (size_t)m * in, in, xs);
   __syncthreads();
 

@@ -1,7 +1,8 @@
 """JIT-build the CUDA extension ``decdec._C`` with torch.utils.cpp_extension.load (GPU machine).
 
 Compiles csrc/ into build/jit/ and copies the module to decdec/_C.so, where ``import decdec._C``
-(``decdec.ops.load_cuda_kernels``) finds it. Arch: TORCH_CUDA_ARCH_LIST, else the visible GPU.
+(``decdec.ops.load_cuda_kernels``) finds it. Arch: TORCH_CUDA_ARCH_LIST, else the visible GPU. Extra nvcc flags
+(e.g. a -D for an A/B build): DECDEC_NVCC_FLAGS.
 
     python scripts/build_kernels.py [--verbose]
 """
@@ -47,7 +48,7 @@ def main() -> int:
         sources=[str(ROOT / s) for s in SOURCES],
         extra_include_paths=[str(ROOT / "csrc")],
         extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "-lineinfo"],
+        extra_cuda_cflags=["-O3", "-lineinfo", *os.environ.get("DECDEC_NVCC_FLAGS", "").split()],
         build_directory=str(build_dir),
         verbose=args.verbose,
     )
