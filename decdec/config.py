@@ -129,6 +129,9 @@ class TuneTaskConfig:
     verify_samples: int = 3
     verify_rounds: int = 3  # choices verified end to end; one over target shrinks the budget for the next
     verify_tolerance: float = 0.005  # measured slowdown accepted up to target + this (run-to-run noise)
+    # dec=off measured again right after each verified DEC choice; the choice is judged against the mean step time
+    # of the dec=off measurements on both sides of it (one decode rate more per round), not one taken rounds earlier
+    verify_bracket: bool = True
     write_conf: bool = False  # also write conf/dec/tuned_<model>_<backend>_<precision>_<pct>.yaml
 
 

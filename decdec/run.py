@@ -466,6 +466,7 @@ class Run:
                 s.log({"kind": "timing", "proj": tm.proj, "bits": tm.bits, "n_tb": tm.n_tb, "k_chunk": tm.k_chunk,
                        "us": tm.seconds * 1e6}, step=i)
         rounds = []
+        off_rate = base_rate  # the latest dec=off measurement
         for r in range(t.verify_rounds + 1):
             last = r == t.verify_rounds  # nothing fitted: DEC off (k_chunk = 0), measured like the others
             choices = {}
@@ -480,17 +481,25 @@ class Run:
             self._reset_peak()
             tuned_rate = self._decode_rate(built, prompt, t.verify_tokens, t.verify_samples)
             tuned_peak = self._peak()
-            slowdown = base_rate / tuned_rate - 1.0
+            no_dec = all(k == 0 for c in choices.values() for k in c["k_chunk"].values())
+            off_rates = [off_rate]
+            if t.verify_bracket and not no_dec:  # dec=off again, right after the choice
+                for _, _, m in model.linears():
+                    m.set_dec(0, n_tbs[0])
+                off_rates.append(self._decode_rate(built, prompt, t.verify_tokens, t.verify_samples))
+                off_rate = off_rates[-1]
+            ref_rate = tune.bracketed_rate(*off_rates) if len(off_rates) == 2 else off_rates[0]
+            slowdown = ref_rate / tuned_rate - 1.0
             rounds.append({"budget_us_per_layer": 0.0 if last else budget * 1e6, "measured_slowdown": slowdown,
-                           "tokens_per_s": tuned_rate,
+                           "tokens_per_s": tuned_rate, "dec_off_tokens_per_s": off_rates,
                            "choice": {str(b): {"n_tb": c["n_tb"], "k_chunk": c["k_chunk"]} for b, c in choices.items()}})
             fits = slowdown <= t.target_slowdown + t.verify_tolerance
-            no_dec = all(k == 0 for c in choices.values() for k in c["k_chunk"].values())
             chosen = "; ".join(f"w{b}: n_tb {c['n_tb']}, k_chunk " + " ".join(f"{p}={k}" for p, k in c["k_chunk"].items())
                                for b, c in choices.items())
+            around = " / ".join(f"{x:.2f}" for x in off_rates)
             print(f"[decdec] round {r + 1}: budget {rounds[-1]['budget_us_per_layer']:.2f} us per layer ({chosen}) -> "
-                  f"measured {slowdown:+.2%} ({'within' if fits else 'over'} the {t.target_slowdown:.1%} target + "
-                  f"{t.verify_tolerance:.1%} tolerance)")
+                  f"{tuned_rate:.2f} tokens/s against dec=off {around}: measured {slowdown:+.2%} "
+                  f"({'within' if fits else 'over'} the {t.target_slowdown:.1%} target + {t.verify_tolerance:.1%} tolerance)")
             if fits or no_dec or last:
                 break
             budget = tune.next_budget(budget, t.target_slowdown, slowdown)
@@ -501,7 +510,7 @@ class Run:
                     "enabled": True, "n_tb": one["n_tb"], "k_chunk": dict(one["k_chunk"]), "selection": "dynamic",
                     "per_bits": {str(b): {"n_tb": c["n_tb"], "k_chunk": dict(c["k_chunk"])} for b, c in choices.items()} if mixed else {}}
         header = (f"# autotuned {time.strftime('%Y-%m-%d %H:%M')} on {env_device_name(self.device)}: "
-                  f"target {t.target_slowdown:.1%}, measured {slowdown:+.2%} ({base_rate:.2f} -> {tuned_rate:.2f} tokens/s, "
+                  f"target {t.target_slowdown:.1%}, measured {slowdown:+.2%} ({ref_rate:.2f} -> {tuned_rate:.2f} tokens/s, "
                   f"compile={cfg.compile.mode}{', SYNTHETIC weights' if path is None else ''})\n")
         sinks.write_yaml(self.run_dir / "dec_tuned.yaml", dec_yaml, "dec")
         text = header + (self.run_dir / "dec_tuned.yaml").read_text()
@@ -530,7 +539,7 @@ class Run:
         Console().print(table)
         print(f"use: python run.py <same model/backend/precision/compile> {overrides}")
         summary = {"status": "ok", "task": "tune", "target_slowdown": t.target_slowdown, "measured_slowdown": slowdown,
-                   "base_tokens_per_s": base_rate, "tuned_tokens_per_s": tuned_rate, "budget_us_per_layer": budget * 1e6,
+                   "base_tokens_per_s": ref_rate, "tuned_tokens_per_s": tuned_rate, "budget_us_per_layer": budget * 1e6,
                    "fusion_us": fusion_s * 1e6,
                    "peak_gpu_bytes_dec_off": base_peak, "peak_gpu_bytes_tuned": tuned_peak,
                    "overrides": overrides, "rounds": rounds, "n_tbs_tried": n_tbs, "k_chunks_tried": list(t.k_chunks),

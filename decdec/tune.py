@@ -70,6 +70,12 @@ def time_projections(model, bitwidths: dict[int, int], k_chunks: list[int], n_tb
     return out
 
 
+def bracketed_rate(before: float, after: float) -> float:
+    """The dec=off decode rate a choice measured between two dec=off measurements is judged against: the rate of
+    their mean step time (a decode rate varies by a few % between recompiled steps of the same model on a GPU)."""
+    return 2.0 / (1.0 / before + 1.0 / after)
+
+
 def next_budget(budget_s: float, target: float, measured: float, margin: float = 0.9) -> float:
     """Per-layer budget for the next round after a choice measured ``measured`` slowdown end to end against
     ``target``: scaled by target / measured (how much the per-projection timings under-counted), less a margin."""

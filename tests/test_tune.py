@@ -106,11 +106,13 @@ TUNE = ["model=tiny", "task=tune", "task.verify_tokens=4", "task.verify_samples=
 def test_tune_shrinks_the_budget_when_the_choice_measures_over_target(tmp_path, cache_dir, monkeypatch):
     from conftest import run_inprocess
 
-    seen = _fake_rates(monkeypatch, [100.0, 40.0, 90.0])  # dec=off, round 1 (+150 %), round 2 (+11 %)
+    # dec=off, round 1 (+150 %) and dec=off after it, round 2 (+11 %) and dec=off after it
+    seen = _fake_rates(monkeypatch, [100.0, 40.0, 100.0, 90.0, 100.0])
     summary = run_inprocess(TUNE, tmp_path / "run", cache_dir)
     rounds = summary["rounds"]
-    assert len(rounds) == 2 and len(seen) == 3
+    assert len(rounds) == 2 and len(seen) == 5 and seen[2] == seen[4] == [0]
     assert rounds[0]["measured_slowdown"] == pytest.approx(1.5) and rounds[1]["measured_slowdown"] == pytest.approx(1 / 9)
+    assert [r["dec_off_tokens_per_s"] for r in rounds] == [[100.0, 100.0], [100.0, 100.0]]
     assert rounds[1]["budget_us_per_layer"] == pytest.approx(rounds[0]["budget_us_per_layer"] * 0.9 * 0.5 / 1.5)
     assert summary["measured_slowdown"] == pytest.approx(1 / 9)
     assert summary["choice"] == {b: {**c, "rows_per_layer": summary["choice"][b]["rows_per_layer"]}
@@ -121,10 +123,11 @@ def test_tune_shrinks_the_budget_when_the_choice_measures_over_target(tmp_path, 
 def test_tune_turns_dec_off_when_no_choice_fits(tmp_path, cache_dir, monkeypatch):
     from conftest import run_inprocess
 
-    seen = _fake_rates(monkeypatch, [100.0] + [10.0] * 8)  # every choice with DEC: +900 %
+    seen = _fake_rates(monkeypatch, [100.0, 10.0, 100.0, 10.0, 100.0, 100.0])  # every choice with DEC: +900 %
     summary = run_inprocess([*TUNE, "task.verify_rounds=2"], tmp_path / "run", cache_dir)
     rounds = summary["rounds"]
-    assert 2 <= len(rounds) <= 3 and len(seen) == len(rounds) + 1
+    # each DEC round measures dec=off again after it; the last round (DEC off) does not
+    assert 2 <= len(rounds) <= 3 and len(seen) == 2 * len(rounds)
     assert all(k == 0 for k in rounds[-1]["choice"]["3"]["k_chunk"].values())  # DEC off, measured as the last round
     assert any(k > 0 for k in rounds[0]["choice"]["3"]["k_chunk"].values())
     assert seen[-1] == [0]
@@ -187,7 +190,7 @@ def test_tune_measures_the_fusion_charge_without_the_fused_gemvs(tmp_path, cache
     env_seen = []
     from decdec.run import Run
 
-    rates = [100.0, 90.0, 99.0]  # dec=off, dec=off without the fusions, round 1
+    rates = [100.0, 90.0, 99.0, 100.0]  # dec=off, dec=off without the fusions, round 1, dec=off after it
 
     def fake(self, built, prompt, tokens, samples):
         env_seen.append(os.environ.get("DECDEC_ADDNORM"))
@@ -195,6 +198,30 @@ def test_tune_measures_the_fusion_charge_without_the_fused_gemvs(tmp_path, cache
 
     monkeypatch.setattr(Run, "_decode_rate", fake)
     summary = run_inprocess(TUNE, tmp_path / "run", cache_dir)
-    assert env_seen == [None, "0", None] and "DECDEC_ADDNORM" not in os.environ
+    assert env_seen[:3] == [None, "0", None] and set(env_seen[3:]) <= {None} and "DECDEC_ADDNORM" not in os.environ
     n_layers = 2  # model=tiny
     assert summary["fusion_us"] == pytest.approx((1 / 90 - 1 / 100) / (2 * n_layers - 1) * 1e6)
+
+
+def test_bracketed_rate_is_the_rate_of_the_mean_step():
+    assert tune.bracketed_rate(100.0, 100.0) == pytest.approx(100.0)
+    assert tune.bracketed_rate(80.0, 120.0) == pytest.approx(1 / ((1 / 80 + 1 / 120) / 2))
+
+
+def test_tune_judges_a_choice_against_dec_off_on_both_sides(tmp_path, cache_dir, monkeypatch):
+    """A slow first dec=off reading (80 tokens/s; then 100) must not make a choice at 90 look 11 % faster than
+    dec=off: it is judged against the two readings around it. verify_bracket=false keeps the one reading."""
+    from conftest import run_inprocess
+
+    seen = _fake_rates(monkeypatch, [80.0, 90.0, 100.0])
+    summary = run_inprocess(TUNE, tmp_path / "a", cache_dir)
+    r = summary["rounds"][0]
+    assert len(seen) == 3 and seen[2] == [0] and any(k > 0 for k in r["choice"]["3"]["k_chunk"].values())
+    assert r["dec_off_tokens_per_s"] == [80.0, 100.0]
+    assert r["measured_slowdown"] == pytest.approx(tune.bracketed_rate(80.0, 100.0) / 90.0 - 1)
+    assert summary["base_tokens_per_s"] == pytest.approx(tune.bracketed_rate(80.0, 100.0))
+
+    seen = _fake_rates(monkeypatch, [80.0, 90.0])
+    summary = run_inprocess([*TUNE, "task.verify_bracket=false"], tmp_path / "b", cache_dir)
+    assert len(seen) == 2 and summary["rounds"][0]["dec_off_tokens_per_s"] == [80.0]
+    assert summary["measured_slowdown"] == pytest.approx(80.0 / 90.0 - 1)
