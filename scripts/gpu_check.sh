@@ -35,6 +35,12 @@ if [[ " $STEPS " == *" sanitize "* ]]; then
   rc=$?; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|== |err" "$OUT/sanitizer.log" | tail -12
   [[ $rc == 0 ]] || status=1
 fi
+if [[ " $STEPS " == *" sanitize "* ]]; then  # the selection against its previous version (same channels)
+  nvcc -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -Icsrc scripts/select_ab.cu -o /tmp/decdec_select_ab \
+    && timeout 120 /tmp/decdec_select_ab > "$OUT/select_ab.log" 2>&1
+  rc=$?; tail -2 "$OUT/select_ab.log"
+  [[ $rc == 0 ]] || status=1
+fi
 if [[ " $STEPS " == *" bench "* ]]; then
   timeout "${BENCH_TIMEOUT:-300}" python3 scripts/bench_kernels.py --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
     | tee "$OUT/bench.log" | grep -vE "^\s*$" | tail -60

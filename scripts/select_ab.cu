@@ -5,7 +5,7 @@
 // same channels (the reference's rule: whole buckets from bucket 0, lowest channel indices first inside the
 // overflow bucket), which this checks on random heavy-tailed x for several k_chunk and a ragged last chunk. Timing:
 // %globaltimer from a block's first to its last instruction of the selection (median over blocks, one chunk per
-// block, all chunks of the token at once), and the graph-timed kernel.
+// block, all chunks of the token at once), and the graph-timed kernel. Exits 1 if the selections differ.
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -Icsrc scripts/select_ab.cu -o /tmp/sel && /tmp/sel
 #include "../csrc/dec.cu"
 #include "graph_timer.cuh"
@@ -185,6 +185,7 @@ __global__ void __launch_bounds__(kThreads) s8_select(const T* x, const float* b
 int main() {
   const int ins[] = {4096, 14336, 17920};
   const int ks[] = {1, 4, 8, 32, 256};
+  int differ = 0;  // (in, k) whose masks differ: the exit status
   printf("%-7s %-5s %12s %12s %14s %14s %s\n", "in", "k", "ns/chunk", "s8 ns/chunk", "graph us", "s8 graph us",
          "masks equal");
   for (int in : ins) {
@@ -227,6 +228,7 @@ int main() {
       int n0 = 0;
       for (int i = 0; i < in; ++i) n0 += h0[i];
       const bool eq = h0 == h1;
+      differ += !eq;
       std::sort(t0.begin(), t0.end());
       std::sort(t1.begin(), t1.end());
       const float g0 = graph_us([&](cudaStream_t st, int) { shipped_select<__half><<<nc, kThreads, 0, st>>>(x, bounds, m0, in, k, ns); });
@@ -240,5 +242,6 @@ int main() {
     CK(cudaFree(m1));
     CK(cudaFree(ns));
   }
-  return 0;
+  if (differ) printf("the two selections differ at %d (in, k_chunk)\n", differ);
+  return differ ? 1 : 0;
 }
