@@ -482,13 +482,13 @@ class Run:
             tuned_rate = self._decode_rate(built, prompt, t.verify_tokens, t.verify_samples)
             tuned_peak = self._peak()
             no_dec = all(k == 0 for c in choices.values() for k in c["k_chunk"].values())
-            off_rates = [off_rate]
+            off_rates, ref_rate = [off_rate], off_rate
             if t.verify_bracket and not no_dec:  # dec=off again, right after the choice
                 for _, _, m in model.linears():
                     m.set_dec(0, n_tbs[0])
-                off_rates.append(self._decode_rate(built, prompt, t.verify_tokens, t.verify_samples))
-                off_rate = off_rates[-1]
-            ref_rate = tune.bracketed_rate(*off_rates) if len(off_rates) == 2 else off_rates[0]
+                off_rate = self._decode_rate(built, prompt, t.verify_tokens, t.verify_samples)
+                off_rates.append(off_rate)
+                ref_rate = tune.bracketed_rate(off_rates[0], off_rate)
             slowdown = ref_rate / tuned_rate - 1.0
             rounds.append({"budget_us_per_layer": 0.0 if last else budget * 1e6, "measured_slowdown": slowdown,
                            "tokens_per_s": tuned_rate, "dec_off_tokens_per_s": off_rates,

@@ -82,6 +82,9 @@ def main() -> None:
                          "k_chunk / n_tb); default off. fp16 always runs without DEC")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "bench")
     a = ap.parse_args()
+    decs = sorted(f.stem for f in (REPO / "conf" / "dec").glob("*.yaml"))
+    if a.dec != "off" and a.dec not in decs:
+        raise SystemExit(f"--dec {a.dec}: no conf/dec/{a.dec}.yaml; choose one of {', '.join(decs)}")
     register_configs()
     rows = []
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -36,3 +36,14 @@ def test_dec_off_by_default(tmp_path, monkeypatch, cache_dir):
     rows, overrides = _bench(tmp_path, monkeypatch)
     assert [r["setting"] for r in rows] == ["fp16 dec=off", "ap-w3 dec=off"]
     assert all("dec=off" in o for o in overrides)
+
+
+def test_unknown_dec_config_is_a_clear_error_before_any_run(tmp_path, monkeypatch):
+    import pytest
+
+    out = tmp_path / "bench"
+    monkeypatch.setattr(sys, "argv", ["bench_e2e.py", "-o", "model=tiny", "--settings", "ap-w3", "--targets",
+                                      "--dec", "nosuch", "--out", str(out)])
+    with pytest.raises(SystemExit, match="no conf/dec/nosuch.yaml; choose one of .*llama3"):
+        runpy.run_path(str(REPO / "scripts" / "bench_e2e.py"), run_name="__main__")
+    assert not out.exists()
