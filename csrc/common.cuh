@@ -276,10 +276,14 @@ inline bool device_has_pdl() {
 
 // A GEMV fused with DEC (a Fused argument that is on) is launched as an ordinary kernel: as a programmatic
 // dependent it ran *after* the DEC kernel of its side stream instead of beside it (H200, scripts/fused_overlap.py:
-// fused = GEMV + DEC, e.g. 4096x28672 k_chunk=4 n_tb=32 +68 % over the GEMV with PDL, +21 % without).
+// fused = GEMV + DEC, e.g. 4096x28672 k_chunk=4 n_tb=32 +68 % over the GEMV with PDL, +21 % without; session 3, before
+// the reserved slots and the early trigger). -DDECDEC_FUSED_PDL=1 launches it as a programmatic dependent again (A/B).
+#ifndef DECDEC_FUSED_PDL
+#define DECDEC_FUSED_PDL 0
+#endif
 template <typename A>
 bool is_fused_launch(const A& a) {
-  if constexpr (std::is_same_v<std::decay_t<A>, Fused>) return a.concurrent();
+  if constexpr (std::is_same_v<std::decay_t<A>, Fused>) return !DECDEC_FUSED_PDL && a.concurrent();
   return false;
 }
 

@@ -3,7 +3,7 @@
 Ceilings first (device-to-device copy bandwidth, counting bytes read + written; pinned host->device
 memcpy bandwidth), then for the Llama-3-8B and Phi-3-medium projection shapes (in x out):
 base GEMV time and achieved GB/s (ap and lutgemm, 3 and 4 bits), torch's fp16 GEMV (F.linear),
-DEC alone (time, achieved PCIe fetch GB/s of the selected residual rows), and the fused
+DEC alone (time, achieved PCIe fetch GB/s of the selected residual rows; eager and from CUDA graphs), and the fused
 DEC || GEMV op (ap 3-bit and lutgemm 3-bit) with its slowdown over the base GEMV for
 k_chunk in {0,1,2,4,8,16,32} and several n_tb, and the decode path's variant without the in-kernel
 combine ({ap,lutgemm}_gemv_dec_parts, from CUDA graphs).
@@ -154,16 +154,23 @@ def bench_shape(n: int, out: int, args, l2: int, sms: int, rows: list, summary: 
     thr = torch.cat(xs).float().abs().amax(0).sort(descending=True).values
     n_tbs = sorted({t for t in args.n_tb if t <= sms} | {sms})
     res["dec"] = {}
+    res["dec_graph"] = {}
     for k in K_CHUNKS[1:]:
         bounds = reference.bounds_from_thresholds(thr, k).cuda()
         fetch = reference.k_total(k, n) * out // 2
-        best = None
+        best = bestg = None
         for ntb in n_tbs:
             t = timeit(lambda i: torch.ops.decdec.dec(xs[i % nx], q_res, scales, bounds, k, ntb), nx)
             g = record("dec", "", t, fetch, k, ntb)
             if best is None or t < best[0]:
                 best = (t, g, ntb)
+            # from a CUDA graph (no launch gaps between the queued calls), as the GEMVs' graph rows
+            tg = timeit_graph(lambda i: torch.ops.decdec.dec(xs[i % nx], q_res, scales, bounds, k, ntb), nx)
+            gg = record("dec_graph", "", tg, fetch, k, ntb)
+            if bestg is None or tg < bestg[0]:
+                bestg = (tg, gg, ntb)
         res["dec"][k] = best
+        res["dec_graph"][k] = bestg
         if k in (1, 8):  # diagnostics: selection alone (1 block), and DEC with the residual in HBM
             from decdec import _C
 
@@ -176,6 +183,9 @@ def bench_shape(n: int, out: int, args, l2: int, sms: int, rows: list, summary: 
                   f"residual in HBM {rows[-1]['time_us']} us", flush=True)
             del q_dev
 
+    def consumed(t):  # a plain kernel reading the op's output, as the decode step's next pointwise kernel does
+        return torch.add(t.view(-1)[:8], 1)
+
     # fused DEC || GEMV over the 3-bit base GEMVs, eager and from a CUDA graph
     for backend in ("ap", "lutgemm"):
         tb = base[(backend, 3)]
@@ -183,9 +193,15 @@ def bench_shape(n: int, out: int, args, l2: int, sms: int, rows: list, summary: 
         res[f"fused_{backend}"] = {}
         res[f"fused_{backend}_graph"] = {}
         res[f"fused_{backend}_parts_graph"] = {}
+        if backend == "ap":  # each call followed by a consumer kernel: no GEMV chains into the next GEMV's slots
+            _, qws, luts, c, _ = tb
+            tgc_base = timeit_graph(lambda i: consumed(torch.ops.decdec.ap_gemv(xs[i % nx], qws[i % c], luts[i % c])),
+                                    c * nx)
+            record("ap_gemv_graph_consumer", 3, tgc_base)
+            res["fused_ap_parts_consumer_graph"] = {}
         for k in K_CHUNKS:
             bounds = reference.bounds_from_thresholds(thr, max(k, 1)).cuda()
-            best = bestg = bestp = None
+            best = bestg = bestp = bestpc = None
             for ntb in n_tbs if k else n_tbs[:1]:
                 if backend == "ap":
                     _, qws, luts, c, _ = tb
@@ -205,6 +221,12 @@ def bench_shape(n: int, out: int, args, l2: int, sms: int, rows: list, summary: 
                 record(f"fused_{backend}_parts_graph", 3, tp, None, k, ntb, slowp)
                 if bestp is None or tp < bestp[0]:
                     bestp = (tp, slowp, ntb)
+                if backend == "ap":
+                    tpc = timeit_graph(lambda i: consumed(fp(i)), c * nx)
+                    slowpc = (tpc / tgc_base - 1) * 100
+                    record("fused_ap_parts_graph_consumer", 3, tpc, None, k, ntb, slowpc)
+                    if bestpc is None or tpc < bestpc[0]:
+                        bestpc = (tpc, slowpc, ntb)
                 t = timeit(fn, c * nx)
                 slow = (t / t_base - 1) * 100
                 record(f"fused_{backend}", 3, t, None, k, ntb, slow)
@@ -218,6 +240,8 @@ def bench_shape(n: int, out: int, args, l2: int, sms: int, rows: list, summary: 
             res[f"fused_{backend}"][k] = best
             res[f"fused_{backend}_graph"][k] = bestg
             res[f"fused_{backend}_parts_graph"][k] = bestp
+            if backend == "ap":
+                res["fused_ap_parts_consumer_graph"][k] = bestpc
     del base, q_res
     torch.cuda.empty_cache()
 
@@ -246,21 +270,25 @@ def markdown(summary: dict, ceil: dict, card: str) -> str:
         lines.append(f"| {key} | {cellg('ap3_graph')} | {cellg('ap4_graph')} | {cellg('lg3_graph')} | "
                      f"{cellg('lg4_graph')} | {r['fp16_graph'][0]:.1f} us | "
                      f"{r['fp16_graph'][0] / r['ap3_graph'][0]:.2f}x |")
-    for backend in ("ap", "lutgemm", "ap_graph", "lutgemm_graph", "ap_parts_graph", "lutgemm_parts_graph"):
-        how = backend.replace("_parts_graph", " (CUDA graph, parts: no in-kernel combine, the decode path)")
+    for backend in ("ap", "lutgemm", "ap_graph", "lutgemm_graph", "ap_parts_graph", "lutgemm_parts_graph",
+                    "ap_parts_consumer_graph"):
+        how = backend.replace("_parts_consumer_graph", " (CUDA graph, parts, every call and every base GEMV followed by"
+                              " a plain consumer kernel, as in a decode step)")
+        how = how.replace("_parts_graph", " (CUDA graph, parts: no in-kernel combine, the decode path)")
         lines += ["", f"Fused DEC || {how.replace('_graph', ' (CUDA graph)')} 3-bit GEMV: slowdown over the "
                   "base GEMV at the best n_tb (n_tb)", "",
                   "| shape | " + " | ".join(f"k={k}" for k in K_CHUNKS) + " |", "|---" * (len(K_CHUNKS) + 1) + "|"]
         for key, r in summary.items():
             f = r[f"fused_{backend}"]
             lines.append(f"| {key} | " + " | ".join(f"{f[k][1]:+.1f}% ({f[k][2]})" for k in K_CHUNKS) + " |")
-    lines += ["", "DEC alone at the best n_tb: time, fetch GB/s (% of pinned memcpy)", "",
-              "| shape | " + " | ".join(f"k={k}" for k in K_CHUNKS[1:]) + " |", "|---" * len(K_CHUNKS) + "|"]
-    for key, r in summary.items():
-        d = r["dec"]
-        lines.append(f"| {key} | " + " | ".join(
-            f"{d[k][0]:.1f} us, {d[k][1]:.1f} GB/s ({100 * d[k][1] / ceil['pinned_h2d_GBps']:.0f}%)"
-            for k in K_CHUNKS[1:]) + " |")
+    for name, how in (("dec", ""), ("dec_graph", ", from CUDA graphs")):
+        lines += ["", f"DEC alone at the best n_tb{how}: time, fetch GB/s (% of pinned memcpy) (n_tb)", "",
+                  "| shape | " + " | ".join(f"k={k}" for k in K_CHUNKS[1:]) + " |", "|---" * len(K_CHUNKS) + "|"]
+        for key, r in summary.items():
+            d = r[name]
+            lines.append(f"| {key} | " + " | ".join(
+                f"{d[k][0]:.1f} us, {d[k][1]:.1f} GB/s ({100 * d[k][1] / ceil['pinned_h2d_GBps']:.0f}%) ({d[k][2]})"
+                for k in K_CHUNKS[1:]) + " |")
     return "\n".join(lines) + "\n"
 
 
