@@ -1,6 +1,7 @@
 """The autotuner: choice under a budget (pure), and task=tune end to end on the tiny model."""
 
 import pytest
+import torch
 import yaml
 from omegaconf import OmegaConf
 
@@ -225,3 +226,35 @@ def test_tune_judges_a_choice_against_dec_off_on_both_sides(tmp_path, cache_dir,
     summary = run_inprocess([*TUNE, "task.verify_bracket=false"], tmp_path / "b", cache_dir)
     assert len(seen) == 2 and summary["rounds"][0]["dec_off_tokens_per_s"] == [80.0]
     assert summary["measured_slowdown"] == pytest.approx(80.0 / 90.0 - 1)
+
+
+def test_time_projections_follows_every_call_with_a_consumer(monkeypatch):
+    """Each timed decode call is followed by a consumer of its output (tune.consume), with DEC and without, so the
+    DEC cost is measured as a decode step pays it, not against GEMVs chained back to back."""
+    from tests.test_linear import attach_random_dec, make_linear
+
+    class Layers:  # the one thing time_projections asks of a model
+        def __init__(self):
+            self.mods = {}
+            for i, p in enumerate(tune.PROJECTIONS):
+                lin, _ = make_linear("ap", seed=i)
+                attach_random_dec(lin, seed=10 + i)
+                self.mods[p] = lin
+
+        def linears(self):
+            return ((p, 0, m) for p, m in self.mods.items())
+
+    model = Layers()
+    seen = []
+    real = tune.consume
+
+    def spy(y):
+        seen.append(tuple(y.shape))
+        return real(y)
+
+    monkeypatch.setattr(tune, "consume", spy)
+    timings = tune.time_projections(model, {0: 3}, [0, 8], [1], 2,
+                                    torch.device("cpu"), torch.float32)
+    assert {(t.proj, t.k_chunk) for t in timings} >= {("qkv", 0), ("qkv", 8), ("down", 8)}
+    assert seen and all(len(s) in (2, 3) for s in seen)  # GEMV outputs [M, out] and DEC parts [1 + P', M, out]
+    assert any(len(s) == 3 for s in seen) and any(len(s) == 2 for s in seen)
