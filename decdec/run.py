@@ -504,6 +504,19 @@ class Run:
                 break
             budget = tune.next_budget(budget, t.target_slowdown, slowdown)
 
+        cheapest = {}
+        if all(k == 0 for c in choices.values() for k in c["k_chunk"].values()):  # DEC off: what would it take
+            for bits in choices:
+                c = tune.cheapest_dec(timings, in_features, bits, fusion_s)
+                if c is None:
+                    continue
+                c["slowdown_estimate"] = c["extra_s"] * args.n_layers * base_rate
+                cheapest[str(bits)] = c
+                print(f"[decdec] no DEC fits the {t.target_slowdown:.1%} target on w{bits}: the cheapest is {c['proj']} "
+                      f"k_chunk={c['k_chunk']} at n_tb {c['n_tb']} ({c['rows_per_layer']} rows per layer), "
+                      f"+{c['extra_s'] * 1e6:.2f} us per layer with its fusion charge = ~{c['slowdown_estimate']:.1%} of a "
+                      f"dec=off step (from the projection timings; the end-to-end check decides)")
+
         mixed = cfg.precision.mixed
         one = next(iter(choices.values()))
         dec_yaml = {"name": f"tuned_{cfg.model.name}_{cfg.backend.name}_{cfg.precision.name}_{round(t.target_slowdown * 1000)}pm",
@@ -543,6 +556,7 @@ class Run:
                    "fusion_us": fusion_s * 1e6,
                    "peak_gpu_bytes_dec_off": base_peak, "peak_gpu_bytes_tuned": tuned_peak,
                    "overrides": overrides, "rounds": rounds, "n_tbs_tried": n_tbs, "k_chunks_tried": list(t.k_chunks),
+                   "cheapest_dec": cheapest,
                    "choice": {str(b): {"n_tb": c["n_tb"], "k_chunk": c["k_chunk"], "rows_per_layer": c["rows_per_layer"]}
                               for b, c in choices.items()},
                    **{k: v for k, v in self._common_summary(built).items() if k not in ("status", "task")}}

@@ -116,6 +116,25 @@ def fusion_seconds(step_fused_s: float, step_separate_s: float, n_layers: int) -
     return max(0.0, (step_separate_s - step_fused_s) / max(1, 2 * n_layers - 1))
 
 
+def cheapest_dec(timings: list[Timing], in_features: dict[str, int], bits: int, fusion_s: float = 0.0) -> dict | None:
+    """The least extra time per layer that buys any DEC for one bit-width: one projection at its cheapest (n_tb,
+    k_chunk > 0), the fusion it undoes charged (``fusions_lost``); ties go to more rows. What a tune that kept DEC
+    off reports, so a user sees which target would admit DEC. None without DEC timings."""
+    best = None
+    for n_tb in sorted({t.n_tb for t in timings if t.bits == bits}):
+        table = {(t.proj, t.k_chunk): t.seconds for t in timings if t.bits == bits and t.n_tb == n_tb}
+        for (p, k), sec in sorted(table.items()):
+            if k == 0 or (p, 0) not in table:
+                continue
+            kc = {q: 0 for q in PROJECTIONS}
+            kc[p] = k
+            extra = max(0.0, sec - table[(p, 0)]) + fusion_s * fusions_lost(kc)
+            rows = rows_per_token(k, in_features[p])
+            if best is None or (extra, -rows) < (best["extra_s"], -best["rows_per_layer"]):
+                best = {"proj": p, "n_tb": n_tb, "k_chunk": k, "extra_s": extra, "rows_per_layer": rows}
+    return best
+
+
 def rows_per_token(k_chunk: int, in_features: int) -> int:
     return sum(chunk_quotas(k_chunk, in_features))
 

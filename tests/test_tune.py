@@ -132,6 +132,20 @@ def test_tune_turns_dec_off_when_no_choice_fits(tmp_path, cache_dir, monkeypatch
     assert all(k == 0 for k in rounds[-1]["choice"]["3"]["k_chunk"].values())  # DEC off, measured as the last round
     assert any(k > 0 for k in rounds[0]["choice"]["3"]["k_chunk"].values())
     assert seen[-1] == [0]
+    cheap = summary["cheapest_dec"]["3"]  # what it would take: the least extra time that buys any DEC
+    assert cheap["proj"] in IN and cheap["k_chunk"] > 0 and cheap["rows_per_layer"] > 0
+    assert cheap["slowdown_estimate"] == pytest.approx(cheap["extra_s"] * 2 * 100.0)  # tiny: 2 layers, 100 tokens/s
+
+
+def test_cheapest_dec_is_the_least_extra_time_with_its_fusion_charge():
+    t = _table(16, {"qkv": 0.3, "o": 0.1, "gate_up": 0.2, "down": 0.05}) + _table(8, {p: 1.0 for p in IN})
+    c = tune.cheapest_dec(t, IN, 3)
+    assert (c["proj"], c["k_chunk"], c["n_tb"]) == ("down", 1, 16)
+    assert c["extra_s"] == pytest.approx(0.05e-6) and c["rows_per_layer"] == tune.rows_per_token(1, IN["down"])
+    charged = tune.cheapest_dec(t, IN, 3, fusion_s=1e-6)  # any one DEC projection undoes one fusion
+    assert (charged["proj"], charged["k_chunk"]) == ("down", 1)
+    assert charged["extra_s"] == pytest.approx(1.05e-6)
+    assert tune.cheapest_dec(t, IN, 4) is None
 
 
 def test_choose_without_dec_ignores_timings_under_the_gemv():
