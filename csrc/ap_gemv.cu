@@ -424,7 +424,15 @@ struct StreamItem {  // one lane's share of R rows: 3 planes x 4 words per row, 
 template <int R>
 constexpr int stream_blocks_per_sm() { return R == 2 ? 2 : 3; }
 
-template <int R, bool NORM = false, bool PACKED = false>
+// GLU (R = 2, rows interleaved as (gate_i, up_i) = rows (2 i, 2 i + 1): QuantLinear.use_glu_layout): a warp item's
+// two rows are one pair, and the kernel writes y[i] = fp16(silu(g) * u) with g, u the fp16-rounded rows (out / 2
+// outputs): SiLU x up without a kernel of its own, so the down projection's GEMV chains directly behind this one.
+__device__ __forceinline__ __half glu_out(float g, float u) {
+  const float gh = __half2float(__float2half_rn(g)), uh = __half2float(__float2half_rn(u));
+  return __float2half_rn(gh / (1.0f + expf(-gh)) * uh);
+}
+
+template <int R, bool NORM = false, bool PACKED = false, bool GLU = false>
 __global__ void __launch_bounds__(kStreamThreads, stream_blocks_per_sm<R>())
     ap3_gemv_stream_kernel(const __half* __restrict__ x, const uint32_t* __restrict__ qw,
                            const __half* __restrict__ lut, __half* __restrict__ y, int in, int out, int block_rows,
@@ -525,13 +533,19 @@ __global__ void __launch_bounds__(kStreamThreads, stream_blocks_per_sm<R>())
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], off);
       const int ra = r0 + R * (warp + pi * kStreamWarps);
+      if constexpr (GLU) {  // R == 2, ra even, out even: the pair (ra, ra + 1) is (gate, up) of output ra / 2
+        if (lane == 0 && ra < r1) y[(size_t)m * (out / 2) + ra / 2] = glu_out(acc[0], acc[1]);
 #pragma unroll
-      for (int j = 0; j < R; ++j) {
-        if (lane == j && ra + j < r1) {
-          if (gpart) gpart[ra + j] = acc[j];
-          else y[(size_t)m * out + ra + j] = __float2half_rn(acc[j]);
+        for (int j = 0; j < R; ++j) acc[j] = 0.f;
+      } else {
+#pragma unroll
+        for (int j = 0; j < R; ++j) {
+          if (lane == j && ra + j < r1) {
+            if (gpart) gpart[ra + j] = acc[j];
+            else y[(size_t)m * out + ra + j] = __float2half_rn(acc[j]);
+          }
+          acc[j] = 0.f;
         }
-        acc[j] = 0.f;
       }
     }
   };
@@ -815,14 +829,14 @@ int stream_block_rows(int out, int reserve) {
   return max(R, ceil_div(ceil_div(out, blocks), R) * R);
 }
 
-template <int R, bool NORM = false, bool PACKED = false>
+template <int R, bool NORM = false, bool PACKED = false, bool GLU = false>
 cudaError_t launch_stream(const void* x, const uint32_t* qw, const void* lut, void* y, int M, int in, int out,
                           const Fused& fused, cudaStream_t stream, const AddNorm& an = AddNorm{}) {
   const int br = stream_block_rows(out, fused.reserve_blocks);
   const size_t smem = (size_t)in * sizeof(__half);
-  const cudaError_t err = allow_smem(ap3_gemv_stream_kernel<R, NORM, PACKED>, smem);
+  const cudaError_t err = allow_smem(ap3_gemv_stream_kernel<R, NORM, PACKED, GLU>, smem);
   if (err != cudaSuccess) return err;
-  return launch_gemv_kernel(ap3_gemv_stream_kernel<R, NORM, PACKED>, dim3(ceil_div(out, br), M), dim3(kStreamThreads), smem,
+  return launch_gemv_kernel(ap3_gemv_stream_kernel<R, NORM, PACKED, GLU>, dim3(ceil_div(out, br), M), dim3(kStreamThreads), smem,
                             stream, static_cast<const __half*>(x), qw, static_cast<const __half*>(lut),
                             static_cast<__half*>(y), in, out, br, fused, an);
 }
@@ -931,6 +945,19 @@ cudaError_t ap_gemv_addnorm(const void* a, const AddNorm& an, const uint32_t* qw
                   : launch_mma<false, true>(a, qweight, lut, y, M, in, out, Fused{}, stream, an);
   return packed ? launch_stream<kStreamRows, true, true>(a, qweight, lut, y, M, in, out, Fused{}, stream, an)
                 : launch_stream<kStreamRows, true>(a, qweight, lut, y, M, in, out, Fused{}, stream, an);
+}
+
+bool ap_glu_supported(DType dt, int bits, int in) {
+  return ap_addnorm_supported(dt, bits, in) && !use_mma_kernel(bits, true, in) && use_stream_kernel(bits, true, in);
+}
+
+cudaError_t ap_gemv_addnorm_glu(const void* a, const AddNorm& an, const uint32_t* qweight, const void* lut, void* y,
+                                int M, int in, int out, cudaStream_t stream, bool packed) {
+  if (M == 0 || out == 0) return cudaSuccess;
+  if (!ap_glu_supported(DType::F16, 3, in) || out % 2 != 0) return cudaErrorInvalidValue;
+  static_assert(kStreamRows == 2, "the GLU epilogue pairs a warp item's two rows");
+  return packed ? launch_stream<kStreamRows, true, true, true>(a, qweight, lut, y, M, in, out, Fused{}, stream, an)
+                : launch_stream<kStreamRows, true, false, true>(a, qweight, lut, y, M, in, out, Fused{}, stream, an);
 }
 
 cudaError_t ap_gemv(DType dt, const void* x, const uint32_t* qweight, const void* lut, void* y, int M, int in,

@@ -269,6 +269,37 @@ std::tuple<at::Tensor, at::Tensor> ap_gemv_addnorm_cuda(const at::Tensor& a, con
   return {y, h};
 }
 
+// SiLU x up in the add + norm GEMV's epilogue (kernels.h ap_gemv_addnorm_glu): (act [M, out / 2], h) for gate_up
+// weights with interleaved (gate_i, up_i) rows.
+std::tuple<at::Tensor, at::Tensor> ap_gemv_addnorm_glu_cuda(const at::Tensor& a, const at::Tensor& b,
+                                                            const at::Tensor& gamma, double eps,
+                                                            const at::Tensor& qweight, const at::Tensor& lut) {
+  const Ap s = check_ap(a, qweight, lut);
+  DD_CHECK(a.scalar_type() == at::kHalf, "decdec: ap_gemv_addnorm_glu runs fp16, got ", a.scalar_type());
+  DD_CHECK(decdec::ap_glu_supported(decdec::DType::F16, s.bits, s.in), "decdec: ap_gemv_addnorm_glu serves 3-bit "
+           "weights on the streaming GEMV (decdec.ops.glu_supported), got b=", s.bits, ", in=", s.in,
+           "; use ap_gemv_addnorm, then silu(gate) * up");
+  DD_CHECK(s.out % 2 == 0, "decdec: ap_gemv_addnorm_glu needs an even number of rows (gate, up pairs), got ", s.out);
+  DD_CHECK(b.sizes() == a.sizes(), "decdec: b must be ", a.sizes(), " like a, got ", b.sizes());
+  check_tensor(b, "b", a.device(), at::kHalf);
+  DD_CHECK(gamma.dim() == 1 && gamma.size(0) == s.in, "decdec: gamma must be [", s.in, "], got ", gamma.sizes());
+  check_tensor(gamma, "gamma", a.device(), at::kHalf);
+  DD_CHECK(eps >= 0, "decdec: eps must be >= 0, got ", eps);
+  c10::cuda::CUDAGuard guard(a.device());
+  auto y = at::empty({a.size(0), s.out / 2}, a.options());
+  auto h = at::empty_like(a);
+  decdec::AddNorm an;
+  an.b = b.data_ptr();
+  an.gamma = gamma.data_ptr();
+  an.h_out = h.data_ptr();
+  an.eps = (float)eps;
+  cuda_ok(decdec::ap_gemv_addnorm_glu(a.data_ptr(), an, reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
+                                      lut.data_ptr(), y.data_ptr(), (int)a.size(0), s.in, s.out,
+                                      at::cuda::getCurrentCUDAStream(), s.packed),
+          "ap_gemv_addnorm_glu launch");
+  return {y, h};
+}
+
 at::Tensor ap_dequant_cuda(const at::Tensor& qweight, const at::Tensor& lut) {
   DD_CHECK(lut.is_cuda(), "decdec: lut must be a CUDA tensor, got ", lut.device());
   const int64_t in = is_ap3_kernel_layout(qweight, lut) ? qweight.size(1) * 256 : qweight.dim() == 3 ? qweight.size(2) * 32 : 0;
@@ -575,6 +606,7 @@ TORCH_LIBRARY_IMPL(decdec, CUDA, m) {
   m.impl("lutgemm_gemv_dec", &lutgemm_gemv_dec_cuda);
   m.impl("ap_gemv_dec_parts", &ap_gemv_dec_parts_cuda);
   m.impl("ap_gemv_addnorm", &ap_gemv_addnorm_cuda);
+  m.impl("ap_gemv_addnorm_glu", &ap_gemv_addnorm_glu_cuda);
   m.impl("lutgemm_gemv_dec_parts", &lutgemm_gemv_dec_parts_cuda);
   m.impl("decode_attention", &decode_attention_cuda);
 }
@@ -590,6 +622,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("in"));
   m.def("ap_addnorm_supported", [](int bits, int in) { return decdec::ap_addnorm_supported(decdec::DType::F16, bits, in); },
         "whether ap_gemv_addnorm serves b-bit fp16 weights with `in` input channels", py::arg("bits"), py::arg("in"));
+  m.def("ap_glu_supported", [](int bits, int in) { return decdec::ap_glu_supported(decdec::DType::F16, bits, in); },
+        "whether ap_gemv_addnorm_glu serves b-bit fp16 weights with `in` input channels", py::arg("bits"), py::arg("in"));
   m.def("dec_max_blocks", &dec_max_blocks, "most co-resident DEC blocks (the n_tb limit)", py::arg("device"),
         py::arg("in_features"), py::arg("out_features"), py::arg("k_chunk"), py::arg("n_tb") = 1);
 }

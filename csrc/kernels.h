@@ -64,6 +64,13 @@ bool ap_addnorm_supported(DType dt, int bits, int in);
 cudaError_t ap_gemv_addnorm(const void* a, const AddNorm& an, const uint32_t* qweight, const void* lut, void* y, int M,
                             int in, int out, cudaStream_t stream, bool packed = false);
 
+// The add + norm GEMV with SiLU x up in its epilogue (gate_up with rows interleaved (gate_i, up_i): decdec.formats
+// interleave_rows / QuantLinear.use_glu_layout): y [M, out / 2] = fp16(silu(g) * u) of the fp16-rounded row pairs.
+// Where ap_glu_supported: 3-bit fp16 on the streaming GEMV (in <= 8192; Llama-3's 4096 and 8192).
+bool ap_glu_supported(DType dt, int bits, int in);
+cudaError_t ap_gemv_addnorm_glu(const void* a, const AddNorm& an, const uint32_t* qweight, const void* lut, void* y,
+                                int M, int in, int out, cudaStream_t stream, bool packed = false);
+
 // ---- ap (bit-planes + per-row LUT). qweight [bits, out, in/32] int32, lut [out, 2^bits]; `packed`: 3-bit qweight
 // in the kernel layout [out, in/256, 3, 8] (common.cuh, decdec/formats.py pack_ap3_kernel), for fp16 where
 // ap3_packed_supported (the tensor-core and streaming GEMVs' shapes).

@@ -132,7 +132,9 @@ def build_model(checkpoint: ckpt.Checkpoint, backend: str, bits: int, mixed: boo
     _check_shapes(model, sd, checkpoint.path)
     model.load_state_dict(sd, assign=True)
     model = model.to(device)
-    for _, _, mod in model.linears():
+    for proj, _, mod in model.linears():
+        if proj == "gate_up":
+            mod.use_glu_layout()  # SiLU x up in the gate_up GEMV's epilogue where the kernels serve it
         mod.use_kernel_layout()
 
     if backend != "fp16":

@@ -198,3 +198,21 @@ def reference_scales_to_natural(reordered: torch.Tensor) -> torch.Tensor:
     if reordered.dim() != 1 or out % 8:
         raise ValueError(f"scales must be 1-D with out % 8 == 0, got shape {tuple(reordered.shape)}")
     return reordered.reshape(8, out // 8).t().reshape(out)
+
+
+# ---------------------------------------------------------------------------- gate_up rows paired for the GLU epilogue
+def glu_pair_order(out_features: int) -> torch.Tensor:
+    """Row order of a gate_up weight whose rows are [gate_0..gate_{I-1}, up_0..up_{I-1}] (out = 2 I) re-laid as pairs
+    (gate_i, up_i) = rows (2 i, 2 i + 1): new row j holds old row ``order[j]`` (QuantLinear.use_glu_layout; the
+    streaming GEMV's GLU epilogue reads a warp item's two rows as one pair)."""
+    if out_features % 2:
+        raise ValueError(f"gate_up needs an even number of rows, got {out_features}")
+    half = out_features // 2
+    return torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).reshape(-1)
+
+
+def glu_unpair(y: torch.Tensor) -> torch.Tensor:
+    """[..., 2 I] outputs in pair order (gate_0, up_0, gate_1, ...) -> [..., 2 I] in the original order (gates, then
+    ups): the inverse of ``glu_pair_order`` on the last dimension."""
+    return y.unflatten(-1, (y.shape[-1] // 2, 2)).transpose(-1, -2).flatten(-2)
+

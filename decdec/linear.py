@@ -64,6 +64,7 @@ class QuantLinear(nn.Module):
         else:
             raise ValueError(f"unknown backend {backend!r}; choose ap, lutgemm or fp16")
         self.dec: DecState | None = None
+        self.glu_pairs = False  # rows in GLU pair order (use_glu_layout): the GEMV's raw outputs are paired
 
     def extra_repr(self) -> str:
         k = self.dec.k_chunk if self.dec else 0
@@ -79,6 +80,27 @@ class QuantLinear(nn.Module):
             return False
         self.qweight = formats.pack_ap3_kernel(self.qweight)
         return True
+
+    def use_glu_layout(self, force: bool = False) -> bool:
+        """For a gate_up projection ([gate; up] rows): re-lay the rows in GLU pair order (gate_i, up_i)
+        (``formats.glu_pair_order``), so that a one-token decode step runs SiLU x up in the GEMV's epilogue
+        (``forward_addnorm_glu``; the down projection's GEMV then chains directly behind it). Only the GEMV's raw
+        outputs are paired: ``forward``, ``forward_addnorm`` and ``dequantize`` return the original order, and DEC keeps
+        its residual in the original order. Where ``ops.glu_supported`` on CUDA (3-bit fp16 ap on the streaming GEMV),
+        or anywhere with ``force`` (tests). Call before ``use_kernel_layout``; returns whether it did."""
+        if self.glu_pairs or self.backend != "ap" or self.qweight.dim() != 3 or self.qweight.shape[0] != self.bits:
+            return False
+        if not force and not (self.qweight.is_cuda and self.lut.dtype == torch.float16
+                              and ops.glu_supported(self.bits, self.in_features)):
+            return False
+        order = formats.glu_pair_order(self.out_features).to(self.qweight.device)
+        self.qweight = self.qweight[:, order].contiguous()
+        self.lut = self.lut[order].contiguous()
+        self.glu_pairs = True
+        return True
+
+    def _unpair(self, y: torch.Tensor) -> torch.Tensor:
+        return formats.glu_unpair(y) if self.glu_pairs else y
 
     # ------------------------------------------------------------------ DEC
     def attach_dec(self, q_residual: torch.Tensor, scales: torch.Tensor, thresholds: torch.Tensor,
@@ -127,9 +149,10 @@ class QuantLinear(nn.Module):
 
     # ------------------------------------------------------------------ compute
     def dequantize(self) -> torch.Tensor:
-        """The quantized weight W_q [out, in] in the compute dtype."""
+        """The quantized weight W_q [out, in] in the compute dtype (original row order)."""
         if self.backend == "ap":
-            return torch.ops.decdec.ap_dequant(self.qweight, self.lut)
+            w = torch.ops.decdec.ap_dequant(self.qweight, self.lut)
+            return formats.glu_unpair(w.t()).t() if self.glu_pairs else w
         if self.backend == "lutgemm":
             return torch.ops.decdec.lutgemm_dequant(self.binary, self.alpha, self.q_bias)
         return self.weight
@@ -140,7 +163,8 @@ class QuantLinear(nn.Module):
         if self.backend == "fp16":
             y = torch.nn.functional.linear(x2, self.weight)
         elif x2.shape[0] > 1:  # prefill: dequantize + matmul, no DEC (unless teacher-forced evaluation)
-            y = x2 @ self.dequantize().t()
+            w = torch.ops.decdec.ap_dequant(self.qweight, self.lut) if self.backend == "ap" else self.dequantize()
+            y = self._unpair(x2 @ w.t())  # the output, not the weight, back in the original order
             d = self.dec
             if d is not None and d.teacher_forced and d.k_chunk:
                 y = (y.float() + self._dec_teacher_forced(x2, d)).to(y.dtype)
@@ -156,9 +180,29 @@ class QuantLinear(nn.Module):
         if b is not None and self._addnorm_kernel(a, norm):
             y, h = torch.ops.decdec.ap_gemv_addnorm(a.reshape(1, self.in_features), b.reshape(1, self.in_features),
                                                     norm.weight, norm.eps, self.qweight, self.lut)
-            return y.view(*a.shape[:-1], self.out_features), h.view(a.shape)
+            return self._unpair(y).view(*a.shape[:-1], self.out_features), h.view(a.shape)
         h = a if b is None else a + b
         return self(norm(h)), h
+
+    def forward_addnorm_glu(self, a: torch.Tensor, b: torch.Tensor | None, norm: nn.Module,
+                            fuse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(silu(gate) * up, h) for this gate_up projection on norm(h), h = a + b. One kernel where the rows are in GLU
+        pair order (``use_glu_layout``), ``fuse`` and the add + norm GEMV serves with DEC off here
+        (``torch.ops.decdec.ap_gemv_addnorm_glu``); otherwise ``forward_addnorm`` (``fuse``) or separate ops, then
+        SiLU x up as the model computes it. ``fuse=False``: b is a combine left to the compiled step (the rule of
+        ``model.add_norm_project``)."""
+        if fuse and self.glu_pairs and b is not None and self.k_chunk == 0 and self._addnorm_kernel(a, norm):
+            act, h = torch.ops.decdec.ap_gemv_addnorm_glu(a.reshape(1, self.in_features),
+                                                          b.reshape(1, self.in_features), norm.weight, norm.eps,
+                                                          self.qweight, self.lut)
+            return act.view(*a.shape[:-1], self.out_features // 2), h.view(a.shape)
+        if fuse:
+            y, h = self.forward_addnorm(a, b, norm)
+        else:
+            h = a if b is None else a + b
+            y = self(norm(h))
+        gate, up = y.chunk(2, dim=-1)
+        return nn.functional.silu(gate) * up, h
 
     def _addnorm_kernel(self, a: torch.Tensor, norm: nn.Module) -> bool:
         return (self.backend == "ap" and a.is_cuda and a.dtype == torch.float16 and a.numel() == self.in_features
@@ -185,7 +229,11 @@ class QuantLinear(nn.Module):
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:
         d = self.dec
         if d is None or d.k_chunk == 0:
-            return self.decode_kernels(x)
+            return self._unpair(self.decode_kernels(x))
+        if self.glu_pairs:  # the GEMV's row back in the original order; DEC's rows already are
+            parts = self.decode_kernels(x)
+            return reference.combine_dec_parts(torch.cat([formats.glu_unpair(parts[:1]), parts[1:]]), d.scales,
+                                               x.dtype)
         # DEC beside the GEMV; the combine (GEMV + scale * DEC) is a pointwise op that a compiled step fuses into
         # the kernel consuming this projection's output (RoPE, the residual add, SiLU x up), so neither kernel
         # pays the in-kernel combine's atomics and L2 round trips (docs/PERF.md, session 7)

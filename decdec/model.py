@@ -292,7 +292,12 @@ class TransformerBlock(nn.Module):
         them with the RMSNorm where the decode kernels allow (``add_norm_project``), instead of separate kernels."""
         qkv, x = add_norm_project(self.attention.wqkv, a, b, self.attention_norm, b_from)
         o = self.attention.attend(qkv, cos, sin, mask, input_pos)
-        gate_up, h = add_norm_project(self.feed_forward.w1w3, x, o, self.ffn_norm, self.attention.wo)
+        w13 = self.feed_forward.w1w3
+        if getattr(w13, "glu_pairs", False):  # SiLU x up inside the gate_up GEMV where it can (QuantLinear.use_glu_layout)
+            act, h = w13.forward_addnorm_glu(x, o, self.ffn_norm,
+                                             fuse=getattr(self.attention.wo, "k_chunk", 0) == 0)
+            return h, self.feed_forward.w2(act)
+        gate_up, h = add_norm_project(w13, x, o, self.ffn_norm, self.attention.wo)
         return h, self.feed_forward.down(gate_up)
 
 

@@ -19,6 +19,8 @@ next pointwise kernel.
 on the device, so a recorded graph serves every step), ``window`` (0 = none) -> ``[B, H * Dh]``.
 ``ap_gemv_addnorm(a, b, gamma, eps, qweight, lut) -> (y, h)``: the residual add and RMSNorm before a projection,
 inside its GEMV (h = a + b, y = W rms_norm(h)); the CUDA kernel serves where ``addnorm_supported`` says.
+``ap_gemv_addnorm_glu(a, b, gamma, eps, qweight, lut) -> (act, h)``: the same GEMV on gate_up weights whose rows are in
+GLU pair order (``formats.glu_pair_order``), with SiLU x up in its epilogue: act [M, out / 2] (``glu_supported``).
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ _SCHEMAS = {
     ),
     "ap_gemv_addnorm": (
         "ap_gemv_addnorm(Tensor a, Tensor b, Tensor gamma, float eps, Tensor qweight, Tensor lut) -> (Tensor, Tensor)"
+    ),
+    "ap_gemv_addnorm_glu": (
+        "ap_gemv_addnorm_glu(Tensor a, Tensor b, Tensor gamma, float eps, Tensor qweight, Tensor lut) -> (Tensor, Tensor)"
     ),
     "decode_attention": "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, int window) -> Tensor",
 }
@@ -220,6 +225,22 @@ def _(a, b, gamma, eps, qweight, lut):
     return _empty_out(a, out), torch.empty_like(a)
 
 
+@torch.library.register_fake("decdec::ap_gemv_addnorm_glu")
+def _(a, b, gamma, eps, qweight, lut):
+    out, _ = _check_addnorm(a, b, gamma, eps, qweight, lut)
+    torch._check(out % 2 == 0, lambda: f"ap_gemv_addnorm_glu needs an even number of rows (gate, up pairs), got {out}")
+    return a.new_empty((a.shape[0], out // 2)), torch.empty_like(a)
+
+
+def glu_supported(bits: int, in_features: int) -> bool:
+    """Where ``ap_gemv_addnorm_glu``'s CUDA kernel serves (csrc ``ap_glu_supported``; checked against it on the GPU):
+    the add + norm GEMV's shapes on the streaming GEMV (Llama-3: in 4096 / 8192). ``DECDEC_GLU=0`` turns the GLU
+    layout off (same-machine A/B)."""
+    if os.environ.get("DECDEC_GLU", "1") == "0":
+        return False
+    return addnorm_supported(bits, in_features) and _ap3_fp16_gemv(in_features) == "stream"
+
+
 def addnorm_supported(bits: int, in_features: int) -> bool:
     """Where ``ap_gemv_addnorm``'s CUDA kernel serves (csrc ``ap_addnorm_supported``; checked against it on the
     GPU): 3-bit weights on the tensor-core or streaming GEMV (``_ap3_fp16_gemv``) with in <= 8192. Pure
@@ -322,6 +343,13 @@ def _(x, binary, alpha, q_bias, q_residual, bounds, k_chunk, n_tb):
 def _(a, b, gamma, eps, qweight, lut):
     _check_addnorm(a, b, gamma, eps, qweight, lut)
     return reference.ap_gemv_addnorm(a, b, gamma, eps, qweight, lut)
+
+
+@torch.library.impl(_lib, "ap_gemv_addnorm_glu", "CPU")
+def _(a, b, gamma, eps, qweight, lut):
+    out, _ = _check_addnorm(a, b, gamma, eps, qweight, lut)
+    torch._check(out % 2 == 0, lambda: f"ap_gemv_addnorm_glu needs an even number of rows (gate, up pairs), got {out}")
+    return reference.ap_gemv_addnorm_glu(a, b, gamma, eps, qweight, lut)
 
 
 @torch.library.impl(_lib, "decode_attention", "CPU")

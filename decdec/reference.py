@@ -229,6 +229,14 @@ def ap_gemv_addnorm(a, b, gamma, eps, qweight, lut):
     return ap_gemv(rms_norm(h, gamma, eps), qweight, lut), h
 
 
+def ap_gemv_addnorm_glu(a, b, gamma, eps, qweight, lut):
+    """(act, h): h = a + b, y = ap_gemv(rms_norm(h)) with rows in GLU pair order (gate_i, up_i) (formats.glu_pair_order),
+    act = fp16(silu(g) * u) of each pair in fp32 (g, u: the rounded GEMV outputs) -> [M, out / 2]."""
+    y, h = ap_gemv_addnorm(a, b, gamma, eps, qweight, lut)
+    g, u = y[:, 0::2].float(), y[:, 1::2].float()
+    return (torch.nn.functional.silu(g) * u).to(y.dtype), h
+
+
 # ---------------------------------------------------------------------------- selection ablations
 def _per_chunk_topk(scores: torch.Tensor, k_chunk: int) -> torch.Tensor:
     """scores [M, in] -> mask [M, in] of the floor(k_chunk*L/1024) highest scores of every chunk

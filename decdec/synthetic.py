@@ -91,9 +91,11 @@ def build_synthetic(shape: str, backend: str, bits: int, mixed: bool, dtype: tor
             t.fill_(1.0)
         else:
             t.normal_(0.0, 0.02, generator=gdev)
-    for _, _, mod in model.linears():
+    for proj, _, mod in model.linears():
         if backend == "ap":
             mod.lut.copy_(mod.lut.sort(dim=1).values)
+            if proj == "gate_up":
+                mod.use_glu_layout()  # as builder.build_model
             mod.use_kernel_layout()  # as builder.build_model: the CUDA GEMVs' own layout where they read it
         if backend == "fp16":
             continue

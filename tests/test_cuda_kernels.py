@@ -361,6 +361,27 @@ def test_ap_gemv_addnorm(shape, m):
     assert torch.equal(y, y2) and torch.equal(h, h2)
 
 
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("shape", [(4096, 28672), (8192, 57344), (4096, 512)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_ap_gemv_addnorm_glu(shape, m):
+    """SiLU x up in the add + norm GEMV's epilogue, rows in GLU pair order: act = fp16(silu(g) * u) of the fp16 rows the
+    plain add + norm GEMV returns (same kernel, same accumulation), h = a + b; both layouts; opcheck; the rule."""
+    n, out = shape
+    qw, lut = make_ap(n, out, 3, torch.float16, n + out + 29)
+    a, b = make_x(m, n, torch.float16, 291), make_x(m, n, torch.float16, 292)
+    gamma = (torch.rand(n, generator=gen(293), device=DEV) + 0.5).half()
+    act, h = torch.ops.decdec.ap_gemv_addnorm_glu(a, b, gamma, 1e-5, qw, lut)
+    y, h2 = torch.ops.decdec.ap_gemv_addnorm(a, b, gamma, 1e-5, qw, lut)
+    assert act.shape == (m, out // 2) and torch.equal(h, a + b) and torch.equal(h, h2)
+    want = torch.nn.functional.silu(y[:, 0::2].float()) * y[:, 1::2].float()
+    close(act, want, f"ap_gemv_addnorm_glu {shape} M={m}", rel=1.0)
+    pk = formats.pack_ap3_kernel(qw)
+    assert torch.equal(torch.ops.decdec.ap_gemv_addnorm_glu(a, b, gamma, 1e-5, pk, lut)[0], act)
+    torch.library.opcheck(torch.ops.decdec.ap_gemv_addnorm_glu.default, (a, b, gamma, 1e-5, qw, lut))
+    for k in range(128, 16384 + 1, 128):
+        assert ops.glu_supported(3, k) == _C.ap_glu_supported(3, k), k
+
+
 def test_addnorm_support_rule_matches_the_kernel():
     for n in range(128, 16384 + 1, 128):
         assert ops.addnorm_supported(3, n) == _C.ap_addnorm_supported(3, n), n

@@ -167,3 +167,41 @@ def test_kernel_layout_only_where_the_cuda_kernels_read_it():
     lin.qweight = formats.pack_ap3_kernel(lin.qweight)
     assert torch.equal(lin(x), y)
     assert torch.equal(lin.dequantize(), reference.ap_dequant(formats.unpack_ap3_kernel(lin.qweight), lin.lut))
+
+
+def test_glu_layout_keeps_every_output_in_the_original_order():
+    """use_glu_layout (forced on the CPU) pairs the gate_up rows (gate_i, up_i) for the GEMV's GLU epilogue; prefill,
+    decode (DEC off and on), the add + norm entry, dequantize and SiLU x up all give the unpaired linear's bits."""
+    from decdec.model import RMSNorm
+
+    order = formats.glu_pair_order(6)
+    assert order.tolist() == [0, 3, 1, 4, 2, 5]
+    y = torch.arange(12.0).view(2, 6)
+    assert torch.equal(formats.glu_unpair(y[:, order]), y)
+    with pytest.raises(ValueError, match="even number of rows"):
+        formats.glu_pair_order(5)
+
+    plain, _ = make_linear("ap", inp=1024, out=64, seed=7)
+    paired, _ = make_linear("ap", inp=1024, out=64, seed=7)
+    for lin in (plain, paired):
+        attach_random_dec(lin, seed=8)
+    assert paired.use_glu_layout(force=True) and paired.glu_pairs and not plain.use_glu_layout()
+    assert not paired.use_glu_layout(force=True)  # once
+    assert not torch.equal(paired.lut, plain.lut)
+    assert torch.equal(paired.dequantize(), plain.dequantize())
+    x1, x5 = torch.randn(1, 1, 1024, generator=_gen(9)), torch.randn(1, 5, 1024, generator=_gen(10))
+    for k in (0, 16):
+        for lin in (plain, paired):
+            lin.set_dec(k, 4)
+        assert torch.equal(paired(x1), plain(x1)), k
+        assert torch.equal(paired(x5), plain(x5)), k
+    norm = RMSNorm(1024, 1e-5)
+    a, b = torch.randn(1, 1, 1024, generator=_gen(11)), torch.randn(1, 1, 1024, generator=_gen(12))
+    for lin in (plain, paired):
+        lin.set_dec(0, 4)
+    act, h = paired.forward_addnorm_glu(a, b, norm)
+    gate, up = plain(norm(a + b)).chunk(2, dim=-1)
+    assert torch.equal(h, a + b) and torch.equal(act, torch.nn.functional.silu(gate) * up)
+    act2, _ = paired.forward_addnorm_glu(a, b, norm, fuse=False)
+    assert torch.equal(act2, act)
+

@@ -192,6 +192,36 @@ def test_addnorm_op_is_add_then_rmsnorm_then_gemv():
         OPS.ap_gemv_addnorm(d["x"], b, gamma[:10], 1e-5, d["qweight"], d["lut"])
 
 
+def test_addnorm_glu_op_is_silu_times_up_of_the_paired_rows():
+    """ap_gemv_addnorm_glu on gate_up rows in pair order = fp16(silu(g) * u) of the fp16 GEMV outputs in fp32, h =
+    a + b; fake shapes, opcheck, and an odd row count is an error."""
+    d = _inputs(torch.float16, seed=16)
+    b = torch.randn(M, IN, generator=torch.Generator().manual_seed(17)).half()
+    gamma = (torch.rand(IN, generator=torch.Generator().manual_seed(18)) + 0.5).half()
+    act, h = OPS.ap_gemv_addnorm_glu(d["x"], b, gamma, 1e-5, d["qweight"], d["lut"])
+    y, h2 = OPS.ap_gemv_addnorm(d["x"], b, gamma, 1e-5, d["qweight"], d["lut"])
+    assert torch.equal(h, h2) and act.shape == (M, OUT // 2)
+    want = (torch.nn.functional.silu(y[:, 0::2].float()) * y[:, 1::2].float()).half()
+    assert torch.equal(act, want)
+    args = (d["x"], b, gamma, 1e-5, d["qweight"], d["lut"])
+    result = torch.library.opcheck(OPS.ap_gemv_addnorm_glu.default, args, test_utils=("test_schema", "test_faketensor"))
+    assert all(v == "SUCCESS" for v in result.values()), result
+    with FakeTensorMode() as mode:
+        fa, fh = OPS.ap_gemv_addnorm_glu(*(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args))
+    assert fa.shape == (M, OUT // 2) and fh.shape == (M, IN)
+
+
+@pytest.mark.parametrize("n,ok", [(4096, True), (8192, True), (14336, False), (5120, False), (2048, False),
+                                  (1152, False)])
+def test_glu_supported_rule(n, ok, monkeypatch):
+    """The GLU epilogue serves where the add + norm GEMV runs on the streaming kernel (its CUDA twin is checked on the
+    GPU); DECDEC_GLU=0 turns it off."""
+    assert decdec.ops.glu_supported(3, n) is ok
+    assert not decdec.ops.glu_supported(4, n)
+    monkeypatch.setenv("DECDEC_GLU", "0")
+    assert not decdec.ops.glu_supported(3, n)
+
+
 @pytest.mark.parametrize("n,ok", [(4096, True), (8192, True), (14336, False), (5120, True), (2048, True),
                                   (1152, False), (576, False), (4160, False)])
 def test_addnorm_supported_rule(n, ok):
