@@ -937,14 +937,14 @@ bool ap_addnorm_supported(DType dt, int bits, int in) {
 bool ap3_packed_supported(DType dt, int bits, int in) { return packed_ok(dt, bits, in); }
 
 cudaError_t ap_gemv_addnorm(const void* a, const AddNorm& an, const uint32_t* qweight, const void* lut, void* y, int M,
-                            int in, int out, cudaStream_t stream, bool packed) {
+                            int in, int out, cudaStream_t stream, bool packed, const Fused& fused) {
   if (M == 0 || out == 0) return cudaSuccess;
   if (!ap_addnorm_supported(DType::F16, 3, in)) return cudaErrorInvalidValue;
   if (use_mma_kernel(3, true, in))
-    return packed ? launch_mma<true, true>(a, qweight, lut, y, M, in, out, Fused{}, stream, an)
-                  : launch_mma<false, true>(a, qweight, lut, y, M, in, out, Fused{}, stream, an);
-  return packed ? launch_stream<kStreamRows, true, true>(a, qweight, lut, y, M, in, out, Fused{}, stream, an)
-                : launch_stream<kStreamRows, true>(a, qweight, lut, y, M, in, out, Fused{}, stream, an);
+    return packed ? launch_mma<true, true>(a, qweight, lut, y, M, in, out, fused, stream, an)
+                  : launch_mma<false, true>(a, qweight, lut, y, M, in, out, fused, stream, an);
+  return packed ? launch_stream<kStreamRows, true, true>(a, qweight, lut, y, M, in, out, fused, stream, an)
+                : launch_stream<kStreamRows, true>(a, qweight, lut, y, M, in, out, fused, stream, an);
 }
 
 bool ap_glu_supported(DType dt, int bits, int in) {

@@ -241,9 +241,8 @@ at::Tensor ap_gemv_cuda(const at::Tensor& x, const at::Tensor& qweight, const at
 
 // The residual add and RMSNorm before a projection, inside its GEMV (kernels.h `AddNorm`): returns (y, h) with
 // h = a + b and y = W (gamma * fp16(h * rsqrt(mean(h^2) + eps))).
-std::tuple<at::Tensor, at::Tensor> ap_gemv_addnorm_cuda(const at::Tensor& a, const at::Tensor& b,
-                                                        const at::Tensor& gamma, double eps, const at::Tensor& qweight,
-                                                        const at::Tensor& lut) {
+Ap check_addnorm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& gamma, double eps,
+                 const at::Tensor& qweight, const at::Tensor& lut) {
   const Ap s = check_ap(a, qweight, lut);
   DD_CHECK(a.scalar_type() == at::kHalf, "decdec: ap_gemv_addnorm runs fp16, got ", a.scalar_type());
   DD_CHECK(decdec::ap_addnorm_supported(decdec::DType::F16, s.bits, s.in), "decdec: ap_gemv_addnorm serves 3-bit "
@@ -254,14 +253,26 @@ std::tuple<at::Tensor, at::Tensor> ap_gemv_addnorm_cuda(const at::Tensor& a, con
   DD_CHECK(gamma.dim() == 1 && gamma.size(0) == s.in, "decdec: gamma must be [", s.in, "], got ", gamma.sizes());
   check_tensor(gamma, "gamma", a.device(), at::kHalf);
   DD_CHECK(eps >= 0, "decdec: eps must be >= 0, got ", eps);
-  c10::cuda::CUDAGuard guard(a.device());
-  auto y = at::empty({a.size(0), s.out}, a.options());
-  auto h = at::empty_like(a);
+  return s;
+}
+
+decdec::AddNorm addnorm_args(const at::Tensor& b, const at::Tensor& gamma, double eps, const at::Tensor& h) {
   decdec::AddNorm an;
   an.b = b.data_ptr();
   an.gamma = gamma.data_ptr();
   an.h_out = h.data_ptr();
   an.eps = (float)eps;
+  return an;
+}
+
+std::tuple<at::Tensor, at::Tensor> ap_gemv_addnorm_cuda(const at::Tensor& a, const at::Tensor& b,
+                                                        const at::Tensor& gamma, double eps, const at::Tensor& qweight,
+                                                        const at::Tensor& lut) {
+  const Ap s = check_addnorm(a, b, gamma, eps, qweight, lut);
+  c10::cuda::CUDAGuard guard(a.device());
+  auto y = at::empty({a.size(0), s.out}, a.options());
+  auto h = at::empty_like(a);
+  const decdec::AddNorm an = addnorm_args(b, gamma, eps, h);
   cuda_ok(decdec::ap_gemv_addnorm(a.data_ptr(), an, reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
                                   lut.data_ptr(), y.data_ptr(), (int)a.size(0), s.in, s.out,
                                   at::cuda::getCurrentCUDAStream(), s.packed),
@@ -408,9 +419,10 @@ at::Tensor fused(const at::Tensor& x, const at::Tensor& q_residual, const at::Te
 // unscaled chunk partials to parts[1 + c] (P <= kMaxConsumerParts chunks) or their sum to parts[1] (more chunks:
 // summed by DEC's last unit per slice); the GEMV runs no combine. parts [1 + P', M, out] fp32; the caller adds
 // parts[0] + scales * parts[1:].sum(0) (decdec.reference.combine_dec_parts).
+// norm: DEC beside the add + norm GEMV (x is then a; DEC forms rms_norm(a + b) itself).
 template <typename Gemv>
 at::Tensor fused_parts(const at::Tensor& x, const at::Tensor& q_residual, const at::Tensor& bounds, int64_t k_chunk,
-                       int64_t n_tb, int in, int out, Gemv&& gemv) {
+                       int64_t n_tb, int in, int out, Gemv&& gemv, const decdec::AddNorm* norm = nullptr) {
   const int dev = x.get_device();
   const int M = (int)x.size(0);
   const int parts = decdec::dec_parts(in);
@@ -438,12 +450,14 @@ at::Tensor fused_parts(const at::Tensor& x, const at::Tensor& q_residual, const 
   f.dec_parts = parts;
   f.n_tokens = M;
   f.reserve_blocks = (int)n_tb;
+  decdec::Fused fd = f;  // DEC's view: the add + norm inputs when it forms x itself
+  if (norm) fd.norm = *norm;
   auto side = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, dev);
   auto& ev = fork_join(dev);
   ev.fork.record(main);
   ev.fork.block(side);
   cuda_ok(decdec::dec(dtype_of(x), x.data_ptr(), reinterpret_cast<const uint32_t*>(q_residual.data_ptr()), nullptr,
-                      bounds.data_ptr<float>(), M, in, out, (int)k_chunk, (int)n_tb, f, side.stream()),
+                      bounds.data_ptr<float>(), M, in, out, (int)k_chunk, (int)n_tb, fd, side.stream()),
           "dec launch (parts)");
   cuda_ok(gemv(f, main.stream()), "base GEMV launch (parts)");
   ev.join.record(side);
@@ -461,6 +475,29 @@ at::Tensor ap_gemv_dec_parts_cuda(const at::Tensor& x, const at::Tensor& qweight
     return decdec::ap_gemv(dtype_of(x), x.data_ptr(), reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
                            lut.data_ptr(), nullptr, (int)x.size(0), s.in, s.out, s.bits, f, st, s.packed);
   });
+}
+
+// The add + norm GEMV with DEC beside it (parts mode; DEC forms x = rms_norm(a + b) itself, bit-identical to the
+// GEMV's): (parts, h) with parts as ap_gemv_dec_parts returns them for x = rms_norm(a + b), h = a + b.
+std::tuple<at::Tensor, at::Tensor> ap_gemv_addnorm_dec_parts_cuda(const at::Tensor& a, const at::Tensor& b,
+                                                                  const at::Tensor& gamma, double eps,
+                                                                  const at::Tensor& qweight, const at::Tensor& lut,
+                                                                  const at::Tensor& q_residual, const at::Tensor& bounds,
+                                                                  int64_t k_chunk, int64_t n_tb) {
+  const Ap s = check_addnorm(a, b, gamma, eps, qweight, lut);
+  check_dec(a, q_residual, nullptr, bounds, k_chunk, n_tb, s.out, s.in);
+  c10::cuda::CUDAGuard guard(a.device());
+  auto h = at::empty_like(a);
+  const decdec::AddNorm an = addnorm_args(b, gamma, eps, h);
+  auto parts = fused_parts(a, q_residual, bounds, k_chunk, n_tb, s.in, s.out,
+                           [&](const decdec::Fused& f, cudaStream_t st) {
+                             return decdec::ap_gemv_addnorm(a.data_ptr(), an,
+                                                            reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
+                                                            lut.data_ptr(), nullptr, (int)a.size(0), s.in, s.out, st,
+                                                            s.packed, f);
+                           },
+                           &an);
+  return {parts, h};
 }
 
 at::Tensor lutgemm_gemv_dec_parts_cuda(const at::Tensor& x, const at::Tensor& binary, const at::Tensor& alpha,
@@ -607,6 +644,7 @@ TORCH_LIBRARY_IMPL(decdec, CUDA, m) {
   m.impl("ap_gemv_dec_parts", &ap_gemv_dec_parts_cuda);
   m.impl("ap_gemv_addnorm", &ap_gemv_addnorm_cuda);
   m.impl("ap_gemv_addnorm_glu", &ap_gemv_addnorm_glu_cuda);
+  m.impl("ap_gemv_addnorm_dec_parts", &ap_gemv_addnorm_dec_parts_cuda);
   m.impl("lutgemm_gemv_dec_parts", &lutgemm_gemv_dec_parts_cuda);
   m.impl("decode_attention", &decode_attention_cuda);
 }

@@ -14,6 +14,8 @@
 //     takes part in the combine (kernels.h `Fused`): the last arrival at a tile computes
 //     gemv + scale * (sum of the chunk partials in a fixed order), so the output is deterministic
 //     and the scales are read off DEC's critical path.
+// With Fused::norm (beside the add + norm GEMV), x is formed here from the residual add and RMSNorm (dec_rms /
+// norm_x4), bit-identical to the GEMV's stage_x_addnorm.
 #include "common.cuh"
 
 // Phase timestamps for scripts/dec_phase_probe.cu and dec_timeline.cu (they define these before including this file);
@@ -41,6 +43,7 @@ __host__ __device__ inline int slices_per_chunk(int in, int n_tb) { return max(1
 
 struct DecSmem {
   int hist_w[kWarps][32];  // per warp: its channels in buckets 0..31 (bucket 32, below every floor, is not counted)
+  float red[kWarps];       // Fused::norm: per-warp sums of squares
   int flags[kThreads];
   int list[kChunk];     // selected channels of the chunk, in channel order
   float listx[kChunk];  // their x values
@@ -95,6 +98,56 @@ __device__ __forceinline__ void buckets4(float fl, bool mono, const float (&ax)[
   }
 }
 
+// Fused::norm: r = rsqrt(mean(h^2) + eps) of h = a + b (token m), with the GEMV's own order of operations
+// (ap_gemv.cu stage_x_addnorm with 256 threads: per-thread fmaf over 4 chunks of 8, warp xor tree, warps in order),
+// so the x that DEC selects from is bit-identical to the one the GEMV multiplies.
+static_assert(kThreads == 256, "dec_rms follows stage_x_addnorm's 256-thread summation order");
+__device__ float dec_rms(const __half* __restrict__ am, const AddNorm& an, int m, int in, DecSmem& S) {
+  const __half* bm = static_cast<const __half*>(an.b) + (size_t)m * in;
+  const int n16 = in >> 3;
+  float ss = 0.f;
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int j = u * kThreads + (int)threadIdx.x;
+    if (j < n16) {
+      const uint4 av = *reinterpret_cast<const uint4*>(am + (size_t)j * 8);
+      const uint4 bv = *reinterpret_cast<const uint4*>(bm + (size_t)j * 8);
+      const __half2* a2 = reinterpret_cast<const __half2*>(&av);
+      const __half2* b2 = reinterpret_cast<const __half2*>(&bv);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 f = __half22float2(__hadd2(a2[e], b2[e]));
+        ss = fmaf(f.x, f.x, fmaf(f.y, f.y, ss));
+      }
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  if ((threadIdx.x & 31) == 0) S.red[threadIdx.x >> 5] = ss;
+  __syncthreads();
+  float tot = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) tot += S.red[w];
+  __syncthreads();  // S.red is read by every thread before the next token overwrites it
+  return rsqrtf(tot / (float)in + an.eps);
+}
+
+// x[i .. i+3] = gamma * fp16(fp16(a + b) * r) of token m (i % 4 == 0, in % 8 == 0: 8-byte loads), as the GEMV forms it.
+__device__ __forceinline__ void norm_x4(const __half* __restrict__ am, const AddNorm& an, int m, int in, int i, float r,
+                                        float (&xv)[4]) {
+  const uint2 av = *reinterpret_cast<const uint2*>(am + i);
+  const uint2 bv = *reinterpret_cast<const uint2*>(static_cast<const __half*>(an.b) + (size_t)m * in + i);
+  const uint2 gv = *reinterpret_cast<const uint2*>(static_cast<const __half*>(an.gamma) + i);
+  const __half* a = reinterpret_cast<const __half*>(&av);
+  const __half* b = reinterpret_cast<const __half*>(&bv);
+  const __half* g = reinterpret_cast<const __half*>(&gv);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const __half t = __float2half_rn(__half2float(__hadd(a[j], b[j])) * r);
+    xv[j] = __half2float(__float2half_rn(__half2float(t) * __half2float(g[j])));
+  }
+}
+
 // Channel selection of chunk c of token xm into S.list / S.listx [0 .. quota), quota > 0, in channel order: every
 // channel of the buckets before the overflow bucket o, then the lowest-index channels of bucket o (the reference's
 // choice). Thread t owns channels 4t .. 4t+3 of the chunk. On DEC's critical path, so two block barriers only:
@@ -103,14 +156,18 @@ __device__ __forceinline__ void buckets4(float fl, bool mono, const float (&ax)[
 //  2. every warp reads all warps' histograms: the chunk's totals give o and how many of it to take, the earlier
 //     warps' counts give this warp's offset, a packed scan of (channels before o, channels in o) its lanes'; each
 //     thread writes its selected channels; barrier.
-template <typename T>
+// NORM (Fused::norm, fp16): xm is a, and x is formed with the token's r (dec_rms).
+template <typename T, bool NORM = false>
 __device__ void select_chunk(const T* __restrict__ xm, int in, int c, int quota, const float* __restrict__ bounds,
-                             DecSmem& S) {
+                             DecSmem& S, const AddNorm& an = AddNorm{}, int m = 0, float r = 0.f) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int base = c * kChunk, L = min(kChunk, in - base);
   const int i0 = 4 * (int)threadIdx.x;
   float xv[4];
-  if ((in & 3) == 0 && i0 + 4 <= L) {  // 8-byte aligned: 4 values in one load
+  if constexpr (NORM) {  // in % 128 == 0 (ap_addnorm_supported): every chunk holds whole groups of 4
+    if (i0 < L) norm_x4(xm, an, m, in, base + i0, r, xv);
+    else xv[0] = xv[1] = xv[2] = xv[3] = 0.f;
+  } else if ((in & 3) == 0 && i0 + 4 <= L) {  // 8-byte aligned: 4 values in one load
     const uint2 r = *reinterpret_cast<const uint2*>(xm + base + i0);
     const T* h = reinterpret_cast<const T*>(&r);
 #pragma unroll
@@ -231,7 +288,7 @@ __device__ void dec_sum_arrive(const Fused& f, int m, int s, int o_lo, int o_hi,
   }
 }
 
-template <typename T, int VW>
+template <typename T, int VW, bool NORM = false>
 __global__ void __launch_bounds__(kThreads)
     dec_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qr, const float* __restrict__ bounds, int M, int in, int out, int k_chunk, int spc, int slice, Fused f) {
   extern __shared__ __align__(16) float accs[];  // [kThreads][VW*8 + 1] when several row groups share a vector
@@ -241,6 +298,10 @@ __global__ void __launch_bounds__(kThreads)
   const int ow = out / 8;  // words per residual row
   for (int m = 0; m < M; ++m) {
     const T* xm = x + (size_t)m * in;
+    float r = 0.f;
+    if constexpr (NORM) {
+      if ((int)blockIdx.x < units) r = dec_rms(xm, f.norm, m, in, S);
+    }
     for (int u = blockIdx.x; u < units; u += gridDim.x) {
       const int c = u / spc, s = u % spc;
       const int o_lo = s * slice;
@@ -248,7 +309,7 @@ __global__ void __launch_bounds__(kThreads)
       const int o_hi = min(out, o_lo + slice);
       const int quota = chunk_quota(k_chunk, in, c);
       DEC_PROBE(0);
-      if (quota > 0) select_chunk(xm, in, c, quota, bounds, S);
+      if (quota > 0) select_chunk<T, NORM>(xm, in, c, quota, bounds, S, f.norm, m, r);
       DEC_PROBE(1);
       float* dst = f.dpart + ((size_t)c * M + m) * out;
       const int V = ((o_hi - o_lo) / 8) / VW;  // vectors per row in this slice
@@ -385,19 +446,20 @@ cudaError_t launch_dec(const void* x, const uint32_t* qr, const void* scales, co
   const size_t smem = dec_smem_bytes(in, out, k_chunk, n_tb);
   Fused fs = f;
   fs.dec_scales = scales;
-  cudaError_t err;
-  if (dec_vec_words(out, slice) == 4) {
-    err = allow_smem(dec_kernel<T, 4>, smem);
+  auto go = [&](auto kernel) -> cudaError_t {
+    const cudaError_t err = allow_smem(kernel, smem);
     if (err != cudaSuccess) return err;
-    dec_kernel<T, 4><<<n_tb, kThreads, smem, stream>>>(static_cast<const T*>(x), qr, bounds, M, in, out, k_chunk,
-                                                        spc, slice, fs);
-  } else {
-    err = allow_smem(dec_kernel<T, 1>, smem);
-    if (err != cudaSuccess) return err;
-    dec_kernel<T, 1><<<n_tb, kThreads, smem, stream>>>(static_cast<const T*>(x), qr, bounds, M, in, out, k_chunk,
-                                                        spc, slice, fs);
+    kernel<<<n_tb, kThreads, smem, stream>>>(static_cast<const T*>(x), qr, bounds, M, in, out, k_chunk, spc, slice, fs);
+    return cudaGetLastError();
+  };
+  if (fs.norm.gamma) {  // beside the add + norm GEMV: fp16, the shapes ap_addnorm_supported serves
+    if constexpr (std::is_same_v<T, __half>) {
+      if (in % 128 != 0 || in > 4 * kThreads * 8) return cudaErrorInvalidValue;
+      return dec_vec_words(out, slice) == 4 ? go(dec_kernel<T, 4, true>) : go(dec_kernel<T, 1, true>);
+    }
+    return cudaErrorInvalidValue;
   }
-  return cudaGetLastError();
+  return dec_vec_words(out, slice) == 4 ? go(dec_kernel<T, 4>) : go(dec_kernel<T, 1>);
 }
 
 template <typename T>

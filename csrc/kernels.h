@@ -16,6 +16,16 @@ namespace decdec {
 
 enum class DType : int { F16 = 0, BF16 = 1 };
 
+// Prologue of a decode GEMV that absorbs the residual add and RMSNorm before it (ap_gemv_addnorm): the kernel
+// reads a and b (x of the kernel call is a), forms h = a + b (fp16), x = gamma * fp16(h * rsqrt(mean(h^2) + eps))
+// exactly as the model's RMSNorm does, multiplies x, and block 0 writes h (the residual stream) to h_out.
+struct AddNorm {
+  const void* b = nullptr;      // [M, in]
+  const void* gamma = nullptr;  // [in]
+  void* h_out = nullptr;        // [M, in]
+  float eps = 0.f;
+};
+
 // Combine protocol of the fused op (ap_gemv_dec / lutgemm_gemv_dec) and of standalone DEC. The base
 // GEMV and DEC run concurrently on two streams. DEC is split into units (1024-channel chunk c x
 // output slice s); each unit writes its fp32 partial of chunk c for its slice, the GEMV writes its
@@ -46,23 +56,17 @@ struct Fused {
   int reserve_blocks = 0;   // SM slots the concurrent DEC blocks take (the GEMV grid leaves them)
   float* dsum = nullptr;        // parts mode: [M, out] sum of the DEC partials (unscaled)
   int* dec_counters = nullptr;  // parts mode: [M, ceil(out / dec_slice)] arrivals per DEC slice
+  // DEC beside the add + norm GEMV (ap_gemv_addnorm_dec_parts): x of the DEC launch is a, and DEC forms
+  // x = rms_norm(a + b) itself, as the GEMV does (norm.gamma != nullptr; fp16; h_out is the GEMV's to write).
+  AddNorm norm;
   DECDEC_HD bool on() const { return counters != nullptr; }            // the combine protocol runs
   DECDEC_HD bool concurrent() const { return gpart != nullptr || dpart != nullptr; }  // GEMV beside DEC
 };
 
-// Prologue of a decode GEMV that absorbs the residual add and RMSNorm before it (ap_gemv_addnorm): the kernel
-// reads a and b (x of the kernel call is a), forms h = a + b (fp16), x = gamma * fp16(h * rsqrt(mean(h^2) + eps))
-// exactly as the model's RMSNorm does, multiplies x, and block 0 writes h (the residual stream) to h_out.
-struct AddNorm {
-  const void* b = nullptr;      // [M, in]
-  const void* gamma = nullptr;  // [in]
-  void* h_out = nullptr;        // [M, in]
-  float eps = 0.f;
-};
 // Whether ap_gemv_addnorm serves this (3-bit fp16 on the streaming kernel, in <= 8192).
 bool ap_addnorm_supported(DType dt, int bits, int in);
 cudaError_t ap_gemv_addnorm(const void* a, const AddNorm& an, const uint32_t* qweight, const void* lut, void* y, int M,
-                            int in, int out, cudaStream_t stream, bool packed = false);
+                            int in, int out, cudaStream_t stream, bool packed = false, const Fused& fused = Fused{});
 
 // The add + norm GEMV with SiLU x up in its epilogue (gate_up with rows interleaved (gate_i, up_i): decdec.formats
 // interleave_rows / QuantLinear.use_glu_layout): y [M, out / 2] = fp16(silu(g) * u) of the fp16-rounded row pairs.

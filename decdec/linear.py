@@ -174,13 +174,23 @@ class QuantLinear(nn.Module):
 
     def forward_addnorm(self, a: torch.Tensor, b: torch.Tensor | None, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(norm(h)), h) with h = a + b (a alone when b is None): the residual add and RMSNorm before this
-        projection. A one-token CUDA decode step with ap 3-bit fp16 weights, DEC off here, runs it as one kernel
-        (``torch.ops.decdec.ap_gemv_addnorm``: the GEMV forms h and the norm while staging x); anything else is the
-        same math as separate ops."""
+        projection. A one-token CUDA decode step with ap 3-bit fp16 weights runs it as one kernel
+        (``torch.ops.decdec.ap_gemv_addnorm``: the GEMV forms h and the norm while staging x; with DEC on,
+        ``ap_gemv_addnorm_dec_parts``, DEC forming the same x beside it); anything else is the same math as separate
+        ops."""
         if b is not None and self._addnorm_kernel(a, norm):
-            y, h = torch.ops.decdec.ap_gemv_addnorm(a.reshape(1, self.in_features), b.reshape(1, self.in_features),
-                                                    norm.weight, norm.eps, self.qweight, self.lut)
-            return self._unpair(y).view(*a.shape[:-1], self.out_features), h.view(a.shape)
+            a2, b2, d = a.reshape(1, self.in_features), b.reshape(1, self.in_features), self.dec
+            if self.k_chunk > 0:  # DEC beside the fused GEMV; it forms the same x from a and b itself
+                parts, h = torch.ops.decdec.ap_gemv_addnorm_dec_parts(a2, b2, norm.weight, norm.eps, self.qweight,
+                                                                      self.lut, d.q_residual, d.bounds, d.k_chunk,
+                                                                      d.n_tb)
+                if self.glu_pairs:  # the GEMV's row back in the original order; DEC's rows already are
+                    parts = torch.cat([formats.glu_unpair(parts[:1]), parts[1:]])
+                y = reference.combine_dec_parts(parts, d.scales, a.dtype)
+            else:
+                y, h = torch.ops.decdec.ap_gemv_addnorm(a2, b2, norm.weight, norm.eps, self.qweight, self.lut)
+                y = self._unpair(y)
+            return y.view(*a.shape[:-1], self.out_features), h.view(a.shape)
         h = a if b is None else a + b
         return self(norm(h)), h
 
@@ -206,7 +216,7 @@ class QuantLinear(nn.Module):
 
     def _addnorm_kernel(self, a: torch.Tensor, norm: nn.Module) -> bool:
         return (self.backend == "ap" and a.is_cuda and a.dtype == torch.float16 and a.numel() == self.in_features
-                and self.k_chunk == 0 and norm.weight.dtype == torch.float16
+                and norm.weight.dtype == torch.float16
                 and ops.addnorm_supported(self.bits, self.in_features))
 
     def _dec_teacher_forced(self, x: torch.Tensor, d: DecState) -> torch.Tensor:

@@ -21,6 +21,8 @@ on the device, so a recorded graph serves every step), ``window`` (0 = none) -> 
 inside its GEMV (h = a + b, y = W rms_norm(h)); the CUDA kernel serves where ``addnorm_supported`` says.
 ``ap_gemv_addnorm_glu(a, b, gamma, eps, qweight, lut) -> (act, h)``: the same GEMV on gate_up weights whose rows are in
 GLU pair order (``formats.glu_pair_order``), with SiLU x up in its epilogue: act [M, out / 2] (``glu_supported``).
+``ap_gemv_addnorm_dec_parts(a, b, gamma, eps, qweight, lut, q_residual, bounds, k_chunk, n_tb) -> (parts, h)``: the same
+GEMV with DEC beside it, as ``ap_gemv_dec_parts`` for x = rms_norm(a + b) (DEC forms that x itself on the GPU).
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ _SCHEMAS = {
     ),
     "ap_gemv_addnorm_glu": (
         "ap_gemv_addnorm_glu(Tensor a, Tensor b, Tensor gamma, float eps, Tensor qweight, Tensor lut) -> (Tensor, Tensor)"
+    ),
+    "ap_gemv_addnorm_dec_parts": (
+        "ap_gemv_addnorm_dec_parts(Tensor a, Tensor b, Tensor gamma, float eps, Tensor qweight, Tensor lut,"
+        " Tensor q_residual, Tensor bounds, int k_chunk, int n_tb) -> (Tensor, Tensor)"
     ),
     "decode_attention": "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, int window) -> Tensor",
 }
@@ -241,6 +247,13 @@ def glu_supported(bits: int, in_features: int) -> bool:
     return addnorm_supported(bits, in_features) and _ap3_fp16_gemv(in_features) == "stream"
 
 
+@torch.library.register_fake("decdec::ap_gemv_addnorm_dec_parts")
+def _(a, b, gamma, eps, qweight, lut, q_residual, bounds, k_chunk, n_tb):
+    out, n = _check_addnorm(a, b, gamma, eps, qweight, lut)
+    _check_dec(q_residual, None, bounds, k_chunk, n_tb, out, n)
+    return a.new_empty((1 + reference.dec_parts_rows(n), a.shape[0], out), dtype=torch.float32), torch.empty_like(a)
+
+
 def addnorm_supported(bits: int, in_features: int) -> bool:
     """Where ``ap_gemv_addnorm``'s CUDA kernel serves (csrc ``ap_addnorm_supported``; checked against it on the
     GPU): 3-bit weights on the tensor-core or streaming GEMV (``_ap3_fp16_gemv``) with in <= 8192. Pure
@@ -350,6 +363,13 @@ def _(a, b, gamma, eps, qweight, lut):
     out, _ = _check_addnorm(a, b, gamma, eps, qweight, lut)
     torch._check(out % 2 == 0, lambda: f"ap_gemv_addnorm_glu needs an even number of rows (gate, up pairs), got {out}")
     return reference.ap_gemv_addnorm_glu(a, b, gamma, eps, qweight, lut)
+
+
+@torch.library.impl(_lib, "ap_gemv_addnorm_dec_parts", "CPU")
+def _(a, b, gamma, eps, qweight, lut, q_residual, bounds, k_chunk, n_tb):
+    out, n = _check_addnorm(a, b, gamma, eps, qweight, lut)
+    _check_dec(q_residual, None, bounds, k_chunk, n_tb, out, n)
+    return reference.ap_gemv_addnorm_dec_parts(a, b, gamma, eps, qweight, lut, q_residual, bounds, k_chunk)
 
 
 @torch.library.impl(_lib, "decode_attention", "CPU")

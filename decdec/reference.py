@@ -237,6 +237,13 @@ def ap_gemv_addnorm_glu(a, b, gamma, eps, qweight, lut):
     return (torch.nn.functional.silu(g) * u).to(y.dtype), h
 
 
+def ap_gemv_addnorm_dec_parts(a, b, gamma, eps, qweight, lut, q_residual, bounds, k_chunk):
+    """(parts, h): h = a + b, parts = ap_gemv_dec_parts(rms_norm(h, gamma, eps), ...) (DEC selects from the
+    normalised x)."""
+    h = a + b
+    return ap_gemv_dec_parts(rms_norm(h, gamma, eps), qweight, lut, q_residual, bounds, k_chunk), h
+
+
 # ---------------------------------------------------------------------------- selection ablations
 def _per_chunk_topk(scores: torch.Tensor, k_chunk: int) -> torch.Tensor:
     """scores [M, in] -> mask [M, in] of the floor(k_chunk*L/1024) highest scores of every chunk

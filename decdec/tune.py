@@ -95,9 +95,10 @@ def next_budget(budget_s: float, target: float, measured: float, margin: float =
 
 def fusions_lost(k_chunk: dict[str, int]) -> int:
     """Add + RMSNorm fusions per decoder layer that a choice turns back into separate kernels
-    (``model.add_norm_project``): qkv's when qkv or the previous layer's down runs DEC, gate_up's when gate_up or o
-    does."""
-    return int(k_chunk["qkv"] > 0 or k_chunk["down"] > 0) + int(k_chunk["gate_up"] > 0 or k_chunk["o"] > 0)
+    (``model.add_norm_project``): qkv's when the previous layer's down runs DEC, gate_up's when o does (their
+    combine is a pointwise op outside the kernels). DEC on qkv or gate_up itself keeps the fusion
+    (``ap_gemv_addnorm_dec_parts``)."""
+    return int(k_chunk["down"] > 0) + int(k_chunk["o"] > 0)
 
 
 def uses_fused_addnorm(model) -> bool:

@@ -382,6 +382,36 @@ def test_ap_gemv_addnorm_glu(shape, m):
         assert ops.glu_supported(3, k) == _C.ap_glu_supported(3, k), k
 
 
+@pytest.mark.parametrize("shape", [(4096, 6144), (4096, 28672), (8192, 1024), (5120, 7680), (2048, 512)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_ap_gemv_addnorm_dec_parts(shape, m):
+    """The add + norm GEMV with DEC beside it (DEC forms x = rms_norm(a + b) itself): h = a + b; the parts combined
+    equal W x + DEC(x) on the reference's x; k_chunk = 0 leaves zero DEC rows; deterministic; opcheck."""
+    n, out = shape
+    qw, lut = make_ap(n, out, 3, torch.float16, n + out + 17)
+    qr, scales, q = make_residual(n, out, torch.float16, n + 18)
+    a, b = make_x(m, n, torch.float16, 191), make_x(m, n, torch.float16, 192)
+    gamma = (torch.rand(n, generator=gen(193), device=DEV) + 0.5).half()
+    x = reference.rms_norm(a + b, gamma, 1e-5)
+    w = reference.ap_dequant(qw, lut.float())
+    op = torch.ops.decdec.ap_gemv_addnorm_dec_parts
+    p0, h0 = op(a, b, gamma, 1e-5, qw, lut, qr, make_bounds(x, 4), 0, 16)
+    assert torch.equal(h0, a + b) and not p0[1:].any()
+    close(p0[0].half(), x.float() @ w.t(), f"addnorm parts {shape} M={m} k=0", rel=2.0)
+    for k_chunk in (4, 32):
+        bounds = make_bounds(x, k_chunk)
+        for n_tb in (8, SMS):
+            parts, h = op(a, b, gamma, 1e-5, qw, lut, qr, bounds, k_chunk, n_tb)
+            assert torch.equal(h, a + b)
+            y = reference.combine_dec_parts(parts, scales, torch.float16)
+            mask = _C.dec_select(x, bounds, k_chunk)
+            close(y, x.float() @ w.t() + dec_from_mask(x, mask, q, scales),
+                  f"ap_gemv_addnorm_dec_parts {shape} M={m} k={k_chunk} n_tb={n_tb}", rel=2.0)
+            parts2, _ = op(a, b, gamma, 1e-5, qw, lut, qr, bounds, k_chunk, n_tb)
+            assert torch.equal(parts, parts2)
+    torch.library.opcheck(op.default, (a, b, gamma, 1e-5, qw, lut, qr, make_bounds(x, 8), 8, 16))
+
+
 def test_addnorm_support_rule_matches_the_kernel():
     for n in range(128, 16384 + 1, 128):
         assert ops.addnorm_supported(3, n) == _C.ap_addnorm_supported(3, n), n

@@ -222,6 +222,28 @@ def test_glu_supported_rule(n, ok, monkeypatch):
     assert not decdec.ops.glu_supported(3, n)
 
 
+def test_addnorm_dec_parts_op_is_add_then_rmsnorm_then_parts():
+    """ap_gemv_addnorm_dec_parts = ap_gemv_dec_parts on rms_norm(a + b) (DEC selects from the normalised x), h = a + b;
+    schema, fake and errors like its siblings."""
+    d = _inputs(torch.float16, seed=13)
+    b = torch.randn(M, IN, generator=torch.Generator().manual_seed(14)).half()
+    gamma = (torch.rand(IN, generator=torch.Generator().manual_seed(15)) + 0.5).half()
+    args = (d["x"], b, gamma, 1e-5, d["qweight"], d["lut"], d["q_residual"], d["bounds"], 16, 4)
+    parts, h = OPS.ap_gemv_addnorm_dec_parts(*args)
+    xn = reference.rms_norm(d["x"] + b, gamma, 1e-5)
+    assert torch.equal(h, d["x"] + b)
+    assert torch.equal(parts, OPS.ap_gemv_dec_parts(xn, d["qweight"], d["lut"], d["q_residual"], d["bounds"], 16, 4))
+    assert parts.shape == (1 + N_CHUNKS, M, OUT) and parts[1:].abs().sum() > 0
+    result = torch.library.opcheck(OPS.ap_gemv_addnorm_dec_parts.default, args,
+                                   test_utils=("test_schema", "test_faketensor"))
+    assert all(v == "SUCCESS" for v in result.values()), result
+    with FakeTensorMode() as mode:
+        fp, fh = OPS.ap_gemv_addnorm_dec_parts(*(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args))
+    assert fp.shape == (1 + N_CHUNKS, M, OUT) and fp.dtype == torch.float32 and fh.shape == (M, IN)
+    with pytest.raises(RuntimeError, match="k_chunk must be in"):
+        OPS.ap_gemv_addnorm_dec_parts(*args[:8], 2000, 4)
+
+
 @pytest.mark.parametrize("n,ok", [(4096, True), (8192, True), (14336, False), (5120, True), (2048, True),
                                   (1152, False), (576, False), (4160, False)])
 def test_addnorm_supported_rule(n, ok):
