@@ -388,11 +388,13 @@ cudaError_t launch_dec(const void* x, const uint32_t* qr, const void* scales, co
   cudaError_t err;
   if (dec_vec_words(out, slice) == 4) {
     err = allow_smem(dec_kernel<T, 4>, smem);
+    if (err == cudaSuccess) err = prefer_carveout(dec_kernel<T, 4>);
     if (err != cudaSuccess) return err;
     dec_kernel<T, 4><<<n_tb, kThreads, smem, stream>>>(static_cast<const T*>(x), qr, bounds, M, in, out, k_chunk,
                                                         spc, slice, fs);
   } else {
     err = allow_smem(dec_kernel<T, 1>, smem);
+    if (err == cudaSuccess) err = prefer_carveout(dec_kernel<T, 1>);
     if (err != cudaSuccess) return err;
     dec_kernel<T, 1><<<n_tb, kThreads, smem, stream>>>(static_cast<const T*>(x), qr, bounds, M, in, out, k_chunk,
                                                         spc, slice, fs);
