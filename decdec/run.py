@@ -460,6 +460,7 @@ class Run:
             fusion_s = tune.fusion_seconds(step_s, 1.0 / sep_rate, args.n_layers)
             print(f"[decdec] without the fused add + norm GEMVs: {sep_rate:.2f} tokens/s: "
                   f"{fusion_s * 1e6:.2f} us per fusion a DEC projection undoes")
+        glu = tune.uses_glu(model)  # DEC on gate_up then also costs the GLU epilogue
         timings = tune.time_projections(model, built.bitwidths, sorted(t.k_chunks), n_tbs, t.iters, self.device, self.dtype)
         for i, tm in enumerate(timings):
             for s in self.sinks:
@@ -471,7 +472,8 @@ class Run:
             last = r == t.verify_rounds  # nothing fitted: DEC off (k_chunk = 0), measured like the others
             choices = {}
             for bits in sorted(set(built.bitwidths.values())):
-                c = tune.choose(timings, in_features, 0.0 if last else budget, bits, dec=not last, fusion_s=fusion_s)
+                c = tune.choose(timings, in_features, 0.0 if last else budget, bits, dec=not last, fusion_s=fusion_s,
+                                glu=glu)
                 if c is None:
                     raise RuntimeError(f"no DEC setting fits the budget for {bits}-bit layers (even k_chunk=0 timings exceed it)")
                 choices[bits] = c
@@ -507,7 +509,7 @@ class Run:
         cheapest = {}
         if all(k == 0 for c in choices.values() for k in c["k_chunk"].values()):  # DEC off: what would it take
             for bits in choices:
-                c = tune.cheapest_dec(timings, in_features, bits, fusion_s)
+                c = tune.cheapest_dec(timings, in_features, bits, fusion_s, glu)
                 if c is None:
                     continue
                 c["slowdown_estimate"] = c["extra_s"] * args.n_layers * base_rate

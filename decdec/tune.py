@@ -93,12 +93,17 @@ def next_budget(budget_s: float, target: float, measured: float, margin: float =
     return budget_s * margin * (min(1.0, target / measured) if measured > 0 else 1.0)
 
 
-def fusions_lost(k_chunk: dict[str, int]) -> int:
-    """Add + RMSNorm fusions per decoder layer that a choice turns back into separate kernels
-    (``model.add_norm_project``): qkv's when the previous layer's down runs DEC, gate_up's when o does (their
-    combine is a pointwise op outside the kernels). DEC on qkv or gate_up itself keeps the fusion
-    (``ap_gemv_addnorm_dec_parts``)."""
-    return int(k_chunk["down"] > 0) + int(k_chunk["o"] > 0)
+def fusions_lost(k_chunk: dict[str, int], glu: bool = False) -> int:
+    """Fusions per decoder layer that a choice turns back into separate kernels (``model.add_norm_project``): qkv's
+    add + norm when the previous layer's down runs DEC, gate_up's when o does (their combine is a pointwise op outside
+    the kernels). DEC on qkv or gate_up itself keeps the add + norm fusion (``ap_gemv_addnorm_dec_parts``), but with
+    the GLU epilogue in use (``glu``: ``uses_glu``) DEC on gate_up turns SiLU x up back into its own kernel."""
+    return int(k_chunk["down"] > 0) + int(k_chunk["o"] > 0 or (glu and k_chunk["gate_up"] > 0))
+
+
+def uses_glu(model) -> bool:
+    """Whether the model's gate_up rows are in GLU pair order (``QuantLinear.use_glu_layout``)."""
+    return any(getattr(m, "glu_pairs", False) for proj, _, m in model.linears() if proj == "gate_up")
 
 
 def uses_fused_addnorm(model) -> bool:
@@ -117,7 +122,8 @@ def fusion_seconds(step_fused_s: float, step_separate_s: float, n_layers: int) -
     return max(0.0, (step_separate_s - step_fused_s) / max(1, 2 * n_layers - 1))
 
 
-def cheapest_dec(timings: list[Timing], in_features: dict[str, int], bits: int, fusion_s: float = 0.0) -> dict | None:
+def cheapest_dec(timings: list[Timing], in_features: dict[str, int], bits: int, fusion_s: float = 0.0,
+                 glu: bool = False) -> dict | None:
     """The least extra time per layer that buys any DEC for one bit-width: one projection at its cheapest (n_tb,
     k_chunk > 0), the fusion it undoes charged (``fusions_lost``); ties go to more rows. What a tune that kept DEC
     off reports, so a user sees which target would admit DEC. None without DEC timings."""
@@ -129,7 +135,7 @@ def cheapest_dec(timings: list[Timing], in_features: dict[str, int], bits: int, 
                 continue
             kc = {q: 0 for q in PROJECTIONS}
             kc[p] = k
-            extra = max(0.0, sec - table[(p, 0)]) + fusion_s * fusions_lost(kc)
+            extra = max(0.0, sec - table[(p, 0)]) + fusion_s * fusions_lost(kc, glu)
             rows = rows_per_token(k, in_features[p])
             if best is None or (extra, -rows) < (best["extra_s"], -best["rows_per_layer"]):
                 best = {"proj": p, "n_tb": n_tb, "k_chunk": k, "extra_s": extra, "rows_per_layer": rows}
@@ -141,7 +147,7 @@ def rows_per_token(k_chunk: int, in_features: int) -> int:
 
 
 def choose(timings: list[Timing], in_features: dict[str, int], budget_s: float, bits: int, dec: bool = True,
-           fusion_s: float = 0.0) -> dict | None:
+           fusion_s: float = 0.0, glu: bool = False) -> dict | None:
     """Best (n_tb, {proj: k_chunk}) for one bit-width within ``budget_s`` extra seconds per layer, each add + RMSNorm
     fusion the choice undoes charged ``fusion_s``; ``dec=False``: k_chunk = 0 everywhere (a zero budget alone could
     still admit a DEC setting timed at or under its GEMV)."""
@@ -152,7 +158,7 @@ def choose(timings: list[Timing], in_features: dict[str, int], budget_s: float, 
         base = {p: table[(p, 0)] for p in PROJECTIONS}
         for combo in itertools.product(ks, repeat=len(PROJECTIONS)):
             extra = sum(table[(p, k)] - base[p] for p, k in zip(PROJECTIONS, combo))
-            extra += fusion_s * fusions_lost(dict(zip(PROJECTIONS, combo)))
+            extra += fusion_s * fusions_lost(dict(zip(PROJECTIONS, combo)), glu)
             if extra > budget_s:
                 continue
             per = [rows_per_token(k, in_features[p]) for p, k in zip(PROJECTIONS, combo)]

@@ -167,6 +167,10 @@ def test_fusions_lost_follows_the_model_rule():
     assert tune.fusions_lost({**z, "o": 1}) == 1 and tune.fusions_lost({**z, "gate_up": 8, "o": 1}) == 1
     assert tune.fusions_lost({**z, "qkv": 1, "gate_up": 1}) == 0
     assert tune.fusions_lost(dict.fromkeys(IN, 2)) == 2
+    # with the GLU epilogue, DEC on gate_up turns SiLU x up back into its own kernel
+    assert tune.fusions_lost({**z, "qkv": 1, "gate_up": 1}, glu=True) == 1
+    assert tune.fusions_lost({**z, "gate_up": 1, "o": 1}, glu=True) == 1
+    assert tune.fusions_lost(dict.fromkeys(IN, 2), glu=True) == 2
     assert tune.fusion_seconds(1.0e-3, 1.1e-3, 32) == pytest.approx(1e-4 / 63)
     assert tune.fusion_seconds(1.1e-3, 1.0e-3, 32) == 0.0  # noise: never a credit
 
@@ -274,3 +278,12 @@ def test_time_projections_follows_every_call_with_a_consumer(monkeypatch):
     assert {(t.proj, t.k_chunk) for t in timings} >= {("qkv", 0), ("qkv", 8), ("down", 8)}
     assert seen and all(len(s) in (2, 3) for s in seen)  # GEMV outputs [M, out] and DEC parts [1 + P', M, out]
     assert any(len(s) == 3 for s in seen) and any(len(s) == 2 for s in seen)
+
+
+def test_uses_glu_follows_the_gate_up_layout():
+    from decdec.synthetic import build_synthetic
+
+    model = build_synthetic("tiny", "ap", 3, False, torch.float32, torch.device("cpu"), DecConfig(name="t", n_tb=1)).model
+    assert not tune.uses_glu(model)  # CPU: the layout is never chosen
+    assert all(m.use_glu_layout(force=True) for p, _, m in model.linears() if p == "gate_up")
+    assert tune.uses_glu(model)
