@@ -46,3 +46,14 @@ def host_seconds(fn: Callable[[int], object], calls: int, reps: int = 5, warmup:
             fn(i)
         samples.append((time.perf_counter() - t0) / calls)
     return statistics.median(samples)
+
+
+def consume(y: torch.Tensor) -> torch.Tensor:
+    """A plain (not programmatically dependent) kernel reading a projection's decode output, as the pointwise kernel
+    after it in a compiled step does (RoPE, SiLU x up, the residual add + norm). The tuner and the kernel benchmark
+    time every call followed by it, with DEC and without: back to back, the base GEMV would chain into the next call's
+    GEMV (the GEMVs trigger their dependents early) while the fused op's join cannot, charging DEC ~1.5-2 us per call
+    that decode never pays (H200, docs/PERF.md session 10: fused k=4 +19.5 % over the GEMV back to back, +9.9 % each
+    followed by a consumer, at 4096x28672)."""
+    return torch.add(y.reshape(-1)[:8], 1)
+

@@ -39,21 +39,11 @@ class Timing:
     seconds: float  # median time of one call
 
 
-def consume(y: torch.Tensor) -> torch.Tensor:
-    """A plain (not programmatically dependent) kernel reading a projection's decode output, as the pointwise kernel
-    after it in a compiled step does (RoPE, SiLU x up, the residual add + norm). Timed after every call, with DEC and
-    without: back to back, the base GEMV would chain into the next call's GEMV (the GEMVs trigger their dependents
-    early) while the fused op's join cannot, charging DEC ~1.5-2 us per call that decode never pays (H200,
-    docs/PERF.md session 10: fused k=4 +19.5 % over the GEMV back to back, +9.9 % each followed by a consumer, at
-    4096x28672)."""
-    return torch.add(y.reshape(-1)[:8], 1)
-
-
 @torch.no_grad()
 def time_projections(model, bitwidths: dict[int, int], k_chunks: list[int], n_tbs: list[int], iters: int,
                      device: torch.device, dtype: torch.dtype) -> list[Timing]:
     """Median per-call time of each projection (per bit-width) for every (n_tb, k_chunk), each call followed by a
-    consumer kernel (``consume``): on CUDA from a CUDA graph (as compile=cudagraphs decodes), on the CPU from a host
+    consumer kernel (``timing.consume``): on CUDA from a CUDA graph (as compile=cudagraphs decodes), on the CPU from a host
     loop."""
     timer = timing.graph_seconds if device.type == "cuda" else timing.host_seconds
     by_key: dict[tuple[str, int], list] = {}
@@ -66,7 +56,7 @@ def time_projections(model, bitwidths: dict[int, int], k_chunks: list[int], n_tb
 
         def call(i: int) -> None:  # cycles over every layer's weights, so the L2 does not hold them
             # the decode kernels, then a consumer (DEC's combine runs inside that pointwise kernel in a compiled step)
-            consume(mods[i % len(mods)].decode_kernels(xs[i % len(xs)]))
+            timing.consume(mods[i % len(mods)].decode_kernels(xs[i % len(xs)]))
 
         for n_tb in n_tbs:
             for k in k_chunks:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from decdec import formats, ops, reference
 from decdec.sinks import write_csv
-from decdec.timing import graph_seconds
+from decdec.timing import consume, graph_seconds
 
 LLAMA = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
 PHI3 = [(5120, 7680), (5120, 5120), (5120, 35840), (17920, 5120)]
@@ -183,9 +183,6 @@ def bench_shape(n: int, out: int, args, l2: int, sms: int, rows: list, summary: 
                   f"residual in HBM {rows[-1]['time_us']} us", flush=True)
             del q_dev
 
-    def consumed(t):  # a plain kernel reading the op's output, as the decode step's next pointwise kernel does
-        return torch.add(t.view(-1)[:8], 1)
-
     # fused DEC || GEMV over the 3-bit base GEMVs, eager and from a CUDA graph
     for backend in ("ap", "lutgemm"):
         tb = base[(backend, 3)]
@@ -195,7 +192,7 @@ def bench_shape(n: int, out: int, args, l2: int, sms: int, rows: list, summary: 
         res[f"fused_{backend}_parts_graph"] = {}
         if backend == "ap":  # each call followed by a consumer kernel: no GEMV chains into the next GEMV's slots
             _, qws, luts, c, _ = tb
-            tgc_base = timeit_graph(lambda i: consumed(torch.ops.decdec.ap_gemv(xs[i % nx], qws[i % c], luts[i % c])),
+            tgc_base = timeit_graph(lambda i: consume(torch.ops.decdec.ap_gemv(xs[i % nx], qws[i % c], luts[i % c])),
                                     c * nx)
             record("ap_gemv_graph_consumer", 3, tgc_base)
             res["fused_ap_parts_consumer_graph"] = {}
@@ -222,7 +219,7 @@ def bench_shape(n: int, out: int, args, l2: int, sms: int, rows: list, summary: 
                 if bestp is None or tp < bestp[0]:
                     bestp = (tp, slowp, ntb)
                 if backend == "ap":
-                    tpc = timeit_graph(lambda i: consumed(fp(i)), c * nx)
+                    tpc = timeit_graph(lambda i: consume(fp(i)), c * nx)
                     slowpc = (tpc / tgc_base - 1) * 100
                     record("fused_ap_parts_graph_consumer", 3, tpc, None, k, ntb, slowpc)
                     if bestpc is None or tpc < bestpc[0]:

@@ -249,7 +249,7 @@ def test_tune_judges_a_choice_against_dec_off_on_both_sides(tmp_path, cache_dir,
 
 
 def test_time_projections_follows_every_call_with_a_consumer(monkeypatch):
-    """Each timed decode call is followed by a consumer of its output (tune.consume), with DEC and without, so the
+    """Each timed decode call is followed by a consumer of its output (timing.consume), with DEC and without, so the
     DEC cost is measured as a decode step pays it, not against GEMVs chained back to back."""
     from tests.test_linear import attach_random_dec, make_linear
 
@@ -264,15 +264,17 @@ def test_time_projections_follows_every_call_with_a_consumer(monkeypatch):
         def linears(self):
             return ((p, 0, m) for p, m in self.mods.items())
 
+    from decdec import timing
+
     model = Layers()
     seen = []
-    real = tune.consume
+    real = timing.consume
 
     def spy(y):
         seen.append(tuple(y.shape))
         return real(y)
 
-    monkeypatch.setattr(tune, "consume", spy)
+    monkeypatch.setattr(timing, "consume", spy)
     timings = tune.time_projections(model, {0: 3}, [0, 8], [1], 2,
                                     torch.device("cpu"), torch.float32)
     assert {(t.proj, t.k_chunk) for t in timings} >= {("qkv", 0), ("qkv", 8), ("down", 8)}
