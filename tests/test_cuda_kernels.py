@@ -382,6 +382,7 @@ def test_ap_gemv_addnorm_glu(shape, m):
         assert ops.glu_supported(3, k) == _C.ap_glu_supported(3, k), k
 
 
+@pytest.mark.parametrize("m", [1, 2])
 @pytest.mark.parametrize("shape", [(4096, 6144), (4096, 28672), (8192, 1024), (5120, 7680), (2048, 512)],
                          ids=lambda s: f"{s[0]}x{s[1]}")
 def test_ap_gemv_addnorm_dec_parts(shape, m):
