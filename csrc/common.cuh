@@ -274,31 +274,6 @@ inline bool device_has_pdl() {
   return cache[dev] == 2;
 }
 
-// Shared-memory carve-out of every decdec GEMV and DEC kernel (percent of the SM's 228 KB; -1: each kernel's own,
-// the driver's choice). Blocks of two kernels share an SM only if its current carve-out fits both, and an SM changes
-// it only when idle, so a DEC block (10 KB static + up to 33 KB dynamic) finds no room beside GEMV blocks that
-// reached the SMs first (docs/PERF.md session 10: the chained DEC and -DDECDEC_FUSED_PDL=1 both lose DEC's slots
-// this way; 100 % let DEC in but slowed the GEMVs 11-33 % with 28 KB of L1). Experiment: a moderate common value
-// (-DDECDEC_CARVEOUT=28: 64 KB shared, 192 KB L1) with -DDECDEC_FUSED_PDL=1.
-#ifndef DECDEC_CARVEOUT
-#define DECDEC_CARVEOUT -1
-#endif
-template <typename K>
-cudaError_t prefer_carveout(K* kernel) {
-  if (DECDEC_CARVEOUT < 0) return cudaSuccess;
-  static std::mutex mu;
-  static std::map<std::pair<int, const void*>, bool> done;
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  std::lock_guard<std::mutex> lock(mu);
-  bool& d = done[{dev, reinterpret_cast<const void*>(kernel)}];
-  if (d) return cudaSuccess;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, DECDEC_CARVEOUT);
-  if (err == cudaSuccess) d = true;
-  return err;
-}
-
 // A GEMV fused with DEC (a Fused argument that is on) is launched as an ordinary kernel: as a programmatic
 // dependent it ran *after* the DEC kernel of its side stream instead of beside it (H200, scripts/fused_overlap.py:
 // fused = GEMV + DEC, e.g. 4096x28672 k_chunk=4 n_tb=32 +68 % over the GEMV with PDL, +21 % without; session 3, before
@@ -316,8 +291,6 @@ template <typename... KArgs, typename... Args>
 cudaError_t launch_gemv_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                                Args&&... args) {
   const bool fused = (false || ... || is_fused_launch(args));
-  const cudaError_t err = prefer_carveout(kernel);
-  if (err != cudaSuccess) return err;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;

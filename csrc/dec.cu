@@ -468,8 +468,7 @@ cudaError_t launch_dec(const void* x, const uint32_t* qr, const void* scales, co
   Fused fs = f;
   fs.dec_scales = scales;
   auto go = [&](auto kernel) -> cudaError_t {
-    cudaError_t err = allow_smem(kernel, smem);
-    if (err == cudaSuccess) err = prefer_carveout(kernel);
+    const cudaError_t err = allow_smem(kernel, smem);
     if (err != cudaSuccess) return err;
     kernel<<<n_tb, kThreads, smem, stream>>>(static_cast<const T*>(x), qr, bounds, M, in, out, k_chunk, spc, slice, fs);
     return cudaGetLastError();
