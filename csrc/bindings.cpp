@@ -399,7 +399,7 @@ at::Tensor fused(const at::Tensor& x, const at::Tensor& q_residual, const at::Te
   f.dec_slice = decdec::dec_slice_size(in, out, (int)n_tb);
   f.dec_parts = parts;
   f.n_tokens = M;
-  f.reserve_blocks = decdec::dec_reserve_slots((int)n_tb);
+  f.reserve_blocks = (int)n_tb;
   f.dec_scales = scales.data_ptr();
   auto side = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, dev);
   auto& ev = fork_join(dev);
@@ -449,7 +449,7 @@ at::Tensor fused_parts(const at::Tensor& x, const at::Tensor& q_residual, const 
   }
   f.dec_parts = parts;
   f.n_tokens = M;
-  f.reserve_blocks = decdec::dec_reserve_slots((int)n_tb);
+  f.reserve_blocks = (int)n_tb;
   decdec::Fused fd = f;  // DEC's view: the add + norm inputs when it forms x itself
   if (norm) fd.norm = *norm;
   auto side = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, dev);
@@ -521,7 +521,7 @@ at::Tensor ap_gemv_dec_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   if (k_chunk == 0) return ap_gemv_cuda(x, qweight, lut);  // no DEC: bit-identical to ap_gemv
   c10::cuda::CUDAGuard guard(x.device());
   return fused(x, q_residual, scales, bounds, k_chunk, n_tb, s.in, s.out,
-               decdec::ap_gemv_tile_rows(dtype_of(x), s.bits, s.in, s.out, decdec::dec_reserve_slots((int)n_tb)), [&](const decdec::Fused& f, cudaStream_t st) {
+               decdec::ap_gemv_tile_rows(dtype_of(x), s.bits, s.in, s.out, (int)n_tb), [&](const decdec::Fused& f, cudaStream_t st) {
                  return decdec::ap_gemv(dtype_of(x), x.data_ptr(),
                                         reinterpret_cast<const uint32_t*>(qweight.data_ptr()), lut.data_ptr(),
                                         nullptr, (int)x.size(0), s.in, s.out, s.bits, f, st, s.packed);

@@ -18,8 +18,6 @@
 // norm_x4), bit-identical to the GEMV's stage_x_addnorm.
 #include "common.cuh"
 
-#include <algorithm>
-
 // Phase timestamps for scripts/dec_phase_probe.cu and dec_timeline.cu (they define these before including this file);
 // nothing in a normal build.
 #ifndef DEC_PROBE
@@ -440,31 +438,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// -DDECDEC_DEC_EXCLUSIVE=1 (experiment): every DEC block asks for the per-block opt-in limit of shared memory, so it
-// runs alone on its SM -- its selection and accumulation then do not compete for issue slots with GEMV warps (beside
-// a streaming GEMV block the selection took 3.3-3.6 us instead of 2.0-2.3, docs/PERF.md session 9) -- and the GEMV
-// grid leaves those SMs whole (dec_reserve_slots).
-#ifndef DECDEC_DEC_EXCLUSIVE
-#define DECDEC_DEC_EXCLUSIVE 0
-#endif
-constexpr int kGemvBlocksPerSm = 2;  // the persistent GEMVs' blocks per SM (streaming R = 2, tensor-core)
-
-size_t dec_launch_smem(int in, int out, int k_chunk, int n_tb) {
-  const size_t smem = dec_smem_bytes(in, out, k_chunk, n_tb);
-  if (!DECDEC_DEC_EXCLUSIVE) return smem;
-  int dev = 0, optin = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
-    return smem;
-  return std::max(smem, (size_t)optin - sizeof(DecSmem));
-}
-
 template <typename T>
 cudaError_t launch_dec(const void* x, const uint32_t* qr, const void* scales, const float* bounds, int M, int in,
                        int out, int k_chunk, int n_tb, const Fused& f, cudaStream_t stream) {
   const int spc = slices_per_chunk(in, n_tb);
   const int slice = dec_slice_size(in, out, n_tb);
-  const size_t smem = dec_launch_smem(in, out, k_chunk, n_tb);
+  const size_t smem = dec_smem_bytes(in, out, k_chunk, n_tb);
   Fused fs = f;
   fs.dec_scales = scales;
   auto go = [&](auto kernel) -> cudaError_t {
@@ -486,7 +465,7 @@ cudaError_t launch_dec(const void* x, const uint32_t* qr, const void* scales, co
 template <typename T>
 cudaError_t max_blocks_t(int device, int in, int out, int k_chunk, int n_tb, int* max_blocks) {
   const int slice = dec_slice_size(in, out, n_tb);
-  const size_t smem = dec_launch_smem(in, out, k_chunk, n_tb);
+  const size_t smem = dec_smem_bytes(in, out, k_chunk, n_tb);
   int per_sm = 0, sms = 0;
   cudaError_t err;
   // allow_smem only ever raises the kernel's dynamic shared-memory limit (lowering it here would
@@ -508,8 +487,6 @@ cudaError_t max_blocks_t(int device, int in, int out, int k_chunk, int n_tb, int
 }  // namespace
 
 int dec_parts(int in) { return n_chunks(in); }
-
-int dec_reserve_slots(int n_tb) { return DECDEC_DEC_EXCLUSIVE ? n_tb * kGemvBlocksPerSm : n_tb; }
 
 int dec_slice_size(int in, int out, int n_tb) {
   // multiple of 32 columns (16-byte loads) when possible, else of 8 (one residual word)

@@ -101,9 +101,6 @@ cudaError_t lutgemm_dequant(DType dt, const uint32_t* binary, const void* alpha,
 // chunk = max(1, n_tb / n_chunks). Always runs the combine protocol of `Fused` (standalone:
 // gpart == nullptr, tile_rows == dec_slice); dpart needs dec_parts(in) * M * out floats.
 int dec_parts(int in);
-// GEMV slots a concurrent DEC of n_tb blocks takes (Fused::reserve_blocks): n_tb, or, built with
-// -DDECDEC_DEC_EXCLUSIVE=1 (every DEC block alone on its SM), the GEMVs' blocks per SM for each of them.
-int dec_reserve_slots(int n_tb);
 int dec_slice_size(int in, int out, int n_tb);
 size_t dec_smem_bytes(int in, int out, int k_chunk, int n_tb);
 // Most DEC blocks that can be co-resident on the device (occupancy x SMs) for this shape.

@@ -118,7 +118,7 @@ int main(int argc, char** argv) {
           f.dec_slice = dec_slice_size(in, out, n_tb);
           f.dec_parts = parts;
           f.n_tokens = 1;
-          f.reserve_blocks = mode == 2 ? 0 : dec_reserve_slots(n_tb);
+          f.reserve_blocks = mode == 2 ? 0 : n_tb;
           if (parts > kMaxConsumerParts) {
             f.dpart = scratch;
             f.dsum = acc + out;
