@@ -7,7 +7,10 @@ Builds the model as `run.py` does, decodes one warm-up sample (records the CUDA 
 `--steps` decode steps and prints, per kernel name and per token: calls, GPU microseconds, share of
 the GPU time; the same grouped into categories (quantized GEMV, DEC, dense GEMM, attention, fused
 pointwise, copies); and the step's wall time against the sum of its kernels (GPU idle = host bound or
-launch gaps). Writes the per-kernel table as CSV under --out.
+launch gaps). Writes the per-kernel table as CSV under --out. ``--timeline N`` also prints where the GPU sits idle:
+per kernel, the time no kernel ran on any stream just before it started (launch gaps, a fork / join's event waits), and
+N consecutive kernels from the middle of the decode (start offset, duration, stream, idle before) -- the order and
+overlap inside one decoder layer, which per-kernel sums do not show.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import json
 import re
 import time
 from collections import defaultdict
@@ -48,12 +52,43 @@ def category(name: str) -> str:
     return "other"
 
 
+def trace_kernels(prof) -> list[tuple[str, float, float, int]]:
+    """(name, start us, duration us, stream) of every GPU kernel in a profile, by start time (its Chrome trace)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    ks = [(e["name"], float(e["ts"]), float(e.get("dur", 0.0)), int(e.get("args", {}).get("stream", -1)))
+          for e in events if e.get("cat") == "kernel"]
+    return sorted(ks, key=lambda k: k[1])
+
+
+def idle_before(kernels: list[tuple[str, float, float, int]]) -> list[float]:
+    """For each kernel (sorted by start), the time no kernel was running on any stream just before it started."""
+    out, busy_until = [], None
+    for _, ts, dur, _ in kernels:
+        out.append(max(0.0, ts - busy_until) if busy_until is not None else 0.0)
+        busy_until = ts + dur if busy_until is None else max(busy_until, ts + dur)
+    return out
+
+
+def idle_by_kernel(kernels: list[tuple[str, float, float, int]]) -> dict[str, float]:
+    """Idle time before each kernel (``idle_before``) summed per kernel name (microseconds)."""
+    out: dict[str, float] = defaultdict(float)
+    for k, gap in zip(kernels, idle_before(kernels)):
+        out[k[0]] += gap
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-o", "--override", dest="overrides", action="append", default=[])
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "profile")
+    ap.add_argument("--timeline", type=int, default=0, metavar="N",
+                    help="also print the idle time before each kernel and N consecutive kernels of the decode")
     a = ap.parse_args()
     register_configs()
     from decdec.generate import Generator
@@ -140,7 +175,32 @@ def main() -> None:
         w = csv.DictWriter(f, fieldnames=["kernel", "category", "calls_per_token", "us_per_token"])
         w.writeheader()
         w.writerows(rows)
+    if a.timeline:
+        print_timeline(prof, prof_pre, a.steps, a.timeline, wall_us)
     print(f"wall_us_per_token={wall_us:.1f} kernel_us_per_token={gpu_us:.1f} host_us_per_token={host_us:.1f} wrote {path}")
+
+
+def print_timeline(prof, prof_pre, steps: int, n: int, wall_us: float) -> None:
+    ks = trace_kernels(prof)
+    idle = idle_by_kernel(ks)
+    for name, us in idle_by_kernel(trace_kernels(prof_pre)).items():  # decode steps only: less the prefill run's
+        idle[name] -= us
+    total = sum(idle.values()) / steps
+    t = Table(title=f"GPU idle before each kernel, per decode token: {total:.1f} us of a {wall_us:.1f} us step")
+    for col in ("kernel", "idle us/token"):
+        t.add_column(col, justify="left" if col == "kernel" else "right")
+    for name, us in sorted(idle.items(), key=lambda kv: -kv[1])[:15]:
+        t.add_row(name[:110], f"{us / steps:.1f}")
+    Console(width=200).print(t)
+    mid = len(ks) // 2
+    window, gaps = ks[mid:mid + n], idle_before(ks)[mid:mid + n]
+    t = Table(title=f"{len(window)} consecutive decode kernels (offsets from the first, us)")
+    for col in ("start", "dur", "end", "stream", "idle before", "kernel"):
+        t.add_column(col, justify="left" if col == "kernel" else "right")
+    t0 = window[0][1] if window else 0.0
+    for (name, ts, dur, stream), gap in zip(window, gaps):
+        t.add_row(f"{ts - t0:.1f}", f"{dur:.1f}", f"{ts + dur - t0:.1f}", str(stream), f"{gap:.1f}", name[:90])
+    Console(width=200).print(t)
 
 
 if __name__ == "__main__":

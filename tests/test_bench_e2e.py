@@ -47,3 +47,13 @@ def test_unknown_dec_config_is_a_clear_error_before_any_run(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match="no conf/dec/nosuch.yaml; choose one of .*llama3"):
         runpy.run_path(str(REPO / "scripts" / "bench_e2e.py"), run_name="__main__")
     assert not out.exists()
+
+
+def test_profile_timeline_idle_time_counts_only_gaps_with_no_kernel_running():
+    prof = runpy.run_path(str(REPO / "scripts" / "profile_e2e.py"), run_name="profile_e2e")
+    ks = [("gemv", 0.0, 10.0, 7), ("dec", 2.0, 12.0, 9),  # overlapping on two streams: no idle
+          ("combine", 15.0, 2.0, 7),  # 1 us after dec ends (14)
+          ("gemv", 16.5, 5.0, 7),  # starts inside combine (PDL-style overlap): no idle
+          ("norm", 25.0, 1.0, 7)]  # 3.5 us after 21.5
+    assert prof["idle_before"](ks) == [0.0, 0.0, 1.0, 0.0, 3.5]
+    assert dict(prof["idle_by_kernel"](ks)) == {"gemv": 0.0, "dec": 0.0, "combine": 1.0, "norm": 3.5}
