@@ -145,6 +145,20 @@ class GraphedDecode(StaticDecode):
         return g
 
 
+# Inductor keeps a pointwise result in registers (recomputed in each consumer kernel) unless it reads more than
+# realize_reads_threshold inputs (default 4). DEC's combine, GEMV + scale * (up to 4 chunk partials), reads 6, so with
+# DEC on qkv the compiled step stored it in two kernels of its own before the RoPE / KV-cache kernels; at 8 it fuses
+# into them (one kernel fewer per layer in the profile trace). H200, synthetic Llama-3-8B ap w3, same run: DEC k=4 on
+# qkv only 404.4 -> 412.7 tokens/s, dec=off 461.7 -> 463.0 / 463.2; across runs qkv-only varies 404-411, so the gain
+# is at the noise level (docs/PERF.md, GPU end to end, session 11).
+INDUCTOR_OPTIONS = {"realize_reads_threshold": 8}
+
+
+def inductor_options(mode: str) -> dict:
+    """torch.compile options for ``mode`` (torch takes either a mode or options): the mode's own plus ours."""
+    return {**torch._inductor.list_mode_options(mode), **INDUCTOR_OPTIONS}
+
+
 class Generator:
     """Runs prefill + token-by-token decode with a static KV cache of ``max_seq_length``.
 
@@ -168,7 +182,8 @@ class Generator:
         if compile_mode in ("cudagraphs", "reduce-overhead") and device.type != "cuda":
             raise ValueError(f"compile={compile_mode} needs a CUDA device; use compile=inductor or compile=none on CPU")
         mode = torch_modes[compile_mode]
-        fn = decode_one_token if mode is None else torch.compile(decode_one_token, mode=mode, fullgraph=True)
+        fn = decode_one_token if mode is None else torch.compile(decode_one_token, fullgraph=True,
+                                                                 options=inductor_options(mode))
         self._decode = (GraphedDecode if compile_mode == "cudagraphs" else StaticDecode)(model, fn, device, max_seq_length)
 
     @torch.no_grad()

@@ -9,7 +9,8 @@ import torch
 from conftest import compose_cfg, typed
 from decdec import checkpoint as ckpt
 from decdec.builder import build_model
-from decdec.generate import Generator, StaticDecode, argmax_last, graph_signature, logits_to_probs, sample
+from decdec.generate import (Generator, StaticDecode, argmax_last, graph_signature, inductor_options, logits_to_probs,
+                             sample)
 
 CPU = torch.device("cpu")
 PROMPT = torch.tensor([1, 17, 42, 99, 7, 250, 3], dtype=torch.long)
@@ -122,6 +123,15 @@ def test_generator_compile_modes(tiny_ap):
         Generator(tiny_ap, CPU, torch.float32, 16, "reduce-overhead")
     with pytest.raises(ValueError, match="unknown compile mode"):
         Generator(tiny_ap, CPU, torch.float32, 16, "jit")
+
+
+def test_compiled_decode_gets_the_inductor_options(tiny_ap, monkeypatch):
+    """The compiled step is built with our inductor options on top of the mode's own (torch takes one or the other)."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    Generator(tiny_ap, CPU, torch.float32, 16, "inductor")
+    assert seen == [{"fullgraph": True, "options": {"realize_reads_threshold": 8}}]
+    assert inductor_options("reduce-overhead") == {"triton.cudagraphs": True, "realize_reads_threshold": 8}
 
 
 @torch.no_grad()
