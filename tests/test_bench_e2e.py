@@ -57,3 +57,4 @@ def test_profile_timeline_idle_time_counts_only_gaps_with_no_kernel_running():
           ("norm", 25.0, 1.0, 7)]  # 3.5 us after 21.5
     assert prof["idle_before"](ks) == [0.0, 0.0, 1.0, 0.0, 3.5]
     assert dict(prof["idle_by_kernel"](ks)) == {"gemv": 0.0, "dec": 0.0, "combine": 1.0, "norm": 3.5}
+    assert prof["span_us"](ks) == 26.0 and prof["span_us"]([]) == 0.0
