@@ -432,14 +432,69 @@ __device__ __forceinline__ __half glu_out(float g, float u) {
   return __float2half_rn(gh / (1.0f + expf(-gh)) * uh);
 }
 
-template <int R, bool NORM = false, bool PACKED = false, bool GLU = false>
+// ---- Chain mode, the GEMV's side (kernels.h `Fused::chain`).
+__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// In place of pdl_wait(): wait until DEC has seen the kernel before it complete (x is readable). The last of the
+// GEMV's blocks to pass resets the counter (DEC added 1, every block adds 1).
+__device__ __forceinline__ void chain_wait_x(const Fused& f) {
+  if (threadIdx.x == 0) {
+    while (ld_acquire_gpu(f.chain) < 1) __nanosleep(32);
+    if (atomicAdd(f.chain, 1) == (int)(gridDim.x * gridDim.y)) f.chain[0] = 0;
+  }
+  __syncthreads();
+}
+
+// The block's rows [r0, r1) of token m, their fp32 GEMV sums in rows[i * stride] (shared memory, complete after the
+// barrier): wait for every DEC unit of token m, then y = cast(gemv + scale * sum of the chunk partials in chunk
+// order), as fused_arrive writes it; GLU (rows in (gate_i, up_i) pairs, DEC and scales in the original order, r0
+// even): y[i] = silu(g) * u of the combined pair, as glu_out. Then the block counts itself as a reader of the counter;
+// the last reader resets it.
+template <bool GLU>
+__device__ void chain_combine(const Fused& f, const float* rows, int stride, int m, int r0, int r1, int out,
+                              __half* __restrict__ y) {
+  __syncthreads();
+  if (threadIdx.x == 0)
+    while (ld_acquire_gpu(f.chain + 1 + m) < f.chain_units) __nanosleep(32);
+  __syncthreads();
+  const __half* sc = static_cast<const __half*>(f.dec_scales);
+  const size_t ps = (size_t)f.n_tokens * out;
+  const float* dp = f.dpart + (size_t)m * out;
+  auto dsum = [&](int r) {
+    float acc = 0.f;
+    for (int c = 0; c < f.dec_parts; ++c) acc += __ldcg(dp + c * ps + r);
+    return acc;
+  };
+  if constexpr (GLU) {
+    const int half = out / 2;
+    for (int p = threadIdx.x; 2 * p < r1 - r0; p += blockDim.x) {
+      const int i = (r0 >> 1) + p;
+      const float g = fmaf(dsum(i), __half2float(sc[i]), rows[2 * p * stride]);
+      const float u = fmaf(dsum(half + i), __half2float(sc[half + i]), rows[(2 * p + 1) * stride]);
+      y[(size_t)m * half + i] = glu_out(g, u);
+    }
+  } else {
+    for (int i = threadIdx.x; i < r1 - r0; i += blockDim.x) {
+      const int r = r0 + i;
+      y[(size_t)m * out + r] = __float2half_rn(fmaf(dsum(r), __half2float(sc[r]), rows[i * stride]));
+    }
+  }
+  if (threadIdx.x == 0 && atomicAdd(f.chain + 1 + m, 1) == f.chain_units + (int)gridDim.x - 1) f.chain[1 + m] = 0;
+}
+
+template <int R, bool NORM = false, bool PACKED = false, bool GLU = false, bool CHAIN = false>
 __global__ void __launch_bounds__(kStreamThreads, stream_blocks_per_sm<R>())
     ap3_gemv_stream_kernel(const __half* __restrict__ x, const uint32_t* __restrict__ qw,
                            const __half* __restrict__ lut, __half* __restrict__ y, int in, int out, int block_rows,
                            Fused fused, AddNorm an) {
-  extern __shared__ __align__(16) uint4 xs[];  // in / 8 chunks
+  extern __shared__ __align__(16) uint4 xs[];  // in / 8 chunks (CHAIN: then block_rows floats, the rows' sums)
   __shared__ int flags[kStreamThreads];
   const int words = in >> 5, G4 = words >> 2, T = ceil_div(G4, 32);
+  float* s_rows = reinterpret_cast<float*>(xs + (in >> 3));
   const int m = blockIdx.y;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int r0 = blockIdx.x * block_rows, r1 = min(out, r0 + block_rows);
@@ -464,7 +519,8 @@ __global__ void __launch_bounds__(kStreamThreads, stream_blocks_per_sm<R>())
   };
   StreamItem<R> bufA, bufB;
   if (n_items > 0) load(bufA, 0);
-  pdl_wait();  // the first weights are in flight; x (and y) belong to the previous kernel
+  if constexpr (CHAIN) chain_wait_x(fused);  // DEC before this kernel has seen x complete
+  else pdl_wait();  // the first weights are in flight; x (and y) belong to the previous kernel
   gemv_trigger_dependents();
 
   if constexpr (NORM) stage_x_addnorm<kStreamThreads>(x + (size_t)m * in, an, m, in, xs, reinterpret_cast<float*>(flags));
@@ -533,7 +589,13 @@ __global__ void __launch_bounds__(kStreamThreads, stream_blocks_per_sm<R>())
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], off);
       const int ra = r0 + R * (warp + pi * kStreamWarps);
-      if constexpr (GLU) {  // R == 2, ra even, out even: the pair (ra, ra + 1) is (gate, up) of output ra / 2
+      if constexpr (CHAIN) {  // the combine with DEC at the block's end (chain_combine)
+#pragma unroll
+        for (int j = 0; j < R; ++j) {
+          if (lane == j && ra + j < r1) s_rows[ra + j - r0] = acc[j];
+          acc[j] = 0.f;
+        }
+      } else if constexpr (GLU) {  // R == 2, ra even, out even: the pair (ra, ra + 1) is (gate, up) of output ra / 2
         if (lane == 0 && ra < r1) y[(size_t)m * (out / 2) + ra / 2] = glu_out(acc[0], acc[1]);
 #pragma unroll
         for (int j = 0; j < R; ++j) acc[j] = 0.f;
@@ -558,7 +620,8 @@ __global__ void __launch_bounds__(kStreamThreads, stream_blocks_per_sm<R>())
     if (i + 2 < n_items) load(bufA, i + 2);
     compute(bufB, i + 1);
   }
-  if (fused.on()) fused_arrive<__half, R == 2 ? 4 : 2>(fused, m, blockIdx.x, blockIdx.x + 1, out, flags);
+  if constexpr (CHAIN) chain_combine<GLU>(fused, s_rows, 1, m, r0, r1, out, y);
+  else if (fused.on()) fused_arrive<__half, R == 2 ? 4 : 2>(fused, m, blockIdx.x, blockIdx.x + 1, out, flags);
 }
 
 // 3-bit fp16 tensor-core GEMV (in % 512 == 0; the decode hot path). A warp item is 16 rows x 16 words
@@ -605,7 +668,7 @@ __device__ __forceinline__ void ap3_mma_step(const uint32_t (&A)[2], const uint3
 
 // PACKED: qweight in the kernel layout [out, in/256, 3, 8] (common.cuh).
 // NORM: x is formed from a + b and RMSNorm while staging (kernels.h `AddNorm`, in <= 8192), as the streaming kernel.
-template <bool PACKED, bool NORM = false>
+template <bool PACKED, bool NORM = false, bool CHAIN = false>
 __global__ void __launch_bounds__(kMmaThreads, 2)
     ap3_gemv_mma_kernel(const __half* __restrict__ x, const uint32_t* __restrict__ qw, const __half* __restrict__ lut,
                         __half* __restrict__ y, int in, int out, int block_rows, Fused fused, AddNorm an) {
@@ -639,7 +702,8 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   };
   MmaItem bufA, bufB;
   if (my_items > 0) load(bufA, 0);
-  pdl_wait();  // the first weights are in flight; x (and y) belong to the previous kernel
+  if constexpr (CHAIN) chain_wait_x(fused);  // DEC before this kernel has seen x complete
+  else pdl_wait();  // the first weights are in flight; x (and y) belong to the previous kernel
   gemv_trigger_dependents();
 
   for (int i = threadIdx.x; i < ngroups * 16 * kMmaWarps; i += kMmaThreads) red[i] = 0.f;
@@ -703,8 +767,13 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
     const float4 a = *reinterpret_cast<const float4*>(red + r * kMmaWarps);
     const float4 b = *reinterpret_cast<const float4*>(red + r * kMmaWarps + 4);
     const float s = ((a.x + a.y) + (a.z + a.w)) + ((b.x + b.y) + (b.z + b.w));
-    if (gpart) gpart[r0 + r] = s;
+    if constexpr (CHAIN) red[r * kMmaWarps] = s;  // the row's own slots: chain_combine reads it
+    else if (gpart) gpart[r0 + r] = s;
     else y[(size_t)m * out + r0 + r] = __float2half_rn(s);
+  }
+  if constexpr (CHAIN) {
+    chain_combine<false>(fused, red, kMmaWarps, m, r0, r1, out, y);
+    return;
   }
   if (fused.on()) fused_arrive<__half, 4>(fused, m, blockIdx.x, blockIdx.x + 1, out, flags);
 }
@@ -803,14 +872,14 @@ int mma_block_rows(int out, int reserve) {
   return 16 * gpb;
 }
 
-template <bool PACKED, bool NORM = false>
+template <bool PACKED, bool NORM = false, bool CHAIN = false>
 cudaError_t launch_mma(const void* x, const uint32_t* qw, const void* lut, void* y, int M, int in, int out,
                        const Fused& fused, cudaStream_t stream, const AddNorm& an = AddNorm{}) {
   const int br = mma_block_rows(out, fused.reserve_blocks);
   const size_t smem = (size_t)in * sizeof(__half) + (size_t)br * kMmaWarps * sizeof(float);
-  const cudaError_t err = allow_smem(ap3_gemv_mma_kernel<PACKED, NORM>, smem);
+  const cudaError_t err = allow_smem(ap3_gemv_mma_kernel<PACKED, NORM, CHAIN>, smem);
   if (err != cudaSuccess) return err;
-  return launch_gemv_kernel(ap3_gemv_mma_kernel<PACKED, NORM>, dim3(ceil_div(out, br), M), dim3(kMmaThreads), smem, stream,
+  return launch_gemv_kernel(ap3_gemv_mma_kernel<PACKED, NORM, CHAIN>, dim3(ceil_div(out, br), M), dim3(kMmaThreads), smem, stream,
                             static_cast<const __half*>(x), qw, static_cast<const __half*>(lut), static_cast<__half*>(y),
                             in, out, br, fused, an);
 }
@@ -829,14 +898,14 @@ int stream_block_rows(int out, int reserve) {
   return max(R, ceil_div(ceil_div(out, blocks), R) * R);
 }
 
-template <int R, bool NORM = false, bool PACKED = false, bool GLU = false>
+template <int R, bool NORM = false, bool PACKED = false, bool GLU = false, bool CHAIN = false>
 cudaError_t launch_stream(const void* x, const uint32_t* qw, const void* lut, void* y, int M, int in, int out,
                           const Fused& fused, cudaStream_t stream, const AddNorm& an = AddNorm{}) {
   const int br = stream_block_rows(out, fused.reserve_blocks);
-  const size_t smem = (size_t)in * sizeof(__half);
-  const cudaError_t err = allow_smem(ap3_gemv_stream_kernel<R, NORM, PACKED, GLU>, smem);
+  const size_t smem = (size_t)in * sizeof(__half) + (CHAIN ? (size_t)br * sizeof(float) : 0);
+  const cudaError_t err = allow_smem(ap3_gemv_stream_kernel<R, NORM, PACKED, GLU, CHAIN>, smem);
   if (err != cudaSuccess) return err;
-  return launch_gemv_kernel(ap3_gemv_stream_kernel<R, NORM, PACKED, GLU>, dim3(ceil_div(out, br), M), dim3(kStreamThreads), smem,
+  return launch_gemv_kernel(ap3_gemv_stream_kernel<R, NORM, PACKED, GLU, CHAIN>, dim3(ceil_div(out, br), M), dim3(kStreamThreads), smem,
                             stream, static_cast<const __half*>(x), qw, static_cast<const __half*>(lut),
                             static_cast<__half*>(y), in, out, br, fused, an);
 }
@@ -958,6 +1027,36 @@ cudaError_t ap_gemv_addnorm_glu(const void* a, const AddNorm& an, const uint32_t
   static_assert(kStreamRows == 2, "the GLU epilogue pairs a warp item's two rows");
   return packed ? launch_stream<kStreamRows, true, true, true>(a, qweight, lut, y, M, in, out, Fused{}, stream, an)
                 : launch_stream<kStreamRows, true, false, true>(a, qweight, lut, y, M, in, out, Fused{}, stream, an);
+}
+
+bool ap_dec_chain_supported(DType dt, int bits, int in) { return bits == 3 && packed_ok(dt, bits, in); }
+
+cudaError_t ap_gemv_dec_chain(const void* x, const uint32_t* qweight, const void* lut, const uint32_t* q_residual,
+                              const void* scales, const float* bounds, void* y, float* dpart, int* chain, int M, int in,
+                              int out, int k_chunk, int n_tb, cudaStream_t stream, const AddNorm* norm, bool glu) {
+  if (M == 0 || out == 0) return cudaSuccess;
+  if (!ap_dec_chain_supported(DType::F16, 3, in) || k_chunk <= 0 || n_tb <= 0) return cudaErrorInvalidValue;
+  if (norm && !ap_addnorm_supported(DType::F16, 3, in)) return cudaErrorInvalidValue;
+  if (glu && (!norm || !ap_glu_supported(DType::F16, 3, in) || out % 2 != 0)) return cudaErrorInvalidValue;
+  Fused f;
+  f.dpart = dpart;
+  f.dec_parts = dec_parts(in);
+  f.n_tokens = M;
+  f.dec_slice = dec_slice_size(in, out, n_tb);
+  f.reserve_blocks = n_tb;
+  f.dec_scales = scales;
+  f.chain = chain;
+  f.chain_units = f.dec_parts * ceil_div(out, f.dec_slice);
+  Fused fd = f;  // DEC's view: the add + norm inputs when it forms x itself
+  if (norm) fd.norm = *norm;
+  const cudaError_t err = dec(DType::F16, x, q_residual, scales, bounds, M, in, out, k_chunk, n_tb, fd, stream);
+  if (err != cudaSuccess) return err;
+  if (use_mma_kernel(3, true, in))
+    return norm ? launch_mma<true, true, true>(x, qweight, lut, y, M, in, out, f, stream, *norm)
+                : launch_mma<true, false, true>(x, qweight, lut, y, M, in, out, f, stream);
+  if (!norm) return launch_stream<kStreamRows, false, true, false, true>(x, qweight, lut, y, M, in, out, f, stream);
+  return glu ? launch_stream<kStreamRows, true, true, true, true>(x, qweight, lut, y, M, in, out, f, stream, *norm)
+             : launch_stream<kStreamRows, true, true, false, true>(x, qweight, lut, y, M, in, out, f, stream, *norm);
 }
 
 cudaError_t ap_gemv(DType dt, const void* x, const uint32_t* qweight, const void* lut, void* y, int M, int in,

@@ -217,6 +217,32 @@ int* tile_counters(int device, size_t n, cudaStream_t stream) {
   return p;
 }
 
+// Chain mode's counters (kernels.h `Fused::chain`): their own zeroed buffer, apart from the tile counters (a decode
+// attention or fused op that runs just before a chain op, while its GEMV's blocks already wait, uses those), in
+// kChainSlots slots used in turn. The GEMV of a chain op is scheduled during the op before it; with one slot per call
+// in turn, it never sees the previous chain op's counters (that op's GEMV may still be combining when this GEMV's
+// blocks start to wait). A slot is used again kChainSlots calls later, long after its op completed.
+constexpr int kChainSlots = 8, kChainSlotInts = 4096;  // [1 + M] ints per call: M <= 4095 tokens
+std::unordered_map<int, std::pair<int*, unsigned>> g_chain;  // device -> (buffer, next slot)
+
+int* chain_counters(int device, int M, cudaStream_t stream) {
+  DD_CHECK(M + 1 <= kChainSlotInts, "decdec: the _dec_chain ops serve up to ", kChainSlotInts - 1,
+           " tokens per call, got M=", M, "; use the _dec_parts ops for more");
+  std::lock_guard<std::mutex> lock(g_ws_mu);
+  auto& w = g_chain[device];
+  if (!w.first) {
+    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+    cuda_ok(cudaStreamIsCapturing(stream, &st), "cudaStreamIsCapturing");
+    DD_CHECK(st == cudaStreamCaptureStatusNone, "decdec: the first _dec_chain call on a device allocates its counters; "
+             "call it once outside CUDA-graph capture (a warm-up) first");
+    const size_t bytes = (size_t)kChainSlots * kChainSlotInts * sizeof(int);
+    cuda_ok(cudaMalloc(&w.first, bytes), "cudaMalloc(chain counters)");
+    cuda_ok(cudaMemset(w.first, 0, bytes), "cudaMemset(chain counters)");
+    cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  }
+  return w.first + (size_t)(w.second++ % kChainSlots) * kChainSlotInts;
+}
+
 struct ForkJoin {  // cached events of the side-stream fork/join, one pair per device and thread
   at::cuda::CUDAEvent fork{cudaEventDisableTiming}, join{cudaEventDisableTiming};
 };
@@ -500,6 +526,85 @@ std::tuple<at::Tensor, at::Tensor> ap_gemv_addnorm_dec_parts_cuda(const at::Tens
   return {parts, h};
 }
 
+// Chain mode (kernels.h `Fused::chain`): DEC, then the GEMV as its programmatic dependent, in the current stream;
+// the GEMV's blocks add DEC's sums and write the final output (no side stream, no combine left to the caller).
+void check_chain(const Ap& s, const at::Tensor& x, const char* op) {
+  DD_CHECK(x.scalar_type() == at::kHalf, "decdec: ", op, " runs fp16, got ", x.scalar_type());
+  DD_CHECK(s.packed && decdec::ap_dec_chain_supported(decdec::DType::F16, s.bits, s.in), "decdec: ", op,
+           " serves 3-bit weights in the kernel layout on the tensor-core or streaming GEMV "
+           "(decdec.ops.dec_chain_supported), got b=", s.bits, ", in=", s.in, ", kernel layout: ", s.packed ? "yes" : "no",
+           "; use the _dec_parts op");
+}
+
+at::Tensor run_chain(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& lut, const at::Tensor& q_residual,
+                     const at::Tensor& scales, const at::Tensor& bounds, int64_t k_chunk, int64_t n_tb, const Ap& s,
+                     at::Tensor y, const decdec::AddNorm* an, bool glu) {
+  const int M = (int)x.size(0);
+  if (M == 0) return y;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  auto dpart = at::empty({(int64_t)decdec::dec_parts(s.in) * M * s.out}, x.options().dtype(at::kFloat));
+  int* chain = chain_counters(x.get_device(), M, stream.stream());
+  cuda_ok(decdec::ap_gemv_dec_chain(x.data_ptr(), reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
+                                    lut.data_ptr(), reinterpret_cast<const uint32_t*>(q_residual.data_ptr()),
+                                    scales.data_ptr(), bounds.data_ptr<float>(), y.data_ptr(), dpart.data_ptr<float>(),
+                                    chain, M, s.in, s.out, (int)k_chunk, (int)n_tb, stream.stream(), an, glu),
+          "DEC + GEMV chain launch");
+  return y;
+}
+
+at::Tensor ap_gemv_dec_chain_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& lut,
+                                  const at::Tensor& q_residual, const at::Tensor& scales, const at::Tensor& bounds,
+                                  int64_t k_chunk, int64_t n_tb) {
+  const Ap s = check_ap(x, qweight, lut);
+  check_dec(x, q_residual, &scales, bounds, k_chunk, n_tb, s.out, s.in);
+  if (k_chunk == 0) return ap_gemv_cuda(x, qweight, lut);  // no DEC: bit-identical to ap_gemv
+  check_chain(s, x, "ap_gemv_dec_chain");
+  c10::cuda::CUDAGuard guard(x.device());
+  return run_chain(x, qweight, lut, q_residual, scales, bounds, k_chunk, n_tb, s, at::empty({x.size(0), s.out}, x.options()),
+                   nullptr, false);
+}
+
+std::tuple<at::Tensor, at::Tensor> ap_gemv_addnorm_dec_chain_cuda(const at::Tensor& a, const at::Tensor& b,
+                                                                  const at::Tensor& gamma, double eps,
+                                                                  const at::Tensor& qweight, const at::Tensor& lut,
+                                                                  const at::Tensor& q_residual, const at::Tensor& scales,
+                                                                  const at::Tensor& bounds, int64_t k_chunk,
+                                                                  int64_t n_tb) {
+  const Ap s = check_addnorm(a, b, gamma, eps, qweight, lut);
+  check_dec(a, q_residual, &scales, bounds, k_chunk, n_tb, s.out, s.in);
+  if (k_chunk == 0) return ap_gemv_addnorm_cuda(a, b, gamma, eps, qweight, lut);
+  check_chain(s, a, "ap_gemv_addnorm_dec_chain");
+  c10::cuda::CUDAGuard guard(a.device());
+  auto h = at::empty_like(a);
+  const decdec::AddNorm an = addnorm_args(b, gamma, eps, h);
+  auto y = run_chain(a, qweight, lut, q_residual, scales, bounds, k_chunk, n_tb, s,
+                     at::empty({a.size(0), s.out}, a.options()), &an, false);
+  return {y, h};
+}
+
+// gate_up rows in (gate_i, up_i) pairs (the GEMV's), q_residual and scales in the original order (DEC's).
+std::tuple<at::Tensor, at::Tensor> ap_gemv_addnorm_glu_dec_chain_cuda(const at::Tensor& a, const at::Tensor& b,
+                                                                      const at::Tensor& gamma, double eps,
+                                                                      const at::Tensor& qweight, const at::Tensor& lut,
+                                                                      const at::Tensor& q_residual,
+                                                                      const at::Tensor& scales, const at::Tensor& bounds,
+                                                                      int64_t k_chunk, int64_t n_tb) {
+  const Ap s = check_addnorm(a, b, gamma, eps, qweight, lut);
+  check_dec(a, q_residual, &scales, bounds, k_chunk, n_tb, s.out, s.in);
+  if (k_chunk == 0) return ap_gemv_addnorm_glu_cuda(a, b, gamma, eps, qweight, lut);
+  check_chain(s, a, "ap_gemv_addnorm_glu_dec_chain");
+  DD_CHECK(decdec::ap_glu_supported(decdec::DType::F16, s.bits, s.in), "decdec: ap_gemv_addnorm_glu_dec_chain serves "
+           "3-bit weights on the streaming GEMV (decdec.ops.glu_supported), got b=", s.bits, ", in=", s.in);
+  DD_CHECK(s.out % 2 == 0, "decdec: ap_gemv_addnorm_glu_dec_chain needs an even number of rows (gate, up pairs), got ",
+           s.out);
+  c10::cuda::CUDAGuard guard(a.device());
+  auto h = at::empty_like(a);
+  const decdec::AddNorm an = addnorm_args(b, gamma, eps, h);
+  auto y = run_chain(a, qweight, lut, q_residual, scales, bounds, k_chunk, n_tb, s,
+                     at::empty({a.size(0), s.out / 2}, a.options()), &an, true);
+  return {y, h};
+}
+
 at::Tensor lutgemm_gemv_dec_parts_cuda(const at::Tensor& x, const at::Tensor& binary, const at::Tensor& alpha,
                                        const at::Tensor& q_bias, const at::Tensor& q_residual,
                                        const at::Tensor& bounds, int64_t k_chunk, int64_t n_tb) {
@@ -646,6 +751,9 @@ TORCH_LIBRARY_IMPL(decdec, CUDA, m) {
   m.impl("ap_gemv_addnorm_glu", &ap_gemv_addnorm_glu_cuda);
   m.impl("ap_gemv_addnorm_dec_parts", &ap_gemv_addnorm_dec_parts_cuda);
   m.impl("lutgemm_gemv_dec_parts", &lutgemm_gemv_dec_parts_cuda);
+  m.impl("ap_gemv_dec_chain", &ap_gemv_dec_chain_cuda);
+  m.impl("ap_gemv_addnorm_dec_chain", &ap_gemv_addnorm_dec_chain_cuda);
+  m.impl("ap_gemv_addnorm_glu_dec_chain", &ap_gemv_addnorm_glu_dec_chain_cuda);
   m.impl("decode_attention", &decode_attention_cuda);
 }
 
@@ -662,6 +770,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether ap_gemv_addnorm serves b-bit fp16 weights with `in` input channels", py::arg("bits"), py::arg("in"));
   m.def("ap_glu_supported", [](int bits, int in) { return decdec::ap_glu_supported(decdec::DType::F16, bits, in); },
         "whether ap_gemv_addnorm_glu serves b-bit fp16 weights with `in` input channels", py::arg("bits"), py::arg("in"));
+  m.def("ap_dec_chain_supported", [](int bits, int in) { return decdec::ap_dec_chain_supported(decdec::DType::F16, bits, in); },
+        "whether the _dec_chain ops serve b-bit fp16 weights (kernel layout) with `in` input channels", py::arg("bits"),
+        py::arg("in"));
   m.def("dec_max_blocks", &dec_max_blocks, "most co-resident DEC blocks (the n_tb limit)", py::arg("device"),
         py::arg("in_features"), py::arg("out_features"), py::arg("k_chunk"), py::arg("n_tb") = 1);
 }

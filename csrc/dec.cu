@@ -288,6 +288,13 @@ __device__ void dec_sum_arrive(const Fused& f, int m, int s, int o_lo, int o_hi,
   }
 }
 
+// Chain mode (kernels.h `Fused::chain`): called by every thread of a unit after it stored chunk c's partial for its
+// slice of token m. A block barrier orders the block's stores before one release add (the GEMV's blocks acquire it).
+__device__ __forceinline__ void dec_chain_arrive(const Fused& f, int m) {
+  __syncthreads();
+  if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(f.chain + 1 + m) : "memory");
+}
+
 template <typename T, int VW, bool NORM = false>
 __global__ void __launch_bounds__(kThreads)
     dec_kernel(const T* __restrict__ x, const uint32_t* __restrict__ qr, const float* __restrict__ bounds, int M, int in, int out, int k_chunk, int spc, int slice, Fused f) {
@@ -296,6 +303,12 @@ __global__ void __launch_bounds__(kThreads)
   const int nc = n_chunks(in), units = nc * spc;
   const bool use_accs = dec_accs_floats(out, slice) > 0;
   const int ow = out / 8;  // words per residual row
+  if (f.chain) {  // the GEMV (this kernel's programmatic dependent) may launch now; x belongs to the kernel before
+    pdl_launch_dependents();
+    pdl_wait();
+    if (blockIdx.x == 0 && threadIdx.x == 0)  // x is complete: the GEMV's blocks may stage it
+      asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(f.chain) : "memory");
+  }
   for (int m = 0; m < M; ++m) {
     const T* xm = x + (size_t)m * in;
     float r = 0.f;
@@ -412,7 +425,8 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       DEC_PROBE(3);
-      if (f.dsum) dec_sum_arrive(f, m, s, o_lo, o_hi, out, S.flags);
+      if (f.chain) dec_chain_arrive(f, m);
+      else if (f.dsum) dec_sum_arrive(f, m, s, o_lo, o_hi, out, S.flags);
       else if (f.on()) fused_arrive<T>(f, m, o_lo / f.tile_rows, (o_hi - 1) / f.tile_rows + 1, out, S.flags);
       DEC_PROBE(4);
       __syncthreads();  // S.list / accs reused by the next unit
@@ -449,8 +463,18 @@ cudaError_t launch_dec(const void* x, const uint32_t* qr, const void* scales, co
   auto go = [&](auto kernel) -> cudaError_t {
     const cudaError_t err = allow_smem(kernel, smem);
     if (err != cudaSuccess) return err;
-    kernel<<<n_tb, kThreads, smem, stream>>>(static_cast<const T*>(x), qr, bounds, M, in, out, k_chunk, spc, slice, fs);
-    return cudaGetLastError();
+    // chain mode: a programmatic dependent of the kernel before it (it waits for that kernel itself)
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(n_tb);
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = fs.chain && pdl_enabled() && device_has_pdl() ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(x), qr, bounds, M, in, out, k_chunk, spc, slice, fs);
   };
   if (fs.norm.gamma) {  // beside the add + norm GEMV: fp16, the shapes ap_addnorm_supported serves
     if constexpr (std::is_same_v<T, __half>) {

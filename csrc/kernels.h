@@ -59,8 +59,21 @@ struct Fused {
   // DEC beside the add + norm GEMV (ap_gemv_addnorm_dec_parts): x of the DEC launch is a, and DEC forms
   // x = rms_norm(a + b) itself, as the GEMV does (norm.gamma != nullptr; fp16; h_out is the GEMV's to write).
   AddNorm norm;
+  // Chain mode (ap_gemv_dec_chain, ap_gemv_addnorm_dec_chain, ap_gemv_addnorm_glu_dec_chain): one stream, no fork /
+  // join. DEC is launched first, as a programmatic dependent of the kernel before it, and triggers its own dependents
+  // at once; the GEMV follows as DEC's programmatic dependent, so it is scheduled while DEC runs, on the slots DEC
+  // leaves (reserve_blocks), and does not wait for DEC's grid. Instead: DEC's block 0 adds 1 to chain[0] once the
+  // kernel before DEC has completed (x is readable), and the GEMV's blocks wait for that before they read x; each DEC
+  // unit stores its chunk partial (dpart) and adds 1 to chain[1 + m]; each GEMV block keeps its rows' fp32 sums in
+  // shared memory, waits until chain[1 + m] == chain_units, and writes y = cast(gemv + scale * sum over chunks) itself
+  // (the GLU variant: silu(g) * u of the combined pair). So the output is final when the GEMV ends, and the kernels
+  // before and after keep their programmatic overlap and their fusions. Nothing waits on a block that is not
+  // resident: the GEMV launches only after every DEC block has started. The last of the GEMV's blocks to pass each
+  // counter resets it: chain is zero on entry and exit.
+  int* chain = nullptr;  // [1 + M]
+  int chain_units = 0;   // DEC units per token: dec_parts x non-empty slices
   DECDEC_HD bool on() const { return counters != nullptr; }            // the combine protocol runs
-  DECDEC_HD bool concurrent() const { return gpart != nullptr || dpart != nullptr; }  // GEMV beside DEC
+  DECDEC_HD bool concurrent() const { return chain == nullptr && (gpart != nullptr || dpart != nullptr); }  // GEMV beside DEC (fork / join)
 };
 
 // Whether ap_gemv_addnorm serves this (3-bit fp16 on the streaming kernel, in <= 8192).
@@ -72,6 +85,15 @@ cudaError_t ap_gemv_addnorm(const void* a, const AddNorm& an, const uint32_t* qw
 // interleave_rows / QuantLinear.use_glu_layout): y [M, out / 2] = fp16(silu(g) * u) of the fp16-rounded row pairs.
 // Where ap_glu_supported: 3-bit fp16 on the streaming GEMV (in <= 8192; Llama-3's 4096 and 8192).
 bool ap_glu_supported(DType dt, int bits, int in);
+// Chain mode (kernels.h `Fused::chain`): DEC, then the GEMV as its programmatic dependent, one final output. Where
+// ap_dec_chain_supported: 3-bit fp16 on the tensor-core or streaming GEMV (kernel layout) of a device with
+// programmatic dependent launch (sm_90). `n_tb` DEC blocks; `chain` [1 + M] zeroed ints; `dpart` dec_parts(in) * M
+// * out floats of scratch. norm: the add + norm GEMV (DEC forms x itself); glu: its GLU epilogue (y [M, out / 2]).
+bool ap_dec_chain_supported(DType dt, int bits, int in);
+cudaError_t ap_gemv_dec_chain(const void* x, const uint32_t* qweight, const void* lut, const uint32_t* q_residual,
+                              const void* scales, const float* bounds, void* y, float* dpart, int* chain, int M, int in,
+                              int out, int k_chunk, int n_tb, cudaStream_t stream, const AddNorm* norm = nullptr,
+                              bool glu = false);
 cudaError_t ap_gemv_addnorm_glu(const void* a, const AddNorm& an, const uint32_t* qweight, const void* lut, void* y,
                                 int M, int in, int out, cudaStream_t stream, bool packed = false);
 

@@ -99,6 +99,16 @@ class QuantLinear(nn.Module):
         self.glu_pairs = True
         return True
 
+    @property
+    def dec_chain(self) -> bool:
+        """Whether a one-token fp16 CUDA decode of this linear with DEC on runs in chain mode (``ops.dec_chain_supported``:
+        DEC, then the GEMV as its programmatic dependent, one stream): the op returns the final output, so no combine is
+        left to the next kernel and the add + norm and GLU fusions around this projection stay. Elsewhere DEC runs
+        beside the GEMV and returns parts (``decode_kernels``)."""
+        return (self.k_chunk > 0 and self.backend == "ap" and self.qweight.is_cuda
+                and formats.is_ap3_kernel_layout(self.qweight, self.lut)
+                and ops.dec_chain_supported(self.bits, self.in_features))
+
     def _unpair(self, y: torch.Tensor) -> torch.Tensor:
         return formats.glu_unpair(y) if self.glu_pairs else y
 
@@ -180,7 +190,10 @@ class QuantLinear(nn.Module):
         ops."""
         if b is not None and self._addnorm_kernel(a, norm):
             a2, b2, d = a.reshape(1, self.in_features), b.reshape(1, self.in_features), self.dec
-            if self.k_chunk > 0:  # DEC beside the fused GEMV; it forms the same x from a and b itself
+            if self.k_chunk > 0 and self.dec_chain and not self.glu_pairs:  # DEC, then the GEMV; final output
+                y, h = torch.ops.decdec.ap_gemv_addnorm_dec_chain(a2, b2, norm.weight, norm.eps, self.qweight, self.lut,
+                                                                  d.q_residual, d.scales, d.bounds, d.k_chunk, d.n_tb)
+            elif self.k_chunk > 0:  # DEC beside the fused GEMV; it forms the same x from a and b itself
                 parts, h = torch.ops.decdec.ap_gemv_addnorm_dec_parts(a2, b2, norm.weight, norm.eps, self.qweight,
                                                                       self.lut, d.q_residual, d.bounds, d.k_chunk,
                                                                       d.n_tb)
@@ -201,6 +214,13 @@ class QuantLinear(nn.Module):
         (``torch.ops.decdec.ap_gemv_addnorm_glu``); otherwise ``forward_addnorm`` (``fuse``) or separate ops, then
         SiLU x up as the model computes it. ``fuse=False``: b is a combine left to the compiled step (the rule of
         ``model.add_norm_project``)."""
+        if fuse and self.glu_pairs and b is not None and self.dec_chain and self._addnorm_kernel(a, norm):
+            d = self.dec
+            act, h = torch.ops.decdec.ap_gemv_addnorm_glu_dec_chain(a.reshape(1, self.in_features),
+                                                                    b.reshape(1, self.in_features), norm.weight,
+                                                                    norm.eps, self.qweight, self.lut, d.q_residual,
+                                                                    d.scales, d.bounds, d.k_chunk, d.n_tb)
+            return act.view(*a.shape[:-1], self.out_features // 2), h.view(a.shape)
         if fuse and self.glu_pairs and b is not None and self.k_chunk == 0 and self._addnorm_kernel(a, norm):
             act, h = torch.ops.decdec.ap_gemv_addnorm_glu(a.reshape(1, self.in_features),
                                                           b.reshape(1, self.in_features), norm.weight, norm.eps,
@@ -240,6 +260,8 @@ class QuantLinear(nn.Module):
         d = self.dec
         if d is None or d.k_chunk == 0:
             return self._unpair(self.decode_kernels(x))
+        if self.dec_chain and not self.glu_pairs and x.dtype == torch.float16:
+            return self.decode_kernels(x)  # the chain op's output is final
         if self.glu_pairs:  # the GEMV's row back in the original order; DEC's rows already are
             parts = self.decode_kernels(x)
             return reference.combine_dec_parts(torch.cat([formats.glu_unpair(parts[:1]), parts[1:]]), d.scales,
@@ -258,6 +280,9 @@ class QuantLinear(nn.Module):
         if self.backend == "ap":
             if not on:
                 return torch.ops.decdec.ap_gemv(x, self.qweight, self.lut)
+            if self.dec_chain and not self.glu_pairs and x.dtype == torch.float16:
+                return torch.ops.decdec.ap_gemv_dec_chain(x, self.qweight, self.lut, d.q_residual, d.scales, d.bounds,
+                                                          d.k_chunk, d.n_tb)
             return torch.ops.decdec.ap_gemv_dec_parts(x, self.qweight, self.lut, d.q_residual, d.bounds, d.k_chunk,
                                                       d.n_tb)
         if not on:

@@ -130,8 +130,9 @@ def add_norm_project(linear: nn.Module, a: Tensor, b: Tensor | None, norm: nn.Mo
     """(linear(norm(h)), h), h = a + b (a when b is None): through the linear's fused kernel where it has one
     (``QuantLinear.forward_addnorm``), else as separate ops (a plain ``nn.Linear``). ``b_from``: the projection
     that produced b; when it runs DEC, its combine (GEMV + scale * DEC) is a pointwise op that the compiled step
-    fuses into a separate add + norm kernel, so the fused GEMV would add a kernel instead of removing one."""
-    if hasattr(linear, "forward_addnorm") and getattr(b_from, "k_chunk", 0) == 0:
+    fuses into a separate add + norm kernel, so the fused GEMV would add a kernel instead of removing one. In chain mode
+    (``QuantLinear.dec_chain``) b_from's output is final, and the fusion stays."""
+    if hasattr(linear, "forward_addnorm") and (getattr(b_from, "k_chunk", 0) == 0 or getattr(b_from, "dec_chain", False)):
         return linear.forward_addnorm(a, b, norm)
     h = a if b is None else a + b
     return linear(norm(h)), h
@@ -295,7 +296,8 @@ class TransformerBlock(nn.Module):
         w13 = self.feed_forward.w1w3
         if getattr(w13, "glu_pairs", False):  # SiLU x up inside the gate_up GEMV where it can (QuantLinear.use_glu_layout)
             act, h = w13.forward_addnorm_glu(x, o, self.ffn_norm,
-                                             fuse=getattr(self.attention.wo, "k_chunk", 0) == 0)
+                                             fuse=getattr(self.attention.wo, "k_chunk", 0) == 0
+                                             or getattr(self.attention.wo, "dec_chain", False))
             return h, self.feed_forward.w2(act)
         gate_up, h = add_norm_project(w13, x, o, self.ffn_norm, self.attention.wo)
         return h, self.feed_forward.down(gate_up)

@@ -68,6 +68,18 @@ _SCHEMAS = {
         "ap_gemv_addnorm_dec_parts(Tensor a, Tensor b, Tensor gamma, float eps, Tensor qweight, Tensor lut,"
         " Tensor q_residual, Tensor bounds, int k_chunk, int n_tb) -> (Tensor, Tensor)"
     ),
+    "ap_gemv_dec_chain": (
+        "ap_gemv_dec_chain(Tensor x, Tensor qweight, Tensor lut, Tensor q_residual, Tensor scales,"
+        " Tensor bounds, int k_chunk, int n_tb) -> Tensor"
+    ),
+    "ap_gemv_addnorm_dec_chain": (
+        "ap_gemv_addnorm_dec_chain(Tensor a, Tensor b, Tensor gamma, float eps, Tensor qweight, Tensor lut,"
+        " Tensor q_residual, Tensor scales, Tensor bounds, int k_chunk, int n_tb) -> (Tensor, Tensor)"
+    ),
+    "ap_gemv_addnorm_glu_dec_chain": (
+        "ap_gemv_addnorm_glu_dec_chain(Tensor a, Tensor b, Tensor gamma, float eps, Tensor qweight, Tensor lut,"
+        " Tensor q_residual, Tensor scales, Tensor bounds, int k_chunk, int n_tb) -> (Tensor, Tensor)"
+    ),
     "decode_attention": "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, int window) -> Tensor",
 }
 for _schema in _SCHEMAS.values():
@@ -254,6 +266,40 @@ def _(a, b, gamma, eps, qweight, lut, q_residual, bounds, k_chunk, n_tb):
     return a.new_empty((1 + reference.dec_parts_rows(n), a.shape[0], out), dtype=torch.float32), torch.empty_like(a)
 
 
+@torch.library.register_fake("decdec::ap_gemv_dec_chain")
+def _(x, qweight, lut, q_residual, scales, bounds, k_chunk, n_tb):
+    out, n = _ap_shape(qweight, lut)
+    _check_x(x, n)
+    _check_dec(q_residual, scales, bounds, k_chunk, n_tb, out, n)
+    return _empty_out(x, out)
+
+
+@torch.library.register_fake("decdec::ap_gemv_addnorm_dec_chain")
+def _(a, b, gamma, eps, qweight, lut, q_residual, scales, bounds, k_chunk, n_tb):
+    out, n = _check_addnorm(a, b, gamma, eps, qweight, lut)
+    _check_dec(q_residual, scales, bounds, k_chunk, n_tb, out, n)
+    return _empty_out(a, out), torch.empty_like(a)
+
+
+@torch.library.register_fake("decdec::ap_gemv_addnorm_glu_dec_chain")
+def _(a, b, gamma, eps, qweight, lut, q_residual, scales, bounds, k_chunk, n_tb):
+    out, n = _check_addnorm(a, b, gamma, eps, qweight, lut)
+    _check_dec(q_residual, scales, bounds, k_chunk, n_tb, out, n)
+    torch._check(out % 2 == 0, lambda: f"ap_gemv_addnorm_glu_dec_chain needs an even number of rows, got {out}")
+    return a.new_empty((a.shape[0], out // 2)), torch.empty_like(a)
+
+
+def dec_chain_supported(bits: int, in_features: int) -> bool:
+    """Where the ``*_dec_chain`` ops' CUDA kernels serve (csrc ``ap_dec_chain_supported``; checked against it on the
+    GPU): 3-bit fp16 weights in the kernel layout (``ap3_kernel_layout``). Chain mode runs DEC, then the GEMV as its
+    programmatic dependent, in one stream, and the GEMV writes the final output (csrc/kernels.h ``Fused::chain``);
+    elsewhere DEC runs beside the GEMV on a side stream and returns parts for the caller's combine.
+    ``DECDEC_DEC_CHAIN=0`` keeps the parts ops (same-machine A/B)."""
+    if os.environ.get("DECDEC_DEC_CHAIN", "1") == "0":
+        return False
+    return ap3_kernel_layout(bits, torch.float16, in_features)
+
+
 def addnorm_supported(bits: int, in_features: int) -> bool:
     """Where ``ap_gemv_addnorm``'s CUDA kernel serves (csrc ``ap_addnorm_supported``; checked against it on the
     GPU): 3-bit weights on the tensor-core or streaming GEMV (``_ap3_fp16_gemv``) with in <= 8192. Pure
@@ -370,6 +416,29 @@ def _(a, b, gamma, eps, qweight, lut, q_residual, bounds, k_chunk, n_tb):
     out, n = _check_addnorm(a, b, gamma, eps, qweight, lut)
     _check_dec(q_residual, None, bounds, k_chunk, n_tb, out, n)
     return reference.ap_gemv_addnorm_dec_parts(a, b, gamma, eps, qweight, lut, q_residual, bounds, k_chunk)
+
+
+@torch.library.impl(_lib, "ap_gemv_dec_chain", "CPU")
+def _(x, qweight, lut, q_residual, scales, bounds, k_chunk, n_tb):
+    out, n = _ap_shape(qweight, lut)
+    _check_x(x, n)
+    _check_dec(q_residual, scales, bounds, k_chunk, n_tb, out, n)
+    return reference.ap_gemv_dec(x, qweight, lut, q_residual, scales, bounds, k_chunk)
+
+
+@torch.library.impl(_lib, "ap_gemv_addnorm_dec_chain", "CPU")
+def _(a, b, gamma, eps, qweight, lut, q_residual, scales, bounds, k_chunk, n_tb):
+    out, n = _check_addnorm(a, b, gamma, eps, qweight, lut)
+    _check_dec(q_residual, scales, bounds, k_chunk, n_tb, out, n)
+    return reference.ap_gemv_addnorm_dec(a, b, gamma, eps, qweight, lut, q_residual, scales, bounds, k_chunk)
+
+
+@torch.library.impl(_lib, "ap_gemv_addnorm_glu_dec_chain", "CPU")
+def _(a, b, gamma, eps, qweight, lut, q_residual, scales, bounds, k_chunk, n_tb):
+    out, n = _check_addnorm(a, b, gamma, eps, qweight, lut)
+    _check_dec(q_residual, scales, bounds, k_chunk, n_tb, out, n)
+    torch._check(out % 2 == 0, lambda: f"ap_gemv_addnorm_glu_dec_chain needs an even number of rows, got {out}")
+    return reference.ap_gemv_addnorm_glu_dec(a, b, gamma, eps, qweight, lut, q_residual, scales, bounds, k_chunk)
 
 
 @torch.library.impl(_lib, "decode_attention", "CPU")

@@ -244,6 +244,29 @@ def ap_gemv_addnorm_dec_parts(a, b, gamma, eps, qweight, lut, q_residual, bounds
     return ap_gemv_dec_parts(rms_norm(h, gamma, eps), qweight, lut, q_residual, bounds, k_chunk), h
 
 
+def ap_gemv_addnorm_dec(a, b, gamma, eps, qweight, lut, q_residual, scales, bounds, k_chunk):
+    """(y, h): h = a + b, y = ap_gemv_dec(rms_norm(h, gamma, eps), ...) (DEC selects from the normalised x)."""
+    h = a + b
+    return ap_gemv_dec(rms_norm(h, gamma, eps), qweight, lut, q_residual, scales, bounds, k_chunk), h
+
+
+def ap_gemv_addnorm_glu_dec(a, b, gamma, eps, qweight, lut, q_residual, scales, bounds, k_chunk):
+    """(act, h) for gate_up rows in GLU pair order (formats.glu_pair_order) with DEC's residual and scales in the
+    original order (gates, then ups): y = GEMV + DEC per original row, rounded once, then act = fp16(silu(g) * u) of
+    each (gate_i, up_i) in fp32, as ``ap_gemv_addnorm_glu`` -> [M, out / 2]."""
+    from decdec.formats import glu_unpair
+
+    h = a + b
+    x = rms_norm(h, gamma, eps)
+    w = ap_dequant(qweight, lut.to(torch.float32))
+    y = glu_unpair(x.to(torch.float32) @ w.t())
+    if k_chunk:
+        y = y + dec_residual(x, q_residual, scales, bounds, k_chunk)
+    y = y.to(x.dtype)
+    g, u = y.chunk(2, dim=-1)
+    return (torch.nn.functional.silu(g.float()) * u.float()).to(x.dtype), h
+
+
 # ---------------------------------------------------------------------------- selection ablations
 def _per_chunk_topk(scores: torch.Tensor, k_chunk: int) -> torch.Tensor:
     """scores [M, in] -> mask [M, in] of the floor(k_chunk*L/1024) highest scores of every chunk

@@ -454,13 +454,16 @@ class Run:
         print(f"[decdec] dec=off decode: {base_rate:.2f} tokens/s ({step_s * 1e3:.3f} ms/token); "
               f"budget per layer {budget * 1e6:.2f} us for a {t.target_slowdown:.1%} target")
         fusion_s = 0.0
-        if tune.uses_fused_addnorm(model):  # what a DEC projection pays for the add + norm fusion it undoes
+        chain = tune.uses_dec_chain(model)  # chain mode: the DEC ops' outputs are final, no fusion is undone
+        if chain:
+            print("[decdec] DEC in chain mode (ops.dec_chain_supported): no fusion charge")
+        elif tune.uses_fused_addnorm(model):  # what a DEC projection pays for the add + norm fusion it undoes
             with _env("DECDEC_ADDNORM", "0"):
                 sep_rate = self._decode_rate(built, prompt, t.verify_tokens, t.verify_samples)
             fusion_s = tune.fusion_seconds(step_s, 1.0 / sep_rate, args.n_layers)
             print(f"[decdec] without the fused add + norm GEMVs: {sep_rate:.2f} tokens/s: "
                   f"{fusion_s * 1e6:.2f} us per fusion a DEC projection undoes")
-        glu = tune.uses_glu(model)  # DEC on gate_up then also costs the GLU epilogue
+        glu = tune.uses_glu(model) and not chain  # DEC on gate_up then also costs the GLU epilogue (not in chain mode)
         timings = tune.time_projections(model, built.bitwidths, sorted(t.k_chunks), n_tbs, t.iters, self.device, self.dtype)
         for i, tm in enumerate(timings):
             for s in self.sinks:

@@ -91,6 +91,17 @@ def fusions_lost(k_chunk: dict[str, int], glu: bool = False) -> int:
     return int(k_chunk["down"] > 0) + int(k_chunk["o"] > 0 or (glu and k_chunk["gate_up"] > 0))
 
 
+def uses_dec_chain(model) -> bool:
+    """Whether this model's DEC projections run in chain mode (``QuantLinear.dec_chain``): the ops return final outputs,
+    so a DEC choice undoes no fusion (``fusions_lost`` does not apply) and the GLU epilogue stays."""
+    from decdec import formats, ops
+
+    mods = [m for _, _, m in model.linears()]
+    return bool(mods) and all(getattr(m, "backend", None) == "ap" and m.qweight.is_cuda
+                              and formats.is_ap3_kernel_layout(m.qweight, m.lut)
+                              and ops.dec_chain_supported(m.bits, m.in_features) for m in mods)
+
+
 def uses_glu(model) -> bool:
     """Whether the model's gate_up rows are in GLU pair order (``QuantLinear.use_glu_layout``)."""
     return any(getattr(m, "glu_pairs", False) for proj, _, m in model.linears() if proj == "gate_up")

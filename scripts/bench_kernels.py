@@ -196,9 +196,12 @@ def bench_shape(n: int, out: int, args, l2: int, sms: int, rows: list, summary: 
                                     c * nx)
             record("ap_gemv_graph_consumer", 3, tgc_base)
             res["fused_ap_parts_consumer_graph"] = {}
+            chain = ops.dec_chain_supported(3, n)  # chain mode (DEC, then the GEMV; final output): the decode path
+            if chain:
+                res["fused_ap_chain_graph"], res["fused_ap_chain_consumer_graph"] = {}, {}
         for k in K_CHUNKS:
             bounds = reference.bounds_from_thresholds(thr, max(k, 1)).cuda()
-            best = bestg = bestp = bestpc = None
+            best = bestg = bestp = bestpc = bestch = bestchc = None
             for ntb in n_tbs if k else n_tbs[:1]:
                 if backend == "ap":
                     _, qws, luts, c, _ = tb
@@ -224,6 +227,19 @@ def bench_shape(n: int, out: int, args, l2: int, sms: int, rows: list, summary: 
                     record("fused_ap_parts_graph_consumer", 3, tpc, None, k, ntb, slowpc)
                     if bestpc is None or tpc < bestpc[0]:
                         bestpc = (tpc, slowpc, ntb)
+                if backend == "ap" and chain:  # DEC, then the GEMV as its programmatic dependent (csrc Fused::chain)
+                    fch = lambda i: torch.ops.decdec.ap_gemv_dec_chain(  # noqa: E731
+                        xs[i % nx], qws[i % c], luts[i % c], q_res, scales, bounds, k, ntb)
+                    tch = timeit_graph(fch, c * nx)
+                    slowch = (tch / tg_base - 1) * 100
+                    record("fused_ap_chain_graph", 3, tch, None, k, ntb, slowch)
+                    if bestch is None or tch < bestch[0]:
+                        bestch = (tch, slowch, ntb)
+                    tchc = timeit_graph(lambda i: consume(fch(i)), c * nx)
+                    slowchc = (tchc / tgc_base - 1) * 100
+                    record("fused_ap_chain_graph_consumer", 3, tchc, None, k, ntb, slowchc)
+                    if bestchc is None or tchc < bestchc[0]:
+                        bestchc = (tchc, slowchc, ntb)
                 t = timeit(fn, c * nx)
                 slow = (t / t_base - 1) * 100
                 record(f"fused_{backend}", 3, t, None, k, ntb, slow)
@@ -239,6 +255,9 @@ def bench_shape(n: int, out: int, args, l2: int, sms: int, rows: list, summary: 
             res[f"fused_{backend}_parts_graph"][k] = bestp
             if backend == "ap":
                 res["fused_ap_parts_consumer_graph"][k] = bestpc
+                if chain:
+                    res["fused_ap_chain_graph"][k] = bestch
+                    res["fused_ap_chain_consumer_graph"][k] = bestchc
     del base, q_res
     torch.cuda.empty_cache()
 
@@ -268,9 +287,14 @@ def markdown(summary: dict, ceil: dict, card: str) -> str:
                      f"{cellg('lg4_graph')} | {r['fp16_graph'][0]:.1f} us | "
                      f"{r['fp16_graph'][0] / r['ap3_graph'][0]:.2f}x |")
     for backend in ("ap", "lutgemm", "ap_graph", "lutgemm_graph", "ap_parts_graph", "lutgemm_parts_graph",
-                    "ap_parts_consumer_graph"):
+                    "ap_parts_consumer_graph", "ap_chain_graph", "ap_chain_consumer_graph"):
+        if any(f"fused_{backend}" not in r for r in summary.values()):
+            continue  # chain rows: only where chain mode serves every shape
         how = backend.replace("_parts_consumer_graph", " (CUDA graph, parts, every call and every base GEMV followed by"
                               " a plain consumer kernel, as in a decode step)")
+        how = how.replace("_chain_consumer_graph", " (CUDA graph, chain mode: DEC then the GEMV, final output; every call"
+                          " and every base GEMV followed by a plain consumer kernel)")
+        how = how.replace("_chain_graph", " (CUDA graph, chain mode, back to back)")
         how = how.replace("_parts_graph", " (CUDA graph, parts: no in-kernel combine, the decode path)")
         lines += ["", f"Fused DEC || {how.replace('_graph', ' (CUDA graph)')} 3-bit GEMV: slowdown over the "
                   "base GEMV at the best n_tb (n_tb)", "",

@@ -432,6 +432,144 @@ def test_ap_gemv_addnorm_errors_and_opcheck():
         torch.ops.decdec.ap_gemv_addnorm(a, b, gamma[:100], 1e-5, qw, lut)
 
 
+# ---------------------------------------------------------------------------- chain mode: DEC, then the GEMV
+CHAIN_SHAPES = LLAMA + [(5120, 7680), (17920, 5120), (8192, 1024), (4096, 520)]
+
+
+def _chain_case(n, out, seed):
+    qw, lut = make_ap(n, out, 3, torch.float16, seed)
+    qr, scales, q = make_residual(n, out, torch.float16, seed + 1)
+    return formats.pack_ap3_kernel(qw), lut, reference.ap_dequant(qw, lut.float()), qr, scales, q
+
+
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("shape", CHAIN_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_ap_gemv_dec_chain(shape, m):
+    """DEC launched first, the GEMV as its programmatic dependent writing the final output (csrc/kernels.h
+    Fused::chain): equal to W x + DEC(x) for the kernel's own selection, at every n_tb from 1 to the SM count, k_chunk
+    from 1 to 1024 (a ragged last chunk in 17920), M = 1 and 2; the same bits on every call (the counters are back at
+    zero, the chunk sums in a fixed order); k_chunk = 0 is ap_gemv itself."""
+    n, out = shape
+    pk, lut, w, qr, scales, q = _chain_case(n, out, n + out + 41)
+    x = make_x(m, n, torch.float16, n + m + 42)
+    op = torch.ops.decdec.ap_gemv_dec_chain
+    assert torch.equal(op(x, pk, lut, qr, scales, make_bounds(x, 4), 0, 16), torch.ops.decdec.ap_gemv(x, pk, lut))
+    for k_chunk in (1, 4, 32, 1024):
+        bounds = make_bounds(x, k_chunk)
+        mask = _C.dec_select(x, bounds, k_chunk)
+        ref = x.float() @ w.t() + dec_from_mask(x, mask, q, scales)
+        for n_tb in sorted({1, 16, 66, SMS}):
+            y = op(x, pk, lut, qr, scales, bounds, k_chunk, n_tb)
+            what = f"ap_gemv_dec_chain {shape} M={m} k={k_chunk} n_tb={n_tb}"
+            close(y, ref, what, rel=2.0)
+            assert torch.equal(y, op(x, pk, lut, qr, scales, bounds, k_chunk, n_tb)), what + " not deterministic"
+
+
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("shape", [(4096, 6144), (4096, 28672), (8192, 1024), (5120, 7680)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_ap_gemv_addnorm_dec_chain(shape, m):
+    """The add + norm GEMV in chain mode (DEC forms x = rms_norm(a + b) itself): h = a + b, y = W x + DEC(x)."""
+    n, out = shape
+    pk, lut, w, qr, scales, q = _chain_case(n, out, n + out + 43)
+    a, b = make_x(m, n, torch.float16, 431), make_x(m, n, torch.float16, 432)
+    gamma = (torch.rand(n, generator=gen(433), device=DEV) + 0.5).half()
+    x = reference.rms_norm(a + b, gamma, 1e-5)
+    op = torch.ops.decdec.ap_gemv_addnorm_dec_chain
+    for k_chunk in (4, 32):
+        bounds = make_bounds(x, k_chunk)
+        mask = _C.dec_select(x, bounds, k_chunk)
+        ref = x.float() @ w.t() + dec_from_mask(x, mask, q, scales)
+        for n_tb in (8, SMS):
+            y, h = op(a, b, gamma, 1e-5, pk, lut, qr, scales, bounds, k_chunk, n_tb)
+            assert torch.equal(h, a + b)
+            what = f"ap_gemv_addnorm_dec_chain {shape} M={m} k={k_chunk} n_tb={n_tb}"
+            close(y, ref, what, rel=2.0)
+            assert torch.equal(y, op(a, b, gamma, 1e-5, pk, lut, qr, scales, bounds, k_chunk, n_tb)[0]), what
+    y0, h0 = op(a, b, gamma, 1e-5, pk, lut, qr, scales, make_bounds(x, 4), 0, 16)
+    assert torch.equal(y0, torch.ops.decdec.ap_gemv_addnorm(a, b, gamma, 1e-5, pk, lut)[0])
+
+
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("shape", [(4096, 28672), (4096, 512)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_ap_gemv_addnorm_glu_dec_chain(shape, m):
+    """The GLU epilogue in chain mode: the GEMV's rows in (gate_i, up_i) pairs, DEC's residual and scales in the
+    original order; act = silu(g) * u of the combined rows (reference.ap_gemv_addnorm_glu_dec)."""
+    n, out = shape
+    qw, lut = make_ap(n, out, 3, torch.float16, n + out + 47)  # rows taken as already in pair order
+    pk = formats.pack_ap3_kernel(qw)
+    qr, scales, q = make_residual(n, out, torch.float16, n + 48)
+    a, b = make_x(m, n, torch.float16, 471), make_x(m, n, torch.float16, 472)
+    gamma = (torch.rand(n, generator=gen(473), device=DEV) + 0.5).half()
+    op = torch.ops.decdec.ap_gemv_addnorm_glu_dec_chain
+    for k_chunk in (4, 32):
+        bounds = make_bounds(reference.rms_norm(a + b, gamma, 1e-5), k_chunk)
+        want, _ = reference.ap_gemv_addnorm_glu_dec(a, b, gamma, 1e-5, qw, lut, q, scales, bounds, k_chunk)
+        for n_tb in (16, SMS):
+            act, h = op(a, b, gamma, 1e-5, pk, lut, qr, scales, bounds, k_chunk, n_tb)
+            assert act.shape == (m, out // 2) and torch.equal(h, a + b)
+            what = f"ap_gemv_addnorm_glu_dec_chain {shape} M={m} k={k_chunk} n_tb={n_tb}"
+            close(act, want, what, rel=2.0)
+            assert torch.equal(act, op(a, b, gamma, 1e-5, pk, lut, qr, scales, bounds, k_chunk, n_tb)[0]), what
+    act0, _ = op(a, b, gamma, 1e-5, pk, lut, qr, scales, make_bounds(a, 4), 0, 16)
+    assert torch.equal(act0, torch.ops.decdec.ap_gemv_addnorm_glu(a, b, gamma, 1e-5, pk, lut)[0])
+
+
+def test_dec_chain_in_a_cuda_graph_between_other_ops():
+    """Chain ops captured in one CUDA graph with a parts op and standalone DEC between them (all share the per-device
+    counters, which each must leave at zero): every replay gives the eager results."""
+    p1, l1, _, r1, s1, _ = _chain_case(4096, 6144, 51)
+    p2, l2, _, r2, s2, _ = _chain_case(14336, 4096, 52)
+    x1, x2 = make_x(1, 4096, torch.float16, 53), make_x(1, 14336, torch.float16, 54)
+    b1, b2 = make_bounds(x1, 4), make_bounds(x2, 8)
+
+    def step():
+        y1 = torch.ops.decdec.ap_gemv_dec_chain(x1, p1, l1, r1, s1, b1, 4, 16)
+        parts = torch.ops.decdec.ap_gemv_dec_parts(x1, p1, l1, r1, b1, 4, 16)
+        y2 = torch.ops.decdec.ap_gemv_dec_chain(x2, p2, l2, r2, s2, b2, 8, 66)
+        d = torch.ops.decdec.dec(x2, r2, s2, b2, 8, 16)
+        y3 = torch.ops.decdec.ap_gemv_dec_chain(x1, p1, l1, r1, s1, b1, 4, SMS)
+        return y1, parts, y2, d, y3
+
+    eager = step()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = step()
+    for _ in range(3):
+        g.replay()
+        torch.cuda.synchronize()
+        for e, o in zip(eager, outs):
+            assert torch.equal(e, o)
+    assert torch.equal(eager[0], eager[4]), "n_tb changes only the schedule, not the chain's bits"
+
+
+def test_dec_chain_errors_opcheck_and_rule():
+    pk, lut, _, qr, scales, _ = _chain_case(4096, 1024, 61)
+    qw, _ = make_ap(4096, 1024, 3, torch.float16, 61)
+    x = make_x(1, 4096, torch.float16, 62)
+    bounds = make_bounds(x, 8)
+    op = torch.ops.decdec.ap_gemv_dec_chain
+    torch.library.opcheck(op.default, (x, pk, lut, qr, scales, bounds, 8, 16))
+    with pytest.raises(RuntimeError, match="kernel layout"):
+        op(x, qw, lut, qr, scales, bounds, 8, 16)  # bit-planes: the _dec_parts ops serve them
+    with pytest.raises(RuntimeError, match="n_tb"):
+        op(x, pk, lut, qr, scales, bounds, 8, 100000)
+    a, b = make_x(1, 4096, torch.float16, 63), make_x(1, 4096, torch.float16, 64)
+    gamma = torch.ones(4096, device=DEV, dtype=torch.float16)
+    torch.library.opcheck(torch.ops.decdec.ap_gemv_addnorm_dec_chain.default,
+                          (a, b, gamma, 1e-5, pk, lut, qr, scales, bounds, 8, 16))
+    torch.library.opcheck(torch.ops.decdec.ap_gemv_addnorm_glu_dec_chain.default,
+                          (a, b, gamma, 1e-5, pk, lut, qr, scales, bounds, 8, 16))
+    for n in range(128, 32768 + 1, 128):
+        assert ops.dec_chain_supported(3, n) == _C.ap_dec_chain_supported(3, n), n
+
+
 # ---------------------------------------------------------------------------- the 3-bit kernel layout
 KERNEL_LAYOUT_SHAPES = LLAMA + PHI3 + [(8192, 1024), (28672, 8192), (4096, 1001)]
 

@@ -197,9 +197,11 @@ def test_addnorm_decode_equals_separate_ops(monkeypatch):
     assert (compiled - fused).abs().max() / scale < 0.02, "compiled fused decode differs from eager"
 
 
-def test_kernel_layout_model_equals_bitplanes():
+def test_kernel_layout_model_equals_bitplanes(monkeypatch):
     """A model built on CUDA holds its 3-bit fp16 ap weights in the kernels' layout (QuantLinear.use_kernel_layout),
-    and decodes to the same logits, bit for bit, as with the checkpoint's bit-planes."""
+    and decodes to the same logits, bit for bit, as with the checkpoint's bit-planes (DEC in parts mode for both: the
+    chain ops serve the kernel layout only). In chain mode (the default for the kernel layout) the logits match the
+    parts mode's up to rounding: the combine's fma and the add + norm fusion it keeps round differently."""
     _kernels_or_skip()
     from decdec import formats
     from decdec.config import DecConfig, KChunk
@@ -219,7 +221,12 @@ def test_kernel_layout_model_equals_bitplanes():
             return torch.stack([model(tokens[i:i + 1].view(1, 1).to(dev), torch.tensor([i], device=dev))[0, -1]
                                 for i in range(8, 16)])
 
+    assert [m.dec_chain for m in lins] == [m.k_chunk > 0 for m in lins] and any(m.dec_chain for m in lins)
+    chain = run()
+    monkeypatch.setenv("DECDEC_DEC_CHAIN", "0")
+    assert not any(m.dec_chain for m in lins)
     packed = run()
+    torch.testing.assert_close(chain.float(), packed.float(), rtol=2e-2, atol=2e-2)
     for m in lins:
         m.qweight = formats.unpack_ap3_kernel(m.qweight)
     assert not any(formats.is_ap3_kernel_layout(m.qweight, m.lut) for m in lins)

@@ -229,6 +229,13 @@ def test_add_norm_project_keeps_separate_ops_after_a_dec_projection():
     assert probe.fused_calls == 1
     assert torch.equal(h1, a + b) and torch.equal(h2, a + b) and torch.allclose(y1, y2)
 
+    class Chain(Dec):  # DEC in chain mode: the projection's output is final, nothing to combine
+        dec_chain = True
+
+    y3, h3 = add_norm_project(probe, a, b, norm, Chain())
+    assert probe.fused_calls == 2, "after a chain-mode DEC projection the fused add + norm GEMV stays"
+    assert torch.equal(h3, a + b) and torch.allclose(y3, y1)
+
 
 @torch.no_grad()
 def test_glu_layout_model_decodes_the_same_logits():

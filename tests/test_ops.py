@@ -48,6 +48,7 @@ def _args(name, d, k_chunk=16, n_tb=4):
             d["x"], d["binary"], d["alpha"], d["q_bias"], d["q_residual"], d["scales"], d["bounds"], k_chunk, n_tb
         ),
         "ap_gemv_dec_parts": (d["x"], d["qweight"], d["lut"], d["q_residual"], d["bounds"], k_chunk, n_tb),
+        "ap_gemv_dec_chain": (d["x"], d["qweight"], d["lut"], d["q_residual"], d["scales"], d["bounds"], k_chunk, n_tb),
         "lutgemm_gemv_dec_parts": (
             d["x"], d["binary"], d["alpha"], d["q_bias"], d["q_residual"], d["bounds"], k_chunk, n_tb
         ),
@@ -55,7 +56,8 @@ def _args(name, d, k_chunk=16, n_tb=4):
 
 
 PARTS_OPS = ["ap_gemv_dec_parts", "lutgemm_gemv_dec_parts"]
-ALL_OPS = ["ap_gemv", "ap_dequant", "lutgemm_gemv", "lutgemm_dequant", "dec", "ap_gemv_dec", "lutgemm_gemv_dec"] + PARTS_OPS
+ALL_OPS = ["ap_gemv", "ap_dequant", "lutgemm_gemv", "lutgemm_dequant", "dec", "ap_gemv_dec", "lutgemm_gemv_dec",
+           "ap_gemv_dec_chain"] + PARTS_OPS
 N_CHUNKS = 2  # IN = 1152: one full and one ragged 1024-channel chunk
 EXPECTED_SHAPE = {"ap_dequant": (OUT, IN), "lutgemm_dequant": (OUT, IN)}
 
@@ -65,6 +67,8 @@ def _expected_shape(name, m=M):
 
 
 def _reference(name, args):
+    if name == "ap_gemv_dec_chain":  # the fused op's semantics; only the CUDA schedule differs
+        return reference.ap_gemv_dec(*args[:-1])
     if name in ("dec", "ap_gemv_dec", "lutgemm_gemv_dec", *PARTS_OPS):
         return getattr(reference, name)(*args[:-1])  # the reference has no n_tb
     return getattr(reference, name)(*args)
@@ -242,6 +246,49 @@ def test_addnorm_dec_parts_op_is_add_then_rmsnorm_then_parts():
     assert fp.shape == (1 + N_CHUNKS, M, OUT) and fp.dtype == torch.float32 and fh.shape == (M, IN)
     with pytest.raises(RuntimeError, match="k_chunk must be in"):
         OPS.ap_gemv_addnorm_dec_parts(*args[:8], 2000, 4)
+
+
+def test_addnorm_dec_chain_ops_are_add_then_rmsnorm_then_the_fused_op():
+    """ap_gemv_addnorm_dec_chain = ap_gemv_dec on rms_norm(a + b), h = a + b; the GLU variant (rows in pair order, DEC's
+    residual and scales in the original order) = silu(gate) * up of the combined rows in the original order; fakes,
+    opcheck, k_chunk = 0 is the op without DEC."""
+    d = _inputs(torch.float16, seed=21)
+    b = torch.randn(M, IN, generator=torch.Generator().manual_seed(22)).half()
+    gamma = (torch.rand(IN, generator=torch.Generator().manual_seed(23)) + 0.5).half()
+    args = (d["x"], b, gamma, 1e-5, d["qweight"], d["lut"], d["q_residual"], d["scales"], d["bounds"], 16, 4)
+    y, h = OPS.ap_gemv_addnorm_dec_chain(*args)
+    xn = reference.rms_norm(d["x"] + b, gamma, 1e-5)
+    assert torch.equal(h, d["x"] + b)
+    fused = OPS.ap_gemv_dec(xn, d["qweight"], d["lut"], d["q_residual"], d["scales"], d["bounds"], 16, 4)
+    assert torch.equal(y, fused) and not torch.equal(y, OPS.ap_gemv(xn, d["qweight"], d["lut"]))
+    act, h2 = OPS.ap_gemv_addnorm_glu_dec_chain(*args)
+    assert torch.equal(h2, h) and act.shape == (M, OUT // 2)
+    w = reference.ap_dequant(d["qweight"], d["lut"].float())  # rows in pair order: (gate_i, up_i)
+    y_orig = (formats.glu_unpair(xn.float() @ w.t())
+              + reference.dec_residual(xn, d["q_residual"], d["scales"], d["bounds"], 16)).half()
+    g, u = y_orig.chunk(2, dim=-1)
+    assert torch.equal(act, (torch.nn.functional.silu(g.float()) * u.float()).half())
+    no_dec = args[:9] + (0, 4)
+    assert torch.equal(OPS.ap_gemv_addnorm_glu_dec_chain(*no_dec)[0],
+                       OPS.ap_gemv_addnorm_glu(d["x"], b, gamma, 1e-5, d["qweight"], d["lut"])[0])
+    for op, shape in ((OPS.ap_gemv_addnorm_dec_chain, (M, OUT)), (OPS.ap_gemv_addnorm_glu_dec_chain, (M, OUT // 2))):
+        result = torch.library.opcheck(op.default, args, test_utils=("test_schema", "test_faketensor"))
+        assert all(v == "SUCCESS" for v in result.values()), result
+        with FakeTensorMode() as mode:
+            fy, fh = op(*(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args))
+        assert fy.shape == shape and fh.shape == (M, IN)
+        with pytest.raises(RuntimeError, match="k_chunk must be in"):
+            op(*args[:9], 2000, 4)
+
+
+@pytest.mark.parametrize("n,ok", [(4096, True), (14336, True), (5120, True), (1152, False), (4160, False)])
+def test_dec_chain_supported_rule(n, ok, monkeypatch):
+    """Chain mode serves 3-bit fp16 weights in the kernel layout (its CUDA twin is checked on the GPU);
+    DECDEC_DEC_CHAIN=0 turns it off."""
+    assert decdec.ops.dec_chain_supported(3, n) is ok
+    assert not decdec.ops.dec_chain_supported(4, n)
+    monkeypatch.setenv("DECDEC_DEC_CHAIN", "0")
+    assert not decdec.ops.dec_chain_supported(3, n)
 
 
 @pytest.mark.parametrize("n,ok", [(4096, True), (8192, True), (14336, False), (5120, True), (2048, True),

@@ -289,3 +289,28 @@ def test_uses_glu_follows_the_gate_up_layout():
     assert not tune.uses_glu(model)  # CPU: the layout is never chosen
     assert all(m.use_glu_layout(force=True) for p, _, m in model.linears() if p == "gate_up")
     assert tune.uses_glu(model)
+
+
+def test_chain_mode_skips_the_fusion_charge(tmp_path, cache_dir, monkeypatch):
+    """With the DEC projections in chain mode (their outputs final, every fusion kept), the tune task times no step
+    without the fused GEMVs and charges nothing for fusions; uses_dec_chain is False on the CPU."""
+    import os
+
+    from conftest import run_inprocess
+    from decdec.run import Run
+    from decdec.synthetic import build_synthetic
+
+    model = build_synthetic("tiny", "ap", 3, False, torch.float16, torch.device("cpu"), DecConfig(name="t", n_tb=1)).model
+    assert not tune.uses_dec_chain(model)
+    monkeypatch.setattr(tune, "uses_dec_chain", lambda model: True)
+    monkeypatch.setattr(tune, "uses_fused_addnorm", lambda model: True)
+    env_seen = []
+
+    def fake(self, built, prompt, tokens, samples):
+        env_seen.append(os.environ.get("DECDEC_ADDNORM"))
+        return 100.0
+
+    monkeypatch.setattr(Run, "_decode_rate", fake)
+    summary = run_inprocess(TUNE, tmp_path / "run", cache_dir)
+    assert "0" not in env_seen, "chain mode must not time a step without the fusions"
+    assert summary["fusion_us"] == 0.0
