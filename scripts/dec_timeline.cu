@@ -3,8 +3,9 @@
 // consumer kernel that reads both. %globaltimer stamps: producer end, every DEC block's unit start / selection done /
 // fetch done / partial stored / arrival done, consumer start; medians over the graph's iterations (x permuted per
 // iteration, so the selected rows change and the L2 does not keep them). Modes: fused (DEC || GEMV), DEC alone
-// (same fork / join, no GEMV), GEMV alone; and inside the selection: until the warps' histograms are shared, the
-// offsets scanned, the list written, and the final barrier.
+// (same fork / join, no GEMV), GEMV alone, and chain (ap_gemv_dec_chain: DEC first, the GEMV as its programmatic
+// dependent writing the final output; "arrive" is then DEC's publish of its partial); and inside the selection: until
+// the warps' histograms are shared, the offsets scanned, the list written, and the final barrier.
 // Pure CUDA (no torch), GPU machine:
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -Icsrc scripts/dec_timeline.cu csrc/ap_gemv.cu \
 //     -o /tmp/tl && /tmp/tl [4096x4096]
@@ -84,12 +85,15 @@ int main(int argc, char** argv) {
       CK(cudaMalloc(&lut[c], out * 16));
       CK(cudaMemcpy(lut[c], hl.data(), out * 16, cudaMemcpyHostToDevice));
     }
-    __half *src, *x;
+    __half *src, *x, *y, *scales;
     float *bounds, *acc, *scratch;
     int* dcount;
     CK(cudaMalloc(&src, in * 2));
     CK(cudaMemcpy(src, hx.data(), in * 2, cudaMemcpyHostToDevice));
     CK(cudaMalloc(&x, in * 2));
+    CK(cudaMalloc(&y, out * 2));
+    CK(cudaMalloc(&scales, out * 2));
+    CK(cudaMemset(scales, 0, out * 2));
     CK(cudaMalloc(&bounds, 8));
     const float hb[2] = {3.3f, 2.0f};
     CK(cudaMemcpy(bounds, hb, 8, cudaMemcpyHostToDevice));
@@ -110,9 +114,10 @@ int main(int argc, char** argv) {
 
     for (int k : {1, 4, 16}) {
       for (int n_tb : {16, 32, 66, 132}) {
-        for (int mode = 0; mode < 3; ++mode) {  // fused, DEC alone, GEMV alone
+        for (int mode = 0; mode < 4; ++mode) {  // fused, DEC alone, GEMV alone, chain
           if (mode == 2 && (k != 1 || n_tb != 16)) continue;
           const bool with_dec = mode != 2, with_gemv = mode != 1;
+          const bool chain = mode == 3;
           Fused f;
           f.gpart = acc;
           f.dec_slice = dec_slice_size(in, out, n_tb);
@@ -129,6 +134,12 @@ int main(int argc, char** argv) {
           const bool packed = true;
           auto step = [&](cudaStream_t st, int i) {
             tl_producer<<<1, 256, 0, st>>>(i, src, x, in);
+            if (chain) {  // counters: their own zeroed words, past the DEC slice counters
+              CK(ap_gemv_dec_chain(x, qw[i % copies], lut[i % copies], qr, scales, bounds, y, scratch, dcount + 65536,
+                                   1, in, out, k, n_tb, st));
+              tl_consumer<<<1, 32, 0, st>>>(i, acc);
+              return;
+            }
             if (with_dec) {
               CK(cudaEventRecord(fork, st));
               CK(cudaStreamWaitEvent(side, fork, 0));
@@ -179,7 +190,7 @@ int main(int argc, char** argv) {
             dend.push_back(last);
             dp50.push_back(median(ends));
           }
-          const char* mn[] = {"fused", "dec", "gemv"};
+          const char* mn[] = {"fused", "dec", "gemv", "chain"};
           if (mode == 2)
             printf("%-11s %3s %4s %-6s | %7.2f | %6s %6s %6s %6s %6s | %7s %7s | %7.2f\n", name, "-", "-", mn[mode],
                    per_it, "", "", "", "", "", "", "", median(cons));
@@ -195,7 +206,7 @@ int main(int argc, char** argv) {
       cudaFree(qw[c]);
       cudaFree(lut[c]);
     }
-    cudaFree(src); cudaFree(x); cudaFree(bounds); cudaFree(acc); cudaFree(scratch); cudaFree(dcount);
+    cudaFree(src); cudaFree(x); cudaFree(y); cudaFree(scales); cudaFree(bounds); cudaFree(acc); cudaFree(scratch); cudaFree(dcount);
     cudaFreeHost(qr_host);
     cudaStreamDestroy(side);
   }
