@@ -79,6 +79,7 @@ class QuantLinear(nn.Module):
                 and ops.ap3_kernel_layout(self.bits, self.lut.dtype, self.in_features)):
             return False
         self.qweight = formats.pack_ap3_kernel(self.qweight)
+        ops.has_pdl(self.qweight.device)  # cached now, outside any compiled step (dec_chain reads it)
         return True
 
     def use_glu_layout(self, force: bool = False) -> bool:
@@ -107,7 +108,7 @@ class QuantLinear(nn.Module):
         beside the GEMV and returns parts (``decode_kernels``)."""
         return (self.k_chunk > 0 and self.backend == "ap" and self.qweight.is_cuda
                 and formats.is_ap3_kernel_layout(self.qweight, self.lut)
-                and ops.dec_chain_supported(self.bits, self.in_features))
+                and ops.dec_chain_supported(self.bits, self.in_features, self.qweight.device))
 
     def _unpair(self, y: torch.Tensor) -> torch.Tensor:
         return formats.glu_unpair(y) if self.glu_pairs else y

@@ -289,15 +289,33 @@ def _(a, b, gamma, eps, qweight, lut, q_residual, scales, bounds, k_chunk, n_tb)
     return a.new_empty((a.shape[0], out // 2)), torch.empty_like(a)
 
 
-def dec_chain_supported(bits: int, in_features: int) -> bool:
+def dec_chain_supported(bits: int, in_features: int, device: torch.device | None = None) -> bool:
     """Where the ``*_dec_chain`` ops' CUDA kernels serve (csrc ``ap_dec_chain_supported``; checked against it on the
     GPU): 3-bit fp16 weights in the kernel layout (``ap3_kernel_layout``). Chain mode runs DEC, then the GEMV as its
     programmatic dependent, in one stream, and the GEMV writes the final output (csrc/kernels.h ``Fused::chain``);
-    elsewhere DEC runs beside the GEMV on a side stream and returns parts for the caller's combine.
+    elsewhere DEC runs beside the GEMV on a side stream and returns parts for the caller's combine. With ``device``:
+    also whether chain mode pays there -- it needs programmatic dependent launch (compute capability >= 9, and not
+    ``DECDEC_PDL=0``); without it DEC and the GEMV would run one after the other.
     ``DECDEC_DEC_CHAIN=0`` keeps the parts ops (same-machine A/B)."""
     if os.environ.get("DECDEC_DEC_CHAIN", "1") == "0":
         return False
+    if device is not None and (os.environ.get("DECDEC_PDL", "1") == "0" or not has_pdl(device)):
+        return False
     return ap3_kernel_layout(bits, torch.float16, in_features)
+
+
+_PDL: dict[int, bool] = {}
+
+
+@torch.compiler.assume_constant_result  # a property of the device: a compiled step treats it as a constant
+def has_pdl(device: torch.device) -> bool:
+    """Compute capability >= 9 (programmatic dependent launch), cached per CUDA device; False off CUDA."""
+    if device.type != "cuda":
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _PDL:
+        _PDL[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    return _PDL[idx]
 
 
 def addnorm_supported(bits: int, in_features: int) -> bool:

@@ -99,7 +99,7 @@ def uses_dec_chain(model) -> bool:
     mods = [m for _, _, m in model.linears()]
     return bool(mods) and all(getattr(m, "backend", None) == "ap" and m.qweight.is_cuda
                               and formats.is_ap3_kernel_layout(m.qweight, m.lut)
-                              and ops.dec_chain_supported(m.bits, m.in_features) for m in mods)
+                              and ops.dec_chain_supported(m.bits, m.in_features, m.qweight.device) for m in mods)
 
 
 def uses_glu(model) -> bool:

@@ -445,3 +445,18 @@ def test_compile_inductor_fullgraph_matches_eager():
     step = _decode_step(ops_args)
     compiled = torch.compile(step, fullgraph=True, backend="inductor")
     torch.testing.assert_close(compiled(x), step(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dec_chain_needs_programmatic_launch_on_the_device(monkeypatch):
+    """Given a device, chain mode also needs programmatic dependent launch there (compute capability >= 9, DECDEC_PDL
+    not 0): without it DEC and the GEMV would run one after the other, and the parts ops serve instead."""
+    import decdec.ops as ops
+
+    assert not ops.dec_chain_supported(3, 4096, torch.device("cpu"))
+    monkeypatch.setitem(ops._PDL, 0, True)
+    assert ops.dec_chain_supported(3, 4096, torch.device("cuda", 0))
+    monkeypatch.setenv("DECDEC_PDL", "0")
+    assert not ops.dec_chain_supported(3, 4096, torch.device("cuda", 0))
+    monkeypatch.setenv("DECDEC_PDL", "1")
+    monkeypatch.setitem(ops._PDL, 0, False)  # e.g. an A100
+    assert not ops.dec_chain_supported(3, 4096, torch.device("cuda", 0))
