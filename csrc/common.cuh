@@ -287,10 +287,11 @@ bool is_fused_launch(const A& a) {
   return false;
 }
 
+// Launch `kernel`, as a programmatic dependent of the kernel before it in the stream when `pdl` (and PDL is on and the
+// device has it).
 template <typename... KArgs, typename... Args>
-cudaError_t launch_gemv_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                               Args&&... args) {
-  const bool fused = (false || ... || is_fused_launch(args));
+cudaError_t launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool pdl,
+                          Args&&... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
@@ -300,8 +301,15 @@ cudaError_t launch_gemv_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, 
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = pdl_enabled() && device_has_pdl() && !fused ? 1 : 0;
+  cfg.numAttrs = pdl && pdl_enabled() && device_has_pdl() ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
+template <typename... KArgs, typename... Args>
+cudaError_t launch_gemv_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                               Args&&... args) {
+  const bool fused = (false || ... || is_fused_launch(args));
+  return launch_kernel(kernel, grid, block, smem, stream, !fused, std::forward<Args>(args)...);
 }
 
 // Multiprocessor count of the current device (cached per device).

@@ -464,17 +464,8 @@ cudaError_t launch_dec(const void* x, const uint32_t* qr, const void* scales, co
     const cudaError_t err = allow_smem(kernel, smem);
     if (err != cudaSuccess) return err;
     // chain mode: a programmatic dependent of the kernel before it (it waits for that kernel itself)
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(n_tb);
-    cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = fs.chain && pdl_enabled() && device_has_pdl() ? 1 : 0;
-    return cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(x), qr, bounds, M, in, out, k_chunk, spc, slice, fs);
+    return launch_kernel(kernel, dim3(n_tb), dim3(kThreads), smem, stream, fs.chain != nullptr,
+                         static_cast<const T*>(x), qr, bounds, M, in, out, k_chunk, spc, slice, fs);
   };
   if (fs.norm.gamma) {  // beside the add + norm GEMV: fp16, the shapes ap_addnorm_supported serves
     if constexpr (std::is_same_v<T, __half>) {

@@ -196,8 +196,9 @@ def _(x, q_residual, scales, bounds, k_chunk, n_tb):
     return _empty_out(x, out)
 
 
+@torch.library.register_fake("decdec::ap_gemv_dec_chain")  # the same op as ap_gemv_dec, scheduled differently
 @torch.library.register_fake("decdec::ap_gemv_dec")
-def _(x, qweight, lut, q_residual, scales, bounds, k_chunk, n_tb):
+def _fake_ap_gemv_dec(x, qweight, lut, q_residual, scales, bounds, k_chunk, n_tb):
     out, n = _ap_shape(qweight, lut)
     _check_x(x, n)
     _check_dec(q_residual, scales, bounds, k_chunk, n_tb, out, n)
@@ -264,14 +265,6 @@ def _(a, b, gamma, eps, qweight, lut, q_residual, bounds, k_chunk, n_tb):
     out, n = _check_addnorm(a, b, gamma, eps, qweight, lut)
     _check_dec(q_residual, None, bounds, k_chunk, n_tb, out, n)
     return a.new_empty((1 + reference.dec_parts_rows(n), a.shape[0], out), dtype=torch.float32), torch.empty_like(a)
-
-
-@torch.library.register_fake("decdec::ap_gemv_dec_chain")
-def _(x, qweight, lut, q_residual, scales, bounds, k_chunk, n_tb):
-    out, n = _ap_shape(qweight, lut)
-    _check_x(x, n)
-    _check_dec(q_residual, scales, bounds, k_chunk, n_tb, out, n)
-    return _empty_out(x, out)
 
 
 @torch.library.register_fake("decdec::ap_gemv_addnorm_dec_chain")
