@@ -377,8 +377,9 @@ def _(x, q_residual, scales, bounds, k_chunk, n_tb):
     return reference.dec(x, q_residual, scales, bounds, k_chunk)
 
 
+@torch.library.impl(_lib, "ap_gemv_dec_chain", "CPU")  # the same op as ap_gemv_dec, scheduled differently on CUDA
 @torch.library.impl(_lib, "ap_gemv_dec", "CPU")
-def _(x, qweight, lut, q_residual, scales, bounds, k_chunk, n_tb):
+def _cpu_ap_gemv_dec(x, qweight, lut, q_residual, scales, bounds, k_chunk, n_tb):
     out, n = _ap_shape(qweight, lut)
     _check_x(x, n)
     _check_dec(q_residual, scales, bounds, k_chunk, n_tb, out, n)
@@ -427,14 +428,6 @@ def _(a, b, gamma, eps, qweight, lut, q_residual, bounds, k_chunk, n_tb):
     out, n = _check_addnorm(a, b, gamma, eps, qweight, lut)
     _check_dec(q_residual, None, bounds, k_chunk, n_tb, out, n)
     return reference.ap_gemv_addnorm_dec_parts(a, b, gamma, eps, qweight, lut, q_residual, bounds, k_chunk)
-
-
-@torch.library.impl(_lib, "ap_gemv_dec_chain", "CPU")
-def _(x, qweight, lut, q_residual, scales, bounds, k_chunk, n_tb):
-    out, n = _ap_shape(qweight, lut)
-    _check_x(x, n)
-    _check_dec(q_residual, scales, bounds, k_chunk, n_tb, out, n)
-    return reference.ap_gemv_dec(x, qweight, lut, q_residual, scales, bounds, k_chunk)
 
 
 @torch.library.impl(_lib, "ap_gemv_addnorm_dec_chain", "CPU")
