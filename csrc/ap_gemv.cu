@@ -861,9 +861,20 @@ bool use_mma_kernel(int bits, bool f16, int in) {
 // one wave (two blocks per SM, less the `reserve` slots of a concurrent DEC kernel), unless the
 // blocks then pile up unevenly (some SMs two blocks, the measured 5120x5120 / 17920x5120 case) and
 // one block per SM runs clearly fewer groups per SM.
+// A/B knob (environment DECDEC_GEMV_RESERVE, default 0): SM slots every fast 3-bit GEMV leaves free beyond those of
+// its own DEC, e.g. for the DEC blocks of the next projection's chain op, which otherwise become resident only as this
+// GEMV's blocks drain (docs/PERF.md, session 12, next calls).
+int gemv_extra_reserve() {
+  static const int r = [] {
+    const char* e = std::getenv("DECDEC_GEMV_RESERVE");
+    return e ? max(0, atoi(e)) : 0;
+  }();
+  return r;
+}
+
 int mma_block_rows(int out, int reserve) {
   const int sms = device_sms();
-  const int slots = max(sms, 2 * sms - max(reserve, 0));
+  const int slots = max(sms, 2 * sms - max(reserve, 0) - gemv_extra_reserve());
   const int groups = ceil_div(out, 16);
   int gpb = ceil_div(groups, slots);
   const int per_sm = gpb * ceil_div(ceil_div(groups, gpb), sms);
@@ -894,7 +905,7 @@ int stream_block_rows(int out, int reserve) {
   const int sms = device_sms();
   constexpr int R = kStreamRows, per_sm = stream_blocks_per_sm<R>();
   // a DEC block (256 threads x 128 registers) displaces one 2-row block or two 1-row blocks
-  const int blocks = max(sms, per_sm * sms - max(reserve, 0) * (R == 2 ? 1 : 2));
+  const int blocks = max(sms, per_sm * sms - (max(reserve, 0) + gemv_extra_reserve()) * (R == 2 ? 1 : 2));
   return max(R, ceil_div(ceil_div(out, blocks), R) * R);
 }
 
