@@ -346,7 +346,9 @@ def main() -> int:
         print(f"{n}x{out}: ap3 {r['ap3'][0]:.1f} us ({r['ap3'][1]:.0f} GB/s) lg3 {r['lg3'][0]:.1f} us "
               f"fp16 {r['fp16'][0]:.1f} us; fused ap k=4 {r['fused_ap'][4][1]:+.1f}%, "
               f"parts (graph) {r['fused_ap_parts_graph'][4][1]:+.1f}% "
-              f"[{time.time() - t0:.0f} s]", flush=True)
+              + (f"chain + consumer (graph) {r['fused_ap_chain_consumer_graph'][4][1]:+.1f}% "
+                 if "fused_ap_chain_consumer_graph" in r else "")
+              + f"[{time.time() - t0:.0f} s]", flush=True)
     write_csv(out_dir / "bench_kernels.csv", rows)
     md = markdown(summary, ceil, card)
     (out_dir / "bench_kernels.md").write_text(md)
