@@ -24,6 +24,29 @@
 #include "common.cuh"
 
 namespace decdec {
+#ifdef DECDEC_GEMV_PROBE
+// scripts/dec_timeline.cu -DDECDEC_GEMV_PROBE: per tensor-core / streaming GEMV block (token 0) its SM and %globaltimer
+// at start, after x was staged, after the main loop, at the end. Nothing in a normal build.
+__device__ unsigned long long g_gemv_probe[1024][5];
+void* gemv_probe_ptr() {
+  void* p = nullptr;
+  cudaGetSymbolAddress(&p, g_gemv_probe);
+  return p;
+}
+#define GEMV_STAMP(i)                                                                                       \
+  if (threadIdx.x == 0 && blockIdx.y == 0 && blockIdx.x < 1024) {                                          \
+    unsigned long long t_;                                                                                  \
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                                                  \
+    g_gemv_probe[blockIdx.x][1 + (i)] = t_;                                                                 \
+    if ((i) == 0) {                                                                                         \
+      unsigned sm_;                                                                                         \
+      asm volatile("mov.u32 %0, %%smid;" : "=r"(sm_));                                                      \
+      g_gemv_probe[blockIdx.x][0] = sm_;                                                                    \
+    }                                                                                                       \
+  }
+#else
+#define GEMV_STAMP(i)
+#endif
 namespace {
 
 constexpr int kThreads = 256;
@@ -449,6 +472,23 @@ __device__ __forceinline__ void chain_wait_x(const Fused& f) {
   __syncthreads();
 }
 
+// DEC's sum for output r of token m: its chunk partials in chunk order, their loads in flight together (14 at
+// in = 14336: one L2 round trip).
+__device__ __forceinline__ float chain_dec_sum(const Fused& f, int m, int out, int r) {
+  constexpr int kBatch = 16;
+  const size_t ps = (size_t)f.n_tokens * out;
+  const float* dp = f.dpart + (size_t)m * out;
+  float acc = 0.f;
+  for (int c0 = 0; c0 < f.dec_parts; c0 += kBatch) {
+    float t[kBatch];
+#pragma unroll
+    for (int q = 0; q < kBatch; ++q) t[q] = c0 + q < f.dec_parts ? __ldcg(dp + (c0 + q) * ps + r) : 0.f;
+#pragma unroll
+    for (int q = 0; q < kBatch; ++q) acc += t[q];
+  }
+  return acc;
+}
+
 // The block's rows [r0, r1) of token m, their fp32 GEMV sums in rows[i * stride] (shared memory, complete after the
 // barrier): wait for every DEC unit of token m, then y = cast(gemv + scale * sum of the chunk partials in chunk
 // order), as fused_arrive writes it; GLU (rows in (gate_i, up_i) pairs, DEC and scales in the original order, r0
@@ -462,20 +502,7 @@ __device__ void chain_combine(const Fused& f, const float* rows, int stride, int
     while (ld_acquire_gpu(f.chain + 1 + m) < f.chain_units) __nanosleep(32);
   __syncthreads();
   const __half* sc = static_cast<const __half*>(f.dec_scales);
-  const size_t ps = (size_t)f.n_tokens * out;
-  const float* dp = f.dpart + (size_t)m * out;
-  auto dsum = [&](int r) {  // the chunk partials' loads in flight together (14 at in = 14336: one L2 round trip)
-    constexpr int kBatch = 16;
-    float acc = 0.f;
-    for (int c0 = 0; c0 < f.dec_parts; c0 += kBatch) {
-      float t[kBatch];
-#pragma unroll
-      for (int q = 0; q < kBatch; ++q) t[q] = c0 + q < f.dec_parts ? __ldcg(dp + (c0 + q) * ps + r) : 0.f;
-#pragma unroll
-      for (int q = 0; q < kBatch; ++q) acc += t[q];  // in chunk order, as before
-    }
-    return acc;
-  };
+  auto dsum = [&](int r) { return chain_dec_sum(f, m, out, r); };
   if constexpr (GLU) {
     const int half = out / 2;
     for (int p = threadIdx.x; 2 * p < r1 - r0; p += blockDim.x) {
@@ -524,6 +551,7 @@ __global__ void __launch_bounds__(kStreamThreads, stream_blocks_per_sm<R>())
       d.l[j] = __ldg(reinterpret_cast<const uint4*>(lut + (size_t)r * 8));
     }
   };
+  GEMV_STAMP(0);
   StreamItem<R> bufA, bufB;
   if (n_items > 0) load(bufA, 0);
   if constexpr (CHAIN) chain_wait_x(fused);  // DEC before this kernel has seen x complete
@@ -533,6 +561,7 @@ __global__ void __launch_bounds__(kStreamThreads, stream_blocks_per_sm<R>())
   if constexpr (NORM) stage_x_addnorm<kStreamThreads>(x + (size_t)m * in, an, m, in, xs, reinterpret_cast<float*>(flags));
   else stage_x_swizzled<kStreamThreads>(x + (size_t)m * in, in, xs);
   __syncthreads();
+  GEMV_STAMP(1);
 
   float* gpart = fused.gpart ? fused.gpart + (size_t)m * out : nullptr;
   // chunk 16g + j of group g sits at 16g + (j ^ (g & 7)), and g & 7 == lane & 7 for every item
@@ -627,8 +656,10 @@ __global__ void __launch_bounds__(kStreamThreads, stream_blocks_per_sm<R>())
     if (i + 2 < n_items) load(bufA, i + 2);
     compute(bufB, i + 1);
   }
+  GEMV_STAMP(2);
   if constexpr (CHAIN) chain_combine<GLU>(fused, s_rows, 1, m, r0, r1, out, y);
   else if (fused.on()) fused_arrive<__half, R == 2 ? 4 : 2>(fused, m, blockIdx.x, blockIdx.x + 1, out, flags);
+  GEMV_STAMP(3);
 }
 
 // 3-bit fp16 tensor-core GEMV (in % 512 == 0; the decode hot path). A warp item is 16 rows x 16 words
@@ -673,9 +704,66 @@ __device__ __forceinline__ void ap3_mma_step(const uint32_t (&A)[2], const uint3
   mma16816(acc1, w0[2], w1[2], w0[3], w1[3], xv.z, xv.w);
 }
 
+// One lane's share of warp item (16-row group with first row rb, k-slice ks): rows rb + g and rb + g + 8 (rows at or
+// past r1 decode row r1 - 1, never stored), 3 planes x 4 words, and the two rows' LUTs.
+template <bool PACKED>
+__device__ __forceinline__ void mma_load_item(MmaItem& d, const uint32_t* __restrict__ qw, const __half* __restrict__ lut,
+                                              int rb, int r1, int ks, int g, int t, int words, size_t plane) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    int r = rb + g + 8 * h;
+    r = r < r1 ? r : r1 - 1;
+    const uint32_t* p = PACKED ? qw + kl_offset(r, words, 4 * (4 * ks + t)) : qw + (size_t)r * words + 4 * (4 * ks + t);
+#pragma unroll
+    for (int q = 0; q < 3; ++q) {  // d.w[h][q][v]: plane q (PACKED: word W_q) of group 4 (4 ks + t) + v
+      const uint4 v = ldg_stream_v4(p + (PACKED ? 8 * q : q * plane));
+      d.w[h][q][0] = v.x; d.w[h][q][1] = v.y; d.w[h][q][2] = v.z; d.w[h][q][3] = v.w;
+    }
+    d.l[h] = __ldg(reinterpret_cast<const uint4*>(lut + (size_t)r * 8));
+  }
+}
+
+// acc0 / acc1 += the item's 16 rows times x's k-slice ks (x staged by stage_x_swizzled at xs_base).
+template <bool PACKED>
+__device__ __forceinline__ void mma_compute_item(const MmaItem& c, int ks, int t, uint32_t xs_base, float (&acc0)[4],
+                                                 float (&acc1)[4]) {
+  uint32_t lt[2][4];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) lut_tables(c.l[h], lt[h][0], lt[h][1], lt[h][2], lt[h][3]);
+  // the lane's words 4 (4 ks + t) + v; chunk c of x sits at xs_swz(c) = c ^ ((c >> 4) & 7), so for
+  // the 4-word group g4 = 4 ks + t chunk 16 g4 + c' sits at 16 g4 + (c' ^ (g4 & 7))
+  const int g4 = 4 * ks + t;
+  const uint32_t gbase = xs_base + 256u * (uint32_t)g4, sw = (uint32_t)(g4 & 7);
+#pragma unroll
+  for (int v = 0; v < 4; ++v) {
+    uint32_t A[2], B[2], C[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if constexpr (PACKED) {
+        A[h] = c.w[h][0][v]; B[h] = c.w[h][1][v]; C[h] = c.w[h][2][v];
+      } else {
+        A[h] = c.w[h][0][v];
+        B[h] = __funnelshift_l(c.w[h][1][v], c.w[h][1][v], 1);
+        C[h] = __funnelshift_l(c.w[h][2][v], c.w[h][2][v], 2);
+      }
+    }
+    ap3_mma_step<0, PACKED>(A, B, C, lt, gbase + 16u * ((4u * v + 0) ^ sw), acc0, acc1);
+    ap3_mma_step<1, PACKED>(A, B, C, lt, gbase + 16u * ((4u * v + 1) ^ sw), acc0, acc1);
+    ap3_mma_step<2, PACKED>(A, B, C, lt, gbase + 16u * ((4u * v + 2) ^ sw), acc0, acc1);
+    ap3_mma_step<3, PACKED>(A, B, C, lt, gbase + 16u * ((4u * v + 3) ^ sw), acc0, acc1);
+  }
+}
+
+// The row's fp32 sum over the 8 warps' slots, in a fixed order (deterministic).
+__device__ __forceinline__ float mma_row_sum(const float* red_row) {
+  const float4 a = *reinterpret_cast<const float4*>(red_row);
+  const float4 b = *reinterpret_cast<const float4*>(red_row + 4);
+  return ((a.x + a.y) + (a.z + a.w)) + ((b.x + b.y) + (b.z + b.w));
+}
+
 // PACKED: qweight in the kernel layout [out, in/256, 3, 8] (common.cuh).
 // NORM: x is formed from a + b and RMSNorm while staging (kernels.h `AddNorm`, in <= 8192), as the streaming kernel.
-template <bool PACKED, bool NORM = false, bool CHAIN = false>
+template <bool PACKED, bool NORM = false>
 __global__ void __launch_bounds__(kMmaThreads, 2)
     ap3_gemv_mma_kernel(const __half* __restrict__ x, const uint32_t* __restrict__ qw, const __half* __restrict__ lut,
                         __half* __restrict__ y, int in, int out, int block_rows, Fused fused, AddNorm an) {
@@ -693,60 +781,25 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
 
   auto load = [&](MmaItem& d, int j) {  // this warp's j-th item
     const int i = warp + kMmaWarps * j, grp = i / KS, ks = i - grp * KS;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      int r = r0 + 16 * grp + g + 8 * h;
-      r = r < r1 ? r : r1 - 1;  // rows past the tile: decode a valid row, never stored
-      const uint32_t* p = PACKED ? qw + kl_offset(r, words, 4 * (4 * ks + t))
-                                 : qw + (size_t)r * words + 4 * (4 * ks + t);
-#pragma unroll
-      for (int q = 0; q < 3; ++q) {  // d.w[h][q][v]: plane q (PACKED: word W_q) of group 4 (4 ks + t) + v
-        const uint4 v = ldg_stream_v4(p + (PACKED ? 8 * q : q * plane));
-        d.w[h][q][0] = v.x; d.w[h][q][1] = v.y; d.w[h][q][2] = v.z; d.w[h][q][3] = v.w;
-      }
-      d.l[h] = __ldg(reinterpret_cast<const uint4*>(lut + (size_t)r * 8));
-    }
+    mma_load_item<PACKED>(d, qw, lut, r0 + 16 * grp, r1, ks, g, t, words, plane);
   };
+  GEMV_STAMP(0);
   MmaItem bufA, bufB;
   if (my_items > 0) load(bufA, 0);
-  if constexpr (CHAIN) chain_wait_x(fused);  // DEC before this kernel has seen x complete
-  else pdl_wait();  // the first weights are in flight; x (and y) belong to the previous kernel
+  pdl_wait();  // the first weights are in flight; x (and y) belong to the previous kernel
   gemv_trigger_dependents();
 
   for (int i = threadIdx.x; i < ngroups * 16 * kMmaWarps; i += kMmaThreads) red[i] = 0.f;
   if constexpr (NORM) stage_x_addnorm<kMmaThreads>(x + (size_t)m * in, an, m, in, xs, reinterpret_cast<float*>(flags));
   else stage_x_swizzled<kMmaThreads>(x + (size_t)m * in, in, xs);
   __syncthreads();
+  GEMV_STAMP(1);
 
   const uint32_t xs_base = (uint32_t)__cvta_generic_to_shared(xs);
   float acc0[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};
   auto compute = [&](const MmaItem& c, int j) {
     const int i = warp + kMmaWarps * j, grp = i / KS, ks = i - grp * KS;
-    uint32_t lt[2][4];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) lut_tables(c.l[h], lt[h][0], lt[h][1], lt[h][2], lt[h][3]);
-    // the lane's words 4 (4 ks + t) + v; chunk c of x sits at xs_swz(c) = c ^ ((c >> 4) & 7), so for
-    // the 4-word group g4 = 4 ks + t chunk 16 g4 + c' sits at 16 g4 + (c' ^ (g4 & 7))
-    const int g4 = 4 * ks + t;
-    const uint32_t gbase = xs_base + 256u * (uint32_t)g4, sw = (uint32_t)(g4 & 7);
-#pragma unroll
-    for (int v = 0; v < 4; ++v) {
-      uint32_t A[2], B[2], C[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        if constexpr (PACKED) {
-          A[h] = c.w[h][0][v]; B[h] = c.w[h][1][v]; C[h] = c.w[h][2][v];
-        } else {
-          A[h] = c.w[h][0][v];
-          B[h] = __funnelshift_l(c.w[h][1][v], c.w[h][1][v], 1);
-          C[h] = __funnelshift_l(c.w[h][2][v], c.w[h][2][v], 2);
-        }
-      }
-      ap3_mma_step<0, PACKED>(A, B, C, lt, gbase + 16u * ((4u * v + 0) ^ sw), acc0, acc1);
-      ap3_mma_step<1, PACKED>(A, B, C, lt, gbase + 16u * ((4u * v + 1) ^ sw), acc0, acc1);
-      ap3_mma_step<2, PACKED>(A, B, C, lt, gbase + 16u * ((4u * v + 2) ^ sw), acc0, acc1);
-      ap3_mma_step<3, PACKED>(A, B, C, lt, gbase + 16u * ((4u * v + 3) ^ sw), acc0, acc1);
-    }
+    mma_compute_item<PACKED>(c, ks, t, xs_base, acc0, acc1);
     const int i_next = i + kMmaWarps;
     if (j + 1 >= my_items || i_next / KS != grp) {  // the warp's last item of this group: flush
       if (t == 0) {  // every column of D is the same dot product: lanes t = 0 keep column 0
@@ -769,20 +822,120 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
     compute(bufB, j + 1);
   }
   __syncthreads();
+  GEMV_STAMP(2);
   float* gpart = fused.gpart ? fused.gpart + (size_t)m * out : nullptr;
   for (int r = threadIdx.x; r < r1 - r0; r += kMmaThreads) {
-    const float4 a = *reinterpret_cast<const float4*>(red + r * kMmaWarps);
-    const float4 b = *reinterpret_cast<const float4*>(red + r * kMmaWarps + 4);
-    const float s = ((a.x + a.y) + (a.z + a.w)) + ((b.x + b.y) + (b.z + b.w));
-    if constexpr (CHAIN) red[r * kMmaWarps] = s;  // the row's own slots: chain_combine reads it
-    else if (gpart) gpart[r0 + r] = s;
+    const float s = mma_row_sum(red + r * kMmaWarps);
+    if (gpart) gpart[r0 + r] = s;
     else y[(size_t)m * out + r0 + r] = __float2half_rn(s);
   }
-  if constexpr (CHAIN) {
-    chain_combine<false>(fused, red, kMmaWarps, m, r0, r1, out, y);
-    return;
-  }
   if (fused.on()) fused_arrive<__half, 4>(fused, m, blockIdx.x, blockIdx.x + 1, out, flags);
+  GEMV_STAMP(3);
+}
+
+// Chain mode of the tensor-core GEMV (kernels.h `Fused::chain`), with the 16-row groups handed out at run time. DEC's blocks take SM slots before this kernel is scheduled,
+// and the block scheduler does not spread the GEMV's blocks evenly over what is left: with a fixed share per block,
+// the blocks that land two to an SM end last (scripts/dec_timeline.cu -DDECDEC_GEMV_PROBE, docs/PERF.md session 13).
+// Here block b starts with group b and takes further groups from a counter (chain[kChainGrab + m]), one group ahead,
+// so the first loads of the next group are in flight while the block finishes the current one; a block on a busy SM
+// simply takes fewer. A block keeps at most `qmax` groups' row sums (shared memory) and stops taking groups there.
+// The combine with DEC's partials is chain_combine's, per kept group, at the block's end.
+template <bool PACKED, bool NORM = false>
+__global__ void __launch_bounds__(kMmaThreads, 2)
+    ap3_gemv_mma_chain_kernel(const __half* __restrict__ x, const uint32_t* __restrict__ qw,
+                              const __half* __restrict__ lut, __half* __restrict__ y, int in, int out, int qmax,
+                              Fused fused, AddNorm an) {
+  extern __shared__ __align__(16) uint4 xs[];  // in / 8 chunks of x, then red [qmax * 16][kMmaWarps], then grp [qmax + 2]
+  __shared__ int flags[kMmaThreads];
+  const int words = in >> 5, KS = words >> 4;
+  const int m = blockIdx.y, groups = ceil_div(out, 16);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int n_w = KS > warp ? ceil_div(KS - warp, kMmaWarps) : 0;  // this warp's items per group
+  const size_t plane = (size_t)out * words;
+  float* red = reinterpret_cast<float*>(xs + (in >> 3));
+  int* grp = reinterpret_cast<int*>(red + qmax * 16 * kMmaWarps);  // grp[q]: the block's q-th group (>= groups: none)
+  int* grab = fused.chain + kChainGrab + m;
+  auto take = [&](int q) { return q < qmax ? (int)gridDim.x + atomicAdd(grab, 1) : groups; };
+
+  GEMV_STAMP(0);
+  int pending = groups;  // thread 0: group q + 2, taken while group q runs (the atomic's latency off the path)
+  if (threadIdx.x == 0) {
+    grp[0] = blockIdx.x;  // grid <= groups: every block has a first group
+    grp[1] = take(1);
+    if (grp[1] < groups) pending = take(2);
+  }
+  MmaItem bufA, bufB;
+  if (n_w > 0) mma_load_item<PACKED>(bufA, qw, lut, 16 * (int)blockIdx.x, out, warp, g, t, words, plane);
+  chain_wait_x(fused);  // DEC before this kernel has seen x complete (a block barrier: grp[0..1] are visible)
+  gemv_trigger_dependents();
+  if constexpr (NORM) stage_x_addnorm<kMmaThreads>(x + (size_t)m * in, an, m, in, xs, reinterpret_cast<float*>(flags));
+  else stage_x_swizzled<kMmaThreads>(x + (size_t)m * in, in, xs);
+  __syncthreads();
+  GEMV_STAMP(1);
+
+  const uint32_t xs_base = (uint32_t)__cvta_generic_to_shared(xs);
+  float acc0[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};
+  // the warp's item sequence: group q (grp[q]), k-slice warp + 8 i for i < n_w; j = q * n_w + i
+  int q = 0;
+  auto load = [&](MmaItem& d, int j) {
+    const int qj = j / n_w, i = j - qj * n_w;
+    mma_load_item<PACKED>(d, qw, lut, 16 * grp[qj], out, warp + kMmaWarps * i, g, t, words, plane);
+  };
+  // whether item j exists: its group was taken (grp[q + 1] is known while group q runs)
+  auto exists = [&](int j) { const int qj = j / n_w; return qj < qmax && grp[qj] < groups; };
+  auto compute = [&](const MmaItem& c, int j) {
+    const int i = j - q * n_w;
+    mma_compute_item<PACKED>(c, warp + kMmaWarps * i, t, xs_base, acc0, acc1);
+    if (i + 1 == n_w) {  // the group's last item of this warp: flush, then the block moves to the next group
+      if (t == 0) {
+        red[(16 * q + g) * kMmaWarps + warp] = acc0[0] + acc1[0];
+        red[(16 * q + g + 8) * kMmaWarps + warp] = acc0[2] + acc1[2];
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc0[e] = acc1[e] = 0.f;
+      if (threadIdx.x == 0) grp[q + 2] = pending;
+      __syncthreads();  // grp[q + 2] is visible; every warp is past group q
+      ++q;
+      // take group q + 2 only while there is a group q + 1 (so every taken group is kept and used)
+      if (threadIdx.x == 0) pending = grp[q + 1] < groups ? take(q + 2) : groups;
+    }
+  };
+  if (n_w > 0) {
+    for (int j = 0; exists(j); j += 2) {
+      if (exists(j + 1)) load(bufB, j + 1);
+      compute(bufA, j);
+      if (!exists(j + 1)) break;
+      if (exists(j + 2)) load(bufA, j + 2);
+      compute(bufB, j + 1);
+    }
+  } else {  // in < 4096: warps past the k-slices have no items; their slots are zero, and they keep the barriers
+    while (q < qmax && grp[q] < groups) {
+      if (t == 0) red[(16 * q + g) * kMmaWarps + warp] = red[(16 * q + g + 8) * kMmaWarps + warp] = 0.f;
+      __syncthreads();
+      ++q;
+    }
+  }
+  GEMV_STAMP(2);
+  // q groups done: their rows' sums, then the combine with DEC (as chain_combine, per group)
+  __syncthreads();
+  if (threadIdx.x == 0)
+    while (ld_acquire_gpu(fused.chain + 1 + m) < fused.chain_units) __nanosleep(32);
+  __syncthreads();
+  const __half* sc = static_cast<const __half*>(fused.dec_scales);
+  for (int k = threadIdx.x; k < q * 16; k += kMmaThreads) {
+    const int r = 16 * grp[k >> 4] + (k & 15);
+    if (r < out)
+      y[(size_t)m * out + r] = __float2half_rn(fmaf(chain_dec_sum(fused, m, out, r), __half2float(sc[r]),
+                                                    mma_row_sum(red + k * kMmaWarps)));
+  }
+  if (threadIdx.x == 0) {
+    __threadfence();  // this block's takes are done before it counts itself
+    if (atomicAdd(fused.chain + 1 + m, 1) == fused.chain_units + (int)gridDim.x - 1) {
+      fused.chain[1 + m] = 0;  // every block has passed both counters: reset them for the next call
+      *grab = 0;
+    }
+  }
+  GEMV_STAMP(3);
 }
 
 // Dequantize (prefill): one thread per (row, 32-channel group). PACKED (BITS = 3): the kernel layout (common.cuh).
@@ -879,6 +1032,16 @@ int gemv_extra_reserve() {
   return r;
 }
 
+// A/B knob (environment DECDEC_MMA_CHAIN_FIXED=1, default 0): the chain-mode tensor-core GEMV with mma_block_rows'
+// fixed share per block (every block keeps exactly that many groups), as before session 13.
+bool mma_chain_fixed_share() {
+  static const bool on = [] {
+    const char* e = std::getenv("DECDEC_MMA_CHAIN_FIXED");
+    return e && atoi(e) == 1;
+  }();
+  return on;
+}
+
 int mma_block_rows(int out, int reserve) {
   const int sms = device_sms();
   const int slots = max(sms, 2 * sms - max(reserve, 0) - gemv_extra_reserve());
@@ -890,16 +1053,37 @@ int mma_block_rows(int out, int reserve) {
   return 16 * gpb;
 }
 
-template <bool PACKED, bool NORM = false, bool CHAIN = false>
+template <bool PACKED, bool NORM = false>
 cudaError_t launch_mma(const void* x, const uint32_t* qw, const void* lut, void* y, int M, int in, int out,
                        const Fused& fused, cudaStream_t stream, const AddNorm& an = AddNorm{}) {
   const int br = mma_block_rows(out, fused.reserve_blocks);
   const size_t smem = (size_t)in * sizeof(__half) + (size_t)br * kMmaWarps * sizeof(float);
-  const cudaError_t err = allow_smem(ap3_gemv_mma_kernel<PACKED, NORM, CHAIN>, smem);
+  const cudaError_t err = allow_smem(ap3_gemv_mma_kernel<PACKED, NORM>, smem);
   if (err != cudaSuccess) return err;
-  return launch_gemv_kernel(ap3_gemv_mma_kernel<PACKED, NORM, CHAIN>, dim3(ceil_div(out, br), M), dim3(kMmaThreads), smem, stream,
+  return launch_gemv_kernel(ap3_gemv_mma_kernel<PACKED, NORM>, dim3(ceil_div(out, br), M), dim3(kMmaThreads), smem, stream,
                             static_cast<const __half*>(x), qw, static_cast<const __half*>(lut), static_cast<__half*>(y),
                             in, out, br, fused, an);
+}
+
+// The chain-mode tensor-core GEMV (ap3_gemv_mma_chain_kernel): one block per SM slot DEC leaves (at most one per
+// group), each keeping up to qmax groups: a few more than an even share, so blocks on idle SMs can take the slack.
+template <bool NORM = false>
+cudaError_t launch_mma_chain(const void* x, const uint32_t* qw, const void* lut, void* y, int M, int in, int out,
+                             const Fused& fused, cudaStream_t stream, const AddNorm& an = AddNorm{}) {
+  const int sms = device_sms(), groups = ceil_div(out, 16);
+  int grid = min(groups, max(sms, 2 * sms - max(fused.reserve_blocks, 0) - gemv_extra_reserve()));
+  int qmax = min(groups, 2 * ceil_div(groups, grid) + 2);
+  if (mma_chain_fixed_share()) {  // A/B: each block exactly its fixed share (as the plain kernel's blocks)
+    qmax = mma_block_rows(out, fused.reserve_blocks) / 16;
+    grid = ceil_div(groups, qmax);
+  }
+  const size_t smem = (size_t)in * sizeof(__half) + (size_t)qmax * 16 * kMmaWarps * sizeof(float) +
+                      (size_t)(qmax + 2) * sizeof(int);
+  const cudaError_t err = allow_smem(ap3_gemv_mma_chain_kernel<true, NORM>, smem);
+  if (err != cudaSuccess) return err;
+  return launch_gemv_kernel(ap3_gemv_mma_chain_kernel<true, NORM>, dim3(grid, M), dim3(kMmaThreads), smem, stream,
+                            static_cast<const __half*>(x), qw, static_cast<const __half*>(lut), static_cast<__half*>(y),
+                            in, out, qmax, fused, an);
 }
 
 // Rows per warp item of the streaming kernel. 1 row (3 blocks/SM) measured slower than 2 at every
@@ -1070,8 +1254,8 @@ cudaError_t ap_gemv_dec_chain(const void* x, const uint32_t* qweight, const void
   const cudaError_t err = dec(DType::F16, x, q_residual, scales, bounds, M, in, out, k_chunk, n_tb, fd, stream);
   if (err != cudaSuccess) return err;
   if (use_mma_kernel(3, true, in))
-    return norm ? launch_mma<true, true, true>(x, qweight, lut, y, M, in, out, f, stream, *norm)
-                : launch_mma<true, false, true>(x, qweight, lut, y, M, in, out, f, stream);
+    return norm ? launch_mma_chain<true>(x, qweight, lut, y, M, in, out, f, stream, *norm)
+                : launch_mma_chain<false>(x, qweight, lut, y, M, in, out, f, stream);
   if (!norm) return launch_stream<kStreamRows, false, true, false, true>(x, qweight, lut, y, M, in, out, f, stream);
   return glu ? launch_stream<kStreamRows, true, true, true, true>(x, qweight, lut, y, M, in, out, f, stream, *norm)
              : launch_stream<kStreamRows, true, true, false, true>(x, qweight, lut, y, M, in, out, f, stream, *norm);

@@ -222,11 +222,11 @@ int* tile_counters(int device, size_t n, cudaStream_t stream) {
 // kChainSlots slots used in turn. The GEMV of a chain op is scheduled during the op before it; with one slot per call
 // in turn, it never sees the previous chain op's counters (that op's GEMV may still be combining when this GEMV's
 // blocks start to wait). A slot is used again kChainSlots calls later, long after its op completed.
-constexpr int kChainSlots = 8, kChainSlotInts = 4096;  // [1 + M] ints per call: M <= 4095 tokens
+constexpr int kChainSlots = 8, kChainSlotInts = 2 * decdec::kChainGrab;  // [1 + M], [kChainGrab + M] ints per call
 std::unordered_map<int, std::pair<int*, unsigned>> g_chain;  // device -> (buffer, next slot)
 
 int* chain_counters(int device, int M, cudaStream_t stream) {
-  DD_CHECK(M + 1 <= kChainSlotInts, "decdec: the _dec_chain ops serve up to ", kChainSlotInts - 1,
+  DD_CHECK(M < decdec::kChainGrab, "decdec: the _dec_chain ops serve up to ", decdec::kChainGrab - 1,
            " tokens per call, got M=", M, "; use the _dec_parts ops for more");
   std::lock_guard<std::mutex> lock(g_ws_mu);
   auto& w = g_chain[device];

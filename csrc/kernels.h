@@ -70,11 +70,14 @@ struct Fused {
   // before and after keep their programmatic overlap and their fusions. Nothing waits on a block that is not
   // resident: the GEMV launches only after every DEC block has started. The last of the GEMV's blocks to pass each
   // counter resets it: chain is zero on entry and exit.
-  int* chain = nullptr;  // [1 + M]
+  // The tensor-core GEMV hands out its row groups at run time from chain[kChainGrab + m] (reset as the others).
+  int* chain = nullptr;  // [1 + M], and [kChainGrab + m]
   int chain_units = 0;   // DEC units per token: dec_parts x non-empty slices
   DECDEC_HD bool on() const { return counters != nullptr; }            // the combine protocol runs
   DECDEC_HD bool concurrent() const { return chain == nullptr && (gpart != nullptr || dpart != nullptr); }  // GEMV beside DEC (fork / join)
 };
+
+constexpr int kChainGrab = 2048;  // Fused::chain: offset of the GEMV's per-token group counters (M < kChainGrab)
 
 // Whether ap_gemv_addnorm serves this (3-bit fp16 on the streaming kernel, in <= 8192).
 bool ap_addnorm_supported(DType dt, int bits, int in);

@@ -49,4 +49,11 @@ for cu in scripts/*.cu; do
     echo "FAIL $(basename "$cu")"; grep -E 'error' "$tmp/probe.log" | head -20; status=1
   fi
 done
+# the GEMV block probe build of the timeline (both files with -DDECDEC_GEMV_PROBE, linked)
+if "$NVCC" -std=c++17 -O3 -Icsrc -gencode=arch=compute_90,code=sm_90 -DDECDEC_GEMV_PROBE scripts/dec_timeline.cu \
+    csrc/ap_gemv.cu -o "$tmp/tl_probe" >"$tmp/tl_probe.log" 2>&1; then
+  echo "ok   dec_timeline.cu + ap_gemv.cu with -DDECDEC_GEMV_PROBE (sm90, linked)"
+else
+  echo "FAIL dec_timeline.cu -DDECDEC_GEMV_PROBE"; grep -E 'error' "$tmp/tl_probe.log" | head -20; status=1
+fi
 exit $status

@@ -6,9 +6,11 @@
 // (same fork / join, no GEMV), GEMV alone, and chain (ap_gemv_dec_chain: DEC first, the GEMV as its programmatic
 // dependent writing the final output; "arrive" is then DEC's publish of its partial); and inside the selection: until
 // the warps' histograms are shared, the offsets scanned, the list written, and the final barrier.
+// With -DDECDEC_GEMV_PROBE (both files) every mode also prints where the GEMV's blocks ran: how many share an SM, and
+// their start / x staged / loop done / end stamps (the last graph iteration).
 // Pure CUDA (no torch), GPU machine:
-//   nvcc -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -Icsrc scripts/dec_timeline.cu csrc/ap_gemv.cu \
-//     -o /tmp/tl && /tmp/tl [4096x4096]
+//   nvcc -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -Icsrc [-DDECDEC_GEMV_PROBE] scripts/dec_timeline.cu \
+//     csrc/ap_gemv.cu -o /tmp/tl && /tmp/tl [4096x4096]
 #include <cstdint>
 constexpr int kTlIters = 48;  // iterations captured per graph
 constexpr int kTlBlocks = 160;
@@ -56,6 +58,41 @@ static double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
 }
+
+#ifdef DECDEC_GEMV_PROBE
+namespace decdec {
+void* gemv_probe_ptr();  // csrc/ap_gemv.cu built with -DDECDEC_GEMV_PROBE: [1024][SM, start, x staged, loop done, end]
+}
+// The GEMV's blocks of the graph's last iteration: how many share an SM, and when they start and end (us after the
+// producer's end): a block that starts late or ends last shows where the GEMV's time goes.
+static void print_gemv_blocks(int grid, unsigned long long prod) {
+  static unsigned long long h[1024][5];
+  CK(cudaMemcpy(h, gemv_probe_ptr(), sizeof h, cudaMemcpyDeviceToHost));
+  std::vector<int> per_sm(256, 0);
+  std::vector<double> st, xs, lp, en;
+  int worst = 0;
+  int n = 0;
+  for (int b = 0; b < std::min(grid, 1024); ++b) {
+    if (h[b][1] < prod || h[b][4] < h[b][1]) continue;  // not a block of this launch (an earlier mode's stamps)
+    ++n;
+    per_sm[h[b][0] % 256]++;
+    st.push_back(((double)h[b][1] - prod) / 1e3);
+    xs.push_back(((double)h[b][2] - prod) / 1e3);
+    lp.push_back(((double)h[b][3] - prod) / 1e3);
+    en.push_back(((double)h[b][4] - prod) / 1e3);
+    if (h[b][4] > h[worst][4] || h[worst][1] < prod) worst = b;
+  }
+  int maxb = 0, shared = 0;
+  for (int c : per_sm) { maxb = std::max(maxb, c); shared += c > 1 ? c : 0; }
+  auto mx = [](std::vector<double> v) { return v.empty() ? -1.0 : *std::max_element(v.begin(), v.end()); };
+  const int w = worst;
+  auto us = [&](unsigned long long v) { return ((double)v - prod) / 1e3; };
+  printf("    gemv blocks %d: max per SM %d, blocks sharing an SM %d | start p50 %.2f max %.2f | x staged p50 %.2f max "
+         "%.2f | loop done p50 %.2f max %.2f | end p50 %.2f max %.2f | last block %d on SM %llu: %.2f %.2f %.2f %.2f "
+         "(%d GEMV blocks on its SM)\n", n, maxb, shared, median(st), mx(st), median(xs), mx(xs), median(lp), mx(lp),
+         median(en), mx(en), w, h[w][0], us(h[w][1]), us(h[w][2]), us(h[w][3]), us(h[w][4]), per_sm[h[w][0] % 256]);
+}
+#endif
 
 int main(int argc, char** argv) {
   const int shapes[][2] = {{4096, 6144}, {4096, 4096}, {4096, 28672}, {14336, 4096}};
@@ -190,6 +227,9 @@ int main(int argc, char** argv) {
             dend.push_back(last);
             dp50.push_back(median(ends));
           }
+#ifdef DECDEC_GEMV_PROBE
+          const bool show_blocks = mode != 1;
+#endif
           const char* mn[] = {"fused", "dec", "gemv", "chain"};
           if (mode == 2)
             printf("%-11s %3s %4s %-6s | %7.2f | %6s %6s %6s %6s %6s | %7s %7s | %7.2f\n", name, "-", "-", mn[mode],
@@ -198,6 +238,9 @@ int main(int argc, char** argv) {
             printf("%-11s %3d %4d %-6s | %7.2f | %6.2f %6.2f %6.2f %6.2f %6.2f | %7.2f %7.2f | %7.2f | %13.2f %5.2f %5.2f "
                    "%5.2f\n", name, k, n_tb, mn[mode], per_it, median(d0), median(sel), median(fet), median(sto),
                    median(arr), median(dend), median(dp50), median(cons), median(s1), median(s2), median(s3), median(s4));
+#ifdef DECDEC_GEMV_PROBE
+          if (show_blocks) print_gemv_blocks(1024, hp[39]);
+#endif
           fflush(stdout);
         }
       }

@@ -433,7 +433,7 @@ def test_ap_gemv_addnorm_errors_and_opcheck():
 
 
 # ---------------------------------------------------------------------------- chain mode: DEC, then the GEMV
-CHAIN_SHAPES = LLAMA + [(5120, 7680), (17920, 5120), (8192, 1024), (4096, 520)]
+CHAIN_SHAPES = LLAMA + [(5120, 7680), (17920, 5120), (8192, 1024), (4096, 520), (2048, 4000)]
 
 
 def _chain_case(n, out, seed):
@@ -463,6 +463,25 @@ def test_ap_gemv_dec_chain(shape, m):
             what = f"ap_gemv_dec_chain {shape} M={m} k={k_chunk} n_tb={n_tb}"
             close(y, ref, what, rel=2.0)
             assert torch.equal(y, op(x, pk, lut, qr, scales, bounds, k_chunk, n_tb)), what + " not deterministic"
+
+
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("shape", [(14336, 4096), (2048, 4000)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_dec_chain_tensor_core_groups_taken_at_run_time(shape, m):
+    """The chain-mode tensor-core GEMV hands its 16-row groups out at run time (ap3_gemv_mma_chain_kernel; 256 / 250
+    groups: more than the blocks DEC leaves room for at n_tb >= 16; in 2048: warps without k-slices). Each group is
+    summed as ap_gemv sums it (one group per block there), so with zero residual scales the chain op IS ap_gemv, bit
+    for bit, whichever blocks took which groups; repeated calls (the group counters back at zero) agree."""
+    n, out = shape
+    pk, lut, w, qr, scales, q = _chain_case(n, out, n + out + 45)
+    x = make_x(m, n, torch.float16, n + m + 46)
+    zero = torch.zeros_like(scales)
+    base = torch.ops.decdec.ap_gemv(x, pk, lut)
+    bounds = make_bounds(x, 8)
+    for n_tb in sorted({1, 16, 33, SMS}):
+        for _ in range(3):
+            y = torch.ops.decdec.ap_gemv_dec_chain(x, pk, lut, qr, zero, bounds, 8, n_tb)
+            assert torch.equal(y, base), f"{shape} M={m} n_tb={n_tb}: chain with zero scales != ap_gemv"
 
 
 @pytest.mark.parametrize("m", [1, 2])
