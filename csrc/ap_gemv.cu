@@ -833,9 +833,10 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   GEMV_STAMP(3);
 }
 
-// Chain mode of the tensor-core GEMV (kernels.h `Fused::chain`), with the 16-row groups handed out at run time. DEC's blocks take SM slots before this kernel is scheduled,
-// and the block scheduler does not spread the GEMV's blocks evenly over what is left: with a fixed share per block,
-// the blocks that land two to an SM end last (scripts/dec_timeline.cu -DDECDEC_GEMV_PROBE, docs/PERF.md session 13).
+// Chain mode of the tensor-core GEMV (kernels.h `Fused::chain`), with the 16-row groups handed out at run time.
+// DEC's blocks take SM slots before this kernel is scheduled, and the block scheduler does not spread the GEMV's
+// blocks evenly over what is left: with a fixed share per block, the blocks that land two to an SM end last
+// (scripts/dec_timeline.cu -DDECDEC_GEMV_PROBE, docs/PERF.md session 13).
 // Here block b starts with group b and takes further groups from a counter (chain[kChainGrab + m]), one group ahead,
 // so the first loads of the next group are in flight while the block finishes the current one; a block on a busy SM
 // simply takes fewer. A block keeps at most `qmax` groups' row sums (shared memory) and stops taking groups there.
@@ -845,7 +846,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
     ap3_gemv_mma_chain_kernel(const __half* __restrict__ x, const uint32_t* __restrict__ qw,
                               const __half* __restrict__ lut, __half* __restrict__ y, int in, int out, int qmax,
                               Fused fused, AddNorm an) {
-  extern __shared__ __align__(16) uint4 xs[];  // in / 8 chunks of x, then red [qmax * 16][kMmaWarps], then grp [qmax + 2]
+  extern __shared__ __align__(16) uint4 xs[];  // x (in / 8 chunks), red [qmax * 16][kMmaWarps], grp [qmax + 2]
   __shared__ int flags[kMmaThreads];
   const int words = in >> 5, KS = words >> 4;
   const int m = blockIdx.y, groups = ceil_div(out, 16);
