@@ -22,27 +22,33 @@ SUPPORTED_BITS = (3, 4)
 class DecChoice:
     """The resolved DEC setting of one bit-width: n_tb and k_chunk per projection."""
 
-    n_tb: int
+    n_tb: dict[str, int]
     k_chunk: dict[str, int]
 
 
 def resolve_dec(dec: DecConfig, backend: str, bitwidths: set[int], mixed: bool) -> dict[int, DecChoice]:
     """DEC settings per bit-width, validated (errors name the config key to fix)."""
 
-    def choice(n_tb: int, k: KChunk, where: str) -> DecChoice:
+    def choice(n_tb: int, n_tb_proj, k: KChunk, where: str) -> DecChoice:
         if n_tb < 1:
             raise ValueError(f"{where}.n_tb must be >= 1, got {n_tb}")
+        nt = {}
+        for p in PROJECTIONS:
+            v = getattr(n_tb_proj, p, None) if n_tb_proj is not None else None
+            if v is not None and int(v) < 1:
+                raise ValueError(f"{where}.n_tb_proj.{p} must be >= 1 (or null for {where}.n_tb), got {v}")
+            nt[p] = int(v) if v is not None else int(n_tb)
         kc = {p: int(getattr(k, p)) for p in PROJECTIONS}
         for p, v in kc.items():
             if not 0 <= v <= 1024:
                 raise ValueError(f"{where}.k_chunk.{p}={v} is outside 0..1024 (rows fetched per 1024 input channels)")
-        return DecChoice(n_tb, kc)
+        return DecChoice(nt, kc)
 
-    off = DecChoice(1, {p: 0 for p in PROJECTIONS})
+    off = DecChoice({p: 1 for p in PROJECTIONS}, {p: 0 for p in PROJECTIONS})
     if not dec.enabled or backend == "fp16":
         return {b: off for b in bitwidths}
     if not mixed:
-        c = choice(dec.n_tb, dec.k_chunk, "dec")
+        c = choice(dec.n_tb, getattr(dec, "n_tb_proj", None), dec.k_chunk, "dec")
         return {b: c for b in bitwidths}
     have = {int(b) for b in dec.per_bits}
     if have != set(bitwidths):
@@ -51,7 +57,8 @@ def resolve_dec(dec: DecConfig, backend: str, bitwidths: set[int], mixed: bool) 
             f"entry (n_tb, k_chunk) per bit-width, e.g. dec.per_bits.3.k_chunk.down=8"
         )
     per = {int(b): v for b, v in dec.per_bits.items()}
-    return {b: choice(per[b].n_tb, per[b].k_chunk, f"dec.per_bits.{b}") for b in bitwidths}
+    return {b: choice(per[b].n_tb, getattr(per[b], "n_tb_proj", None), per[b].k_chunk, f"dec.per_bits.{b}")
+            for b in bitwidths}
 
 
 @dataclass
@@ -148,6 +155,6 @@ def build_model(checkpoint: ckpt.Checkpoint, backend: str, bits: int, mixed: boo
             except KeyError as e:
                 raise ckpt.CheckpointError(f"{checkpoint.path}: cheatsheet/thresholds lack {e}; re-create the checkpoint") from None
             c = choices[bitwidths[layer]]
-            mod.set_dec(c.k_chunk[proj], c.n_tb)
+            mod.set_dec(c.k_chunk[proj], c.n_tb[proj])
     return BuiltModel(model, args, checkpoint, bitwidths, choices, group)
 

@@ -75,8 +75,19 @@ class KChunk:
 
 
 @dataclass
+class NTbProj:
+    """Per-projection DEC thread blocks; null = ``n_tb`` (the best n_tb differs by shape: docs/PERF.md)."""
+
+    qkv: Optional[int] = None
+    o: Optional[int] = None
+    gate_up: Optional[int] = None
+    down: Optional[int] = None
+
+
+@dataclass
 class DecBits:
     n_tb: int = 8
+    n_tb_proj: NTbProj = field(default_factory=NTbProj)
     k_chunk: KChunk = field(default_factory=KChunk)
 
 
@@ -85,6 +96,7 @@ class DecConfig:
     name: str = MISSING
     enabled: bool = True
     n_tb: int = 8  # DEC kernel thread blocks
+    n_tb_proj: NTbProj = field(default_factory=NTbProj)  # per-projection n_tb, e.g. dec.n_tb_proj.down=66
     k_chunk: KChunk = field(default_factory=KChunk)
     # Mixed precision only: one entry per bit-width of bitwidth_map.json, e.g. {"3": {...}, "4": {...}}.
     # String keys: OmegaConf cannot address int keys by a dotted path, so `dec.per_bits.3.n_tb=4` needs them.
@@ -133,6 +145,7 @@ class TuneTaskConfig:
     # of the dec=off measurements on both sides of it (one decode rate more per round), not one taken rounds earlier
     verify_bracket: bool = True
     write_conf: bool = False  # also write conf/dec/tuned_<model>_<backend>_<precision>_<pct>.yaml
+    per_projection_n_tb: bool = True  # each projection its own n_tb (dec.n_tb_proj); false: one n_tb for all four
 
 
 @dataclass

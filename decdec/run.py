@@ -476,13 +476,13 @@ class Run:
             choices = {}
             for bits in sorted(set(built.bitwidths.values())):
                 c = tune.choose(timings, in_features, 0.0 if last else budget, bits, dec=not last, fusion_s=fusion_s,
-                                glu=glu)
+                                glu=glu, per_projection=t.per_projection_n_tb)
                 if c is None:
                     raise RuntimeError(f"no DEC setting fits the budget for {bits}-bit layers (even k_chunk=0 timings exceed it)")
                 choices[bits] = c
             for proj, layer, m in model.linears():
                 c = choices[built.bitwidths[layer]]
-                m.set_dec(c["k_chunk"][proj], c["n_tb"])
+                m.set_dec(c["k_chunk"][proj], c["n_tb_proj"][proj])
             self._reset_peak()
             tuned_rate = self._decode_rate(built, prompt, t.verify_tokens, t.verify_samples)
             tuned_peak = self._peak()
@@ -497,9 +497,11 @@ class Run:
             slowdown = ref_rate / tuned_rate - 1.0
             rounds.append({"budget_us_per_layer": 0.0 if last else budget * 1e6, "measured_slowdown": slowdown,
                            "tokens_per_s": tuned_rate, "dec_off_tokens_per_s": off_rates,
-                           "choice": {str(b): {"n_tb": c["n_tb"], "k_chunk": c["k_chunk"]} for b, c in choices.items()}})
+                           "choice": {str(b): {"n_tb": c["n_tb"], "n_tb_proj": c["n_tb_proj"], "k_chunk": c["k_chunk"]}
+                                      for b, c in choices.items()}})
             fits = slowdown <= t.target_slowdown + t.verify_tolerance
-            chosen = "; ".join(f"w{b}: n_tb {c['n_tb']}, k_chunk " + " ".join(f"{p}={k}" for p, k in c["k_chunk"].items())
+            chosen = "; ".join(f"w{b}: n_tb {c['n_tb']}" + "".join(f" ({p} {v})" for p, v in _own_n_tb(c).items())
+                               + ", k_chunk " + " ".join(f"{p}={k}" for p, k in c["k_chunk"].items())
                                for b, c in choices.items())
             around = " / ".join(f"{x:.2f}" for x in off_rates)
             print(f"[decdec] round {r + 1}: budget {rounds[-1]['budget_us_per_layer']:.2f} us per layer ({chosen}) -> "
@@ -525,18 +527,23 @@ class Run:
         mixed = cfg.precision.mixed
         one = next(iter(choices.values()))
         dec_yaml = {"name": f"tuned_{cfg.model.name}_{cfg.backend.name}_{cfg.precision.name}_{round(t.target_slowdown * 1000)}pm",
-                    "enabled": True, "n_tb": one["n_tb"], "k_chunk": dict(one["k_chunk"]), "selection": "dynamic",
-                    "per_bits": {str(b): {"n_tb": c["n_tb"], "k_chunk": dict(c["k_chunk"])} for b, c in choices.items()} if mixed else {}}
+                    "enabled": True, "n_tb": one["n_tb"], "n_tb_proj": _n_tb_proj_conf(one), "k_chunk": dict(one["k_chunk"]),
+                    "selection": "dynamic",
+                    "per_bits": {str(b): {"n_tb": c["n_tb"], "n_tb_proj": _n_tb_proj_conf(c), "k_chunk": dict(c["k_chunk"])}
+                                 for b, c in choices.items()} if mixed else {}}
         header = (f"# autotuned {time.strftime('%Y-%m-%d %H:%M')} on {env_device_name(self.device)}: "
                   f"target {t.target_slowdown:.1%}, measured {slowdown:+.2%} ({ref_rate:.2f} -> {tuned_rate:.2f} tokens/s, "
                   f"compile={cfg.compile.mode}{', SYNTHETIC weights' if path is None else ''})\n")
         sinks.write_yaml(self.run_dir / "dec_tuned.yaml", dec_yaml, "dec")
         text = header + (self.run_dir / "dec_tuned.yaml").read_text()
         (self.run_dir / "dec_tuned.yaml").write_text(text)
-        overrides = " ".join([f"dec.n_tb={one['n_tb']}"] + [f"dec.k_chunk.{p}={k}" for p, k in one["k_chunk"].items()])
+        overrides = " ".join([f"dec.n_tb={one['n_tb']}"] + [f"dec.n_tb_proj.{p}={v}" for p, v in _own_n_tb(one).items()]
+                             + [f"dec.k_chunk.{p}={k}" for p, k in one["k_chunk"].items()])
         if mixed:
-            overrides = " ".join(f"dec.per_bits.{b}.n_tb={c['n_tb']} " + " ".join(
-                f"dec.per_bits.{b}.k_chunk.{p}={k}" for p, k in c["k_chunk"].items()) for b, c in choices.items())
+            overrides = " ".join(" ".join([f"dec.per_bits.{b}.n_tb={c['n_tb']}"]
+                                          + [f"dec.per_bits.{b}.n_tb_proj.{p}={v}" for p, v in _own_n_tb(c).items()]
+                                          + [f"dec.per_bits.{b}.k_chunk.{p}={k}" for p, k in c["k_chunk"].items()])
+                                 for b, c in choices.items())
         if t.write_conf:
             (REPO / "conf" / "dec" / f"{dec_yaml['name']}.yaml").write_text(text)
             print(f"[decdec] wrote conf/dec/{dec_yaml['name']}.yaml: use dec={dec_yaml['name']}")
@@ -551,8 +558,9 @@ class Run:
             for p in PROJECTIONS_ORDER:
                 k = c["k_chunk"][p]
                 base = next(x.seconds for x in timings if x.proj == p and x.bits == bits and x.k_chunk == 0)
-                fused = next(x.seconds for x in timings if x.proj == p and x.bits == bits and x.k_chunk == k and x.n_tb == c["n_tb"])
-                table.add_row(str(bits), p, str(c["n_tb"]), str(k), str(tune.rows_per_token(k, in_features[p])),
+                n_tb = c["n_tb_proj"][p]
+                fused = next(x.seconds for x in timings if x.proj == p and x.bits == bits and x.k_chunk == k and x.n_tb == n_tb)
+                table.add_row(str(bits), p, str(n_tb), str(k), str(tune.rows_per_token(k, in_features[p])),
                               f"{base * 1e6:.2f}", f"{fused * 1e6:.2f}", f"{(fused - base) * 1e6:.2f}")
         Console().print(table)
         print(f"use: python run.py <same model/backend/precision/compile> {overrides}")
@@ -562,8 +570,8 @@ class Run:
                    "peak_gpu_bytes_dec_off": base_peak, "peak_gpu_bytes_tuned": tuned_peak,
                    "overrides": overrides, "rounds": rounds, "n_tbs_tried": n_tbs, "k_chunks_tried": list(t.k_chunks),
                    "cheapest_dec": cheapest,
-                   "choice": {str(b): {"n_tb": c["n_tb"], "k_chunk": c["k_chunk"], "rows_per_layer": c["rows_per_layer"]}
-                              for b, c in choices.items()},
+                   "choice": {str(b): {"n_tb": c["n_tb"], "n_tb_proj": c["n_tb_proj"], "k_chunk": c["k_chunk"],
+                                       "rows_per_layer": c["rows_per_layer"]} for b, c in choices.items()},
                    **{k: v for k, v in self._common_summary(built).items() if k not in ("status", "task")}}
         self._finish(summary)
         return summary
@@ -581,6 +589,17 @@ class Run:
 
 
 PROJECTIONS_ORDER = ("qkv", "o", "gate_up", "down")
+
+
+def _own_n_tb(choice: dict) -> dict[str, int]:
+    """The projections of a tuner choice whose n_tb differs from its ``n_tb`` (written as ``dec.n_tb_proj``)."""
+    return {p: v for p, v in choice["n_tb_proj"].items() if v != choice["n_tb"]}
+
+
+def _n_tb_proj_conf(choice: dict) -> dict[str, int | None]:
+    """``dec.n_tb_proj`` of a tuner choice: a projection's own n_tb, null where it is ``n_tb``."""
+    own = _own_n_tb(choice)
+    return {p: own.get(p) for p in choice["n_tb_proj"]}
 
 
 def env_device_name(device: torch.device) -> str:

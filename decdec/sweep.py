@@ -64,17 +64,20 @@ def sweep_group(sweep_dir: str | Path) -> str:
 
 
 def dec_tags(dec: Any, mixed: bool = False) -> list[str]:
-    """W&B tags naming the DEC settings: ``n_tb=8``, ``k_chunk=qkv8-o8-gate_up8-down16`` (per bit-width
-    when mixed, e.g. ``b3.k_chunk=...``); none when DEC is off."""
+    """W&B tags naming the DEC settings: ``n_tb=8``, a projection's own ``n_tb.down=66``,
+    ``k_chunk=qkv8-o8-gate_up8-down16`` (per bit-width when mixed, e.g. ``b3.k_chunk=...``); none when DEC is off."""
     if not dec.enabled:
         return []
 
-    def one(prefix: str, n_tb: int, k) -> list[str]:
-        return [f"{prefix}n_tb={n_tb}", f"{prefix}k_chunk=qkv{k.qkv}-o{k.o}-gate_up{k.gate_up}-down{k.down}"]
+    def one(prefix: str, d) -> list[str]:
+        k, own = d.k_chunk, getattr(d, "n_tb_proj", None)
+        per = [f"{prefix}n_tb.{p}={getattr(own, p)}" for p in ("qkv", "o", "gate_up", "down")
+               if own is not None and getattr(own, p, None) is not None]
+        return [f"{prefix}n_tb={d.n_tb}", *per, f"{prefix}k_chunk=qkv{k.qkv}-o{k.o}-gate_up{k.gate_up}-down{k.down}"]
 
     if mixed and dec.per_bits:
-        return [t for b, d in sorted(dec.per_bits.items()) for t in one(f"b{b}.", d.n_tb, d.k_chunk)]
-    return one("", dec.n_tb, dec.k_chunk)
+        return [t for b, d in sorted(dec.per_bits.items()) for t in one(f"b{b}.", d)]
+    return one("", dec)
 
 
 def read_summary(job_dir: Path) -> dict | None:

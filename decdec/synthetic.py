@@ -109,5 +109,5 @@ def build_synthetic(shape: str, backend: str, bits: int, mixed: bool, dtype: tor
     for proj, layer, mod in model.linears():
         if backend != "fp16":
             c = choices[bitwidths[layer]]
-            mod.set_dec(c.k_chunk[proj], c.n_tb)
+            mod.set_dec(c.k_chunk[proj], c.n_tb[proj])
     return BuiltModel(model, args, None, bitwidths, choices, group_size)

@@ -9,9 +9,10 @@
    RMSNorm themselves (``ap_gemv_addnorm``), time a second step without that fusion: the difference per fused
    projection is what a DEC choice pays for each fusion it undoes (``fusions_lost``), which the projections
    timed alone do not see.
-3. For each ``n_tb``, choose one ``k_chunk`` per projection maximising the residual rows fetched
-   per layer while the summed extra time of the four projections plus the fusions lost stays within the
-   budget (at least one row on every projection when that fits); keep the best ``n_tb``.
+3. Choose one ``k_chunk`` per projection maximising the residual rows fetched per layer while the summed extra time
+   of the four projections plus the fusions lost stays within the budget (at least one row on every projection when
+   that fits), each projection at its own fastest ``n_tb`` (``task.per_projection_n_tb``, written as
+   ``dec.n_tb_proj``) or one ``n_tb`` for all four (the best).
 4. Verify end to end: decode tokens/s with the choice vs ``dec=off``. A choice measured over the target
    (the projections timed alone under-count what DEC costs inside a decode step) shrinks the budget by
    target / measured (``next_budget``) and is chosen and verified again, up to ``task.verify_rounds``
@@ -148,17 +149,31 @@ def rows_per_token(k_chunk: int, in_features: int) -> int:
 
 
 def choose(timings: list[Timing], in_features: dict[str, int], budget_s: float, bits: int, dec: bool = True,
-           fusion_s: float = 0.0, glu: bool = False) -> dict | None:
-    """Best (n_tb, {proj: k_chunk}) for one bit-width within ``budget_s`` extra seconds per layer, each add + RMSNorm
+           fusion_s: float = 0.0, glu: bool = False, per_projection: bool = False) -> dict | None:
+    """Best {proj: k_chunk} and n_tb for one bit-width within ``budget_s`` extra seconds per layer, each add + RMSNorm
     fusion the choice undoes charged ``fusion_s``; ``dec=False``: k_chunk = 0 everywhere (a zero budget alone could
-    still admit a DEC setting timed at or under its GEMV)."""
+    still admit a DEC setting timed at or under its GEMV). One n_tb for all four projections, or with
+    ``per_projection`` each (projection, k_chunk) at its fastest n_tb (the extra times add up per projection, so that
+    is the best per-projection choice). Returns ``n_tb`` (the DEC projections' most common n_tb) and ``n_tb_proj``
+    (every projection's)."""
+    n_tbs = sorted({t.n_tb for t in timings if t.bits == bits})
+    plans = []  # each: {(proj, k_chunk): (seconds, n_tb)}
+    if per_projection:
+        fastest: dict[tuple[str, int], tuple[float, int]] = {}
+        for t in timings:
+            key = (t.proj, t.k_chunk)
+            if t.bits == bits and (key not in fastest or (t.seconds, t.n_tb) < fastest[key]):
+                fastest[key] = (t.seconds, t.n_tb)
+        plans.append(fastest)
+    else:
+        plans += [{(t.proj, t.k_chunk): (t.seconds, n_tb) for t in timings if t.bits == bits and t.n_tb == n_tb}
+                  for n_tb in n_tbs]
     best = None
-    for n_tb in sorted({t.n_tb for t in timings if t.bits == bits}):
-        table = {(t.proj, t.k_chunk): t.seconds for t in timings if t.bits == bits and t.n_tb == n_tb}
+    for table in plans:
         ks = sorted({k for (_, k) in table}) if dec else [0]
-        base = {p: table[(p, 0)] for p in PROJECTIONS}
+        base = {p: table[(p, 0)][0] for p in PROJECTIONS}
         for combo in itertools.product(ks, repeat=len(PROJECTIONS)):
-            extra = sum(table[(p, k)] - base[p] for p, k in zip(PROJECTIONS, combo))
+            extra = sum(table[(p, k)][0] - base[p] for p, k in zip(PROJECTIONS, combo))
             extra += fusion_s * fusions_lost(dict(zip(PROJECTIONS, combo)), glu)
             if extra > budget_s:
                 continue
@@ -166,6 +181,9 @@ def choose(timings: list[Timing], in_features: dict[str, int], budget_s: float, 
             rows = sum(per)
             score = (all(r > 0 for r in per), rows, -extra)  # DEC on every projection first, then most rows
             if best is None or score > best["score"]:
-                best = {"score": score, "n_tb": n_tb, "k_chunk": dict(zip(PROJECTIONS, combo)), "extra_s": extra,
-                        "rows_per_layer": rows, "base_s": sum(base.values())}
+                used = [table[(p, k)][1] for p, k in zip(PROJECTIONS, combo) if k > 0]
+                main = max(sorted(set(used)), key=used.count) if used else table[(PROJECTIONS[0], 0)][1]
+                n_tb_proj = {p: table[(p, k)][1] if k > 0 else main for p, k in zip(PROJECTIONS, combo)}
+                best = {"score": score, "n_tb": main, "n_tb_proj": n_tb_proj, "k_chunk": dict(zip(PROJECTIONS, combo)),
+                        "extra_s": extra, "rows_per_layer": rows, "base_s": sum(base.values())}
     return best

@@ -194,6 +194,7 @@ def _fails(tmp_path, cache: Path, overrides: list[str], exc=Exception, *fragment
     (["dec.k_chunk.down=2000"], ["dec.k_chunk.down=2000", "0..1024"]),
     (["dec.k_chunk.qkv=-1"], ["dec.k_chunk.qkv=-1", "0..1024"]),
     (["dec.n_tb=0"], ["dec.n_tb", ">= 1"]),
+    (["dec.n_tb_proj.down=0"], ["dec.n_tb_proj.down", ">= 1"]),
     (["precision.bits=5"], ["precision.bits=5", "w3, w4 or w3.5"]),
     (["device=cuda"], ["device=cuda", "device=cpu"]),
     (["device=tpu"], ["device=", "cpu"]),

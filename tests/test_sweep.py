@@ -74,6 +74,8 @@ def test_dec_tags():
     t = typed(compose_cfg(["model=tiny", "dec.k_chunk.down=16"]))
     assert sweep.dec_tags(t.dec) == ["n_tb=2", "k_chunk=qkv64-o64-gate_up64-down16"]
     assert sweep.dec_tags(typed(compose_cfg(["model=tiny", "dec=off"])).dec) == []
+    own = typed(compose_cfg(["model=tiny", "dec.k_chunk.down=16", "dec.n_tb_proj.down=66"]))
+    assert sweep.dec_tags(own.dec) == ["n_tb=2", "n_tb.down=66", "k_chunk=qkv64-o64-gate_up64-down16"]
     mixed = sweep.dec_tags(t.dec, mixed=True)
     assert "b3.n_tb=2" in mixed and "b4.k_chunk=qkv32-o32-gate_up32-down32" in mixed
     assert all(len(tag) <= 64 for tag in mixed)

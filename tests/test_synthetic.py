@@ -30,6 +30,19 @@ def test_build_tiny_synthetic(backend):
             assert (m.lut[:, 1:] >= m.lut[:, :-1]).all()
 
 
+def test_n_tb_per_projection():
+    """dec.n_tb_proj gives a projection its own DEC thread blocks; the others keep dec.n_tb; a bad one names its key."""
+    from decdec.config import NTbProj
+
+    dec = DecConfig(name="t", n_tb=2, n_tb_proj=NTbProj(down=5, qkv=3), k_chunk=KChunk(qkv=64, o=64, gate_up=64, down=128))
+    built = synthetic.build_synthetic("tiny", "ap", 3, False, torch.float32, torch.device("cpu"), dec)
+    got = {proj: m.dec.n_tb for proj, _, m in built.model.linears()}
+    assert got == {"qkv": 3, "o": 2, "gate_up": 2, "down": 5}
+    with pytest.raises(ValueError, match=r"dec.n_tb_proj.o must be >= 1"):
+        synthetic.build_synthetic("tiny", "ap", 3, False, torch.float32, torch.device("cpu"),
+                                  DecConfig(name="t", n_tb=2, n_tb_proj=NTbProj(o=0)))
+
+
 def test_real_shapes_are_the_published_ones():
     a = ModelArgs.from_hf_config(synthetic.SHAPES["llama3-8b"]).projection_shapes()
     assert a == {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}

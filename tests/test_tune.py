@@ -42,6 +42,22 @@ def test_choose_picks_the_cheaper_n_tb():
     assert c["n_tb"] == 32
 
 
+def test_choose_per_projection_takes_each_projections_fastest_n_tb():
+    """qkv / o are cheaper at n_tb 8, gate_up / down at 32: one n_tb for all pays one of the two; per projection the
+    choice fetches more rows within the same budget and names each projection's n_tb."""
+    t = (_table(8, {"qkv": 0.1, "o": 0.1, "gate_up": 0.5, "down": 0.5})
+         + _table(32, {"qkv": 0.5, "o": 0.5, "gate_up": 0.1, "down": 0.1}))
+    one = tune.choose(t, IN, budget_s=3.3e-6, bits=3)
+    per = tune.choose(t, IN, budget_s=3.3e-6, bits=3, per_projection=True)
+    assert per["extra_s"] <= 3.3e-6 and all(k > 0 for k in per["k_chunk"].values())
+    assert per["rows_per_layer"] > one["rows_per_layer"]
+    assert per["n_tb_proj"] == {"qkv": 8, "o": 8, "gate_up": 32, "down": 32}
+    assert per["n_tb"] in (8, 32) and set(one["n_tb_proj"].values()) == {one["n_tb"]}
+    # the extra time is what the timings of those (projection, n_tb, k_chunk) say
+    want = sum((0.1 * per["k_chunk"][p]) * 1e-6 for p in IN)
+    assert per["extra_s"] == pytest.approx(want)
+
+
 def test_zero_budget_means_no_dec():
     c = tune.choose(_table(8, {p: 0.5 for p in IN}), IN, budget_s=0.0, bits=3)
     assert set(c["k_chunk"].values()) == {0}
@@ -57,6 +73,8 @@ def test_tune_task_on_tiny_writes_usable_dec_config(tmp_path, cache_dir):
     dec = yaml.safe_load((tmp_path / "run" / "dec_tuned.yaml").read_text())
     cfg = OmegaConf.merge(OmegaConf.structured(DecConfig), dec)  # the schema accepts it
     assert set(cfg.k_chunk.keys()) == {"qkv", "o", "gate_up", "down"}
+    assert set(cfg.n_tb_proj.keys()) == {"qkv", "o", "gate_up", "down"}
+    assert set(summary["choice"]["3"]["n_tb_proj"]) == {"qkv", "o", "gate_up", "down"}
     assert all(v in (0, 64, 256) for v in cfg.k_chunk.values())
 
 
