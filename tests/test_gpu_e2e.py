@@ -91,20 +91,25 @@ def test_no_cudagraph_skips():
     assert not any(skips.values()), skips
 
 
-@pytest.mark.parametrize("k", [0, 16])
-def test_graphed_decode_equals_inductor_decode(k):
+@pytest.mark.parametrize("k,own_n_tb", [(0, False), (16, False), (16, True)])
+def test_graphed_decode_equals_inductor_decode(k, own_n_tb):
     """compile=cudagraphs replays one CUDA graph per step of the same inductor-compiled step that
     compile=inductor runs without graphs: greedy tokens must be identical, the graph recorded once
     and replayed every step; sampling inside the graph draws fresh noise each step and call.
+    own_n_tb: qkv and down with their own DEC thread blocks (dec.n_tb_proj).
     The tiny model keeps its three inductor compiles short (smollm2's 30 layers took minutes)."""
     _kernels_or_skip()
-    from decdec.config import DecConfig, KChunk
+    from decdec.config import DecConfig, KChunk, NTbProj
     from decdec.generate import Generator
     from decdec.synthetic import build_synthetic
 
     dev = torch.device("cuda")
+    own = NTbProj(qkv=2, down=33) if own_n_tb else NTbProj()
     built = build_synthetic("tiny", "ap", 3, False, torch.float16, dev,
-                            DecConfig(name="t", n_tb=8, k_chunk=KChunk(qkv=k, o=k, gate_up=k, down=k)), seed=2)
+                            DecConfig(name="t", n_tb=8, n_tb_proj=own, k_chunk=KChunk(qkv=k, o=k, gate_up=k, down=k)),
+                            seed=2)
+    if own_n_tb:
+        assert {p: m.dec.n_tb for p, _, m in built.model.linears()} == {"qkv": 2, "o": 8, "gate_up": 8, "down": 33}
     prompt = torch.arange(3, 19)
     torch._dynamo.reset()
     want = Generator(built.model, dev, torch.float16, 64, "inductor").generate(prompt, 40)
