@@ -10,7 +10,7 @@
 // their start / x staged / loop done / end stamps (the last graph iteration).
 // Pure CUDA (no torch), GPU machine:
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -Icsrc [-DDECDEC_GEMV_PROBE] scripts/dec_timeline.cu \
-//     csrc/ap_gemv.cu -o /tmp/tl && /tmp/tl [4096x4096]
+//     csrc/ap_gemv.cu -o /tmp/tl && /tmp/tl [INxOUT, e.g. 4096x4096 or Phi-3's 5120x7680]
 #include <cstdint>
 constexpr int kTlIters = 48;  // iterations captured per graph
 constexpr int kTlBlocks = 160;
@@ -100,11 +100,21 @@ int main(int argc, char** argv) {
   printf("%-11s %3s %4s %-6s | %7s | %6s %6s %6s %6s %6s | %7s %7s | %7s | select: %5s %5s %5s %5s\n", "shape", "k",
          "n_tb", "mode", "graph/it", "dec0", "select", "fetch", "store", "arrive", "dec_end", "dec_p50", "consumer", "hist",
          "scan", "list", "bar");
-  for (auto& sh : shapes) {
-    const int in = sh[0], out = sh[1];
+  std::vector<std::pair<int, int>> todo;  // the Llama-3-8B shapes, or the one INxOUT given (e.g. Phi-3's 5120x7680)
+  int a_in = 0, a_out = 0;
+  if (argc > 1) {
+    if (sscanf(argv[1], "%dx%d", &a_in, &a_out) != 2 || a_in % 256 != 0 || a_out % 32 != 0) {
+      fprintf(stderr, "usage: %s [INxOUT], IN a multiple of 256, OUT of 32 (got %s)\n", argv[0], argv[1]);
+      return 2;
+    }
+    todo.push_back({a_in, a_out});
+  } else {
+    for (auto& sh : shapes) todo.push_back({sh[0], sh[1]});
+  }
+  for (auto& sh : todo) {
+    const int in = sh.first, out = sh.second;
     char name[32];
     snprintf(name, sizeof name, "%dx%d", in, out);
-    if (argc > 1 && strcmp(argv[1], name) != 0) continue;
     const int words = in / 32;
     const size_t qwords = (size_t)out * words * 3;
     const int copies = std::max(2, (int)((240ull << 20) / (qwords * 4)) + 1);
