@@ -763,7 +763,9 @@ __device__ __forceinline__ float mma_row_sum(const float* red_row) {
 
 // PACKED: qweight in the kernel layout [out, in/256, 3, 8] (common.cuh).
 // NORM: x is formed from a + b and RMSNorm while staging (kernels.h `AddNorm`, in <= 8192), as the streaming kernel.
-template <bool PACKED, bool NORM = false>
+// CHAIN: chain mode with a fixed share per block (kernels.h `Fused::chain`; where the plan puts two blocks per SM --
+// ap3_gemv_mma_chain_kernel serves the one-block-per-SM plans).
+template <bool PACKED, bool NORM = false, bool CHAIN = false>
 __global__ void __launch_bounds__(kMmaThreads, 2)
     ap3_gemv_mma_kernel(const __half* __restrict__ x, const uint32_t* __restrict__ qw, const __half* __restrict__ lut,
                         __half* __restrict__ y, int in, int out, int block_rows, Fused fused, AddNorm an) {
@@ -786,7 +788,8 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   GEMV_STAMP(0);
   MmaItem bufA, bufB;
   if (my_items > 0) load(bufA, 0);
-  pdl_wait();  // the first weights are in flight; x (and y) belong to the previous kernel
+  if constexpr (CHAIN) chain_wait_x(fused);  // DEC before this kernel has seen x complete
+  else pdl_wait();  // the first weights are in flight; x (and y) belong to the previous kernel
   gemv_trigger_dependents();
 
   for (int i = threadIdx.x; i < ngroups * 16 * kMmaWarps; i += kMmaThreads) red[i] = 0.f;
@@ -826,8 +829,14 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   float* gpart = fused.gpart ? fused.gpart + (size_t)m * out : nullptr;
   for (int r = threadIdx.x; r < r1 - r0; r += kMmaThreads) {
     const float s = mma_row_sum(red + r * kMmaWarps);
-    if (gpart) gpart[r0 + r] = s;
+    if constexpr (CHAIN) red[r * kMmaWarps] = s;  // the row's own slots: chain_combine reads it
+    else if (gpart) gpart[r0 + r] = s;
     else y[(size_t)m * out + r0 + r] = __float2half_rn(s);
+  }
+  if constexpr (CHAIN) {
+    chain_combine<false>(fused, red, kMmaWarps, m, r0, r1, out, y);
+    GEMV_STAMP(3);
+    return;
   }
   if (fused.on()) fused_arrive<__half, 4>(fused, m, blockIdx.x, blockIdx.x + 1, out, flags);
   GEMV_STAMP(3);
@@ -1033,16 +1042,6 @@ int gemv_extra_reserve() {
   return r;
 }
 
-// A/B knob (environment DECDEC_MMA_CHAIN_FIXED=1, default 0): the chain-mode tensor-core GEMV with mma_block_rows'
-// fixed share per block (every block keeps exactly that many groups), as before session 13.
-bool mma_chain_fixed_share() {
-  static const bool on = [] {
-    const char* e = std::getenv("DECDEC_MMA_CHAIN_FIXED");
-    return e && atoi(e) == 1;
-  }();
-  return on;
-}
-
 int mma_block_rows(int out, int reserve) {
   const int sms = device_sms();
   const int slots = max(sms, 2 * sms - max(reserve, 0) - gemv_extra_reserve());
@@ -1054,14 +1053,27 @@ int mma_block_rows(int out, int reserve) {
   return 16 * gpb;
 }
 
-template <bool PACKED, bool NORM = false>
+// Chain mode's tensor-core GEMV: groups taken at run time (ap3_gemv_mma_chain_kernel) where the fixed plan is one block
+// per SM -- the plan whose blocks the scheduler may put two to an SM beside DEC's (Llama-3's down) -- and the fixed
+// share (ap3_gemv_mma_kernel<..., CHAIN>) where the plan already runs two blocks per SM (Phi-3's 5120 inputs: there a
+// fixed share interleaves two groups' 10 k-slices over the warps, which one group at a time cannot). A/B knob
+// (environment DECDEC_MMA_CHAIN_FIXED=1): the fixed share everywhere, as before session 13.
+bool mma_chain_run_time(int out, int reserve) {
+  static const bool fixed = [] {
+    const char* e = std::getenv("DECDEC_MMA_CHAIN_FIXED");
+    return e && atoi(e) == 1;
+  }();
+  return !fixed && ceil_div(ceil_div(out, 16), mma_block_rows(out, reserve) / 16) <= device_sms();
+}
+
+template <bool PACKED, bool NORM = false, bool CHAIN = false>
 cudaError_t launch_mma(const void* x, const uint32_t* qw, const void* lut, void* y, int M, int in, int out,
                        const Fused& fused, cudaStream_t stream, const AddNorm& an = AddNorm{}) {
   const int br = mma_block_rows(out, fused.reserve_blocks);
   const size_t smem = (size_t)in * sizeof(__half) + (size_t)br * kMmaWarps * sizeof(float);
-  const cudaError_t err = allow_smem(ap3_gemv_mma_kernel<PACKED, NORM>, smem);
+  const cudaError_t err = allow_smem(ap3_gemv_mma_kernel<PACKED, NORM, CHAIN>, smem);
   if (err != cudaSuccess) return err;
-  return launch_gemv_kernel(ap3_gemv_mma_kernel<PACKED, NORM>, dim3(ceil_div(out, br), M), dim3(kMmaThreads), smem, stream,
+  return launch_gemv_kernel(ap3_gemv_mma_kernel<PACKED, NORM, CHAIN>, dim3(ceil_div(out, br), M), dim3(kMmaThreads), smem, stream,
                             static_cast<const __half*>(x), qw, static_cast<const __half*>(lut), static_cast<__half*>(y),
                             in, out, br, fused, an);
 }
@@ -1072,12 +1084,8 @@ template <bool NORM = false>
 cudaError_t launch_mma_chain(const void* x, const uint32_t* qw, const void* lut, void* y, int M, int in, int out,
                              const Fused& fused, cudaStream_t stream, const AddNorm& an = AddNorm{}) {
   const int sms = device_sms(), groups = ceil_div(out, 16);
-  int grid = min(groups, max(sms, 2 * sms - max(fused.reserve_blocks, 0) - gemv_extra_reserve()));
-  int qmax = min(groups, 2 * ceil_div(groups, grid) + 2);
-  if (mma_chain_fixed_share()) {  // A/B: each block exactly its fixed share (as the plain kernel's blocks)
-    qmax = mma_block_rows(out, fused.reserve_blocks) / 16;
-    grid = ceil_div(groups, qmax);
-  }
+  const int grid = min(groups, max(sms, 2 * sms - max(fused.reserve_blocks, 0) - gemv_extra_reserve()));
+  const int qmax = min(groups, 2 * ceil_div(groups, grid) + 2);
   const size_t smem = (size_t)in * sizeof(__half) + (size_t)qmax * 16 * kMmaWarps * sizeof(float) +
                       (size_t)(qmax + 2) * sizeof(int);
   const cudaError_t err = allow_smem(ap3_gemv_mma_chain_kernel<true, NORM>, smem);
@@ -1254,9 +1262,13 @@ cudaError_t ap_gemv_dec_chain(const void* x, const uint32_t* qweight, const void
   if (norm) fd.norm = *norm;
   const cudaError_t err = dec(DType::F16, x, q_residual, scales, bounds, M, in, out, k_chunk, n_tb, fd, stream);
   if (err != cudaSuccess) return err;
-  if (use_mma_kernel(3, true, in))
-    return norm ? launch_mma_chain<true>(x, qweight, lut, y, M, in, out, f, stream, *norm)
-                : launch_mma_chain<false>(x, qweight, lut, y, M, in, out, f, stream);
+  if (use_mma_kernel(3, true, in)) {
+    if (mma_chain_run_time(out, f.reserve_blocks))
+      return norm ? launch_mma_chain<true>(x, qweight, lut, y, M, in, out, f, stream, *norm)
+                  : launch_mma_chain<false>(x, qweight, lut, y, M, in, out, f, stream);
+    return norm ? launch_mma<true, true, true>(x, qweight, lut, y, M, in, out, f, stream, *norm)
+                : launch_mma<true, false, true>(x, qweight, lut, y, M, in, out, f, stream);
+  }
   if (!norm) return launch_stream<kStreamRows, false, true, false, true>(x, qweight, lut, y, M, in, out, f, stream);
   return glu ? launch_stream<kStreamRows, true, true, true, true>(x, qweight, lut, y, M, in, out, f, stream, *norm)
              : launch_stream<kStreamRows, true, true, false, true>(x, qweight, lut, y, M, in, out, f, stream, *norm);

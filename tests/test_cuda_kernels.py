@@ -468,10 +468,11 @@ def test_ap_gemv_dec_chain(shape, m):
 @pytest.mark.parametrize("m", [1, 2])
 @pytest.mark.parametrize("shape", [(14336, 4096), (2048, 4000)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_dec_chain_tensor_core_groups_taken_at_run_time(shape, m):
-    """The chain-mode tensor-core GEMV hands its 16-row groups out at run time (ap3_gemv_mma_chain_kernel; 256 / 250
-    groups: more than the blocks DEC leaves room for at n_tb >= 16; in 2048: warps without k-slices). Each group is
-    summed as ap_gemv sums it (one group per block there), so with zero residual scales the chain op IS ap_gemv, bit
-    for bit, whichever blocks took which groups; repeated calls (the group counters back at zero) agree."""
+    """The chain-mode tensor-core GEMV hands its 16-row groups out at run time where its fixed plan is one block per SM
+    (ap3_gemv_mma_chain_kernel; 256 / 250 groups at n_tb >= 16; in 2048: warps without k-slices) and keeps the fixed
+    share where the plan is two blocks per SM (n_tb 1 here). Each group is summed as ap_gemv sums it (one group per
+    block there), so with zero residual scales the chain op IS ap_gemv, bit for bit, whichever blocks took which
+    groups; repeated calls (the group counters back at zero) agree."""
     n, out = shape
     pk, lut, w, qr, scales, q = _chain_case(n, out, n + out + 45)
     x = make_x(m, n, torch.float16, n + m + 46)
