@@ -754,6 +754,16 @@ __device__ __forceinline__ void mma_compute_item(const MmaItem& c, int ks, int t
   }
 }
 
+// Token m's x into shared memory for the tensor-core kernels (NORM: formed from a + b and RMSNorm), then a block
+// barrier.
+template <bool NORM>
+__device__ __forceinline__ void mma_stage_x(const __half* __restrict__ x, const AddNorm& an, int m, int in, uint4* xs,
+                                            int* flags) {
+  if constexpr (NORM) stage_x_addnorm<kMmaThreads>(x + (size_t)m * in, an, m, in, xs, reinterpret_cast<float*>(flags));
+  else stage_x_swizzled<kMmaThreads>(x + (size_t)m * in, in, xs);
+  __syncthreads();
+}
+
 // The row's fp32 sum over the 8 warps' slots, in a fixed order (deterministic).
 __device__ __forceinline__ float mma_row_sum(const float* red_row) {
   const float4 a = *reinterpret_cast<const float4*>(red_row);
@@ -793,9 +803,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   gemv_trigger_dependents();
 
   for (int i = threadIdx.x; i < ngroups * 16 * kMmaWarps; i += kMmaThreads) red[i] = 0.f;
-  if constexpr (NORM) stage_x_addnorm<kMmaThreads>(x + (size_t)m * in, an, m, in, xs, reinterpret_cast<float*>(flags));
-  else stage_x_swizzled<kMmaThreads>(x + (size_t)m * in, in, xs);
-  __syncthreads();
+  mma_stage_x<NORM>(x, an, m, in, xs, flags);
   GEMV_STAMP(1);
 
   const uint32_t xs_base = (uint32_t)__cvta_generic_to_shared(xs);
@@ -878,9 +886,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   if (n_w > 0) mma_load_item<PACKED>(bufA, qw, lut, 16 * (int)blockIdx.x, out, warp, g, t, words, plane);
   chain_wait_x(fused);  // DEC before this kernel has seen x complete (a block barrier: grp[0..1] are visible)
   gemv_trigger_dependents();
-  if constexpr (NORM) stage_x_addnorm<kMmaThreads>(x + (size_t)m * in, an, m, in, xs, reinterpret_cast<float*>(flags));
-  else stage_x_swizzled<kMmaThreads>(x + (size_t)m * in, in, xs);
-  __syncthreads();
+  mma_stage_x<NORM>(x, an, m, in, xs, flags);
   GEMV_STAMP(1);
 
   const uint32_t xs_base = (uint32_t)__cvta_generic_to_shared(xs);
