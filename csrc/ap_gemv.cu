@@ -19,6 +19,8 @@
 // (ap3_gemv_mma_kernel, in % 512 == 0 unless the streaming kernel keeps every lane busy), the
 // streaming kernel (ap3_gemv_stream_kernel, in = 4096-like rows) and the per-row PRMT kernel
 // (ap3_gemv_prmt_kernel, the rest). All three decode with the PRMT register LUT (ap3_decode8).
+#include <cstdio>
+#include <cstring>
 #include <type_traits>
 
 #include "common.cuh"
@@ -773,8 +775,8 @@ __device__ __forceinline__ float mma_row_sum(const float* red_row) {
 
 // PACKED: qweight in the kernel layout [out, in/256, 3, 8] (common.cuh).
 // NORM: x is formed from a + b and RMSNorm while staging (kernels.h `AddNorm`, in <= 8192), as the streaming kernel.
-// CHAIN: chain mode with a fixed share per block (kernels.h `Fused::chain`; where the plan puts two blocks per SM --
-// ap3_gemv_mma_chain_kernel serves the one-block-per-SM plans).
+// CHAIN: chain mode with a fixed share per block (kernels.h `Fused::chain`; ap3_gemv_mma_split_kernel where
+// mma_chain_equal_shares picks equal shares instead).
 template <bool PACKED, bool NORM = false, bool CHAIN = false>
 __global__ void __launch_bounds__(kMmaThreads, 2)
     ap3_gemv_mma_kernel(const __half* __restrict__ x, const uint32_t* __restrict__ qw, const __half* __restrict__ lut,
@@ -850,107 +852,107 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   GEMV_STAMP(3);
 }
 
-// Chain mode of the tensor-core GEMV (kernels.h `Fused::chain`), with the 16-row groups handed out at run time.
-// DEC's blocks take SM slots before this kernel is scheduled, and the block scheduler does not spread the GEMV's
-// blocks evenly over what is left: with a fixed share per block, the blocks that land two to an SM end last
-// (scripts/dec_timeline.cu -DDECDEC_GEMV_PROBE, docs/PERF.md session 13).
-// Here block b starts with group b and takes further groups from a counter (chain[kChainGrab + m]), one group ahead,
-// so the first loads of the next group are in flight while the block finishes the current one; a block on a busy SM
-// simply takes fewer. A block keeps at most `qmax` groups' row sums (shared memory) and stops taking groups there.
-// The combine with DEC's partials is chain_combine's, per kept group, at the block's end.
+// Chain mode of the tensor-core GEMV with equal shares (where mma_chain_equal_shares picks it). One block per SM
+// slot DEC leaves (at most one per group); block b takes the b-th equal run of the flattened (group, k-slice) items -- 28.9 items at 14336x4096
+// beside 16 DEC blocks, instead of 1 or 2 whole groups -- so every SM runs two equal blocks (one beside a DEC block)
+// wherever the scheduler put them, and the items interleave over the warps across group boundaries. A run is at
+// least one group long (grid <= groups), so a group is split over at most two blocks: each stores its rows' fp32 sums
+// for that group in gsplit (part 0: the block holding the group's first items), and the second to arrive at the
+// group's counter adds part 0 + part 1 (a fixed order: deterministic) and writes the rows. Whole groups are written
+// by their block; every row gets y = cast(gemv + scale * DEC's sum) as chain_combine writes it.
 template <bool PACKED, bool NORM = false>
 __global__ void __launch_bounds__(kMmaThreads, 2)
-    ap3_gemv_mma_chain_kernel(const __half* __restrict__ x, const uint32_t* __restrict__ qw,
+    ap3_gemv_mma_split_kernel(const __half* __restrict__ x, const uint32_t* __restrict__ qw,
                               const __half* __restrict__ lut, __half* __restrict__ y, int in, int out, int qmax,
                               Fused fused, AddNorm an) {
-  extern __shared__ __align__(16) uint4 xs[];  // x (in / 8 chunks), red [qmax * 16][kMmaWarps], grp [qmax + 2]
+  extern __shared__ __align__(16) uint4 xs[];  // x (in / 8 chunks), then red [qmax * 16][kMmaWarps]
   __shared__ int flags[kMmaThreads];
   const int words = in >> 5, KS = words >> 4;
-  const int m = blockIdx.y, groups = ceil_div(out, 16);
+  const int m = blockIdx.y, groups = ceil_div(out, 16), T = groups * KS;
+  const int i0 = (int)((long long)blockIdx.x * T / gridDim.x), i1 = (int)((long long)(blockIdx.x + 1) * T / gridDim.x);
+  const int g0 = i0 / KS, ng = (i1 - 1) / KS - g0 + 1;  // groups this block touches (i1 - i0 >= KS, ng <= qmax)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int n_w = KS > warp ? ceil_div(KS - warp, kMmaWarps) : 0;  // this warp's items per group
+  const int my_items = i1 - i0 > warp ? ceil_div(i1 - i0 - warp, kMmaWarps) : 0;
   const size_t plane = (size_t)out * words;
   float* red = reinterpret_cast<float*>(xs + (in >> 3));
-  int* grp = reinterpret_cast<int*>(red + qmax * 16 * kMmaWarps);  // grp[q]: the block's q-th group (>= groups: none)
-  int* grab = fused.chain + kChainGrab + m;
-  auto take = [&](int q) { return q < qmax ? (int)gridDim.x + atomicAdd(grab, 1) : groups; };
 
+  auto load = [&](MmaItem& d, int j) {  // this warp's j-th item: i0 + warp + 8 j
+    const int i = i0 + warp + kMmaWarps * j, grp = i / KS, ks = i - grp * KS;
+    mma_load_item<PACKED>(d, qw, lut, 16 * grp, out, ks, g, t, words, plane);
+  };
   GEMV_STAMP(0);
-  int pending = groups;  // thread 0: group q + 2, taken while group q runs (the atomic's latency off the path)
-  if (threadIdx.x == 0) {
-    grp[0] = blockIdx.x;  // grid <= groups: every block has a first group
-    grp[1] = take(1);
-    if (grp[1] < groups) pending = take(2);
-  }
   MmaItem bufA, bufB;
-  if (n_w > 0) mma_load_item<PACKED>(bufA, qw, lut, 16 * (int)blockIdx.x, out, warp, g, t, words, plane);
-  chain_wait_x(fused);  // DEC before this kernel has seen x complete (a block barrier: grp[0..1] are visible)
+  if (my_items > 0) load(bufA, 0);
+  chain_wait_x(fused);  // DEC before this kernel has seen x complete
   gemv_trigger_dependents();
+  for (int k = threadIdx.x; k < ng * 16 * kMmaWarps; k += kMmaThreads) red[k] = 0.f;
   mma_stage_x<NORM>(x, an, m, in, xs, flags);
   GEMV_STAMP(1);
 
   const uint32_t xs_base = (uint32_t)__cvta_generic_to_shared(xs);
   float acc0[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};
-  // the warp's item sequence: group q (grp[q]), k-slice warp + 8 i for i < n_w; j = q * n_w + i
-  int q = 0;
-  auto load = [&](MmaItem& d, int j) {
-    const int qj = j / n_w, i = j - qj * n_w;
-    mma_load_item<PACKED>(d, qw, lut, 16 * grp[qj], out, warp + kMmaWarps * i, g, t, words, plane);
-  };
-  // whether item j exists: its group was taken (grp[q + 1] is known while group q runs)
-  auto exists = [&](int j) { const int qj = j / n_w; return qj < qmax && grp[qj] < groups; };
   auto compute = [&](const MmaItem& c, int j) {
-    const int i = j - q * n_w;
-    mma_compute_item<PACKED>(c, warp + kMmaWarps * i, t, xs_base, acc0, acc1);
-    if (i + 1 == n_w) {  // the group's last item of this warp: flush, then the block moves to the next group
+    const int i = i0 + warp + kMmaWarps * j, grp = i / KS, ks = i - grp * KS;
+    mma_compute_item<PACKED>(c, ks, t, xs_base, acc0, acc1);
+    if (j + 1 >= my_items || (i + kMmaWarps) / KS != grp) {  // the warp's last item of this group: flush
+      const int q = grp - g0;
       if (t == 0) {
         red[(16 * q + g) * kMmaWarps + warp] = acc0[0] + acc1[0];
         red[(16 * q + g + 8) * kMmaWarps + warp] = acc0[2] + acc1[2];
       }
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc0[e] = acc1[e] = 0.f;
-      if (threadIdx.x == 0) grp[q + 2] = pending;
-      __syncthreads();  // grp[q + 2] is visible; every warp is past group q
-      ++q;
-      // take group q + 2 only while there is a group q + 1 (so every taken group is kept and used)
-      if (threadIdx.x == 0) pending = grp[q + 1] < groups ? take(q + 2) : groups;
     }
   };
-  if (n_w > 0) {
-    for (int j = 0; exists(j); j += 2) {
-      if (exists(j + 1)) load(bufB, j + 1);
-      compute(bufA, j);
-      if (!exists(j + 1)) break;
-      if (exists(j + 2)) load(bufA, j + 2);
-      compute(bufB, j + 1);
-    }
-  } else {  // in < 4096: warps past the k-slices have no items; their slots are zero, and they keep the barriers
-    while (q < qmax && grp[q] < groups) {
-      if (t == 0) red[(16 * q + g) * kMmaWarps + warp] = red[(16 * q + g + 8) * kMmaWarps + warp] = 0.f;
-      __syncthreads();
-      ++q;
-    }
+  for (int j = 0; j < my_items; j += 2) {
+    if (j + 1 < my_items) load(bufB, j + 1);
+    compute(bufA, j);
+    if (j + 1 >= my_items) break;
+    if (j + 2 < my_items) load(bufA, j + 2);
+    compute(bufB, j + 1);
   }
-  GEMV_STAMP(2);
-  // q groups done: their rows' sums, then the combine with DEC (as chain_combine, per group)
   __syncthreads();
+  GEMV_STAMP(2);
   if (threadIdx.x == 0)
     while (ld_acquire_gpu(fused.chain + 1 + m) < fused.chain_units) __nanosleep(32);
   __syncthreads();
   const __half* sc = static_cast<const __half*>(fused.dec_scales);
-  for (int k = threadIdx.x; k < q * 16; k += kMmaThreads) {
-    const int r = 16 * grp[k >> 4] + (k & 15);
-    if (r < out)
-      y[(size_t)m * out + r] = __float2half_rn(fmaf(chain_dec_sum(fused, m, out, r), __half2float(sc[r]),
-                                                    mma_row_sum(red + k * kMmaWarps)));
+  float* split = fused.gsplit + (size_t)m * groups * 32;
+  const bool head = g0 * KS < i0;              // group g0 began in the block before: this block holds its part 1
+  const int gl = g0 + ng - 1;
+  const bool tail = (gl + 1) * KS > i1;        // group gl goes on in the block after: this block holds its part 0
+  for (int k = threadIdx.x; k < ng * 16; k += kMmaThreads) {
+    const int q = k >> 4, rr = k & 15, grp = g0 + q, r = 16 * grp + rr;
+    const float sum = mma_row_sum(red + k * kMmaWarps);
+    if (q == 0 && head) split[grp * 32 + 16 + rr] = sum;
+    else if (q == ng - 1 && tail) split[grp * 32 + rr] = sum;
+    else if (r < out)
+      y[(size_t)m * out + r] = __float2half_rn(fmaf(chain_dec_sum(fused, m, out, r), __half2float(sc[r]), sum));
   }
-  if (threadIdx.x == 0) {
-    __threadfence();  // this block's takes are done before it counts itself
-    if (atomicAdd(fused.chain + 1 + m, 1) == fused.chain_units + (int)gridDim.x - 1) {
-      fused.chain[1 + m] = 0;  // every block has passed both counters: reset them for the next call
-      *grab = 0;
+  // the split groups (at most two): release this block's part, acquire the other's; the second arrival writes
+  __syncthreads();
+  if (threadIdx.x < 2) {
+    const bool mine = threadIdx.x == 0 ? head : tail;
+    int fin = 0;
+    if (mine) {
+      int* c = fused.chain + kChainGroups + m * groups + (threadIdx.x == 0 ? g0 : gl);
+      int old;
+      asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(old) : "l"(c) : "memory");
+      fin = old == 1;
+      if (fin) *c = 0;  // both parts have arrived: reset for the next call
+    }
+    flags[threadIdx.x] = fin;
+  }
+  __syncthreads();
+  if (threadIdx.x < 32 && flags[threadIdx.x >> 4]) {
+    const int grp = (threadIdx.x >> 4) == 0 ? g0 : gl, rr = threadIdx.x & 15, r = 16 * grp + rr;
+    if (r < out) {
+      const float sum = __ldcg(split + grp * 32 + rr) + __ldcg(split + grp * 32 + 16 + rr);  // part 0 + part 1
+      y[(size_t)m * out + r] = __float2half_rn(fmaf(chain_dec_sum(fused, m, out, r), __half2float(sc[r]), sum));
     }
   }
+  if (threadIdx.x == 0 && atomicAdd(fused.chain + 1 + m, 1) == fused.chain_units + (int)gridDim.x - 1)
+    fused.chain[1 + m] = 0;  // every block has passed: reset for the next call
   GEMV_STAMP(3);
 }
 
@@ -1059,17 +1061,24 @@ int mma_block_rows(int out, int reserve) {
   return 16 * gpb;
 }
 
-// Chain mode's tensor-core GEMV: groups taken at run time (ap3_gemv_mma_chain_kernel) where the fixed plan is one block
-// per SM -- the plan whose blocks the scheduler may put two to an SM beside DEC's (Llama-3's down) -- and the fixed
-// share (ap3_gemv_mma_kernel<..., CHAIN>) where the plan already runs two blocks per SM (Phi-3's 5120 inputs: there a
-// fixed share interleaves two groups' 10 k-slices over the warps, which one group at a time cannot). A/B knob
-// (environment DECDEC_MMA_CHAIN_FIXED=1): the fixed share everywhere, as before session 13.
-bool mma_chain_run_time(int out, int reserve) {
-  static const bool fixed = [] {
-    const char* e = std::getenv("DECDEC_MMA_CHAIN_FIXED");
-    return e && atoi(e) == 1;
+// Chain mode's tensor-core GEMV: equal shares (ap3_gemv_mma_split_kernel) where the fixed plan is one block per SM on
+// at least 90 % of the SMs -- Llama-3's down (128 blocks of 132) at n_tb >= 9, where DEC's blocks leave too few SMs
+// and the scheduler puts two fixed-share blocks on some, which end last; elsewhere the fixed share
+// (ap3_gemv_mma_kernel<..., CHAIN>): Phi-3's 17920x5120 (107 blocks, room beside DEC) and the 5120-input plans of two
+// blocks per SM, where equal shares measured slower (H200, docs/PERF.md session 14). A/B knob (environment
+// DECDEC_MMA_CHAIN=split or =fixed): that kernel everywhere.
+bool mma_chain_equal_shares(int out, int reserve) {
+  static const int force = [] {  // 0: the rule, 1: equal shares, 2: fixed share
+    const char* e = std::getenv("DECDEC_MMA_CHAIN");
+    if (!e || !*e || std::strcmp(e, "auto") == 0) return 0;
+    if (std::strcmp(e, "split") == 0) return 1;
+    if (std::strcmp(e, "fixed") == 0) return 2;
+    std::fprintf(stderr, "decdec: DECDEC_MMA_CHAIN=%s is not one of auto, split, fixed; using auto\n", e);
+    return 0;
   }();
-  return !fixed && ceil_div(ceil_div(out, 16), mma_block_rows(out, reserve) / 16) <= device_sms();
+  if (force) return force == 1;
+  const int sms = device_sms(), blocks = ceil_div(ceil_div(out, 16), mma_block_rows(out, reserve) / 16);
+  return blocks <= sms && 10 * blocks >= 9 * sms;
 }
 
 template <bool PACKED, bool NORM = false, bool CHAIN = false>
@@ -1084,19 +1093,19 @@ cudaError_t launch_mma(const void* x, const uint32_t* qw, const void* lut, void*
                             in, out, br, fused, an);
 }
 
-// The chain-mode tensor-core GEMV (ap3_gemv_mma_chain_kernel): one block per SM slot DEC leaves (at most one per
-// group), each keeping up to qmax groups: a few more than an even share, so blocks on idle SMs can take the slack.
+// The equal-shares chain GEMV (ap3_gemv_mma_split_kernel): one block per SM slot DEC leaves, at most one per group.
 template <bool NORM = false>
-cudaError_t launch_mma_chain(const void* x, const uint32_t* qw, const void* lut, void* y, int M, int in, int out,
+cudaError_t launch_mma_split(const void* x, const uint32_t* qw, const void* lut, void* y, int M, int in, int out,
                              const Fused& fused, cudaStream_t stream, const AddNorm& an = AddNorm{}) {
-  const int sms = device_sms(), groups = ceil_div(out, 16);
+  const int sms = device_sms(), groups = ceil_div(out, 16), KS = in / 512;
+  if ((long long)M * groups > kChainGroupCap) return cudaErrorInvalidValue;  // bindings.cpp names the limit first
   const int grid = min(groups, max(sms, 2 * sms - max(fused.reserve_blocks, 0) - gemv_extra_reserve()));
-  const int qmax = min(groups, 2 * ceil_div(groups, grid) + 2);
-  const size_t smem = (size_t)in * sizeof(__half) + (size_t)qmax * 16 * kMmaWarps * sizeof(float) +
-                      (size_t)(qmax + 2) * sizeof(int);
-  const cudaError_t err = allow_smem(ap3_gemv_mma_chain_kernel<true, NORM>, smem);
+  const int run = ceil_div(groups * KS, grid);           // the longest run of items
+  const int qmax = min(groups, ceil_div(run, KS) + 1);  // the most groups a run touches
+  const size_t smem = (size_t)in * sizeof(__half) + (size_t)qmax * 16 * kMmaWarps * sizeof(float);
+  const cudaError_t err = allow_smem(ap3_gemv_mma_split_kernel<true, NORM>, smem);
   if (err != cudaSuccess) return err;
-  return launch_gemv_kernel(ap3_gemv_mma_chain_kernel<true, NORM>, dim3(grid, M), dim3(kMmaThreads), smem, stream,
+  return launch_gemv_kernel(ap3_gemv_mma_split_kernel<true, NORM>, dim3(grid, M), dim3(kMmaThreads), smem, stream,
                             static_cast<const __half*>(x), qw, static_cast<const __half*>(lut), static_cast<__half*>(y),
                             in, out, qmax, fused, an);
 }
@@ -1246,6 +1255,10 @@ cudaError_t ap_gemv_addnorm_glu(const void* a, const AddNorm& an, const uint32_t
                 : launch_stream<kStreamRows, true, false, true>(a, qweight, lut, y, M, in, out, Fused{}, stream, an);
 }
 
+size_t chain_scratch_floats(int in, int out, int M) {
+  return (size_t)dec_parts(in) * M * out + (size_t)M * ceil_div(out, 16) * 32;
+}
+
 bool ap_dec_chain_supported(DType dt, int bits, int in) { return bits == 3 && packed_ok(dt, bits, in); }
 
 cudaError_t ap_gemv_dec_chain(const void* x, const uint32_t* qweight, const void* lut, const uint32_t* q_residual,
@@ -1264,14 +1277,15 @@ cudaError_t ap_gemv_dec_chain(const void* x, const uint32_t* qweight, const void
   f.dec_scales = scales;
   f.chain = chain;
   f.chain_units = f.dec_parts * ceil_div(out, f.dec_slice);
+  f.gsplit = dpart + (size_t)f.dec_parts * M * out;
   Fused fd = f;  // DEC's view: the add + norm inputs when it forms x itself
   if (norm) fd.norm = *norm;
   const cudaError_t err = dec(DType::F16, x, q_residual, scales, bounds, M, in, out, k_chunk, n_tb, fd, stream);
   if (err != cudaSuccess) return err;
   if (use_mma_kernel(3, true, in)) {
-    if (mma_chain_run_time(out, f.reserve_blocks))
-      return norm ? launch_mma_chain<true>(x, qweight, lut, y, M, in, out, f, stream, *norm)
-                  : launch_mma_chain<false>(x, qweight, lut, y, M, in, out, f, stream);
+    if (mma_chain_equal_shares(out, f.reserve_blocks))
+      return norm ? launch_mma_split<true>(x, qweight, lut, y, M, in, out, f, stream, *norm)
+                  : launch_mma_split<false>(x, qweight, lut, y, M, in, out, f, stream);
     return norm ? launch_mma<true, true, true>(x, qweight, lut, y, M, in, out, f, stream, *norm)
                 : launch_mma<true, false, true>(x, qweight, lut, y, M, in, out, f, stream);
   }

@@ -222,11 +222,11 @@ int* tile_counters(int device, size_t n, cudaStream_t stream) {
 // kChainSlots slots used in turn. The GEMV of a chain op is scheduled during the op before it; with one slot per call
 // in turn, it never sees the previous chain op's counters (that op's GEMV may still be combining when this GEMV's
 // blocks start to wait). A slot is used again kChainSlots calls later, long after its op completed.
-constexpr int kChainSlots = 8, kChainSlotInts = 2 * decdec::kChainGrab;  // [1 + M], [kChainGrab + M] ints per call
+constexpr int kChainSlots = 8, kChainSlotInts = decdec::kChainGroups + decdec::kChainGroupCap;  // ints per call
 std::unordered_map<int, std::pair<int*, unsigned>> g_chain;  // device -> (buffer, next slot)
 
 int* chain_counters(int device, int M, cudaStream_t stream) {
-  DD_CHECK(M < decdec::kChainGrab, "decdec: the _dec_chain ops serve up to ", decdec::kChainGrab - 1,
+  DD_CHECK(M < decdec::kChainGroups - 1, "decdec: the _dec_chain ops serve up to ", decdec::kChainGroups - 2,
            " tokens per call, got M=", M, "; use the _dec_parts ops for more");
   std::lock_guard<std::mutex> lock(g_ws_mu);
   auto& w = g_chain[device];
@@ -542,7 +542,10 @@ at::Tensor run_chain(const at::Tensor& x, const at::Tensor& qweight, const at::T
   const int M = (int)x.size(0);
   if (M == 0) return y;
   auto stream = at::cuda::getCurrentCUDAStream();
-  auto dpart = at::empty({(int64_t)decdec::dec_parts(s.in) * M * s.out}, x.options().dtype(at::kFloat));
+  DD_CHECK((int64_t)M * ((s.out + 15) / 16) <= decdec::kChainGroupCap, "decdec: the _dec_chain ops serve up to ",
+           decdec::kChainGroupCap, " tokens x 16-row groups per call, got M=", M, ", out=", s.out,
+           "; use the _dec_parts ops for more");
+  auto dpart = at::empty({(int64_t)decdec::chain_scratch_floats(s.in, s.out, M)}, x.options().dtype(at::kFloat));
   int* chain = chain_counters(x.get_device(), M, stream.stream());
   cuda_ok(decdec::ap_gemv_dec_chain(x.data_ptr(), reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
                                     lut.data_ptr(), reinterpret_cast<const uint32_t*>(q_residual.data_ptr()),

@@ -70,14 +70,20 @@ struct Fused {
   // before and after keep their programmatic overlap and their fusions. Nothing waits on a block that is not
   // resident: the GEMV launches only after every DEC block has started. The last of the GEMV's blocks to pass each
   // counter resets it: chain is zero on entry and exit.
-  // The tensor-core GEMV hands out its row groups at run time from chain[kChainGrab + m] (reset as the others).
-  int* chain = nullptr;  // [1 + M], and [kChainGrab + m]
+  // The tensor-core GEMV with equal shares splits a group over two blocks, which meet at
+  // chain[kChainGroups + m * groups + group] and leave their fp32 row sums in gsplit [M][groups][2][16].
+  int* chain = nullptr;  // [1 + M], then from kChainGroups [M * groups]
+  float* gsplit = nullptr;
   int chain_units = 0;   // DEC units per token: dec_parts x non-empty slices
   DECDEC_HD bool on() const { return counters != nullptr; }            // the combine protocol runs
   DECDEC_HD bool concurrent() const { return chain == nullptr && (gpart != nullptr || dpart != nullptr); }  // GEMV beside DEC (fork / join)
 };
 
-constexpr int kChainGrab = 2048;  // Fused::chain: offset of the GEMV's per-token group counters (M < kChainGrab)
+// Fused::chain: the token counters [1 + M] (M < kChainGroups - 1), then the split-group counters (M * groups <= cap).
+constexpr int kChainGroups = 4096, kChainGroupCap = 61440;
+// Floats of the chain ops' fp32 scratch (`dpart`): DEC's chunk partials [dec_parts(in)][M][out], then the tensor-core
+// GEMV's split groups [M][ceil(out / 16)][2][16].
+size_t chain_scratch_floats(int in, int out, int M);
 
 // Whether ap_gemv_addnorm serves this (3-bit fp16 on the streaming kernel, in <= 8192).
 bool ap_addnorm_supported(DType dt, int bits, int in);
@@ -90,8 +96,9 @@ cudaError_t ap_gemv_addnorm(const void* a, const AddNorm& an, const uint32_t* qw
 bool ap_glu_supported(DType dt, int bits, int in);
 // Chain mode (kernels.h `Fused::chain`): DEC, then the GEMV as its programmatic dependent, one final output. Where
 // ap_dec_chain_supported: 3-bit fp16 on the tensor-core or streaming GEMV (kernel layout) of a device with
-// programmatic dependent launch (sm_90). `n_tb` DEC blocks; `chain` [1 + M] zeroed ints; `dpart` dec_parts(in) * M
-// * out floats of scratch. norm: the add + norm GEMV (DEC forms x itself); glu: its GLU epilogue (y [M, out / 2]).
+// programmatic dependent launch (sm_90). `n_tb` DEC blocks; `chain` kChainGroups + kChainGroupCap zeroed ints (left
+// zero); `dpart` chain_scratch_floats(in, out, M) floats of scratch. norm: the add + norm GEMV (DEC forms x
+// itself); glu: its GLU epilogue (y [M, out / 2]).
 bool ap_dec_chain_supported(DType dt, int bits, int in);
 cudaError_t ap_gemv_dec_chain(const void* x, const uint32_t* qweight, const void* lut, const uint32_t* q_residual,
                               const void* scales, const float* bounds, void* y, float* dpart, int* chain, int M, int in,

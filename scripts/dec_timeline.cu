@@ -146,7 +146,7 @@ int main(int argc, char** argv) {
     CK(cudaMemcpy(bounds, hb, 8, cudaMemcpyHostToDevice));
     const int parts = dec_parts(in);
     CK(cudaMalloc(&acc, sizeof(float) * (size_t)(1 + parts) * out));
-    CK(cudaMalloc(&scratch, sizeof(float) * (size_t)parts * out));
+    CK(cudaMalloc(&scratch, sizeof(float) * chain_scratch_floats(in, out, 1)));  // >= parts * out
     CK(cudaMalloc(&dcount, 1 << 20));
     CK(cudaMemset(dcount, 0, 1 << 20));
     uint32_t *qr_host, *qr;

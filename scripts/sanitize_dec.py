@@ -50,9 +50,10 @@ def main() -> int:
         print(f"{n}x{out} k={k_chunk} n_tb={n_tb}: dec err {err:.1e}, ap fused {errf:.1e}, "
               f"lutgemm fused {errl:.1e} {'ok' if ok else 'WRONG'}")
     # chain mode (DEC, then the GEMV as its programmatic dependent; csrc/kernels.h Fused::chain): the tensor-core
-    # GEMV (in 2048: warps without k-slices; in 5120 with 288 row groups on fewer blocks: groups handed out at run
-    # time; plain and add + norm) and the streaming GEMV (in 4096: plain, add + norm, GLU), kernel layout, M = 2
-    for n, out, k_chunk, n_tb in [(2048, 512, 8, 4), (5120, 4608, 8, 5), (4096, 264, 16, 3)]:
+    # GEMV (in 2048: warps without k-slices, fixed share; 5120x2000 at n_tb 16, 125 one-block-per-SM groups on a
+    # 132-SM card: equal shares, groups split over two blocks; plain and add + norm) and the streaming GEMV (in 4096:
+    # plain, add + norm, GLU), kernel layout, M = 2
+    for n, out, k_chunk, n_tb in [(2048, 512, 8, 4), (5120, 2000, 8, 16), (4096, 264, 16, 3)]:
         x = (torch.randn(2, n, device=dev) * 2).half()
         q = formats.pack_residual(torch.randint(-7, 8, (out, n)))
         qr = ops.place_residual(q, dev)

@@ -8,6 +8,7 @@ Imports only torch / pytest / numpy and decdec.formats / reference / ops (the GP
 from __future__ import annotations
 
 import importlib
+import os
 
 import pytest
 import torch
@@ -467,22 +468,30 @@ def test_ap_gemv_dec_chain(shape, m):
 
 @pytest.mark.parametrize("m", [1, 2])
 @pytest.mark.parametrize("shape", [(14336, 4096), (2048, 4000)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_dec_chain_tensor_core_groups_taken_at_run_time(shape, m):
-    """The chain-mode tensor-core GEMV hands its 16-row groups out at run time where its fixed plan is one block per SM
-    (ap3_gemv_mma_chain_kernel; 256 / 250 groups at n_tb >= 16; in 2048: warps without k-slices) and keeps the fixed
-    share where the plan is two blocks per SM (n_tb 1 here). Each group is summed as ap_gemv sums it (one group per
-    block there), so with zero residual scales the chain op IS ap_gemv, bit for bit, whichever blocks took which
-    groups; repeated calls (the group counters back at zero) agree."""
+def test_dec_chain_tensor_core_shares(shape, m):
+    """The chain-mode tensor-core GEMV spreads 256 / 250 row groups over the SM slots DEC leaves: where the fixed plan
+    is one block per SM on >= 90 % of the SMs (here n_tb >= 16) in equal runs of (group, k-slice) items, a group
+    split over two blocks meeting at a counter (ap3_gemv_mma_split_kernel); elsewhere (n_tb 1: two blocks per SM) and
+    under DECDEC_MMA_CHAIN=fixed the fixed share, each group summed as ap_gemv sums it (bit for bit). With zero
+    residual scales the chain op is the GEMV: equal to ap_gemv (to the last fp16 bit where a group's two parts are
+    added), the same bits on every call (counters back at zero), n_tb 1..132 (in 2048: warps without k-slices)."""
     n, out = shape
     pk, lut, w, qr, scales, q = _chain_case(n, out, n + out + 45)
     x = make_x(m, n, torch.float16, n + m + 46)
     zero = torch.zeros_like(scales)
     base = torch.ops.decdec.ap_gemv(x, pk, lut)
     bounds = make_bounds(x, 8)
+    mode = os.environ.get("DECDEC_MMA_CHAIN", "auto")
     for n_tb in sorted({1, 16, 33, SMS}):
-        for _ in range(3):
-            y = torch.ops.decdec.ap_gemv_dec_chain(x, pk, lut, qr, zero, bounds, 8, n_tb)
-            assert torch.equal(y, base), f"{shape} M={m} n_tb={n_tb}: chain with zero scales != ap_gemv"
+        exact = mode == "fixed" or (mode != "split" and n_tb == 1)
+        first = torch.ops.decdec.ap_gemv_dec_chain(x, pk, lut, qr, zero, bounds, 8, n_tb)
+        what = f"{shape} M={m} n_tb={n_tb}"
+        if exact:
+            assert torch.equal(first, base), what + ": chain with zero scales != ap_gemv"
+        else:
+            torch.testing.assert_close(first, base, rtol=2e-3, atol=2e-3, msg=lambda e: f"{what}: {e}")
+        for _ in range(2):
+            assert torch.equal(torch.ops.decdec.ap_gemv_dec_chain(x, pk, lut, qr, zero, bounds, 8, n_tb), first), what
 
 
 @pytest.mark.parametrize("m", [1, 2])
