@@ -3,7 +3,9 @@
 1. Time, on the device this runs on, every projection's decode GEMV alone and fused with DEC
    for each ``n_tb`` x ``k_chunk`` (on CUDA: calls replayed from a CUDA graph and timed with CUDA
    events, as compile=cudagraphs decodes; the calls cycle over all layers' weights so the L2 cache
-   does not flatter).
+   does not flatter). In chain mode each call is the projection as the decode step runs it (the add + norm and
+   GLU ops on qkv and gate_up), after the kernel that produces its input there (``step_call``): DEC waits for that
+   kernel to end, while the GEMV alone starts during its tail.
 2. Time one whole decode step with DEC off; a decoder layer's budget is
    ``target_slowdown x step_time / n_layers``. Where the qkv and gate_up GEMVs perform the residual add and
    RMSNorm themselves (``ap_gemv_addnorm``), time a second step without that fusion: the difference per fused
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -40,24 +43,84 @@ class Timing:
     seconds: float  # median time of one call
 
 
+def step_call(model, proj: str, layer: int, xs) -> Callable[[int], torch.Tensor]:
+    """``f(i)``: projection ``proj`` of ``layer`` as a decode step runs it, after the kernel that produces its input
+    there, which it follows as a programmatic dependent (the GEMVs and the decode attention kernel let the next
+    kernel start during their tail): qkv = add + norm op (``forward_addnorm``) on the previous layer's down GEMV; o
+    on the qkv GEMV's first ``in`` outputs (standing in for the attention kernel, which ends the same way); gate_up =
+    add + norm (+ GLU where its rows are paired) op on the o GEMV; down on the gate_up GEMV's SiLU x up (its GLU
+    op where paired). The producers run with DEC off. ``xs(width, i)``: the i-th rotating input of that width.
+    Measured (H200, docs/PERF.md session 14): chain DEC's extra time per call timed this way 10.6 / 6.2 us (down
+    k=16 n_tb 33 / k=4 n_tb 16) and 7.7 us (gate_up k=8 n_tb 33) against 12.9 / 7.3 / 7.4-8.2 us per layer end to
+    end; timed without the producer and, for gate_up, as the parts op: 5.4 / 4.6 / 2.6 us."""
+    from decdec.model import PROJECTIONS as PATHS  # proj -> submodule path in a decoder layer
+
+    gemv = torch.ops.decdec.ap_gemv
+    block, prev = model.layers[layer], model.layers[layer - 1]  # layer 0: the last layer's down stands in
+    mod = block.get_submodule(PATHS[proj])
+    if proj == "qkv":
+        down = prev.get_submodule(PATHS["down"])
+        return lambda i: mod.forward_addnorm(xs(mod.in_features, i), gemv(xs(down.in_features, i), down.qweight,
+                                                                          down.lut), block.attention_norm)[0]
+    if proj == "o":
+        qkv = block.get_submodule(PATHS["qkv"])
+        return lambda i: mod(gemv(xs(qkv.in_features, i), qkv.qweight, qkv.lut)[:, :mod.in_features])
+    if proj == "gate_up":
+        o = block.get_submodule(PATHS["o"])
+        run = mod.forward_addnorm_glu if getattr(mod, "glu_pairs", False) else mod.forward_addnorm
+        return lambda i: run(xs(mod.in_features, i), gemv(xs(o.in_features, i), o.qweight, o.lut), block.ffn_norm)[0]
+    gate_up = block.get_submodule(PATHS["gate_up"])
+    norm = block.ffn_norm
+
+    def act(i: int) -> torch.Tensor:
+        a, b = xs(gate_up.in_features, i), xs(gate_up.in_features, i + 1)
+        if getattr(gate_up, "glu_pairs", False) and gate_up._addnorm_kernel(a, norm):
+            return torch.ops.decdec.ap_gemv_addnorm_glu(a, b, norm.weight, norm.eps, gate_up.qweight, gate_up.lut)[0]
+        y = gemv(a, gate_up.qweight, gate_up.lut)  # plain SiLU x up after it: the step's producer is that kernel
+        gate, up = y[:, :mod.in_features], y[:, mod.in_features:2 * mod.in_features]
+        return torch.nn.functional.silu(gate) * up
+
+    return lambda i: mod(act(i))
+
+
 @torch.no_grad()
 def time_projections(model, bitwidths: dict[int, int], k_chunks: list[int], n_tbs: list[int], iters: int,
-                     device: torch.device, dtype: torch.dtype) -> list[Timing]:
+                     device: torch.device, dtype: torch.dtype, in_step: bool | None = None) -> list[Timing]:
     """Median per-call time of each projection (per bit-width) for every (n_tb, k_chunk), each call followed by a
     consumer kernel (``timing.consume``): on CUDA from a CUDA graph (as compile=cudagraphs decodes), on the CPU from a host
-    loop."""
+    loop. ``in_step`` (default: in chain mode, ``uses_dec_chain``): each call is ``step_call``'s, the projection as
+    the decode step runs it after its producer; the GEMV alone (k_chunk = 0) is timed the same way, so the
+    difference is what DEC adds to the step. Otherwise the projection's decode kernels alone."""
     timer = timing.graph_seconds if device.type == "cuda" else timing.host_seconds
+    if in_step is None:
+        in_step = uses_dec_chain(model)
     by_key: dict[tuple[str, int], list] = {}
     for proj, layer, mod in model.linears():
-        by_key.setdefault((proj, bitwidths[layer]), []).append(mod)
-    out: list[Timing] = []
-    for (proj, bits), mods in by_key.items():
-        saved = [(m.k_chunk, m.dec.n_tb if m.dec else 1) for m in mods]
-        xs = [torch.randn(1, mods[0].in_features, device=device, dtype=dtype) for _ in range(4)]
+        by_key.setdefault((proj, bitwidths[layer]), []).append((layer, mod))
+    if in_step and not all(getattr(m, "backend", None) == "ap" for _, _, m in model.linears()):
+        raise ValueError("time_projections(in_step=True) times ap projections after their ap producers; "
+                         "this model has other backends (use in_step=False)")
+    inputs: dict[int, list[torch.Tensor]] = {}
 
-        def call(i: int) -> None:  # cycles over every layer's weights, so the L2 does not hold them
-            # the decode kernels, then a consumer (DEC's combine runs inside that pointwise kernel in a compiled step)
-            timing.consume(mods[i % len(mods)].decode_kernels(xs[i % len(xs)]))
+    def xs(width: int, i: int) -> torch.Tensor:
+        if width not in inputs:
+            inputs[width] = [torch.randn(1, width, device=device, dtype=dtype) for _ in range(4)]
+        return inputs[width][i % 4]
+
+    out: list[Timing] = []
+    for (proj, bits), entries in by_key.items():
+        mods = [m for _, m in entries]
+        saved = [(m.k_chunk, m.dec.n_tb if m.dec else 1) for m in mods]
+        if in_step:
+            steps = [step_call(model, proj, layer, xs) for layer, _ in entries]
+
+            def call(i: int) -> None:  # cycles over every layer's weights, so the L2 does not hold them
+                timing.consume(steps[i % len(steps)](i))
+        else:
+            def call(i: int) -> None:  # cycles over every layer's weights, so the L2 does not hold them
+                # the decode kernels, then a consumer (DEC's combine runs inside that pointwise kernel in a compiled
+                # step)
+                timing.consume(mods[i % len(mods)].decode_kernels(xs(mods[0].in_features, i)))
 
         for n_tb in n_tbs:
             for k in k_chunks:

@@ -332,3 +332,74 @@ def test_chain_mode_skips_the_fusion_charge(tmp_path, cache_dir, monkeypatch):
     summary = run_inprocess(TUNE, tmp_path / "run", cache_dir)
     assert "0" not in env_seen, "chain mode must not time a step without the fusions"
     assert summary["fusion_us"] == 0.0
+
+
+def test_step_call_runs_each_projection_after_its_producer_as_the_decode_step_does(tiny_checkpoint):
+    """In chain mode the tuner times each projection as the decode step runs it, after the kernel that produces its
+    input there (tune.step_call): qkv = norm(a + previous down(x)) -> qkv, o on the qkv GEMV's first outputs,
+    gate_up = norm(a + o(x)) -> gate_up, down on SiLU(gate) x up. Checked here on the tiny model against the same
+    math by hand (DEC off); with DEC on the projection's own DEC state is what runs; the timings cover every
+    projection and k_chunk."""
+    from conftest import compose_cfg, typed
+
+    from decdec import checkpoint as ckpt
+    from decdec.builder import build_model
+    from decdec.model import PROJECTIONS as PATHS
+
+    dec = typed(compose_cfg(["model=tiny"])).dec
+    built = build_model(ckpt.Checkpoint.open(tiny_checkpoint("ap", "w3")), "ap", 3, False, torch.float32,
+                        torch.device("cpu"), dec)
+    model = built.model.eval()
+    for _, _, m in model.linears():
+        m.set_dec(0, 1)
+    gen = torch.Generator().manual_seed(0)
+    pool = {}
+
+    def xs(width, i):
+        pool.setdefault(width, [torch.randn(1, width, generator=gen) for _ in range(4)])
+        return pool[width][i % 4]
+
+    last = len(model.layers) - 1
+    blk, prev = model.layers[1], model.layers[0]
+    get = {p: blk.get_submodule(path) for p, path in PATHS.items()}
+    down_prev = prev.get_submodule(PATHS["down"])
+    with torch.no_grad():
+        want = {
+            "qkv": get["qkv"](blk.attention_norm(xs(get["qkv"].in_features, 5) + down_prev(xs(down_prev.in_features, 5)))),
+            "o": get["o"](get["qkv"](xs(get["qkv"].in_features, 5))[:, :get["o"].in_features]),
+            "gate_up": get["gate_up"](blk.ffn_norm(xs(get["gate_up"].in_features, 5) + get["o"](xs(get["o"].in_features, 5)))),
+        }
+        g, u = get["gate_up"](xs(get["gate_up"].in_features, 5)).chunk(2, dim=-1)
+        want["down"] = get["down"](torch.nn.functional.silu(g) * u)
+        for p, w in want.items():
+            got = tune.step_call(model, p, 1, xs)(5)
+            torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-4, msg=lambda e: f"{p}: {e}")
+        assert tune.step_call(model, "qkv", 0, xs)(1).shape == (1, get["qkv"].out_features)  # layer 0: last layer's down
+        get["down"].set_dec(64, 1)  # the projection's own DEC runs inside the step call
+        assert not torch.allclose(tune.step_call(model, "down", 1, xs)(5), want["down"])
+        get["down"].set_dec(0, 1)
+    assert last >= 1
+    timings = tune.time_projections(model, {i: 3 for i in range(len(model.layers))}, [0, 64], [1], 1,
+                                    torch.device("cpu"), torch.float32, in_step=True)
+    assert {(t.proj, t.k_chunk) for t in timings} == {(p, k) for p in tune.PROJECTIONS for k in (0, 64)}
+    assert all(t.seconds > 0 for t in timings)
+
+
+def test_bench_step_context_runs_on_cpu_and_writes_every_case(tmp_path):
+    """scripts/bench_step_context.py (the A/B behind tune.step_call) runs its CPU smoke path and writes a row per
+    case: A / C for down, A / B / C for gate_up, each with and without DEC, at two (k_chunk, n_tb)."""
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ctx.csv"
+    r = subprocess.run([sys.executable, str(repo / "scripts" / "bench_step_context.py"), "--out", str(out)],
+                       capture_output=True, text=True, cwd=repo, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = list(csv.DictReader(out.open()))
+    cases = [row["case"] for row in rows]
+    assert len(cases) == 2 * 5 + 2 * 6 and len(set(cases)) >= 18
+    assert all(float(row["us_per_call"]) > 0 for row in rows)
+    assert "## down k16 n_tb 33: extra A" in r.stdout and "## gate_up k8 n_tb 33: extra A" in r.stdout
