@@ -165,6 +165,52 @@ def test_tune_on_gpu_small_model(tmp_path, cache_dir):
     assert all(v in (0, 8, 64) for v in dec["k_chunk"].values())
 
 
+def test_tuner_times_chain_projections_in_their_step_context():
+    """On a Llama-3-shaped chain-mode model the tuner times each projection as the decode step runs it after its
+    producer (tune.step_call; docs/PERF.md GPU end to end, session 14): the step calls run inside CUDA-graph capture
+    with DEC off and on, and with DEC off each gives what the model's own ops give (down after the gate_up GEMV's
+    GLU epilogue, gate_up's add + norm + GLU op on the o GEMV, qkv's add + norm op on the previous down GEMV)."""
+    _kernels_or_skip()
+    from decdec import tune
+    from decdec.config import DecConfig, KChunk
+    from decdec.model import PROJECTIONS as PATHS
+    from decdec.synthetic import build_synthetic
+
+    dev = torch.device("cuda")
+    dec = DecConfig(name="t", n_tb=16, k_chunk=KChunk(qkv=0, o=0, gate_up=0, down=0))
+    model = build_synthetic("llama3-2l", "ap", 3, False, torch.float16, dev, dec, seed=7).model
+    assert tune.uses_dec_chain(model) and tune.uses_glu(model)
+    for _, _, m in model.linears():
+        m.set_dec(0, 16)
+    gen = torch.Generator(device=dev).manual_seed(8)
+    pool = {}
+
+    def xs(width, i):
+        pool.setdefault(width, [torch.randn(1, width, generator=gen, device=dev).half() for _ in range(4)])
+        return pool[width][i % 4]
+
+    blk, prev = model.layers[1], model.layers[0]
+    get = {p: blk.get_submodule(path) for p, path in PATHS.items()}
+    down0 = prev.get_submodule(PATHS["down"])
+    with torch.no_grad():
+        h = xs(4096, 3) + get["o"](xs(get["o"].in_features, 3))
+        g, u = get["gate_up"](blk.ffn_norm(h)).chunk(2, dim=-1)
+        a = xs(4096, 3)
+        g2, u2 = get["gate_up"](blk.ffn_norm(a + xs(4096, 4))).chunk(2, dim=-1)
+        want = {
+            "qkv": get["qkv"](blk.attention_norm(a + down0(xs(down0.in_features, 3)))),
+            "o": get["o"](get["qkv"](xs(4096, 3))[:, :get["o"].in_features]),
+            "gate_up": torch.nn.functional.silu(g) * u,
+            "down": get["down"](torch.nn.functional.silu(g2) * u2),
+        }
+        for p, w in want.items():
+            got = tune.step_call(model, p, 1, xs)(3)
+            torch.testing.assert_close(got.float(), w.float(), rtol=3e-2, atol=3e-2, msg=lambda e: f"{p}: {e}")
+    timings = tune.time_projections(model, {0: 3, 1: 3}, [0, 4], [16], 4, dev, torch.float16)  # chain: in step
+    assert {(t.proj, t.k_chunk) for t in timings} == {(p, k) for p in PATHS for k in (0, 4)}
+    assert all(t.seconds > 0 for t in timings)
+
+
 def test_addnorm_decode_equals_separate_ops(monkeypatch):
     """Llama-3-8B layer shapes (2 layers): decode steps whose qkv and gate_up GEMVs perform the residual add and
     RMSNorm themselves (ap_gemv_addnorm) give the logits of the same model with separate add / norm ops, eager and
