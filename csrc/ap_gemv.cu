@@ -773,6 +773,39 @@ __device__ __forceinline__ float mma_row_sum(const float* red_row) {
   return ((a.x + a.y) + (a.z + a.w)) + ((b.x + b.y) + (b.z + b.w));
 }
 
+// A warp's items j = 0 .. my_items - 1 (item i = base + warp + kMmaWarps j: 16-row group i / KS, k-slice i % KS) on the
+// tensor cores, ping-pong buffers (no register copies): the next item's loads are in flight during compute; bufA
+// holds item 0's loads on entry (issued before the kernel waited for x). At the warp's last item of each group its
+// rows' fp32 sums go to red[16 (group - gbase) + row][warp]. H200 (scripts/gemv_ab.cu, session 3 code, run in
+// session 4): one buffer, 2 words per lane or 3-4 blocks per SM (64-113 registers) were all slower, 4096x28672
+// 27.8-35.3 us against 24.0 us here.
+template <bool PACKED, typename Load>
+__device__ __forceinline__ void mma_run_items(MmaItem& bufA, MmaItem& bufB, const Load& load, int my_items, int base,
+                                              int gbase, int KS, int warp, int g, int t, const uint4* xs, float* red) {
+  const uint32_t xs_base = (uint32_t)__cvta_generic_to_shared(xs);
+  float acc0[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};
+  auto compute = [&](const MmaItem& c, int j) {
+    const int i = base + warp + kMmaWarps * j, grp = i / KS, ks = i - grp * KS;
+    mma_compute_item<PACKED>(c, ks, t, xs_base, acc0, acc1);
+    if (j + 1 >= my_items || (i + kMmaWarps) / KS != grp) {  // the warp's last item of this group: flush
+      const int q = grp - gbase;
+      if (t == 0) {  // every column of D is the same dot product: lanes t = 0 keep column 0
+        red[(16 * q + g) * kMmaWarps + warp] = acc0[0] + acc1[0];
+        red[(16 * q + g + 8) * kMmaWarps + warp] = acc0[2] + acc1[2];
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc0[e] = acc1[e] = 0.f;
+    }
+  };
+  for (int j = 0; j < my_items; j += 2) {
+    if (j + 1 < my_items) load(bufB, j + 1);
+    compute(bufA, j);
+    if (j + 1 >= my_items) break;
+    if (j + 2 < my_items) load(bufA, j + 2);
+    compute(bufB, j + 1);
+  }
+}
+
 // PACKED: qweight in the kernel layout [out, in/256, 3, 8] (common.cuh).
 // NORM: x is formed from a + b and RMSNorm while staging (kernels.h `AddNorm`, in <= 8192), as the streaming kernel.
 // CHAIN: chain mode with a fixed share per block (kernels.h `Fused::chain`; ap3_gemv_mma_split_kernel where
@@ -808,32 +841,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   mma_stage_x<NORM>(x, an, m, in, xs, flags);
   GEMV_STAMP(1);
 
-  const uint32_t xs_base = (uint32_t)__cvta_generic_to_shared(xs);
-  float acc0[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};
-  auto compute = [&](const MmaItem& c, int j) {
-    const int i = warp + kMmaWarps * j, grp = i / KS, ks = i - grp * KS;
-    mma_compute_item<PACKED>(c, ks, t, xs_base, acc0, acc1);
-    const int i_next = i + kMmaWarps;
-    if (j + 1 >= my_items || i_next / KS != grp) {  // the warp's last item of this group: flush
-      if (t == 0) {  // every column of D is the same dot product: lanes t = 0 keep column 0
-        red[(16 * grp + g) * kMmaWarps + warp] = acc0[0] + acc1[0];
-        red[(16 * grp + g + 8) * kMmaWarps + warp] = acc0[2] + acc1[2];
-      }
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc0[e] = acc1[e] = 0.f;
-    }
-  };
-
-  // ping-pong buffers (no register copies): the next item's loads are in flight during compute. H200
-  // (scripts/gemv_ab.cu, session 3 code, run in session 4): one buffer, 2 words per lane or 3-4 blocks
-  // per SM (64-113 registers) were all slower, 4096x28672 27.8-35.3 us against 24.0 us here.
-  for (int j = 0; j < my_items; j += 2) {
-    if (j + 1 < my_items) load(bufB, j + 1);
-    compute(bufA, j);
-    if (j + 1 >= my_items) break;
-    if (j + 2 < my_items) load(bufA, j + 2);
-    compute(bufB, j + 1);
-  }
+  mma_run_items<PACKED>(bufA, bufB, load, my_items, 0, 0, KS, warp, g, t, xs, red);
   __syncthreads();
   GEMV_STAMP(2);
   float* gpart = fused.gpart ? fused.gpart + (size_t)m * out : nullptr;
@@ -889,28 +897,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   mma_stage_x<NORM>(x, an, m, in, xs, flags);
   GEMV_STAMP(1);
 
-  const uint32_t xs_base = (uint32_t)__cvta_generic_to_shared(xs);
-  float acc0[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};
-  auto compute = [&](const MmaItem& c, int j) {
-    const int i = i0 + warp + kMmaWarps * j, grp = i / KS, ks = i - grp * KS;
-    mma_compute_item<PACKED>(c, ks, t, xs_base, acc0, acc1);
-    if (j + 1 >= my_items || (i + kMmaWarps) / KS != grp) {  // the warp's last item of this group: flush
-      const int q = grp - g0;
-      if (t == 0) {
-        red[(16 * q + g) * kMmaWarps + warp] = acc0[0] + acc1[0];
-        red[(16 * q + g + 8) * kMmaWarps + warp] = acc0[2] + acc1[2];
-      }
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc0[e] = acc1[e] = 0.f;
-    }
-  };
-  for (int j = 0; j < my_items; j += 2) {
-    if (j + 1 < my_items) load(bufB, j + 1);
-    compute(bufA, j);
-    if (j + 1 >= my_items) break;
-    if (j + 2 < my_items) load(bufA, j + 2);
-    compute(bufB, j + 1);
-  }
+  mma_run_items<PACKED>(bufA, bufB, load, my_items, i0, g0, KS, warp, g, t, xs, red);
   __syncthreads();
   GEMV_STAMP(2);
   if (threadIdx.x == 0)
