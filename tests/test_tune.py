@@ -387,7 +387,8 @@ def test_step_call_runs_each_projection_after_its_producer_as_the_decode_step_do
 
 def test_bench_step_context_runs_on_cpu_and_writes_every_case(tmp_path):
     """scripts/bench_step_context.py (the A/B behind tune.step_call) runs its CPU smoke path and writes a row per
-    case: A / C for down, A / B / C for gate_up, each with and without DEC, at two (k_chunk, n_tb)."""
+    case: A / C for down, A / B / C for gate_up, C for qkv and o, each with and without DEC, at two (k_chunk, n_tb);
+    --only keeps the projections named."""
     import csv
     import subprocess
     import sys
@@ -400,6 +401,12 @@ def test_bench_step_context_runs_on_cpu_and_writes_every_case(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = list(csv.DictReader(out.open()))
     cases = [row["case"] for row in rows]
-    assert len(cases) == 2 * 5 + 2 * 6 and len(set(cases)) >= 18
+    assert len(cases) == 2 * 5 + 2 * 6 + 2 * 2 + 2 * 2 and len(set(cases)) >= 26
     assert all(float(row["us_per_call"]) > 0 for row in rows)
     assert "## down k16 n_tb 33: extra A" in r.stdout and "## gate_up k8 n_tb 33: extra A" in r.stdout
+    assert "## qkv k4 n_tb 33: extra C" in r.stdout and "## o k4 n_tb 16: extra C" in r.stdout
+    r = subprocess.run([sys.executable, str(repo / "scripts" / "bench_step_context.py"), "--out", str(out), "--only",
+                        "o"], capture_output=True, text=True, cwd=repo, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(row["case"] for row in csv.DictReader(out.open())) == sorted(
+        f"o k4 n{n} C qkv+{what}" for n in (16, 33) for what in ("base", "chain"))
