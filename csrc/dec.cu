@@ -1,7 +1,8 @@
 // DEC: dynamic error compensation (DESIGN.md §2). One kernel of n_tb blocks working on units
 // (1024-channel chunk c, output slice s); slices per chunk S = max(1, n_tb / n_chunks). A unit
 //  1. selects the channels of its chunk only: the 32 bucket floors from bounds [a, b] with the
-//     reference's exact fp32 expressions (__fadd_rn/__fmul_rn/__fdiv_rn: no FMA contraction), 4
+//     reference's exact fp32 expressions (__fadd_rn/__fmul_rn/__fdiv_rn: no FMA contraction; formed
+//     once per block, before the PDL wait in chain mode, so during the producer's tail), 4
 //     channels per thread, the chunk's bucket histogram, the overflow bucket, and one block-wide
 //     scan that places exactly floor(k_chunk * L / 1024) channels, bucket by bucket from bucket 0,
 //     lowest channel indices first inside the overflow bucket (the reference's choice), so the
@@ -63,8 +64,7 @@ __host__ __device__ inline int dec_accs_floats(int out, int slice) {
 
 // The 32 bucket floors from bounds [a, b], floor i in lane i of the calling warp, with the reference's exact fp32
 // expressions (reference.bucket_floors; no FMA contraction), and whether they are non-increasing.
-__device__ __forceinline__ float warp_floor(const float* __restrict__ bounds, int lane, bool& mono) {
-  const float a = bounds[0], b = bounds[1];
+__device__ __forceinline__ float warp_floor(float a, float b, int lane, bool& mono) {
   float f;
   if (lane < 15) f = __fadd_rn(a, __fdiv_rn(__fmul_rn(__fsub_rn(b, a), (float)lane), 15.0f));
   else if (lane == 15) f = b;  // exactly b, as reference.bucket_floors (the formula can miss b by an ulp)
@@ -133,11 +133,13 @@ __device__ float dec_rms(const __half* __restrict__ am, const AddNorm& an, int m
 }
 
 // x[i .. i+3] = gamma * fp16(fp16(a + b) * r) of token m (i % 4 == 0, in % 8 == 0: 8-byte loads), as the GEMV forms it.
+// gv: gamma[i .. i+3], loaded by the caller (a weight: before the PDL wait where it can).
+__device__ __forceinline__ uint2 ld_half4(const void* p, size_t i) {
+  return *reinterpret_cast<const uint2*>(static_cast<const __half*>(p) + i);
+}
 __device__ __forceinline__ void norm_x4(const __half* __restrict__ am, const AddNorm& an, int m, int in, int i, float r,
-                                        float (&xv)[4]) {
-  const uint2 av = *reinterpret_cast<const uint2*>(am + i);
-  const uint2 bv = *reinterpret_cast<const uint2*>(static_cast<const __half*>(an.b) + (size_t)m * in + i);
-  const uint2 gv = *reinterpret_cast<const uint2*>(static_cast<const __half*>(an.gamma) + i);
+                                        uint2 gv, float (&xv)[4]) {
+  const uint2 av = ld_half4(am, i), bv = ld_half4(an.b, (size_t)m * in + i);
   const __half* a = reinterpret_cast<const __half*>(&av);
   const __half* b = reinterpret_cast<const __half*>(&bv);
   const __half* g = reinterpret_cast<const __half*>(&gv);
@@ -156,17 +158,24 @@ __device__ __forceinline__ void norm_x4(const __half* __restrict__ am, const Add
 //  2. every warp reads all warps' histograms: the chunk's totals give o and how many of it to take, the earlier
 //     warps' counts give this warp's offset, a packed scan of (channels before o, channels in o) its lanes'; each
 //     thread writes its selected channels; barrier.
-// NORM (Fused::norm, fp16): xm is a, and x is formed with the token's r (dec_rms).
+// fl / mono: the warp's floors (warp_floor; they depend on the weights alone, so the kernel forms them before its PDL
+// wait: in a decode step that is during the producer's tail, which ends with an early trigger). NORM (Fused::norm, fp16): xm is a, and x is formed with the token's r (dec_rms); gpre holds gamma of
+// this thread's 4 channels of chunk c_pre (loaded before the wait), another chunk loads its own.
 template <typename T, bool NORM = false>
-__device__ void select_chunk(const T* __restrict__ xm, int in, int c, int quota, const float* __restrict__ bounds,
-                             DecSmem& S, const AddNorm& an = AddNorm{}, int m = 0, float r = 0.f) {
+__device__ void select_chunk(const T* __restrict__ xm, int in, int c, int quota, float fl, bool mono, DecSmem& S,
+                             const AddNorm& an = AddNorm{}, int m = 0, float r = 0.f, uint2 gpre = {},
+                             int c_pre = -1) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int base = c * kChunk, L = min(kChunk, in - base);
   const int i0 = 4 * (int)threadIdx.x;
   float xv[4];
   if constexpr (NORM) {  // in % 128 == 0 (ap_addnorm_supported): every chunk holds whole groups of 4
-    if (i0 < L) norm_x4(xm, an, m, in, base + i0, r, xv);
-    else xv[0] = xv[1] = xv[2] = xv[3] = 0.f;
+    if (i0 < L) {
+      const int i = base + i0;
+      norm_x4(xm, an, m, in, i, r, c == c_pre ? gpre : ld_half4(an.gamma, i), xv);
+    } else {
+      xv[0] = xv[1] = xv[2] = xv[3] = 0.f;
+    }
   } else if ((in & 3) == 0 && i0 + 4 <= L) {  // 8-byte aligned: 4 values in one load
     const uint2 r = *reinterpret_cast<const uint2*>(xm + base + i0);
     const T* h = reinterpret_cast<const T*>(&r);
@@ -176,8 +185,6 @@ __device__ void select_chunk(const T* __restrict__ xm, int in, int c, int quota,
 #pragma unroll
     for (int j = 0; j < 4; ++j) xv[j] = i0 + j < L ? to_f32(xm[base + i0 + j]) : 0.f;
   }
-  bool mono;
-  const float fl = warp_floor(bounds, lane, mono);
   float ax[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) ax[j] = fabsf(xv[j]);
@@ -303,8 +310,20 @@ __global__ void __launch_bounds__(kThreads)
   const int nc = n_chunks(in), units = nc * spc;
   const bool use_accs = dec_accs_floats(out, slice) > 0;
   const int ow = out / 8;  // words per residual row
-  if (f.chain) {  // the GEMV (this kernel's programmatic dependent) may launch now; x belongs to the kernel before
-    pdl_launch_dependents();
+  // chain mode: the GEMV (this kernel's programmatic dependent) may launch now; x belongs to the kernel before
+  if (f.chain) pdl_launch_dependents();
+  // Weights only, so before the PDL wait (chain mode: while the kernel before drains; after the trigger, which a
+  // global load here would delay): the bucket floors, and with NORM gamma of this thread's channels in the block's
+  // first unit's chunk.
+  bool mono = true;
+  const float fl = k_chunk > 0 ? warp_floor(bounds[0], bounds[1], threadIdx.x & 31, mono) : 0.f;
+  const int c_pre = (int)blockIdx.x < units ? (int)blockIdx.x / spc : -1;
+  uint2 gpre = {};
+  if constexpr (NORM) {
+    if (c_pre >= 0 && 4 * (int)threadIdx.x < min(kChunk, in - c_pre * kChunk))
+      gpre = ld_half4(f.norm.gamma, (size_t)c_pre * kChunk + 4 * threadIdx.x);
+  }
+  if (f.chain) {
     pdl_wait();
     if (blockIdx.x == 0 && threadIdx.x == 0)  // x is complete: the GEMV's blocks may stage it
       asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(f.chain) : "memory");
@@ -322,7 +341,7 @@ __global__ void __launch_bounds__(kThreads)
       const int o_hi = min(out, o_lo + slice);
       const int quota = chunk_quota(k_chunk, in, c);
       DEC_PROBE(0);
-      if (quota > 0) select_chunk<T, NORM>(xm, in, c, quota, bounds, S, f.norm, m, r);
+      if (quota > 0) select_chunk<T, NORM>(xm, in, c, quota, fl, mono, S, f.norm, m, r, gpre, c_pre);
       DEC_PROBE(1);
       float* dst = f.dpart + ((size_t)c * M + m) * out;
       const int V = ((o_hi - o_lo) / 8) / VW;  // vectors per row in this slice
@@ -439,13 +458,15 @@ __global__ void __launch_bounds__(kThreads)
     dec_select_kernel(const T* __restrict__ x, const float* __restrict__ bounds, uint8_t* __restrict__ mask, int M,
                       int in, int k_chunk) {
   __shared__ DecSmem S;
+  bool mono = true;
+  const float fl = k_chunk > 0 ? warp_floor(bounds[0], bounds[1], threadIdx.x & 31, mono) : 0.f;
   for (int m = 0; m < M; ++m) {
     for (int i = threadIdx.x; i < in; i += kThreads) mask[(size_t)m * in + i] = 0;
     __syncthreads();
     for (int c = 0; c < n_chunks(in); ++c) {
       const int quota = chunk_quota(k_chunk, in, c);
       if (quota == 0) continue;
-      select_chunk(x + (size_t)m * in, in, c, quota, bounds, S);
+      select_chunk(x + (size_t)m * in, in, c, quota, fl, mono, S);
       for (int i = threadIdx.x; i < quota; i += kThreads) mask[(size_t)m * in + S.list[i]] = 1;
       __syncthreads();
     }

@@ -161,7 +161,11 @@ __global__ void __launch_bounds__(kThreads) shipped_select(const T* x, const flo
   for (int i = threadIdx.x; i < L; i += kThreads) mask[base + i] = 0;
   __syncthreads();
   const unsigned long long t0 = gtimer();
-  if (quota > 0) select_chunk(x, in, c, quota, bounds, S);
+  if (quota > 0) {  // the floors inside the timed span, as s8 forms them (dec_kernel forms them before its PDL wait)
+    bool mono;
+    const float fl = warp_floor(bounds[0], bounds[1], threadIdx.x & 31, mono);
+    select_chunk(x, in, c, quota, fl, mono, S);
+  }
   const unsigned long long t1 = gtimer();
   if (threadIdx.x == 0) ns[c] = t1 - t0;
   for (int i = threadIdx.x; i < quota; i += kThreads) mask[S.list[i]] = 1;
