@@ -8,10 +8,16 @@
 // the warps' histograms are shared, the offsets scanned, the list written, and the final barrier.
 // With -DDECDEC_GEMV_PROBE (both files) every mode also prints where the GEMV's blocks ran: how many share an SM, and
 // their start / x staged / loop done / end stamps (the last graph iteration).
+// TL_PRODUCER=busy: the producer is a decode step's instead -- it holds every SM (two blocks each, shared memory full,
+// as a GEMV's two blocks fill the register file), triggers its dependents as it starts (as the GEMVs and the decode
+// attention do), works TL_BUSY_NS ns (default 6000, with a ragged tail of 0-700 ns over blocks), then writes x; times
+// are then after its last block's end. Chain DEC then waits at its PDL wait during the producer's tail, as in a
+// step (with the one-block producer the wait has passed when DEC starts; docs/PERF.md, Kernels, session 15).
 // Pure CUDA (no torch), GPU machine:
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -Icsrc [-DDECDEC_GEMV_PROBE] scripts/dec_timeline.cu \
-//     csrc/ap_gemv.cu -o /tmp/tl && /tmp/tl [INxOUT, e.g. 4096x4096 or Phi-3's 5120x7680]
+//     csrc/ap_gemv.cu -o /tmp/tl && [TL_PRODUCER=busy] /tmp/tl [INxOUT, e.g. 4096x4096 or Phi-3's 5120x7680]
 #include <cstdint>
+#include <cstdlib>
 constexpr int kTlIters = 48;  // iterations captured per graph
 constexpr int kTlBlocks = 160;
 __device__ int g_tl_iter;
@@ -46,6 +52,24 @@ __global__ void tl_producer(int it, const __half* __restrict__ src, __half* __re
     g_tl_iter = it;
     __threadfence();
     g_tl_prod[it % kTlIters] = tl_now();
+  }
+}
+// TL_PRODUCER=busy (above): dynamic shared memory kTlBusySmem per block keeps anything else off its SM until it ends.
+constexpr int kTlBusySmem = 113 * 1024;  // 2 x (113 + 1 reserved) KB = the 228 KB of an H100 / H200 SM
+__global__ void __launch_bounds__(256) tl_busy_producer(int it, const __half* __restrict__ src, __half* __restrict__ x,
+                                                        int in, unsigned ns) {
+  extern __shared__ char tl_pad[];
+  pdl_launch_dependents();
+  const unsigned long long stop = tl_now() + ns + (blockIdx.x % 8) * 100;
+  while (tl_now() < stop) {
+  }
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < in; i += gridDim.x * blockDim.x) x[i] = src[(i + 977 * it) % in];
+  if (threadIdx.x == 0) tl_pad[0] = 0;  // the shared memory is this kernel's
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    if (blockIdx.x == 0) g_tl_iter = it;
+    __threadfence();
+    atomicMax(&g_tl_prod[it % kTlIters], tl_now());  // the last block's end (stamps only grow over iterations)
   }
 }
 __global__ void tl_consumer(int it, const float* __restrict__ acc) {
@@ -100,6 +124,14 @@ int main(int argc, char** argv) {
   printf("%-11s %3s %4s %-6s | %7s | %6s %6s %6s %6s %6s | %7s %7s | %7s | select: %5s %5s %5s %5s\n", "shape", "k",
          "n_tb", "mode", "graph/it", "dec0", "select", "fetch", "store", "arrive", "dec_end", "dec_p50", "consumer", "hist",
          "scan", "list", "bar");
+  const bool busy = getenv("TL_PRODUCER") && strcmp(getenv("TL_PRODUCER"), "busy") == 0;
+  const unsigned busy_ns = getenv("TL_BUSY_NS") ? (unsigned)atoi(getenv("TL_BUSY_NS")) : 6000u;
+  int sms = 0;
+  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  if (busy) {
+    CK(cudaFuncSetAttribute(tl_busy_producer, cudaFuncAttributeMaxDynamicSharedMemorySize, kTlBusySmem));
+    printf("producer: busy, %d blocks (2 per SM), %u ns + a 0-700 ns tail, triggers at its start\n", 2 * sms, busy_ns);
+  }
   std::vector<std::pair<int, int>> todo;  // the Llama-3-8B shapes, or the one INxOUT given (e.g. Phi-3's 5120x7680)
   int a_in = 0, a_out = 0;
   if (argc > 1) {
@@ -180,7 +212,8 @@ int main(int argc, char** argv) {
           }
           const bool packed = true;
           auto step = [&](cudaStream_t st, int i) {
-            tl_producer<<<1, 256, 0, st>>>(i, src, x, in);
+            if (busy) tl_busy_producer<<<2 * sms, 256, kTlBusySmem, st>>>(i, src, x, in, busy_ns);
+            else tl_producer<<<1, 256, 0, st>>>(i, src, x, in);
             if (chain) {  // counters: their own zeroed words, past the DEC slice counters
               CK(ap_gemv_dec_chain(x, qw[i % copies], lut[i % copies], qr, scales, bounds, y, scratch, dcount + 65536,
                                    1, in, out, k, n_tb, st));
