@@ -134,6 +134,9 @@ class PerplexityTaskConfig:
 class TuneTaskConfig:
     name: str = "tune"
     target_slowdown: float = 0.05  # end-to-end decode slowdown allowed over dec=off (0.05 = 5 %)
+    # several targets in one run, e.g. [0.025,0.05,0.1]: one model build, dec=off rate and projection timing serve
+    # them all; each writes dec_tuned_<per mille>pm.yaml (empty: target_slowdown alone, into dec_tuned.yaml)
+    target_slowdowns: List[float] = field(default_factory=list)
     k_chunks: List[int] = field(default_factory=lambda: [0, 1, 2, 4, 8, 16, 32, 64])
     n_tbs: List[int] = field(default_factory=list)  # empty = derived from the GPU's SM count ([1] on CPU)
     iters: int = 50  # calls per timing sample (median of several samples)

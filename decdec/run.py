@@ -422,8 +422,12 @@ class Run:
         from decdec import tune
 
         cfg, t = self.cfg, self.cfg.task
-        if not 0 < t.target_slowdown < 1:
-            raise ConfigError(f"task.target_slowdown must be in (0, 1), got {t.target_slowdown}")
+        # several targets: one model build, one dec=off rate and one set of projection timings serve them all
+        targets = [float(x) for x in t.target_slowdowns] or [float(t.target_slowdown)]
+        key = "task.target_slowdowns" if t.target_slowdowns else "task.target_slowdown"
+        for x in targets:
+            if not 0 < x < 1:
+                raise ConfigError(f"{key} must be in (0, 1), got {x}")
         if 0 not in t.k_chunks or any(not 0 <= k <= 1024 for k in t.k_chunks):
             raise ConfigError(f"task.k_chunks must include 0 and lie in 0..1024, got {list(t.k_chunks)}")
         if t.verify_rounds < 1 or t.verify_tolerance < 0:
@@ -450,9 +454,7 @@ class Run:
         base_rate = self._decode_rate(built, prompt, t.verify_tokens, t.verify_samples)
         base_peak = self._peak()
         step_s = 1.0 / base_rate
-        budget = t.target_slowdown * step_s / args.n_layers
-        print(f"[decdec] dec=off decode: {base_rate:.2f} tokens/s ({step_s * 1e3:.3f} ms/token); "
-              f"budget per layer {budget * 1e6:.2f} us for a {t.target_slowdown:.1%} target")
+        print(f"[decdec] dec=off decode: {base_rate:.2f} tokens/s ({step_s * 1e3:.3f} ms/token)")
         fusion_s = 0.0
         chain = tune.uses_dec_chain(model)  # chain mode: the DEC ops' outputs are final, no fusion is undone
         if chain:
@@ -469,8 +471,32 @@ class Run:
             for s in self.sinks:
                 s.log({"kind": "timing", "proj": tm.proj, "bits": tm.bits, "n_tb": tm.n_tb, "k_chunk": tm.k_chunk,
                        "us": tm.seconds * 1e6}, step=i)
+        ctx = {"tune": tune, "built": built, "path": path, "n_tbs": n_tbs, "in_features": in_features,
+               "prompt": prompt, "base_rate": base_rate, "base_peak": base_peak, "fusion_s": fusion_s, "glu": glu,
+               "timings": timings, "off_rate": base_rate}  # off_rate: the latest dec=off measurement
+        results = [self._tune_target(ctx, target, None if len(targets) == 1 else
+                                     f"dec_tuned_{round(target * 1000)}pm.yaml") for target in targets]
+        common = {k: v for k, v in self._common_summary(built).items() if k not in ("status", "task")}
+        if len(targets) == 1:
+            summary = {"status": "ok", "task": "tune", **results[0], **common}
+        else:
+            summary = {"status": "ok", "task": "tune", "target_slowdowns": targets, "targets": results,
+                       "peak_gpu_bytes_dec_off": base_peak, **common}
+        self._finish(summary)
+        return summary
+
+    def _tune_target(self, ctx: dict, target: float, dec_file: str | None) -> dict:
+        """Choose and verify DEC for one target slowdown over the shared timings (``tune``); writes the chosen config
+        to the run dir (``dec_file``, default dec_tuned.yaml) and prints its table. Returns the target's summary."""
+        cfg, t = self.cfg, self.cfg.task
+        tune, built, path, timings = ctx["tune"], ctx["built"], ctx["path"], ctx["timings"]
+        model, args = built.model, built.args
+        n_tbs, in_features, prompt = ctx["n_tbs"], ctx["in_features"], ctx["prompt"]
+        base_rate, fusion_s, glu = ctx["base_rate"], ctx["fusion_s"], ctx["glu"]
+        budget = target * (1.0 / base_rate) / args.n_layers
+        print(f"[decdec] {target:.1%} target: budget per layer {budget * 1e6:.2f} us")
         rounds = []
-        off_rate = base_rate  # the latest dec=off measurement
+        off_rate = ctx["off_rate"]
         for r in range(t.verify_rounds + 1):
             last = r == t.verify_rounds  # nothing fitted: DEC off (k_chunk = 0), measured like the others
             choices = {}
@@ -499,17 +525,17 @@ class Run:
                            "tokens_per_s": tuned_rate, "dec_off_tokens_per_s": off_rates,
                            "choice": {str(b): {"n_tb": c["n_tb"], "n_tb_proj": c["n_tb_proj"], "k_chunk": c["k_chunk"]}
                                       for b, c in choices.items()}})
-            fits = slowdown <= t.target_slowdown + t.verify_tolerance
+            fits = slowdown <= target + t.verify_tolerance
             chosen = "; ".join(f"w{b}: n_tb {c['n_tb']}" + "".join(f" ({p} {v})" for p, v in _own_n_tb(c).items())
                                + ", k_chunk " + " ".join(f"{p}={k}" for p, k in c["k_chunk"].items())
                                for b, c in choices.items())
             around = " / ".join(f"{x:.2f}" for x in off_rates)
             print(f"[decdec] round {r + 1}: budget {rounds[-1]['budget_us_per_layer']:.2f} us per layer ({chosen}) -> "
                   f"{tuned_rate:.2f} tokens/s against dec=off {around}: measured {slowdown:+.2%} "
-                  f"({'within' if fits else 'over'} the {t.target_slowdown:.1%} target + {t.verify_tolerance:.1%} tolerance)")
+                  f"({'within' if fits else 'over'} the {target:.1%} target + {t.verify_tolerance:.1%} tolerance)")
             if fits or no_dec or last:
                 break
-            budget = tune.next_budget(budget, t.target_slowdown, slowdown)
+            budget = tune.next_budget(budget, target, slowdown)
 
         cheapest = {}
         if all(k == 0 for c in choices.values() for k in c["k_chunk"].values()):  # DEC off: what would it take
@@ -519,24 +545,25 @@ class Run:
                     continue
                 c["slowdown_estimate"] = c["extra_s"] * args.n_layers * base_rate
                 cheapest[str(bits)] = c
-                print(f"[decdec] no DEC fits the {t.target_slowdown:.1%} target on w{bits}: the cheapest is {c['proj']} "
+                print(f"[decdec] no DEC fits the {target:.1%} target on w{bits}: the cheapest is {c['proj']} "
                       f"k_chunk={c['k_chunk']} at n_tb {c['n_tb']} ({c['rows_per_layer']} rows per layer), "
                       f"+{c['extra_s'] * 1e6:.2f} us per layer with its fusion charge = ~{c['slowdown_estimate']:.1%} of a "
                       f"dec=off step (from the projection timings; the end-to-end check decides)")
 
         mixed = cfg.precision.mixed
         one = next(iter(choices.values()))
-        dec_yaml = {"name": f"tuned_{cfg.model.name}_{cfg.backend.name}_{cfg.precision.name}_{round(t.target_slowdown * 1000)}pm",
+        dec_yaml = {"name": f"tuned_{cfg.model.name}_{cfg.backend.name}_{cfg.precision.name}_{round(target * 1000)}pm",
                     "enabled": True, "n_tb": one["n_tb"], "n_tb_proj": _n_tb_proj_conf(one), "k_chunk": dict(one["k_chunk"]),
                     "selection": "dynamic",
                     "per_bits": {str(b): {"n_tb": c["n_tb"], "n_tb_proj": _n_tb_proj_conf(c), "k_chunk": dict(c["k_chunk"])}
                                  for b, c in choices.items()} if mixed else {}}
         header = (f"# autotuned {time.strftime('%Y-%m-%d %H:%M')} on {env_device_name(self.device)}: "
-                  f"target {t.target_slowdown:.1%}, measured {slowdown:+.2%} ({ref_rate:.2f} -> {tuned_rate:.2f} tokens/s, "
+                  f"target {target:.1%}, measured {slowdown:+.2%} ({ref_rate:.2f} -> {tuned_rate:.2f} tokens/s, "
                   f"compile={cfg.compile.mode}{', SYNTHETIC weights' if path is None else ''})\n")
-        sinks.write_yaml(self.run_dir / "dec_tuned.yaml", dec_yaml, "dec")
-        text = header + (self.run_dir / "dec_tuned.yaml").read_text()
-        (self.run_dir / "dec_tuned.yaml").write_text(text)
+        dec_path = self.run_dir / (dec_file or "dec_tuned.yaml")
+        sinks.write_yaml(dec_path, dec_yaml, "dec")
+        text = header + dec_path.read_text()
+        dec_path.write_text(text)
         overrides = " ".join([f"dec.n_tb={one['n_tb']}"] + [f"dec.n_tb_proj.{p}={v}" for p, v in _own_n_tb(one).items()]
                              + [f"dec.k_chunk.{p}={k}" for p, k in one["k_chunk"].items()])
         if mixed:
@@ -551,7 +578,7 @@ class Run:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"autotuned DEC ({t.target_slowdown:.1%} target, measured {slowdown:+.2%})")
+        table = Table(title=f"autotuned DEC ({target:.1%} target, measured {slowdown:+.2%})")
         for col in ("bits", "proj", "n_tb", "k_chunk", "rows/token", "GEMV us", "fused us", "extra us"):
             table.add_column(col, justify="right")
         for bits, c in choices.items():
@@ -564,17 +591,15 @@ class Run:
                               f"{base * 1e6:.2f}", f"{fused * 1e6:.2f}", f"{(fused - base) * 1e6:.2f}")
         Console().print(table)
         print(f"use: python run.py <same model/backend/precision/compile> {overrides}")
-        summary = {"status": "ok", "task": "tune", "target_slowdown": t.target_slowdown, "measured_slowdown": slowdown,
-                   "base_tokens_per_s": ref_rate, "tuned_tokens_per_s": tuned_rate, "budget_us_per_layer": budget * 1e6,
-                   "fusion_us": fusion_s * 1e6,
-                   "peak_gpu_bytes_dec_off": base_peak, "peak_gpu_bytes_tuned": tuned_peak,
-                   "overrides": overrides, "rounds": rounds, "n_tbs_tried": n_tbs, "k_chunks_tried": list(t.k_chunks),
-                   "cheapest_dec": cheapest,
-                   "choice": {str(b): {"n_tb": c["n_tb"], "n_tb_proj": c["n_tb_proj"], "k_chunk": c["k_chunk"],
-                                       "rows_per_layer": c["rows_per_layer"]} for b, c in choices.items()},
-                   **{k: v for k, v in self._common_summary(built).items() if k not in ("status", "task")}}
-        self._finish(summary)
-        return summary
+        ctx["off_rate"] = off_rate
+        return {"target_slowdown": target, "measured_slowdown": slowdown,
+                "base_tokens_per_s": ref_rate, "tuned_tokens_per_s": tuned_rate, "budget_us_per_layer": budget * 1e6,
+                "fusion_us": fusion_s * 1e6,
+                "peak_gpu_bytes_dec_off": ctx["base_peak"], "peak_gpu_bytes_tuned": tuned_peak,
+                "overrides": overrides, "rounds": rounds, "n_tbs_tried": n_tbs, "k_chunks_tried": list(t.k_chunks),
+                "cheapest_dec": cheapest, "dec_file": dec_file or "dec_tuned.yaml",
+                "choice": {str(b): {"n_tb": c["n_tb"], "n_tb_proj": c["n_tb_proj"], "k_chunk": c["k_chunk"],
+                                    "rows_per_layer": c["rows_per_layer"]} for b, c in choices.items()}}
 
     def _reset_peak(self) -> None:
         if self.device.type == "cuda":

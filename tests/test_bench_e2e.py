@@ -58,3 +58,19 @@ def test_profile_timeline_idle_time_counts_only_gaps_with_no_kernel_running():
     assert prof["idle_before"](ks) == [0.0, 0.0, 1.0, 0.0, 3.5]
     assert dict(prof["idle_by_kernel"](ks)) == {"gemv": 0.0, "dec": 0.0, "combine": 1.0, "norm": 3.5}
     assert prof["span_us"](ks) == 26.0 and prof["span_us"]([]) == 0.0
+
+
+def test_targets_run_as_one_tune(tmp_path, monkeypatch, cache_dir):
+    """--targets: one tune run serves every target (the projections timed once), a row per target."""
+    from decdec import tune
+
+    calls = []
+    real = tune.time_projections
+    monkeypatch.setattr(tune, "time_projections", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rows, overrides = _bench(tmp_path, monkeypatch, "-o", "task.iters=2", "-o", "task.k_chunks=[0,64,256]",
+                             "--targets", "0.5", "0.9")
+    assert [r["setting"].split(" (")[0] for r in rows] == ["fp16 dec=off", "ap-w3 dec=off", "ap-w3 + DEC tuned 50.0%",
+                                                            "ap-w3 + DEC tuned 90.0%"]
+    assert len(calls) == 1 and len(overrides) == 3  # two settings, one tune
+    assert "task.target_slowdowns=[0.5,0.9]" in overrides[2]
+    assert all(float(r["tokens_per_s"]) > 0 for r in rows)

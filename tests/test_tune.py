@@ -410,3 +410,33 @@ def test_bench_step_context_runs_on_cpu_and_writes_every_case(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(row["case"] for row in csv.DictReader(out.open())) == sorted(
         f"o k4 n{n} C qkv+{what}" for n in (16, 33) for what in ("base", "chain"))
+
+
+def test_tune_serves_several_targets_from_one_set_of_timings(tmp_path, cache_dir, monkeypatch):
+    """task.target_slowdowns: the projections are timed once; each target is chosen, verified and written on its own."""
+    from conftest import run_inprocess
+
+    from decdec.run import ConfigError
+
+    calls = []
+    real = tune.time_projections
+    monkeypatch.setattr(tune, "time_projections", lambda *a, **k: calls.append(1) or real(*a, **k))
+    # dec=off; 50 %: its choice (+11 %) and dec=off after it; 90 %: its choice (+25 %) and dec=off after it
+    seen = _fake_rates(monkeypatch, [100.0, 90.0, 100.0, 80.0, 100.0])
+    summary = run_inprocess([*TUNE, "task.target_slowdowns=[0.5,0.9]"], tmp_path / "run", cache_dir)
+    assert len(calls) == 1 and len(seen) == 5 and seen[2] == seen[4] == [0]
+    first, second = summary["targets"]
+    assert summary["target_slowdowns"] == [0.5, 0.9]
+    assert first["target_slowdown"] == 0.5 and first["measured_slowdown"] == pytest.approx(1 / 9)
+    assert second["target_slowdown"] == 0.9 and second["measured_slowdown"] == pytest.approx(0.25)
+    assert second["budget_us_per_layer"] == pytest.approx(first["budget_us_per_layer"] * 0.9 / 0.5)
+    assert second["rounds"][0]["dec_off_tokens_per_s"] == [100.0, 100.0]  # judged against the dec=off before it too
+    for s, name in ((first, "dec_tuned_500pm.yaml"), (second, "dec_tuned_900pm.yaml")):
+        assert s["dec_file"] == name
+        text = (tmp_path / "run" / name).read_text()
+        assert f"target {s['target_slowdown']:.1%}, measured {s['measured_slowdown']:+.2%}" in text
+        dec = yaml.safe_load(text)
+        assert dec["k_chunk"] == s["choice"]["3"]["k_chunk"]
+    assert not (tmp_path / "run" / "dec_tuned.yaml").exists()
+    with pytest.raises(ConfigError, match=r"task.target_slowdowns must be in \(0, 1\), got 2.0"):
+        run_inprocess([*TUNE, "task.target_slowdowns=[0.5,2]"], tmp_path / "bad", cache_dir)
