@@ -165,6 +165,23 @@ def test_tune_on_gpu_small_model(tmp_path, cache_dir):
     assert all(v in (0, 8, 64) for v in dec["k_chunk"].values())
 
 
+def test_tune_on_gpu_serves_several_targets(tmp_path, cache_dir):
+    """task.target_slowdowns on the GPU: one set of timings, each target verified end to end and written on its own."""
+    _kernels_or_skip()
+    import yaml
+
+    from conftest import run_inprocess
+
+    summary = run_inprocess(["model=tiny", "model.source=synthetic", "device=cuda", "task=tune", "task.iters=5",
+                             "task.verify_tokens=8", "task.verify_samples=2", "task.k_chunks=[0,8,64]",
+                             "task.target_slowdowns=[0.3,0.6]", "logger=yaml"], tmp_path / "run", cache_dir)
+    assert [s["target_slowdown"] for s in summary["targets"]] == [0.3, 0.6]
+    for s in summary["targets"]:
+        assert s["tuned_tokens_per_s"] > 0 and abs(s["measured_slowdown"]) < 10
+        dec = yaml.safe_load((tmp_path / "run" / s["dec_file"]).read_text())
+        assert dec["k_chunk"] == s["choice"]["3"]["k_chunk"]
+
+
 def test_tuner_times_chain_projections_in_their_step_context():
     """On a Llama-3-shaped chain-mode model the tuner times each projection as the decode step runs it after its
     producer (tune.step_call; docs/PERF.md GPU end to end, session 14): the step calls run inside CUDA-graph capture
