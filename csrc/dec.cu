@@ -132,11 +132,13 @@ __device__ float dec_rms(const __half* __restrict__ am, const AddNorm& an, int m
   return rsqrtf(tot / (float)in + an.eps);
 }
 
-// x[i .. i+3] = gamma * fp16(fp16(a + b) * r) of token m (i % 4 == 0, in % 8 == 0: 8-byte loads), as the GEMV forms it.
-// gv: gamma[i .. i+3], loaded by the caller (a weight: before the PDL wait where it can).
+// Four fp16 values at element i of p (8-byte aligned).
 __device__ __forceinline__ uint2 ld_half4(const void* p, size_t i) {
   return *reinterpret_cast<const uint2*>(static_cast<const __half*>(p) + i);
 }
+
+// x[i .. i+3] = gamma * fp16(fp16(a + b) * r) of token m (i % 4 == 0, in % 8 == 0: 8-byte loads), as the GEMV forms it;
+// gv: gamma[i .. i+3], loaded by the caller (a weight: before the PDL wait where it can).
 __device__ __forceinline__ void norm_x4(const __half* __restrict__ am, const AddNorm& an, int m, int in, int i, float r,
                                         uint2 gv, float (&xv)[4]) {
   const uint2 av = ld_half4(am, i), bv = ld_half4(an.b, (size_t)m * in + i);
@@ -159,8 +161,9 @@ __device__ __forceinline__ void norm_x4(const __half* __restrict__ am, const Add
 //     warps' counts give this warp's offset, a packed scan of (channels before o, channels in o) its lanes'; each
 //     thread writes its selected channels; barrier.
 // fl / mono: the warp's floors (warp_floor; they depend on the weights alone, so the kernel forms them before its PDL
-// wait: in a decode step that is during the producer's tail, which ends with an early trigger). NORM (Fused::norm, fp16): xm is a, and x is formed with the token's r (dec_rms); gpre holds gamma of
-// this thread's 4 channels of chunk c_pre (loaded before the wait), another chunk loads its own.
+// wait: in a decode step that is during the producer's tail, which ends with an early trigger). NORM (Fused::norm,
+// fp16): xm is a, and x is formed with the token's r (dec_rms); gpre holds gamma of this thread's 4 channels of chunk
+// c_pre (loaded before the wait), another chunk loads its own.
 template <typename T, bool NORM = false>
 __device__ void select_chunk(const T* __restrict__ xm, int in, int c, int quota, float fl, bool mono, DecSmem& S,
                              const AddNorm& an = AddNorm{}, int m = 0, float r = 0.f, uint2 gpre = {},
