@@ -650,14 +650,7 @@ __global__ void __launch_bounds__(kStreamThreads, stream_blocks_per_sm<R>())
     }
   };
 
-  // ping-pong buffers (no register copies): the next item's loads are in flight during compute
-  for (int i = 0; i < n_items; i += 2) {
-    if (i + 1 < n_items) load(bufB, i + 1);
-    compute(bufA, i);
-    if (i + 1 >= n_items) break;
-    if (i + 2 < n_items) load(bufA, i + 2);
-    compute(bufB, i + 1);
-  }
+  ping_pong(n_items, bufA, bufB, load, compute);
   GEMV_STAMP(2);
   if constexpr (CHAIN) chain_combine<GLU>(fused, s_rows, 1, m, r0, r1, out, y);
   else if (fused.on()) fused_arrive<__half, R == 2 ? 4 : 2>(fused, m, blockIdx.x, blockIdx.x + 1, out, flags);
@@ -797,13 +790,7 @@ __device__ __forceinline__ void mma_run_items(MmaItem& bufA, MmaItem& bufB, cons
       for (int e = 0; e < 4; ++e) acc0[e] = acc1[e] = 0.f;
     }
   };
-  for (int j = 0; j < my_items; j += 2) {
-    if (j + 1 < my_items) load(bufB, j + 1);
-    compute(bufA, j);
-    if (j + 1 >= my_items) break;
-    if (j + 2 < my_items) load(bufA, j + 2);
-    compute(bufB, j + 1);
-  }
+  ping_pong(my_items, bufA, bufB, load, compute);
 }
 
 // PACKED: qweight in the kernel layout [out, in/256, 3, 8] (common.cuh).

@@ -221,6 +221,19 @@ __device__ __forceinline__ void ap3_dot8(uint32_t A, uint32_t B, uint32_t C, uin
   h1 = __hfma2(*reinterpret_cast<const __half2*>(&w[3]), *reinterpret_cast<const __half2*>(&xv.w), h1);
 }
 
+// Items 0 .. n-1 through two buffers (no register copies): item i + 1's loads are in flight while item i is
+// computed. The caller has issued load(a, 0) (the GEMVs do so before their PDL wait).
+template <typename Buf, typename Load, typename Compute>
+__device__ __forceinline__ void ping_pong(int n, Buf& a, Buf& b, Load&& load, Compute&& compute) {
+  for (int i = 0; i < n; i += 2) {
+    if (i + 1 < n) load(b, i + 1);
+    compute(a, i);
+    if (i + 1 >= n) break;
+    if (i + 2 < n) load(a, i + 2);
+    compute(b, i + 1);
+  }
+}
+
 // ---- Programmatic dependent launch (sm_90). A GEMV launched with `launch_gemv_kernel` may start while
 // the kernel before it in the stream is still finishing (in a decode step: the RMSNorm / SiLU kernel
 // that produces x): it issues its first weight loads (weights and LUTs never depend on the previous

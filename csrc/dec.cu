@@ -427,13 +427,7 @@ __global__ void __launch_bounds__(kThreads)
           const int total = nv * nb;
           Batch b0, b1;
           load(b0, 0);
-          for (int it = 0; it < total; it += 2) {
-            if (it + 1 < total) load(b1, it + 1);
-            consume(b0, it);
-            if (it + 1 >= total) break;
-            if (it + 2 < total) load(b0, it + 2);
-            consume(b1, it + 1);
-          }
+          ping_pong(total, b0, b1, load, consume);
         }
       }
       DEC_PROBE(2);
