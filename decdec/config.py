@@ -144,9 +144,12 @@ class TuneTaskConfig:
     verify_samples: int = 3
     verify_rounds: int = 3  # choices verified end to end; one over target shrinks the budget for the next
     verify_tolerance: float = 0.005  # measured slowdown accepted up to target + this (run-to-run noise)
-    # dec=off measured again right after each verified DEC choice; the choice is judged against the mean step time
-    # of the dec=off measurements on both sides of it (one decode rate more per round), not one taken rounds earlier
+    # dec=off measured again right after each verified DEC choice (one decode rate more per round); a choice is judged
+    # against the median of every dec=off reading taken so far, not one taken rounds earlier
     verify_bracket: bool = True
+    # dec=off decode rates (each its own compile and graph capture) measured before the first choice: a reading varies
+    # by a few % between recompiles of the same model (H200: 442-473 tokens/s), so one reading can skew every target
+    dec_off_readings: int = 2
     write_conf: bool = False  # also write conf/dec/tuned_<model>_<backend>_<precision>_<pct>.yaml
     per_projection_n_tb: bool = True  # each projection its own n_tb (dec.n_tb_proj); false: one n_tb for all four
 

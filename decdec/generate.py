@@ -102,6 +102,21 @@ def graph_signature(model: Transformer) -> tuple:
             model.layers[0].attention.decode_op)
 
 
+# cuBLAS keeps a workspace (32 MiB on Hopper) for every stream it has run on, for the life of the process (torch's
+# handle pool; pytorch/pytorch#99196): a fresh side stream per capture left one more workspace behind at every
+# recording -- +32 MiB per verification round in the autotuner (H200, docs/PERF.md GPU end to end, session 16).
+# Every capture warms up on the same stream of its device instead.
+_WARMUP_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def warmup_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one side stream per CUDA device on which ``GraphedDecode`` warms up before capturing."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[index] = torch.cuda.Stream(index)
+    return _WARMUP_STREAMS[index]
+
+
 class GraphedDecode(StaticDecode):
     """``StaticDecode`` whose step is captured into a CUDA graph per (temperature, top_k) on first use
     (after two warm-up steps on a side stream, which compile the step; the state they advance is put
@@ -131,7 +146,7 @@ class GraphedDecode(StaticDecode):
 
     def _capture(self, temperature: float, top_k: int | None) -> torch.cuda.CUDAGraph:
         saved = self.tok.clone(), self.pos.clone(), self.out.clone()
-        side = torch.cuda.Stream(self.out.device)
+        side = warmup_stream(self.out.device)
         side.wait_stream(torch.cuda.current_stream(self.out.device))
         with torch.cuda.stream(side):
             for _ in range(2):

@@ -18,12 +18,15 @@
 4. Verify end to end: decode tokens/s with the choice vs ``dec=off``. A choice measured over the target
    (the projections timed alone under-count what DEC costs inside a decode step) shrinks the budget by
    target / measured (``next_budget``) and is chosen and verified again, up to ``task.verify_rounds``
-   times; if none fits, DEC stays off (k_chunk = 0 everywhere, measured too).
+   times; if none fits, DEC stays off (k_chunk = 0 everywhere: the dec=off model itself, so its slowdown is 0 by
+   definition and it is not measured again). Each choice is judged against the median of every dec=off reading of the
+   tune (``reference_rate``: ``task.dec_off_readings`` before the first choice, one more after each verified choice).
 """
 
 from __future__ import annotations
 
 import itertools
+import statistics
 from dataclasses import dataclass
 from typing import Callable
 
@@ -135,10 +138,13 @@ def time_projections(model, bitwidths: dict[int, int], k_chunks: list[int], n_tb
     return out
 
 
-def bracketed_rate(before: float, after: float) -> float:
-    """The dec=off decode rate a choice measured between two dec=off measurements is judged against: the rate of
-    their mean step time (a decode rate varies by a few % between recompiled steps of the same model on a GPU)."""
-    return 2.0 / (1.0 / before + 1.0 / after)
+def reference_rate(off_rates: list[float]) -> float:
+    """The dec=off decode rate a choice is judged against: the median of every dec=off reading of the tune so far
+    (each its own compile and graph capture; a reading varies by a few % between recompiles of the same model, and
+    one slow reading taken first must not make a choice look faster than dec=off)."""
+    if not off_rates:
+        raise ValueError("reference_rate needs at least one dec=off reading")
+    return statistics.median(off_rates)
 
 
 def next_budget(budget_s: float, target: float, measured: float, margin: float = 0.9) -> float:

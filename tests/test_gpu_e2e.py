@@ -147,6 +147,33 @@ def test_peak_memory_with_dec_matches_dec_off():
     assert abs(peaks[1] - peaks[2]) <= 0.01 * peaks[2], peaks  # residuals stay in host memory
 
 
+def test_graphed_decoders_leave_no_memory_behind():
+    """A compile=cudagraphs Generator, once dropped, leaves the allocated memory where it found it: each capture warms up
+    on the device's one warm-up stream (a fresh stream per capture left a 32-MiB cuBLAS workspace behind each time, and
+    the tuner's peak readings grew by that much per round; H200, docs/PERF.md GPU end to end, session 16)."""
+    _kernels_or_skip()
+    import gc
+
+    from decdec.config import DecConfig
+    from decdec.generate import Generator, warmup_stream
+    from decdec.synthetic import build_synthetic
+
+    dev = torch.device("cuda")
+    built = build_synthetic("tiny", "ap", 3, False, torch.float16, dev, DecConfig(name="t", n_tb=8))
+
+    def decode_and_drop() -> int:
+        Generator(built.model, dev, torch.float16, 40, "cudagraphs").generate(torch.arange(1, 9), 8)
+        torch.cuda.synchronize()
+        gc.collect()
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_allocated(dev)
+
+    decode_and_drop()  # first use: compilation, the warm-up stream's workspace
+    after = [decode_and_drop() for _ in range(3)]
+    assert max(after) - min(after) <= 1 << 20, after
+    assert warmup_stream(dev) is warmup_stream(torch.device("cuda", torch.cuda.current_device()))
+
+
 def test_tune_on_gpu_small_model(tmp_path, cache_dir):
     """task=tune on the GPU (CUDA-event timings, end-to-end verification) on a tiny synthetic model."""
     _kernels_or_skip()

@@ -119,7 +119,7 @@ def _fake_rates(monkeypatch, rates):
 
 
 TUNE = ["model=tiny", "task=tune", "task.verify_tokens=4", "task.verify_samples=1", "task.iters=2",
-        "task.k_chunks=[0,16,64,256]", "task.target_slowdown=0.5", "logger=yaml"]
+        "task.k_chunks=[0,16,64,256]", "task.target_slowdown=0.5", "task.dec_off_readings=1", "logger=yaml"]
 
 
 def test_tune_shrinks_the_budget_when_the_choice_measures_over_target(tmp_path, cache_dir, monkeypatch):
@@ -131,7 +131,7 @@ def test_tune_shrinks_the_budget_when_the_choice_measures_over_target(tmp_path, 
     rounds = summary["rounds"]
     assert len(rounds) == 2 and len(seen) == 5 and seen[2] == seen[4] == [0]
     assert rounds[0]["measured_slowdown"] == pytest.approx(1.5) and rounds[1]["measured_slowdown"] == pytest.approx(1 / 9)
-    assert [r["dec_off_tokens_per_s"] for r in rounds] == [[100.0, 100.0], [100.0, 100.0]]
+    assert [r["dec_off_tokens_per_s"] for r in rounds] == [[100.0, 100.0], [100.0, 100.0, 100.0]]  # every reading so far
     assert rounds[1]["budget_us_per_layer"] == pytest.approx(rounds[0]["budget_us_per_layer"] * 0.9 * 0.5 / 1.5)
     assert summary["measured_slowdown"] == pytest.approx(1 / 9)
     assert summary["choice"] == {b: {**c, "rows_per_layer": summary["choice"][b]["rows_per_layer"]}
@@ -145,9 +145,12 @@ def test_tune_turns_dec_off_when_no_choice_fits(tmp_path, cache_dir, monkeypatch
     seen = _fake_rates(monkeypatch, [100.0, 10.0, 100.0, 10.0, 100.0, 100.0])  # every choice with DEC: +900 %
     summary = run_inprocess([*TUNE, "task.verify_rounds=2"], tmp_path / "run", cache_dir)
     rounds = summary["rounds"]
-    # each DEC round measures dec=off again after it; the last round (DEC off) does not
-    assert 2 <= len(rounds) <= 3 and len(seen) == 2 * len(rounds)
-    assert all(k == 0 for k in rounds[-1]["choice"]["3"]["k_chunk"].values())  # DEC off, measured as the last round
+    # each DEC round measures dec=off again after it; the last round (DEC off: the dec=off model) is not measured
+    assert 2 <= len(rounds) <= 3 and len(seen) == 1 + 2 * (len(rounds) - 1)
+    assert all(k == 0 for k in rounds[-1]["choice"]["3"]["k_chunk"].values())
+    assert not rounds[-1]["verified"] and rounds[-1]["measured_slowdown"] == 0.0 and rounds[-1]["tokens_per_s"] == 100.0
+    assert not summary["verified"] and summary["measured_slowdown"] == 0.0
+    assert "no DEC fits: DEC off (100.00 tokens/s" in (tmp_path / "run" / "dec_tuned.yaml").read_text()
     assert any(k > 0 for k in rounds[0]["choice"]["3"]["k_chunk"].values())
     assert seen[-1] == [0]
     cheap = summary["cheapest_dec"]["3"]  # what it would take: the least extra time that buys any DEC
@@ -242,28 +245,57 @@ def test_tune_measures_the_fusion_charge_without_the_fused_gemvs(tmp_path, cache
     assert summary["fusion_us"] == pytest.approx((1 / 90 - 1 / 100) / (2 * n_layers - 1) * 1e6)
 
 
-def test_bracketed_rate_is_the_rate_of_the_mean_step():
-    assert tune.bracketed_rate(100.0, 100.0) == pytest.approx(100.0)
-    assert tune.bracketed_rate(80.0, 120.0) == pytest.approx(1 / ((1 / 80 + 1 / 120) / 2))
+def test_reference_rate_is_the_median_of_the_dec_off_readings():
+    assert tune.reference_rate([100.0]) == 100.0
+    assert tune.reference_rate([442.0, 461.0, 473.0]) == 461.0  # one slow compile does not drag the reference down
+    assert tune.reference_rate([80.0, 100.0]) == 90.0
+    with pytest.raises(ValueError, match="at least one"):
+        tune.reference_rate([])
 
 
-def test_tune_judges_a_choice_against_dec_off_on_both_sides(tmp_path, cache_dir, monkeypatch):
-    """A slow first dec=off reading (80 tokens/s; then 100) must not make a choice at 90 look 11 % faster than
-    dec=off: it is judged against the two readings around it. verify_bracket=false keeps the one reading."""
+def test_tune_judges_a_choice_against_the_median_of_every_dec_off_reading(tmp_path, cache_dir, monkeypatch):
+    """A slow first dec=off reading (80 tokens/s; then 100, 100) must not make a choice at 90 look as fast as dec=off:
+    by default two readings come before the first choice and one after it, and the choice is judged against their
+    median. verify_bracket=false: only the readings before it."""
     from conftest import run_inprocess
 
-    seen = _fake_rates(monkeypatch, [80.0, 90.0, 100.0])
-    summary = run_inprocess(TUNE, tmp_path / "a", cache_dir)
+    default = [a for a in TUNE if not a.startswith("task.dec_off_readings")]
+    seen = _fake_rates(monkeypatch, [80.0, 100.0, 90.0, 100.0])
+    summary = run_inprocess(default, tmp_path / "a", cache_dir)
     r = summary["rounds"][0]
-    assert len(seen) == 3 and seen[2] == [0] and any(k > 0 for k in r["choice"]["3"]["k_chunk"].values())
-    assert r["dec_off_tokens_per_s"] == [80.0, 100.0]
-    assert r["measured_slowdown"] == pytest.approx(tune.bracketed_rate(80.0, 100.0) / 90.0 - 1)
-    assert summary["base_tokens_per_s"] == pytest.approx(tune.bracketed_rate(80.0, 100.0))
+    assert len(seen) == 4 and seen[:2] == [[0], [0]] and seen[3] == [0]
+    assert any(k > 0 for k in r["choice"]["3"]["k_chunk"].values()) and r["verified"]
+    assert r["dec_off_tokens_per_s"] == [80.0, 100.0, 100.0]
+    assert r["measured_slowdown"] == pytest.approx(100.0 / 90.0 - 1)
+    assert summary["base_tokens_per_s"] == 100.0
 
-    seen = _fake_rates(monkeypatch, [80.0, 90.0])
-    summary = run_inprocess([*TUNE, "task.verify_bracket=false"], tmp_path / "b", cache_dir)
-    assert len(seen) == 2 and summary["rounds"][0]["dec_off_tokens_per_s"] == [80.0]
-    assert summary["measured_slowdown"] == pytest.approx(80.0 / 90.0 - 1)
+    seen = _fake_rates(monkeypatch, [80.0, 100.0, 90.0])
+    summary = run_inprocess([*default, "task.verify_bracket=false"], tmp_path / "b", cache_dir)
+    assert len(seen) == 3 and summary["rounds"][0]["dec_off_tokens_per_s"] == [80.0, 100.0]
+    assert summary["measured_slowdown"] == pytest.approx(90.0 / 90.0 - 1)
+
+
+def test_tune_does_not_measure_a_choice_without_dec(tmp_path, cache_dir, monkeypatch):
+    """A choice with k_chunk = 0 everywhere is the dec=off model: its slowdown is 0 and it is not decoded again (a
+    reading would only measure recompile noise: the H200 tuner once printed -4.36 % for it)."""
+    from conftest import run_inprocess
+
+    seen = _fake_rates(monkeypatch, [100.0])
+    summary = run_inprocess([*TUNE, "task.k_chunks=[0]", "task.target_slowdowns=[0.05,0.1]"], tmp_path / "run", cache_dir)
+    assert len(seen) == 1  # dec=off only
+    for s in summary["targets"]:
+        assert len(s["rounds"]) == 1 and not s["verified"] and s["measured_slowdown"] == 0.0
+        assert s["tuned_tokens_per_s"] == 100.0 and set(s["choice"]["3"]["k_chunk"].values()) == {0}
+        assert "no DEC fits: DEC off" in (tmp_path / "run" / s["dec_file"]).read_text()
+
+
+def test_tune_rejects_no_dec_off_readings(tmp_path, cache_dir):
+    from conftest import run_inprocess
+
+    from decdec.run import ConfigError
+
+    with pytest.raises(ConfigError, match="dec_off_readings"):
+        run_inprocess([*TUNE, "task.dec_off_readings=0"], tmp_path / "a", cache_dir)
 
 
 def test_time_projections_follows_every_call_with_a_consumer(monkeypatch):
@@ -430,7 +462,7 @@ def test_tune_serves_several_targets_from_one_set_of_timings(tmp_path, cache_dir
     assert first["target_slowdown"] == 0.5 and first["measured_slowdown"] == pytest.approx(1 / 9)
     assert second["target_slowdown"] == 0.9 and second["measured_slowdown"] == pytest.approx(0.25)
     assert second["budget_us_per_layer"] == pytest.approx(first["budget_us_per_layer"] * 0.9 / 0.5)
-    assert second["rounds"][0]["dec_off_tokens_per_s"] == [100.0, 100.0]  # judged against the dec=off before it too
+    assert second["rounds"][0]["dec_off_tokens_per_s"] == [100.0, 100.0, 100.0]  # the first target's readings too
     for s, name in ((first, "dec_tuned_500pm.yaml"), (second, "dec_tuned_900pm.yaml")):
         assert s["dec_file"] == name
         text = (tmp_path / "run" / name).read_text()
