@@ -887,23 +887,22 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   mma_run_items<PACKED>(bufA, bufB, load, my_items, i0, g0, KS, warp, g, t, xs, red);
   __syncthreads();
   GEMV_STAMP(2);
-  if (threadIdx.x == 0)
-    while (ld_acquire_gpu(fused.chain + 1 + m) < fused.chain_units) __nanosleep(32);
-  __syncthreads();
-  const __half* sc = static_cast<const __half*>(fused.dec_scales);
+  // Everything that does not need DEC happens before the wait for it: the rows' sums (a whole group's into red's first
+  // slot of the row, a split group's part into gsplit) and the split groups' handoff (release this block's part,
+  // acquire the other's; the second arrival writes). After DEC is seen complete, one batch of loads remains: DEC's
+  // partials, the scales and the other part (session 16: the handoff after the wait put ~3.8 us between DEC's end
+  // and the blocks' end at 14336x4096).
   float* split = fused.gsplit + (size_t)m * groups * 32;
   const bool head = g0 * KS < i0;              // group g0 began in the block before: this block holds its part 1
   const int gl = g0 + ng - 1;
   const bool tail = (gl + 1) * KS > i1;        // group gl goes on in the block after: this block holds its part 0
   for (int k = threadIdx.x; k < ng * 16; k += kMmaThreads) {
-    const int q = k >> 4, rr = k & 15, grp = g0 + q, r = 16 * grp + rr;
-    const float sum = mma_row_sum(red + k * kMmaWarps);
+    const int q = k >> 4, rr = k & 15, grp = g0 + q;
+    const float sum = mma_row_sum(red + k * kMmaWarps);  // this thread alone reads and writes row k's slots
     if (q == 0 && head) split[grp * 32 + 16 + rr] = sum;
     else if (q == ng - 1 && tail) split[grp * 32 + rr] = sum;
-    else if (r < out)
-      y[(size_t)m * out + r] = __float2half_rn(fmaf(chain_dec_sum(fused, m, out, r), __half2float(sc[r]), sum));
+    else red[k * kMmaWarps] = sum;
   }
-  // the split groups (at most two): release this block's part, acquire the other's; the second arrival writes
   __syncthreads();
   if (threadIdx.x < 2) {
     const bool mine = threadIdx.x == 0 ? head : tail;
@@ -916,10 +915,18 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
       if (fin) *c = 0;  // both parts have arrived: reset for the next call
     }
     flags[threadIdx.x] = fin;
+    while (ld_acquire_gpu(fused.chain + 1 + m) < fused.chain_units) __nanosleep(32);  // then wait for DEC
   }
   __syncthreads();
-  if (threadIdx.x < 32 && flags[threadIdx.x >> 4]) {
-    const int grp = (threadIdx.x >> 4) == 0 ? g0 : gl, rr = threadIdx.x & 15, r = 16 * grp + rr;
+  const __half* sc = static_cast<const __half*>(fused.dec_scales);
+  for (int k = threadIdx.x; k < ng * 16; k += kMmaThreads) {
+    const int q = k >> 4, rr = k & 15, r = 16 * (g0 + q) + rr;
+    if (!((q == 0 && head) || (q == ng - 1 && tail)) && r < out)
+      y[(size_t)m * out + r] = __float2half_rn(fmaf(chain_dec_sum(fused, m, out, r), __half2float(sc[r]), red[k * kMmaWarps]));
+  }
+  const int sx = threadIdx.x - (kMmaThreads - 32);  // the split groups' rows on the last warp, beside the whole rows
+  if (sx >= 0 && flags[sx >> 4]) {
+    const int grp = (sx >> 4) == 0 ? g0 : gl, rr = sx & 15, r = 16 * grp + rr;
     if (r < out) {
       const float sum = __ldcg(split + grp * 32 + rr) + __ldcg(split + grp * 32 + 16 + rr);  // part 0 + part 1
       y[(size_t)m * out + r] = __float2half_rn(fmaf(chain_dec_sum(fused, m, out, r), __half2float(sc[r]), sum));
