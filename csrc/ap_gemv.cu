@@ -28,8 +28,9 @@
 namespace decdec {
 #ifdef DECDEC_GEMV_PROBE
 // scripts/dec_timeline.cu -DDECDEC_GEMV_PROBE: per tensor-core / streaming GEMV block (token 0) its SM and %globaltimer
-// at start, after x was staged, after the main loop, at the end. Nothing in a normal build.
-__device__ unsigned long long g_gemv_probe[1024][5];
+// at start, after x was staged, after the main loop, at the end, and (chain mode) once it has seen DEC complete.
+// Nothing in a normal build.
+__device__ unsigned long long g_gemv_probe[1024][6];
 void* gemv_probe_ptr() {
   void* p = nullptr;
   cudaGetSymbolAddress(&p, g_gemv_probe);
@@ -503,6 +504,7 @@ __device__ void chain_combine(const Fused& f, const float* rows, int stride, int
   if (threadIdx.x == 0)
     while (ld_acquire_gpu(f.chain + 1 + m) < f.chain_units) __nanosleep(32);
   __syncthreads();
+  GEMV_STAMP(4);
   const __half* sc = static_cast<const __half*>(f.dec_scales);
   auto dsum = [&](int r) { return chain_dec_sum(f, m, out, r); };
   if constexpr (GLU) {
@@ -918,6 +920,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
     while (ld_acquire_gpu(fused.chain + 1 + m) < fused.chain_units) __nanosleep(32);  // then wait for DEC
   }
   __syncthreads();
+  GEMV_STAMP(4);
   const __half* sc = static_cast<const __half*>(fused.dec_scales);
   for (int k = threadIdx.x; k < ng * 16; k += kMmaThreads) {
     const int q = k >> 4, rr = k & 15, r = 16 * (g0 + q) + rr;

@@ -85,15 +85,16 @@ static double median(std::vector<double> v) {
 
 #ifdef DECDEC_GEMV_PROBE
 namespace decdec {
-void* gemv_probe_ptr();  // csrc/ap_gemv.cu built with -DDECDEC_GEMV_PROBE: [1024][SM, start, x staged, loop done, end]
+void* gemv_probe_ptr();  // csrc/ap_gemv.cu built with -DDECDEC_GEMV_PROBE: [1024][SM, start, x staged, loop done, end,
+                         // DEC seen complete (chain mode only)]
 }
 // The GEMV's blocks of the graph's last iteration: how many share an SM, and when they start and end (us after the
 // producer's end): a block that starts late or ends last shows where the GEMV's time goes.
 static void print_gemv_blocks(int grid, unsigned long long prod) {
-  static unsigned long long h[1024][5];
+  static unsigned long long h[1024][6];
   CK(cudaMemcpy(h, gemv_probe_ptr(), sizeof h, cudaMemcpyDeviceToHost));
   std::vector<int> per_sm(256, 0);
-  std::vector<double> st, xs, lp, en;
+  std::vector<double> st, xs, lp, en, ds;
   int worst = 0;
   int n = 0;
   for (int b = 0; b < std::min(grid, 1024); ++b) {
@@ -104,6 +105,7 @@ static void print_gemv_blocks(int grid, unsigned long long prod) {
     xs.push_back(((double)h[b][2] - prod) / 1e3);
     lp.push_back(((double)h[b][3] - prod) / 1e3);
     en.push_back(((double)h[b][4] - prod) / 1e3);
+    if (h[b][5] >= h[b][1] && h[b][5] <= h[b][4]) ds.push_back(((double)h[b][5] - prod) / 1e3);  // this launch's
     if (h[b][4] > h[worst][4] || h[worst][1] < prod) worst = b;
   }
   int maxb = 0, shared = 0;
@@ -115,6 +117,9 @@ static void print_gemv_blocks(int grid, unsigned long long prod) {
          "%.2f | loop done p50 %.2f max %.2f | end p50 %.2f max %.2f | last block %d on SM %llu: %.2f %.2f %.2f %.2f "
          "(%d GEMV blocks on its SM)\n", n, maxb, shared, median(st), mx(st), median(xs), mx(xs), median(lp), mx(lp),
          median(en), mx(en), w, h[w][0], us(h[w][1]), us(h[w][2]), us(h[w][3]), us(h[w][4]), per_sm[h[w][0] % 256]);
+  if (!ds.empty())  // chain mode: when each block saw DEC complete (after its loop), i.e. what its combine waited for
+    printf("    gemv blocks saw DEC complete: p50 %.2f max %.2f (%zu blocks); end - DEC seen is the combine's loads and writes\n",
+           median(ds), mx(ds), ds.size());
 }
 #endif
 
