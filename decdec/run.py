@@ -453,11 +453,12 @@ class Run:
         g = torch.Generator().manual_seed(cfg.seed)
         prompt = torch.randint(0, args.vocab_size, (16,), generator=g)
 
-        off_rates, base_peak = [], None
+        off_rates, peaks = [], []
         for _ in range(t.dec_off_readings):  # each its own compile: one reading can be a few % off the others
             self._reset_peak()
             off_rates.append(self._decode_rate(built, prompt, t.verify_tokens, t.verify_samples))
-            base_peak = max(base_peak or 0, self._peak() or 0) if self.device.type == "cuda" else None
+            peaks.append(self._peak())
+        base_peak = None if None in peaks else max(peaks)
         base_rate = tune.reference_rate(off_rates)
         step_s = 1.0 / base_rate
         print(f"[decdec] dec=off decode: {base_rate:.2f} tokens/s ({step_s * 1e3:.3f} ms/token; median of "
@@ -570,11 +571,10 @@ class Run:
                     "selection": "dynamic",
                     "per_bits": {str(b): {"n_tb": c["n_tb"], "n_tb_proj": _n_tb_proj_conf(c), "k_chunk": dict(c["k_chunk"])}
                                  for b, c in choices.items()} if mixed else {}}
-        outcome = (f"measured {slowdown:+.2%} ({ref_rate:.2f} -> {tuned_rate:.2f} tokens/s" if not no_dec else
-                   f"no DEC fits: DEC off ({ref_rate:.2f} tokens/s")
+        rates = f"{ref_rate:.2f}" + ("" if no_dec else f" -> {tuned_rate:.2f}")
         header = (f"# autotuned {time.strftime('%Y-%m-%d %H:%M')} on {env_device_name(self.device)}: "
-                  f"target {target:.1%}, {outcome}, compile={cfg.compile.mode}"
-                  f"{', SYNTHETIC weights' if path is None else ''})\n")
+                  f"target {target:.1%}, {tune.outcome(slowdown, not no_dec)} ({rates} tokens/s, "
+                  f"compile={cfg.compile.mode}{', SYNTHETIC weights' if path is None else ''})\n")
         dec_path = self.run_dir / (dec_file or "dec_tuned.yaml")
         sinks.write_yaml(dec_path, dec_yaml, "dec")
         text = header + dec_path.read_text()
@@ -593,8 +593,7 @@ class Run:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"autotuned DEC ({target:.1%} target, "
-                            + (f"measured {slowdown:+.2%})" if not no_dec else "no DEC fits: DEC off)"))
+        table = Table(title=f"autotuned DEC ({target:.1%} target, {tune.outcome(slowdown, not no_dec)})")
         for col in ("bits", "proj", "n_tb", "k_chunk", "rows/token", "GEMV us", "fused us", "extra us"):
             table.add_column(col, justify="right")
         for bits, c in choices.items():

@@ -147,6 +147,11 @@ def reference_rate(off_rates: list[float]) -> float:
     return statistics.median(off_rates)
 
 
+def outcome(measured_slowdown: float, verified: bool) -> str:
+    """How a target's result reads in the tuner's table, its dec_tuned yaml and the e2e benchmark."""
+    return f"measured {measured_slowdown:+.2%}" if verified else "no DEC fits: DEC off"
+
+
 def next_budget(budget_s: float, target: float, measured: float, margin: float = 0.9) -> float:
     """Per-layer budget for the next round after a choice measured ``measured`` slowdown end to end against
     ``target``: scaled by target / measured (how much the per-projection timings under-counted), less a margin."""

@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from decdec import tune
 from decdec.config import register_configs
 from decdec.run import Run, env_device_name
 
@@ -133,7 +134,7 @@ def main() -> None:
                            f"task.target_slowdowns={targets}"]) as run:
                 summary = run.execute()
             for s in summary.get("targets") or [summary]:  # one target: the summary is its own
-                outcome = f"measured {s['measured_slowdown']:+.2%}" if s.get("verified", True) else "no DEC fits: DEC off"
+                outcome = tune.outcome(s["measured_slowdown"], s["verified"])
                 rows.append({"setting": f"ap-w3 + DEC tuned {s['target_slowdown']:.1%} ({outcome})",
                              "tokens_per_s": s["tuned_tokens_per_s"], "weight_bytes": None, "floor_tokens_per_s": None,
                              "peak_gpu_bytes": s["peak_gpu_bytes_tuned"], "device": env_device_name(run.device),
