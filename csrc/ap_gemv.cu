@@ -917,7 +917,8 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
       if (fin) *c = 0;  // both parts have arrived: reset for the next call
     }
     flags[threadIdx.x] = fin;
-    while (ld_acquire_gpu(fused.chain + 1 + m) < fused.chain_units) __nanosleep(32);  // then wait for DEC
+    if (threadIdx.x == 0)  // then wait for DEC (the barrier below passes its acquire on to the block)
+      while (ld_acquire_gpu(fused.chain + 1 + m) < fused.chain_units) __nanosleep(32);
   }
   __syncthreads();
   GEMV_STAMP(4);
