@@ -166,7 +166,11 @@ class GraphedDecode(StaticDecode):
 # into them (one kernel fewer per layer in the profile trace). H200, synthetic Llama-3-8B ap w3, same run: DEC k=4 on
 # qkv only 404.4 -> 412.7 tokens/s, dec=off 461.7 -> 463.0 / 463.2; across runs qkv-only varies 404-411, so the gain
 # is at the noise level (docs/PERF.md, GPU end to end, session 11).
-INDUCTOR_OPTIONS = {"realize_reads_threshold": 8}
+# combo_kernels: inductor launches independent pointwise kernels of the step as one kernel. Between the qkv GEMV and
+# the decode attention a layer had two (RoPE of q for the attention op; RoPE of k + the KV-cache write), each ~1.2 us
+# plus ~0.4 us idle before it; with it one. H200, synthetic Llama-3-8B ap w3 dec=off, alternating processes:
+# 457.3 / 459.5 -> 464.6 / 471.4 tokens/s (docs/PERF.md, GPU end to end, session 17). CPU code is unaffected.
+INDUCTOR_OPTIONS = {"realize_reads_threshold": 8, "combo_kernels": True}
 
 
 def inductor_options(mode: str) -> dict:

@@ -130,8 +130,9 @@ def test_compiled_decode_gets_the_inductor_options(tiny_ap, monkeypatch):
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
     Generator(tiny_ap, CPU, torch.float32, 16, "inductor")
-    assert seen == [{"fullgraph": True, "options": {"realize_reads_threshold": 8}}]
-    assert inductor_options("reduce-overhead") == {"triton.cudagraphs": True, "realize_reads_threshold": 8}
+    ours = {"realize_reads_threshold": 8, "combo_kernels": True}
+    assert seen == [{"fullgraph": True, "options": ours}]
+    assert inductor_options("reduce-overhead") == {"triton.cudagraphs": True, **ours}
 
 
 @torch.no_grad()
