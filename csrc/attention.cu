@@ -13,6 +13,12 @@
 // otherwise every active block writes (acc[Dh], m, l) per head to `part`, and the last to arrive at
 // the (b, g) counter merges the splits in split order (deterministic), writes y and resets the counter
 // to zero (no memset, nothing spins). Blocks whose split holds no row of [lo, pos] exit at once.
+//
+// ROPE (decode_attention_rope): q, k and v come unrotated from the qkv projection's output row ([q | k | v], row
+// stride `qs`), the kernel applies RoPE (rotate_half over the first R dims, the model's apply_rope: fp32 x * cos +
+// rotate_half(x) * sin, rounded to T) to q, and the block whose split holds pos also to k: it writes k and v into the
+// caches at row pos (the KV-cache update of the step) and uses them for that row itself, so no block reads a row
+// that this kernel writes.
 #include "common.cuh"
 
 namespace decdec {
@@ -27,12 +33,23 @@ constexpr int kAttnMaxRep = 8;  // query heads per KV head
 // REP: query heads per KV head as a compile-time constant (1, 2, 3, 4, 8 at head_dim 64 or 128: every loop over
 // the heads unrolls without a branch, so the score shuffles of all heads and rows interleave), or 0: H / Hkv at
 // run time, loops to kAttnMaxRep with a guard (the score reductions then run head by head behind branches).
-template <typename T, int DPL, int REP>
+// RoPE of element d of a head (rotate_half over the first R dims; d >= R passes): fp32 x * cos + partner * sin with
+// separate roundings (no FMA contraction), as the model's apply_rope computes it, rounded to T.
+template <typename T>
+__device__ __forceinline__ T rope_elem(const T* __restrict__ head, int d, const Rope& rp) {
+  const T x = head[d];
+  if (d >= rp.R) return x;
+  const int h = rp.R >> 1;
+  const float partner = d < h ? -to_f32(head[d + h]) : to_f32(head[d - h]);
+  return from_f32<T>(__fadd_rn(__fmul_rn(to_f32(x), rp.cos[d]), __fmul_rn(partner, rp.sin[d])));
+}
+
+template <typename T, int DPL, int REP, bool ROPE = false>
 __global__ void __launch_bounds__(kAttnWarps * 32)
     decode_attention_kernel(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
                             const int64_t* __restrict__ pos_ptr, T* __restrict__ y, float* __restrict__ part,
                             int* __restrict__ counters, int H, int Hkv, int L, int Dh, int window, float scale,
-                            int split, int n_splits) {
+                            int split, int n_splits, Rope rp) {
   constexpr int NR = REP ? REP : kAttnMaxRep;  // query heads the loops cover
   __shared__ float s_acc[kAttnWarps][NR][DPL * 32];
   __shared__ float s_m[kAttnWarps][NR], s_l[kAttnWarps][NR];
@@ -50,7 +67,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
     for (int i = 0; i < DPL; ++i) {
       const int d = lane + 32 * i;
       const int rr = (REP || r < rep) ? r : 0, dd = d < Dh ? d : 0;
-      qraw[r][i] = q[((size_t)b * H + g * rep + rr) * Dh + dd];
+      if constexpr (ROPE) qraw[r][i] = rope_elem(q + (size_t)b * rp.qs + (size_t)(g * rep + rr) * Dh, dd, rp);
+      else qraw[r][i] = q[((size_t)b * H + g * rep + rr) * Dh + dd];
     }
   float qr[NR][DPL];
 #pragma unroll
@@ -74,6 +92,26 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
     for (int i = 0; i < DPL; ++i) acc[r][i] = 0.f;
   }
   const size_t head = ((size_t)b * Hkv + g) * L * Dh;
+  // ROPE: this step's k and v (row pos), in the block whose split holds pos: every warp keeps its lanes' elements,
+  // warp 0 writes the row into the caches
+  T knew[DPL], vnew[DPL];
+  const bool has_pos = ROPE && s == last;
+  if constexpr (ROPE) {
+    if (has_pos) {
+      const T* kq = q + (size_t)b * rp.qs + (size_t)H * Dh + (size_t)g * Dh;
+      const T* vq = kq + (size_t)Hkv * Dh;
+#pragma unroll
+      for (int i = 0; i < DPL; ++i) {
+        const int d = lane + 32 * i, dd = d < Dh ? d : 0;
+        knew[i] = d < Dh ? rope_elem(kq, dd, rp) : from_f32<T>(0.f);  // past Dh: zero, as the loads below
+        vnew[i] = d < Dh ? vq[dd] : from_f32<T>(0.f);
+        if (warp == 0 && d < Dh) {
+          static_cast<T*>(rp.k_out)[head + (size_t)pos * Dh + d] = knew[i];
+          static_cast<T*>(rp.v_out)[head + (size_t)pos * Dh + d] = vnew[i];
+        }
+      }
+    }
+  }
   for (int jb = j0 + warp * kAttnRows; jb <= j1; jb += kAttnBatch) {
     T kr[kAttnRows][DPL], vr[kAttnRows][DPL];  // all loads of the batch first
 #pragma unroll
@@ -83,8 +121,13 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
         const int d = lane + 32 * i;
         const bool ok = jb + t <= j1 && d < Dh;
         const size_t at = head + (size_t)(jb + t) * Dh + d;
-        kr[t][i] = ok ? kc[at] : from_f32<T>(0.f);
-        vr[t][i] = ok ? vc[at] : from_f32<T>(0.f);
+        if (ROPE && has_pos && jb + t == pos) {  // written by this kernel: never read back
+          kr[t][i] = knew[i];
+          vr[t][i] = vnew[i];
+        } else {
+          kr[t][i] = ok ? kc[at] : from_f32<T>(0.f);
+          vr[t][i] = ok ? vc[at] : from_f32<T>(0.f);
+        }
       }
     float sc[kAttnRows][NR];
 #pragma unroll
@@ -213,35 +256,38 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   if (threadIdx.x == 0) *counter = 0;
 }
 
-template <typename T, int DPL, int REP>
+template <typename T, int DPL, int REP, bool ROPE>
 cudaError_t launch_attention(const void* q, const void* k_cache, const void* v_cache, const int64_t* pos, void* y,
                              float* part, int* counters, int B, int H, int Hkv, int L, int Dh, int window,
-                             cudaStream_t stream) {
+                             const Rope& rp, cudaStream_t stream) {
   const int split = decode_attention_split_rows(L), n_splits = ceil_div(L, split);
   const dim3 grid(n_splits, Hkv, B);
   // a programmatic dependent of the kernel before it (it waits for it first thing), so its launch overlaps
   // that kernel's tail; it lets the next kernel start early in turn (pdl_launch_dependents)
-  return launch_gemv_kernel(decode_attention_kernel<T, DPL, REP>, grid, dim3(kAttnWarps * 32), 0, stream,
+  return launch_gemv_kernel(decode_attention_kernel<T, DPL, REP, ROPE>, grid, dim3(kAttnWarps * 32), 0, stream,
                             static_cast<const T*>(q), static_cast<const T*>(k_cache),
                             static_cast<const T*>(v_cache), pos, static_cast<T*>(y), part, counters, H, Hkv, L, Dh,
-                            window, 1.0f / sqrtf((float)Dh), split, n_splits);
+                            window, 1.0f / sqrtf((float)Dh), split, n_splits, rp);
 }
 
-template <typename T>
+template <typename T, bool ROPE>
 cudaError_t dispatch_attention(const void* q, const void* k_cache, const void* v_cache, const int64_t* pos, void* y,
                                float* part, int* counters, int B, int H, int Hkv, int L, int Dh, int window,
-                               cudaStream_t stream) {
+                               const Rope& rp, cudaStream_t stream) {
   const int dpl = ceil_div(Dh, 32), rep = H / Hkv;
-#define DD_ATTN_REP(n, r) \
-  if (dpl == n && rep == r) \
-    return launch_attention<T, n, r>(q, k_cache, v_cache, pos, y, part, counters, B, H, Hkv, L, Dh, window, stream);
+#define DD_ATTN_REP(n, r)                                                                                   \
+  if (dpl == n && rep == r)                                                                                 \
+    return launch_attention<T, n, r, ROPE>(q, k_cache, v_cache, pos, y, part, counters, B, H, Hkv, L, Dh, window, \
+                                           rp, stream);
   // the common layouts (head_dim 64 / 128; 1, 2, 3, 4 or 8 query heads per KV head) with REP fixed
   DD_ATTN_REP(2, 1) DD_ATTN_REP(2, 2) DD_ATTN_REP(2, 3) DD_ATTN_REP(2, 4) DD_ATTN_REP(2, 8)
   DD_ATTN_REP(4, 1) DD_ATTN_REP(4, 2) DD_ATTN_REP(4, 3) DD_ATTN_REP(4, 4) DD_ATTN_REP(4, 8)
 #undef DD_ATTN_REP
   switch (dpl) {
-#define DD_ATTN(n) \
-  case n: return launch_attention<T, n, 0>(q, k_cache, v_cache, pos, y, part, counters, B, H, Hkv, L, Dh, window, stream);
+#define DD_ATTN(n)                                                                                                 \
+  case n:                                                                                                          \
+    return launch_attention<T, n, 0, ROPE>(q, k_cache, v_cache, pos, y, part, counters, B, H, Hkv, L, Dh, window, \
+                                           rp, stream);
     DD_ATTN(1) DD_ATTN(2) DD_ATTN(3) DD_ATTN(4) DD_ATTN(5) DD_ATTN(6) DD_ATTN(7) DD_ATTN(8)
 #undef DD_ATTN
     default: return cudaErrorInvalidValue;
@@ -269,10 +315,31 @@ cudaError_t decode_attention(DType dt, const void* q, const void* k_cache, const
                              cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   if (!decode_attention_supported(H, Hkv, Dh) || L <= 0) return cudaErrorInvalidValue;
-  return dt == DType::F16
-             ? dispatch_attention<__half>(q, k_cache, v_cache, pos, y, part, counters, B, H, Hkv, L, Dh, window, stream)
-             : dispatch_attention<__nv_bfloat16>(q, k_cache, v_cache, pos, y, part, counters, B, H, Hkv, L, Dh, window,
-                                                 stream);
+  return dt == DType::F16 ? dispatch_attention<__half, false>(q, k_cache, v_cache, pos, y, part, counters, B, H, Hkv,
+                                                             L, Dh, window, Rope{}, stream)
+                          : dispatch_attention<__nv_bfloat16, false>(q, k_cache, v_cache, pos, y, part, counters, B,
+                                                                     H, Hkv, L, Dh, window, Rope{}, stream);
+}
+
+cudaError_t decode_attention_rope(DType dt, const void* qkv, int64_t qkv_stride, const float* cos, const float* sin,
+                                  int R, void* k_cache, void* v_cache, const int64_t* pos, void* y, float* part,
+                                  int* counters, int B, int H, int Hkv, int L, int Dh, int window, cudaStream_t stream) {
+  if (B == 0) return cudaSuccess;
+  if (!decode_attention_supported(H, Hkv, Dh) || L <= 0 || R < 0 || R > Dh || R % 2 != 0 ||
+      qkv_stride < (int64_t)(H + 2 * Hkv) * Dh)
+    return cudaErrorInvalidValue;
+  Rope rp;
+  rp.qs = qkv_stride;
+  rp.cos = cos;
+  rp.sin = sin;
+  rp.R = R;
+  rp.k_out = k_cache;
+  rp.v_out = v_cache;
+  if (dt == DType::F16)
+    return dispatch_attention<__half, true>(qkv, k_cache, v_cache, pos, y, part, counters, B, H, Hkv, L, Dh, window,
+                                            rp, stream);
+  return dispatch_attention<__nv_bfloat16, true>(qkv, k_cache, v_cache, pos, y, part, counters, B, H, Hkv, L, Dh,
+                                                 window, rp, stream);
 }
 
 }  // namespace decdec

@@ -693,6 +693,50 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   return y;
 }
 
+// decode_attention_rope: RoPE of q and k, the step's KV-cache write and the attention in one kernel (kernels.h `Rope`).
+at::Tensor decode_attention_rope_cuda(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                      at::Tensor& kv, const at::Tensor& pos, int64_t n_heads, int64_t window) {
+  DD_CHECK(qkv.is_cuda(), "decdec: qkv must be a CUDA tensor, got device ", qkv.device());
+  const DType dt = dtype_of(qkv);
+  DD_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, "decdec: qkv must be [B, (H + 2 Hkv) Dh] with unit stride in its last ",
+           "dim, got shape ", qkv.sizes(), " strides ", qkv.strides());
+  check_attn_tensor(kv, "kv", qkv);
+  DD_CHECK(kv.dim() == 5 && kv.size(0) == 2, "decdec: kv must be [2, B, Hkv, L, Dh] (K and V caches in one buffer), got ",
+           kv.sizes());
+  const int B = i32(qkv.size(0), "B"), H = i32(n_heads, "n_heads");
+  const int Hkv = i32(kv.size(2), "Hkv"), L = i32(kv.size(3), "L"), Dh = i32(kv.size(4), "Dh");
+  DD_CHECK(kv.size(1) >= B, "decdec: kv holds ", kv.size(1), " sequences, qkv has ", B);
+  DD_CHECK(qkv.size(1) == (int64_t)(H + 2 * Hkv) * Dh, "decdec: qkv rows must hold (H + 2 Hkv) Dh = (", H, " + 2 x ",
+           Hkv, ") x ", Dh, " values, got ", qkv.size(1));
+  DD_CHECK(decdec::decode_attention_supported(H, Hkv, Dh), "decdec: decode_attention needs H % Hkv == 0, H / Hkv <= 8 and ",
+           "head dim <= 256, got H=", H, ", Hkv=", Hkv, ", Dh=", Dh);
+  DD_CHECK(L > 0, "decdec: empty KV cache");
+  for (const auto* t : {&cos, &sin}) {
+    DD_CHECK(t->is_cuda() && t->device() == qkv.device() && t->scalar_type() == at::kFloat && t->is_contiguous(),
+             "decdec: cos and sin must be contiguous float32 on qkv's device, got ", t->scalar_type(), " on ",
+             t->device());
+  }
+  const int64_t R = cos.size(-1);
+  DD_CHECK(cos.numel() == R && sin.numel() == R && R % 2 == 0 && R <= Dh, "decdec: cos and sin must be this position's ",
+           "[1, R] rows with R even and <= head dim ", Dh, ", got ", cos.sizes(), " and ", sin.sizes());
+  DD_CHECK(pos.is_cuda() && pos.device() == qkv.device() && pos.scalar_type() == at::kLong && pos.numel() == 1,
+           "decdec: pos must be one int64 on qkv's device, got ", pos.sizes(), " ", pos.scalar_type(), " on ",
+           pos.device());
+  DD_CHECK(window >= 0, "decdec: window must be >= 0 (0 = none), got ", window);
+  c10::cuda::CUDAGuard guard(qkv.device());
+  auto y = at::empty({qkv.size(0), (int64_t)H * Dh}, qkv.options());
+  auto part = at::empty({(int64_t)decdec::decode_attention_part_floats(B, H, Hkv, L, Dh)}, qkv.options().dtype(at::kFloat));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  int* counters = tile_counters(qkv.get_device(), (size_t)B * Hkv, stream.stream());
+  auto kc = kv.select(0, 0), vc = kv.select(0, 1);
+  cuda_ok(decdec::decode_attention_rope(dt, qkv.data_ptr(), qkv.stride(0), cos.data_ptr<float>(), sin.data_ptr<float>(),
+                                        (int)R, kc.data_ptr(), vc.data_ptr(), pos.data_ptr<int64_t>(), y.data_ptr(),
+                                        part.data_ptr<float>(), counters, B, H, Hkv, L, Dh, (int)window,
+                                        stream.stream()),
+          "decode_attention_rope launch");
+  return y;
+}
+
 // ---------------------------------------------------------------------------- python helpers
 // Pinned, mapped host memory holding a copy of q_residual, exposed as a CUDA tensor (its UVA
 // address): DEC reads it zero-copy over PCIe and no GPU memory is used. Freed by the deleter.
@@ -758,6 +802,7 @@ TORCH_LIBRARY_IMPL(decdec, CUDA, m) {
   m.impl("ap_gemv_addnorm_dec_chain", &ap_gemv_addnorm_dec_chain_cuda);
   m.impl("ap_gemv_addnorm_glu_dec_chain", &ap_gemv_addnorm_glu_dec_chain_cuda);
   m.impl("decode_attention", &decode_attention_cuda);
+  m.impl("decode_attention_rope", &decode_attention_rope_cuda);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

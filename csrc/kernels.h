@@ -151,6 +151,21 @@ bool decode_attention_supported(int H, int Hkv, int Dh);  // H % Hkv == 0, H / H
 int decode_attention_split_rows(int L);  // cache rows per block
 int decode_attention_splits(int L);
 size_t decode_attention_part_floats(int B, int H, int Hkv, int L, int Dh);
+// RoPE inside the decode attention (decode_attention_rope): q, k, v unrotated in one row [q | k | v] per sequence (the
+// qkv projection's output, row stride qs elements), this position's cos / sin [R] (fp32; rotate_half over the first R
+// dims, R even, R <= Dh). The kernel rotates q and k as the model's apply_rope does and writes k, v into the caches at
+// row pos (the step's KV-cache update) -- one kernel instead of RoPE + cache-write kernels before the attention.
+struct Rope {
+  int64_t qs = 0;
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+  int R = 0;
+  void* k_out = nullptr;  // the caches, written at row pos (the same buffers the kernel reads other rows from)
+  void* v_out = nullptr;
+};
+cudaError_t decode_attention_rope(DType dt, const void* qkv, int64_t qkv_stride, const float* cos, const float* sin,
+                                  int R, void* k_cache, void* v_cache, const int64_t* pos, void* y, float* part,
+                                  int* counters, int B, int H, int Hkv, int L, int Dh, int window, cudaStream_t stream);
 cudaError_t decode_attention(DType dt, const void* q, const void* k_cache, const void* v_cache, const int64_t* pos,
                              void* y, float* part, int* counters, int B, int H, int Hkv, int L, int Dh, int window,
                              cudaStream_t stream);

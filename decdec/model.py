@@ -12,6 +12,7 @@ H / Hkv query / key-value heads, Dh head_dim, R rotary dims (= Dh unless partial
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -155,15 +156,7 @@ def rope_inv_freq(args: ModelArgs) -> Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, S, nH, Dh]; cos/sin [S, R] float32 -> [B, S, nH, Dh] (first R dims rotated, rotate_half)."""
-    r = cos.shape[-1]
-    x_rot, x_pass = x[..., :r].float(), x[..., r:]
-    x1, x2 = x_rot.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]  # [S, 1, R] broadcasts over B and heads
-    out = x_rot * cos + rotated * sin
-    return torch.cat([out.type_as(x), x_pass], dim=-1)
+apply_rope = reference.apply_rope  # x [B, S, nH, Dh]; cos/sin [S, R] float32 (first R dims rotated, rotate_half)
 
 
 def gqa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -232,6 +225,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.window = args.sliding_window or 0
         self.decode_op = False  # decode steps through decdec.decode_attention (Transformer.use_decode_attention)
+        self.decode_rope = False  # ... as decode_attention_rope: RoPE and the KV-cache write inside the attention kernel
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
@@ -241,6 +235,11 @@ class Attention(nn.Module):
     def attend(self, qkv: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
         """The layer after the qkv projection: qkv [B, S, (H + 2 Hkv) Dh] -> o-projection output [B, S, D]."""
         B, S, _ = qkv.shape
+        if S == 1 and self.decode_op and self.decode_rope and self.kv_cache.kv.dtype == qkv.dtype:
+            # one kernel: RoPE of q and k, the KV-cache write at input_pos and the attention (rows <= pos)
+            y = torch.ops.decdec.decode_attention_rope(qkv.reshape(B, -1), cos, sin, self.kv_cache.kv, input_pos,
+                                                       self.n_heads, self.window).view(B, 1, -1)
+            return self.wo(y)
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = apply_rope(q.view(B, S, self.n_heads, self.head_dim), cos, sin)
@@ -356,16 +355,23 @@ class Transformer(nn.Module):
         a = self.args
         return a.n_heads // a.n_kv_heads <= 8 and a.head_dim <= 256
 
-    def use_decode_attention(self, on: bool = True) -> None:
+    def use_decode_attention(self, on: bool = True, rope: bool | None = None) -> None:
         """Run decode steps (S = 1) through ``torch.ops.decdec.decode_attention``: one kernel per layer that
         reads only cache rows <= pos, instead of SDPA over the whole masked cache. The model is built with
-        SDPA; runs pick with ``Config.attention`` (``choose_attention``)."""
+        SDPA; runs pick with ``Config.attention`` (``choose_attention``). ``rope`` (default: off unless the
+        environment sets DECDEC_ATTN_ROPE=1, the A/B knob): through ``decode_attention_rope``, which also applies
+        RoPE and writes the step's K/V into the cache, so no kernel runs between the qkv projection and it. Correct
+        on the GPU, but one H200 A/B measured it slower end to end (447.8 vs 471.4 tokens/s, synthetic Llama-3-8B
+        ap w3, docs/PERF.md, GPU end to end, session 17), so the unfused path stays the default."""
         a = self.args
         if on and not self.decode_attention_supported():
             raise ValueError(f"decode_attention supports <= 8 query heads per KV head and head_dim <= 256, "
                              f"got {a.n_heads}/{a.n_kv_heads} heads, head_dim {a.head_dim}")
+        if rope is None:
+            rope = os.environ.get("DECDEC_ATTN_ROPE", "0") == "1"
         for layer in self.layers:
             layer.attention.decode_op = on
+            layer.attention.decode_rope = rope
 
     def choose_attention(self, mode: str, device: torch.device) -> str:
         """Apply ``Config.attention`` and return what decode steps use ("kernel" or "sdpa"). ``auto`` takes the

@@ -17,6 +17,9 @@ and leave the combine to the caller (``reference.combine_dec_parts``), which a c
 next pointwise kernel.
 ``decode_attention``: ``q [B, H, Dh]``, ``k_cache``/``v_cache [>= B, Hkv, L, Dh]``, ``pos [1] int64`` (read
 on the device, so a recorded graph serves every step), ``window`` (0 = none) -> ``[B, H * Dh]``.
+``decode_attention_rope(qkv, cos, sin, kv, pos, n_heads, window)``: the same after RoPE and the KV-cache write, in one
+kernel: ``qkv [B, (H + 2 Hkv) Dh]`` unrotated (the qkv projection's output), ``cos``/``sin [1, R]`` float32 (this
+position's rows), ``kv [2, >= B, Hkv, L, Dh]`` (K and V caches, written at row ``pos``: mutated in place).
 ``ap_gemv_addnorm(a, b, gamma, eps, qweight, lut) -> (y, h)``: the residual add and RMSNorm before a projection,
 inside its GEMV (h = a + b, y = W rms_norm(h)); the CUDA kernel serves where ``addnorm_supported`` says.
 ``ap_gemv_addnorm_glu(a, b, gamma, eps, qweight, lut) -> (act, h)``: the same GEMV on gate_up weights whose rows are in
@@ -81,6 +84,10 @@ _SCHEMAS = {
         " Tensor q_residual, Tensor scales, Tensor bounds, int k_chunk, int n_tb) -> (Tensor, Tensor)"
     ),
     "decode_attention": "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, int window) -> Tensor",
+    "decode_attention_rope": (
+        "decode_attention_rope(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) kv, Tensor pos, int n_heads, int window)"
+        " -> Tensor"
+    ),
 }
 for _schema in _SCHEMAS.values():
     _lib.define(_schema)
@@ -155,7 +162,33 @@ def _check_attention(q, k_cache, v_cache, pos, window) -> None:
     torch._check(window >= 0, lambda: f"window must be >= 0 (0 = none), got {window}")
 
 
+def _check_attention_rope(qkv, cos, sin, kv, pos, n_heads, window) -> None:
+    torch._check(kv.dim() == 5 and kv.shape[0] == 2, lambda: f"kv must be [2, B, Hkv, L, Dh], got {tuple(kv.shape)}")
+    torch._check(qkv.dim() == 2, lambda: f"qkv must be [B, (H + 2 Hkv) Dh], got {tuple(qkv.shape)}")
+    hkv, dh = kv.shape[2], kv.shape[4]
+    torch._check(n_heads >= 1 and n_heads % hkv == 0, lambda: f"{n_heads} query heads do not group over {hkv} KV heads")
+    torch._check(
+        qkv.shape[1] == (n_heads + 2 * hkv) * dh,
+        lambda: f"qkv rows hold {qkv.shape[1]} values, (H + 2 Hkv) Dh = ({n_heads} + 2 x {hkv}) x {dh} expected",
+    )
+    torch._check(kv.shape[1] >= qkv.shape[0], lambda: f"kv holds {kv.shape[1]} sequences, qkv has {qkv.shape[0]}")
+    torch._check(kv.dtype == qkv.dtype, lambda: f"kv must be {qkv.dtype} like qkv, got {kv.dtype}")
+    r = cos.shape[-1]
+    torch._check(
+        cos.numel() == r and sin.numel() == r and r % 2 == 0 and r <= dh and cos.dtype == sin.dtype == torch.float32,
+        lambda: f"cos / sin must be this position's float32 [1, R] rows, R even <= {dh}, got {tuple(cos.shape)} {cos.dtype}",
+    )
+    torch._check(pos.numel() == 1 and pos.dtype == torch.int64, lambda: f"pos must be one int64, got {tuple(pos.shape)} {pos.dtype}")
+    torch._check(window >= 0, lambda: f"window must be >= 0 (0 = none), got {window}")
+
+
 # ---------------------------------------------------------------------------- fake kernels
+@torch.library.register_fake("decdec::decode_attention_rope")
+def _(qkv, cos, sin, kv, pos, n_heads, window):
+    _check_attention_rope(qkv, cos, sin, kv, pos, n_heads, window)
+    return qkv.new_empty((qkv.shape[0], n_heads * kv.shape[4]))
+
+
 @torch.library.register_fake("decdec::decode_attention")
 def _(q, k_cache, v_cache, pos, window):
     _check_attention(q, k_cache, v_cache, pos, window)
@@ -449,6 +482,12 @@ def _(a, b, gamma, eps, qweight, lut, q_residual, scales, bounds, k_chunk, n_tb)
 def _(q, k_cache, v_cache, pos, window):
     _check_attention(q, k_cache, v_cache, pos, window)
     return reference.decode_attention(q, k_cache, v_cache, pos, window)
+
+
+@torch.library.impl(_lib, "decode_attention_rope", "CPU")
+def _(qkv, cos, sin, kv, pos, n_heads, window):
+    _check_attention_rope(qkv, cos, sin, kv, pos, n_heads, window)
+    return reference.decode_attention_rope(qkv, cos, sin, kv, pos, n_heads, window)
 
 
 # ---------------------------------------------------------------------------- CUDA extension

@@ -306,6 +306,37 @@ def dec_residual_masked(x: torch.Tensor, mask: torch.Tensor, q_residual: torch.T
 
 
 # ---------------------------------------------------------------------------- decode attention
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, S, nH, Dh]; cos/sin [S, R] float32 -> [B, S, nH, Dh] (first R dims rotated, rotate_half): fp32
+    x * cos + rotate_half(x) * sin, rounded to x.dtype; the decode attention kernel computes exactly this."""
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r].float(), x[..., r:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # [S, 1, R] broadcasts over B and heads
+    out = x_rot * cos + rotated * sin
+    return torch.cat([out.type_as(x), x_pass], dim=-1)
+
+
+def decode_attention_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor,
+                          pos: torch.Tensor, n_heads: int, window: int) -> torch.Tensor:
+    """One decode step's attention from the qkv projection's output: qkv [B, (H + 2 Hkv) Dh] unrotated, cos/sin
+    [1, R] (this position), kv [2, >= B, Hkv, L, Dh] the K and V caches. Applies RoPE to q and k, writes k and v
+    into the caches at row pos (in place), then decode_attention. Returns y [B, H * Dh]."""
+    B = qkv.shape[0]
+    Hkv, L, Dh = kv.shape[2], kv.shape[3], kv.shape[4]
+    p = int(pos.reshape(-1)[0])
+    if not 0 <= p < L:
+        raise ValueError(f"decode_attention_rope: position {p} outside the KV cache of {L} rows")
+    q, k, v = qkv.split([n_heads * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+    cs, sn = cos.reshape(1, -1), sin.reshape(1, -1)
+    q = apply_rope(q.reshape(B, 1, n_heads, Dh), cs, sn).reshape(B, n_heads, Dh)
+    k = apply_rope(k.reshape(B, 1, Hkv, Dh), cs, sn).reshape(B, Hkv, Dh)
+    kv[0, :B, :, p] = k.to(kv.dtype)
+    kv[1, :B, :, p] = v.reshape(B, Hkv, Dh).to(kv.dtype)
+    return decode_attention(q, kv[0], kv[1], pos, window)
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                      window: int) -> torch.Tensor:
     """One decode query per sequence against its KV cache (grouped-query), the model's attention for S = 1.

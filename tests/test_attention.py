@@ -171,3 +171,113 @@ def test_run_resolves_attention_without_built_kernels(monkeypatch):
     monkeypatch.setattr(ops, "load_cuda_kernels", lambda: "_C.so")
     assert resolve_attention(model, "auto", cuda) == "kernel"
     assert all(layer.attention.decode_op for layer in model.layers)
+
+
+# ---------------------------------------------------------------------------- decode_attention_rope
+def _rope_case(B, H, Hkv, L, Dh, R, seed=0, dtype=torch.float32, cache_batch=None):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, (H + 2 * Hkv) * Dh, generator=g).to(dtype)
+    kv = torch.randn(2, cache_batch or B, Hkv, L, Dh, generator=g).to(dtype)
+    ang = torch.rand(1, R // 2, generator=g) * 6.0
+    emb = torch.cat([ang, ang], dim=-1)  # the model's rotate_half layout
+    return qkv, emb.cos(), emb.sin(), kv
+
+
+@pytest.mark.parametrize("B,H,Hkv,Dh,R", [(1, 32, 8, 128, 128), (2, 9, 3, 64, 64), (1, 4, 2, 16, 8), (2, 4, 4, 16, 16)])
+@pytest.mark.parametrize("p,window", [(0, 0), (37, 0), (99, 0), (70, 16)])
+def test_rope_reference_equals_the_unfused_steps(B, H, Hkv, Dh, R, p, window):
+    """decode_attention_rope = the model's unfused decode: apply_rope to q and k, the KV-cache write at p, then
+    decode_attention; every other cache row (and the extra cache sequence) is left as it was."""
+    qkv, cos, sin, kv = _rope_case(B, H, Hkv, 100, Dh, R, seed=p + H, dtype=torch.float16, cache_batch=B + 1)
+    before = kv.clone()
+    pos = torch.tensor([p])
+    y = reference.decode_attention_rope(qkv, cos, sin, kv, pos, H, window)
+    q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+    q = reference.apply_rope(q.view(B, 1, H, Dh), cos, sin).view(B, H, Dh)
+    k = reference.apply_rope(k.view(B, 1, Hkv, Dh), cos, sin).view(B, Hkv, Dh)
+    expect_kv = before.clone()
+    expect_kv[0, :B, :, p], expect_kv[1, :B, :, p] = k, v.view(B, Hkv, Dh)
+    assert torch.equal(kv, expect_kv)
+    assert torch.equal(y, reference.decode_attention(q, expect_kv[0], expect_kv[1], pos, window))
+    if R < Dh:  # the dims past R pass unrotated
+        assert torch.equal(kv[0, :B, :, p, R:], qkv[:, H * Dh:(H + Hkv) * Dh].view(B, Hkv, Dh)[..., R:])
+
+
+def test_rope_op_opcheck_and_errors():
+    qkv, cos, sin, kv = _rope_case(1, 4, 2, 40, 16, 16, seed=3)
+    pos = torch.tensor([21])
+    torch.library.opcheck(OPS.decode_attention_rope.default, (qkv, cos, sin, kv, pos, 4, 0))
+    with pytest.raises(RuntimeError, match=r"qkv rows hold 128 values, \(H \+ 2 Hkv\) Dh = \(6 \+ 2 x 2\) x 16"):
+        OPS.decode_attention_rope(qkv, cos, sin, kv, pos, 6, 0)
+    with pytest.raises(RuntimeError, match="kv must be \\[2, B, Hkv, L, Dh\\]"):
+        OPS.decode_attention_rope(qkv, cos, sin, kv[0], pos, 4, 0)
+    with pytest.raises(RuntimeError, match="kv must be torch.float32 like qkv"):
+        OPS.decode_attention_rope(qkv, cos, sin, kv.half(), pos, 4, 0)
+    with pytest.raises(RuntimeError, match="R even <= 16"):
+        OPS.decode_attention_rope(qkv, cos[:, :3], sin[:, :3], kv, pos, 4, 0)
+    with pytest.raises(ValueError, match="position 40 outside the KV cache of 40 rows"):
+        OPS.decode_attention_rope(qkv, cos, sin, kv, torch.tensor([40]), 4, 0)
+
+
+def test_rope_op_under_torch_compile_writes_the_cache_in_place():
+    """Compiled (inductor, fullgraph) the op still writes the module's cache buffer itself -- the same storage, no
+    copy of the cache -- and gives the eager result."""
+    from torch._inductor.utils import run_and_get_code
+
+    class Step(torch.nn.Module):
+        def __init__(self, kv):
+            super().__init__()
+            self.register_buffer("kv", kv)
+
+        def forward(self, qkv, cos, sin, pos):
+            return OPS.decode_attention_rope(qkv * 1.0, cos, sin, self.kv, pos, 4, 0) + 1.0
+
+    qkv, cos, sin, kv = _rope_case(1, 4, 2, 40, 16, 16, seed=4)
+    eager, compiled = Step(kv.clone()), Step(kv.clone())
+    ptr = compiled.kv.data_ptr()
+    pos = torch.tensor([9])
+    with torch.no_grad():
+        want = eager(qkv, cos, sin, pos)
+        got, code = run_and_get_code(torch.compile(compiled, fullgraph=True), qkv, cos, sin, pos)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(compiled.kv, eager.kv) and compiled.kv.data_ptr() == ptr
+    assert not any("copy_" in c for c in code), "the compiled step copies the cache"
+
+
+def test_model_decode_with_rope_op_equals_the_unfused_decode():
+    """The model's decode step through decode_attention_rope gives the logits and the cache of the unfused path
+    (apply_rope, KVCache.update, decode_attention)."""
+    from decdec.config import DecConfig, KChunk
+    from decdec.synthetic import build_synthetic
+
+    off = DecConfig(name="off", n_tb=1, k_chunk=KChunk(qkv=0, o=0, gate_up=0, down=0))
+    model = build_synthetic("tiny", "ap", 3, False, torch.float32, torch.device("cpu"), off, seed=0).model
+    tokens = torch.randint(0, model.args.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for rope in (False, True):
+        model.use_decode_attention(True, rope=rope)
+        assert all(layer.attention.decode_rope == rope for layer in model.layers)
+        model.setup_caches(1, 16, torch.float32, torch.device("cpu"))
+        with torch.no_grad():
+            model(tokens[:, :10], torch.arange(10))
+            steps = [model(tokens[:, i:i + 1], torch.tensor([i]))[0, -1] for i in (10, 11)]
+        out[rope] = (steps, [layer.attention.kv_cache.kv.clone() for layer in model.layers])
+    for a, b in zip(out[False][0], out[True][0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(out[False][1], out[True][1]):
+        assert torch.equal(a, b)
+
+
+def test_decode_rope_knob(monkeypatch):
+    from decdec.config import DecConfig, KChunk
+    from decdec.synthetic import build_synthetic
+
+    off = DecConfig(name="off", n_tb=1, k_chunk=KChunk(qkv=0, o=0, gate_up=0, down=0))
+    model = build_synthetic("tiny", "ap", 3, False, torch.float32, torch.device("cpu"), off, seed=0).model
+    model.use_decode_attention()
+    assert not any(layer.attention.decode_rope for layer in model.layers)  # off by default (slower, session 17)
+    monkeypatch.setenv("DECDEC_ATTN_ROPE", "1")
+    model.use_decode_attention()
+    assert all(layer.attention.decode_rope for layer in model.layers)
+    model.use_decode_attention(True, rope=False)  # an explicit choice wins over the environment
+    assert not any(layer.attention.decode_rope for layer in model.layers)

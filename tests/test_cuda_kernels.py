@@ -846,6 +846,66 @@ def test_decode_attention_deterministic_and_graph_replays_follow_pos():
         assert torch.equal(out, torch.ops.decdec.decode_attention(q, k, v, pos, 0))
 
 
+def _rope_case(B, H, Hkv, L, Dh, R, dtype, seed, cache_batch=None):
+    g = gen(seed)
+    qkv = torch.randn(B, (H + 2 * Hkv) * Dh, generator=g, device=DEV).to(dtype)
+    kv = torch.randn(2, cache_batch or B, Hkv, L, Dh, generator=g, device=DEV).to(dtype)
+    ang = torch.rand(1, R // 2, generator=g, device=DEV) * 6.0
+    emb = torch.cat([ang, ang], dim=-1)
+    return qkv, emb.cos(), emb.sin(), kv
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", ATTN_HEADS)
+def test_decode_attention_rope(heads, dtype):
+    """RoPE + KV-cache write + attention in one kernel vs the reference (which does the three steps apart): the
+    output, the cache row at pos (v copied bit for bit, k as the model's apply_rope rounds it), every other row
+    untouched; full and partial rotary, split edges, a window, two sequences in a larger cache."""
+    H, Hkv, Dh = heads
+    for R in sorted({Dh, Dh // 2 - (Dh // 2) % 2}):
+        for p, window in ((0, 0), (63, 0), (64, 0), (130, 0), (199, 0), (150, 40)):
+            qkv, cos, sin, kv = _rope_case(2, H, Hkv, 200, Dh, R, dtype, seed=p + H + R, cache_batch=3)
+            kv_ref = kv.clone()
+            pos = torch.tensor([p], device=DEV)
+            what = f"attention_rope H={H} Hkv={Hkv} Dh={Dh} R={R} pos={p} window={window} {dtype}"
+            y = torch.ops.decdec.decode_attention_rope(qkv, cos, sin, kv, pos, H, window)
+            ref = reference.decode_attention_rope(qkv, cos, sin, kv_ref, pos, H, window)
+            assert y.shape == (2, H * Dh) and y.dtype == dtype
+            close(y, ref, what, rel=2.0)
+            row = torch.zeros(kv.shape[3], dtype=torch.bool, device=DEV)
+            row[p] = True
+            assert torch.equal(kv[:, :, :, ~row], kv_ref[:, :, :, ~row]), what + ": rows other than pos changed"
+            assert torch.equal(kv[:, 2], kv_ref[:, 2]), what + ": the third cache sequence changed"
+            assert torch.equal(kv[1, :2, :, p], kv_ref[1, :2, :, p]), what + ": v row"
+            torch.testing.assert_close(kv[0, :2, :, p].float(), kv_ref[0, :2, :, p].float(), rtol=1e-2, atol=1e-2,
+                                       msg=lambda m: f"{what}: k row: {m}")
+
+
+def test_decode_attention_rope_in_a_graph_and_opcheck():
+    """One recorded graph serves every position (the cache row it writes follows pos); opcheck (mutation of kv
+    declared); errors name the fix."""
+    qkv, cos, sin, kv = _rope_case(1, 32, 8, 300, 128, 128, torch.float16, seed=8)
+    pos = torch.tensor([5], device=DEV)
+    torch.library.opcheck(torch.ops.decdec.decode_attention_rope.default, (qkv, cos, sin, kv.clone(), pos, 32, 0))
+    kv_ref = kv.clone()
+    g = torch.cuda.CUDAGraph()
+    torch.ops.decdec.decode_attention_rope(qkv, cos, sin, kv.clone(), pos, 32, 0)  # warm-up outside capture
+    with torch.cuda.graph(g):
+        out = torch.ops.decdec.decode_attention_rope(qkv, cos, sin, kv, pos, 32, 0)
+    for p in (3, 64, 200, 299):
+        pos.fill_(p)
+        g.replay()
+        ref = reference.decode_attention_rope(qkv, cos, sin, kv_ref, pos, 32, 0)
+        close(out, ref, f"graph pos={p}", rel=2.0)
+        assert torch.equal(kv[1], kv_ref[1])
+    with pytest.raises(RuntimeError, match="kv must be Half like q, got Float"):
+        torch.ops.decdec.decode_attention_rope(qkv, cos, sin, kv.float(), pos, 32, 0)
+    with pytest.raises(RuntimeError, match=r"qkv rows must hold \(H \+ 2 Hkv\) Dh"):
+        torch.ops.decdec.decode_attention_rope(qkv, cos, sin, kv, pos, 24, 0)
+    with pytest.raises(RuntimeError, match="cos and sin must be contiguous float32"):
+        torch.ops.decdec.decode_attention_rope(qkv, cos.half(), sin, kv, pos, 32, 0)
+
+
 def test_decode_attention_opcheck_and_errors():
     q, k, v = _attn_case(1, 8, 2, 80, 64, torch.float16, seed=6)
     pos = torch.tensor([70], device=DEV)

@@ -326,3 +326,45 @@ def test_kernel_layout_model_equals_bitplanes(monkeypatch):
         m.qweight = formats.unpack_ap3_kernel(m.qweight)
     assert not any(formats.is_ap3_kernel_layout(m.qweight, m.lut) for m in lins)
     assert torch.equal(run(), packed), "decode logits differ between the weight layouts"
+
+
+@pytest.mark.parametrize("mode", ["none", "cudagraphs"])
+def test_decode_attention_rope_equals_the_unfused_decode(mode):
+    """Decode attention with RoPE and the KV-cache write inside its kernel (decode_attention_rope), eager or compiled
+    with CUDA graphs, teacher-forced on the unfused eager path's greedy tokens: the same logits (fp16 tolerance) and
+    the same greedy token wherever the top-2 margin is clear, and the same caches."""
+    _kernels_or_skip()
+    from decdec.config import DecConfig, KChunk
+    from decdec.generate import Generator
+    from decdec.synthetic import build_synthetic
+
+    dev = torch.device("cuda")
+    off = DecConfig(name="off", n_tb=8, k_chunk=KChunk(qkv=0, o=0, gate_up=0, down=0))
+    model = build_synthetic("smollm2-4l", "ap", 3, False, torch.float16, dev, off, seed=2).model
+    prompt = torch.arange(7, 23)
+    torch._dynamo.reset()
+    model.use_decode_attention(True, rope=False)
+    tokens = Generator(model, dev, torch.float16, 64, "none").generate(prompt, 24)
+
+    def step(m, tok, pos):
+        return m(tok, pos)
+
+    runs = {}
+    for rope in (False, True):
+        model.use_decode_attention(True, rope=rope)
+        fn = step if (mode == "none" or not rope) else torch.compile(step, mode="reduce-overhead", fullgraph=True)
+        model.setup_caches(1, 64, torch.float16, dev)
+        with torch.no_grad():
+            model(tokens[:16].view(1, -1).to(dev), torch.arange(16, device=dev))
+            out = [fn(model, tokens[i:i + 1].view(1, 1).clone(), torch.tensor([i], device=dev))[0, -1].float().clone()
+                   for i in range(16, 39)]
+        runs[rope] = (torch.stack(out), [layer.attention.kv_cache.kv[:, :, :, :39].float().clone()
+                                         for layer in model.layers])
+    (base, base_kv), (got, got_kv) = runs[False], runs[True]
+    err, scale = (got - base).abs().max(), base.abs().max()
+    assert err <= 2e-2 * scale, f"decode_attention_rope logits differ by {err:.4g} (scale {scale:.4g}, {mode})"
+    top2 = base.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * err
+    assert torch.equal(got.argmax(-1)[clear], base.argmax(-1)[clear])
+    for a, b in zip(base_kv, got_kv):
+        assert (a - b).abs().max() <= 2e-2 * a.abs().max()
