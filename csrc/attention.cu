@@ -328,13 +328,7 @@ cudaError_t decode_attention_rope(DType dt, const void* qkv, int64_t qkv_stride,
   if (!decode_attention_supported(H, Hkv, Dh) || L <= 0 || R < 0 || R > Dh || R % 2 != 0 ||
       qkv_stride < (int64_t)(H + 2 * Hkv) * Dh)
     return cudaErrorInvalidValue;
-  Rope rp;
-  rp.qs = qkv_stride;
-  rp.cos = cos;
-  rp.sin = sin;
-  rp.R = R;
-  rp.k_out = k_cache;
-  rp.v_out = v_cache;
+  const Rope rp{qkv_stride, cos, sin, R, k_cache, v_cache};
   if (dt == DType::F16)
     return dispatch_attention<__half, true>(qkv, k_cache, v_cache, pos, y, part, counters, B, H, Hkv, L, Dh, window,
                                             rp, stream);

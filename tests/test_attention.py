@@ -21,6 +21,15 @@ def _case(B, H, Hkv, L, Dh, seed=0, dtype=torch.float32, cache_batch=None):
     return q, k, v
 
 
+def _tiny_ap_model():
+    """The tiny synthetic ap 3-bit model on the CPU, DEC off."""
+    from decdec.config import DecConfig, KChunk
+    from decdec.synthetic import build_synthetic
+
+    off = DecConfig(name="off", n_tb=1, k_chunk=KChunk(qkv=0, o=0, gate_up=0, down=0))
+    return build_synthetic("tiny", "ap", 3, False, torch.float32, torch.device("cpu"), off, seed=0).model
+
+
 def _masked(q, k, v, p, window):
     """The prefill path's attention for one query at position p (causal mask, optional window)."""
     B, H, Dh = q.shape
@@ -87,11 +96,7 @@ def test_window_must_not_be_negative():
 def test_model_decode_step_uses_it_and_equals_prefill_attention(monkeypatch):
     """A decode step (S = 1, decode_attention) gives the logits a prefill of the same prefix gives at its
     last position (masked gqa_attention), with a sliding window shorter than the prefix too."""
-    from decdec.config import DecConfig, KChunk
-    from decdec.synthetic import build_synthetic
-
-    off = DecConfig(name="off", n_tb=1, k_chunk=KChunk(qkv=0, o=0, gate_up=0, down=0))
-    model = build_synthetic("tiny", "ap", 3, False, torch.float32, torch.device("cpu"), off, seed=0).model
+    model = _tiny_ap_model()
     model.use_decode_attention()
     calls = []
     real = reference.decode_attention
@@ -114,11 +119,7 @@ def test_model_decode_step_uses_it_and_equals_prefill_attention(monkeypatch):
 def test_choose_attention_follows_the_config():
     """auto: the kernel on CUDA where the heads allow it, SDPA on the CPU (where the op is the reference);
     kernel / sdpa force it; kernel on heads the op does not serve is an error."""
-    from decdec.config import DecConfig, KChunk
-    from decdec.synthetic import build_synthetic
-
-    off = DecConfig(name="off", n_tb=1, k_chunk=KChunk(qkv=0, o=0, gate_up=0, down=0))
-    model = build_synthetic("tiny", "ap", 3, False, torch.float32, torch.device("cpu"), off, seed=0).model
+    model = _tiny_ap_model()
     on = lambda: [layer.attention.decode_op for layer in model.layers]  # noqa: E731
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert model.choose_attention("auto", cpu) == "sdpa" and not any(on())
@@ -134,11 +135,7 @@ def test_choose_attention_follows_the_config():
 
 
 def test_use_decode_attention_is_off_by_default_and_checks_the_shape():
-    from decdec.config import DecConfig, KChunk
-    from decdec.synthetic import build_synthetic
-
-    off = DecConfig(name="off", n_tb=1, k_chunk=KChunk(qkv=0, o=0, gate_up=0, down=0))
-    model = build_synthetic("tiny", "ap", 3, False, torch.float32, torch.device("cpu"), off, seed=0).model
+    model = _tiny_ap_model()
     assert not any(layer.attention.decode_op for layer in model.layers)
     model.use_decode_attention()
     assert all(layer.attention.decode_op for layer in model.layers)
@@ -247,11 +244,7 @@ def test_rope_op_under_torch_compile_writes_the_cache_in_place():
 def test_model_decode_with_rope_op_equals_the_unfused_decode():
     """The model's decode step through decode_attention_rope gives the logits and the cache of the unfused path
     (apply_rope, KVCache.update, decode_attention)."""
-    from decdec.config import DecConfig, KChunk
-    from decdec.synthetic import build_synthetic
-
-    off = DecConfig(name="off", n_tb=1, k_chunk=KChunk(qkv=0, o=0, gate_up=0, down=0))
-    model = build_synthetic("tiny", "ap", 3, False, torch.float32, torch.device("cpu"), off, seed=0).model
+    model = _tiny_ap_model()
     tokens = torch.randint(0, model.args.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
     out = {}
     for rope in (False, True):
@@ -269,11 +262,7 @@ def test_model_decode_with_rope_op_equals_the_unfused_decode():
 
 
 def test_decode_rope_knob(monkeypatch):
-    from decdec.config import DecConfig, KChunk
-    from decdec.synthetic import build_synthetic
-
-    off = DecConfig(name="off", n_tb=1, k_chunk=KChunk(qkv=0, o=0, gate_up=0, down=0))
-    model = build_synthetic("tiny", "ap", 3, False, torch.float32, torch.device("cpu"), off, seed=0).model
+    model = _tiny_ap_model()
     model.use_decode_attention()
     assert not any(layer.attention.decode_rope for layer in model.layers)  # off by default (slower, session 17)
     monkeypatch.setenv("DECDEC_ATTN_ROPE", "1")
