@@ -661,6 +661,33 @@ void check_attn_tensor(const at::Tensor& t, const char* name, const at::Tensor& 
   DD_CHECK(t.is_contiguous(), "decdec: ", name, " must be contiguous, got shape ", t.sizes(), " strides ", t.strides());
 }
 
+// Checks both decode-attention ops share once the head layout is known; `ref` (named `ref_name`) is the op's input
+// that fixes the device.
+void check_attn_args(const at::Tensor& ref, const char* ref_name, int H, int Hkv, int Dh, int L, const at::Tensor& pos,
+                     int64_t window) {
+  DD_CHECK(decdec::decode_attention_supported(H, Hkv, Dh), "decdec: decode_attention needs H % Hkv == 0, H / Hkv <= 8 and ",
+           "head dim <= 256, got H=", H, ", Hkv=", Hkv, ", Dh=", Dh);
+  DD_CHECK(L > 0, "decdec: empty KV cache");
+  DD_CHECK(pos.is_cuda() && pos.device() == ref.device() && pos.scalar_type() == at::kLong && pos.numel() == 1,
+           "decdec: pos must be one int64 on ", ref_name, "'s device, got ", pos.sizes(), " ", pos.scalar_type(), " on ",
+           pos.device());
+  DD_CHECK(window >= 0, "decdec: window must be >= 0 (0 = none), got ", window);
+}
+
+// The output [B, H * Dh] in `ref`'s dtype, the split partials and the merge counters of one decode-attention call
+// (on the current stream of the device the caller's guard selected).
+struct AttnScratch {
+  at::Tensor y, part;
+  int* counters;
+  cudaStream_t stream;
+  AttnScratch(const at::Tensor& ref, int B, int H, int Hkv, int L, int Dh)
+      : y(at::empty({(int64_t)B, (int64_t)H * Dh}, ref.options())),
+        part(at::empty({(int64_t)decdec::decode_attention_part_floats(B, H, Hkv, L, Dh)}, ref.options().dtype(at::kFloat))),
+        stream(at::cuda::getCurrentCUDAStream().stream()) {
+    counters = tile_counters(ref.get_device(), (size_t)B * Hkv, stream);
+  }
+};
+
 at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                  const at::Tensor& pos, int64_t window) {
   DD_CHECK(q.is_cuda(), "decdec: q must be a CUDA tensor, got device ", q.device());
@@ -675,22 +702,14 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   const int Hkv = i32(k_cache.size(1), "Hkv"), L = i32(k_cache.size(2), "L");
   DD_CHECK(k_cache.size(0) >= B && k_cache.size(3) == Dh, "decdec: caches ", k_cache.sizes(), " do not fit q ", q.sizes(),
            " (need >= ", B, " sequences of head dim ", Dh, ")");
-  DD_CHECK(decdec::decode_attention_supported(H, Hkv, Dh), "decdec: decode_attention needs H % Hkv == 0, H / Hkv <= 8 and ",
-           "head dim <= 256, got H=", H, ", Hkv=", Hkv, ", Dh=", Dh);
-  DD_CHECK(L > 0, "decdec: empty KV cache");
-  DD_CHECK(pos.is_cuda() && pos.device() == q.device() && pos.scalar_type() == at::kLong && pos.numel() == 1,
-           "decdec: pos must be one int64 on q's device, got ", pos.sizes(), " ", pos.scalar_type(), " on ", pos.device());
-  DD_CHECK(window >= 0, "decdec: window must be >= 0 (0 = none), got ", window);
+  check_attn_args(q, "q", H, Hkv, Dh, L, pos, window);
   c10::cuda::CUDAGuard guard(q.device());
-  auto y = at::empty({q.size(0), q.size(1) * q.size(2)}, q.options());
-  auto part = at::empty({(int64_t)decdec::decode_attention_part_floats(B, H, Hkv, L, Dh)}, q.options().dtype(at::kFloat));
-  auto stream = at::cuda::getCurrentCUDAStream();
-  int* counters = tile_counters(q.get_device(), (size_t)B * Hkv, stream.stream());
+  const AttnScratch sc(q, B, H, Hkv, L, Dh);
   cuda_ok(decdec::decode_attention(dt, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), pos.data_ptr<int64_t>(),
-                                   y.data_ptr(), part.data_ptr<float>(), counters, B, H, Hkv, L, Dh, (int)window,
-                                   stream.stream()),
+                                   sc.y.data_ptr(), sc.part.data_ptr<float>(), sc.counters, B, H, Hkv, L, Dh,
+                                   (int)window, sc.stream),
           "decode_attention launch");
-  return y;
+  return sc.y;
 }
 
 // decode_attention_rope: RoPE of q and k, the step's KV-cache write and the attention in one kernel (kernels.h `Rope`).
@@ -708,9 +727,7 @@ at::Tensor decode_attention_rope_cuda(const at::Tensor& qkv, const at::Tensor& c
   DD_CHECK(kv.size(1) >= B, "decdec: kv holds ", kv.size(1), " sequences, qkv has ", B);
   DD_CHECK(qkv.size(1) == (int64_t)(H + 2 * Hkv) * Dh, "decdec: qkv rows must hold (H + 2 Hkv) Dh = (", H, " + 2 x ",
            Hkv, ") x ", Dh, " values, got ", qkv.size(1));
-  DD_CHECK(decdec::decode_attention_supported(H, Hkv, Dh), "decdec: decode_attention needs H % Hkv == 0, H / Hkv <= 8 and ",
-           "head dim <= 256, got H=", H, ", Hkv=", Hkv, ", Dh=", Dh);
-  DD_CHECK(L > 0, "decdec: empty KV cache");
+  check_attn_args(qkv, "qkv", H, Hkv, Dh, L, pos, window);
   for (const auto* t : {&cos, &sin}) {
     DD_CHECK(t->is_cuda() && t->device() == qkv.device() && t->scalar_type() == at::kFloat && t->is_contiguous(),
              "decdec: cos and sin must be contiguous float32 on qkv's device, got ", t->scalar_type(), " on ",
@@ -719,22 +736,15 @@ at::Tensor decode_attention_rope_cuda(const at::Tensor& qkv, const at::Tensor& c
   const int64_t R = cos.size(-1);
   DD_CHECK(cos.numel() == R && sin.numel() == R && R % 2 == 0 && R <= Dh, "decdec: cos and sin must be this position's ",
            "[1, R] rows with R even and <= head dim ", Dh, ", got ", cos.sizes(), " and ", sin.sizes());
-  DD_CHECK(pos.is_cuda() && pos.device() == qkv.device() && pos.scalar_type() == at::kLong && pos.numel() == 1,
-           "decdec: pos must be one int64 on qkv's device, got ", pos.sizes(), " ", pos.scalar_type(), " on ",
-           pos.device());
-  DD_CHECK(window >= 0, "decdec: window must be >= 0 (0 = none), got ", window);
   c10::cuda::CUDAGuard guard(qkv.device());
-  auto y = at::empty({qkv.size(0), (int64_t)H * Dh}, qkv.options());
-  auto part = at::empty({(int64_t)decdec::decode_attention_part_floats(B, H, Hkv, L, Dh)}, qkv.options().dtype(at::kFloat));
-  auto stream = at::cuda::getCurrentCUDAStream();
-  int* counters = tile_counters(qkv.get_device(), (size_t)B * Hkv, stream.stream());
+  const AttnScratch sc(qkv, B, H, Hkv, L, Dh);
   auto kc = kv.select(0, 0), vc = kv.select(0, 1);
   cuda_ok(decdec::decode_attention_rope(dt, qkv.data_ptr(), qkv.stride(0), cos.data_ptr<float>(), sin.data_ptr<float>(),
-                                        (int)R, kc.data_ptr(), vc.data_ptr(), pos.data_ptr<int64_t>(), y.data_ptr(),
-                                        part.data_ptr<float>(), counters, B, H, Hkv, L, Dh, (int)window,
-                                        stream.stream()),
+                                        (int)R, kc.data_ptr(), vc.data_ptr(), pos.data_ptr<int64_t>(), sc.y.data_ptr(),
+                                        sc.part.data_ptr<float>(), sc.counters, B, H, Hkv, L, Dh, (int)window,
+                                        sc.stream),
           "decode_attention_rope launch");
-  return y;
+  return sc.y;
 }
 
 // ---------------------------------------------------------------------------- python helpers

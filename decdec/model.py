@@ -361,8 +361,9 @@ class Transformer(nn.Module):
         SDPA; runs pick with ``Config.attention`` (``choose_attention``). ``rope`` (default: off unless the
         environment sets DECDEC_ATTN_ROPE=1, the A/B knob): through ``decode_attention_rope``, which also applies
         RoPE and writes the step's K/V into the cache, so no kernel runs between the qkv projection and it. Correct
-        on the GPU, but one H200 A/B measured it slower end to end (447.8 vs 471.4 tokens/s, synthetic Llama-3-8B
-        ap w3, docs/PERF.md, GPU end to end, session 17), so the unfused path stays the default."""
+        on the GPU, but slower end to end in every H200 A/B so far (synthetic Llama-3-8B ap w3; session 18, after
+        its kernel cut its extra cost per call over decode_attention from 4.7 to 1.1 us: 474.1 vs 482.0 tokens/s;
+        docs/PERF.md, GPU end to end), so the unfused path stays the default."""
         a = self.args
         if on and not self.decode_attention_supported():
             raise ValueError(f"decode_attention supports <= 8 query heads per KV head and head_dim <= 256, "
