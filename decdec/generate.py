@@ -204,11 +204,22 @@ class Generator:
         fn = decode_one_token if mode is None else torch.compile(decode_one_token, fullgraph=True,
                                                                  options=inductor_options(mode))
         self._decode = (GraphedDecode if compile_mode == "cudagraphs" else StaticDecode)(model, fn, device, max_seq_length)
+        self._steps_left = 0  # decode steps the generation under way may still take (start)
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None) -> torch.Tensor:
-        """prompt [S] int64 -> all tokens [S + max_new_tokens] (on the device; caller syncs)."""
+        """prompt [S] int64 -> all tokens [S + max_new_tokens] (on the device; caller syncs): ``start``, then
+        ``decode`` of the other max_new_tokens - 1."""
+        self.start(prompt, max_new_tokens, temperature, top_k)
+        self.decode(max_new_tokens - 1, temperature, top_k)
+        return self._decode.out[: prompt.numel() + max_new_tokens].clone()
+
+    @torch.no_grad()
+    def start(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+              top_k: int | None = None) -> None:
+        """Prefill ``prompt`` [S] and pick the first of ``max_new_tokens`` new tokens; ``decode`` takes the others.
+        Apart, so that a timer can sync between them and time decode steps alone (``Run._decode_rate``)."""
         s = prompt.numel()
         if s + max_new_tokens > self.max_seq_length:
             raise ValueError(f"prompt ({s}) + max_new_tokens ({max_new_tokens}) exceeds the KV cache ({self.max_seq_length})")
@@ -220,6 +231,14 @@ class Generator:
         d.out[s] = token[0, 0]
         d.tok.copy_(token)
         d.pos.fill_(s)
-        for _ in range(1, max_new_tokens):
-            d.step(temperature, top_k)
-        return d.out[: s + max_new_tokens].clone()
+        self._steps_left = max_new_tokens - 1
+
+    @torch.no_grad()
+    def decode(self, steps: int, temperature: float = 0.0, top_k: int | None = None) -> None:
+        """``steps`` more decode steps of the generation ``start`` began (at most the max_new_tokens - 1 it allowed)."""
+        if not 0 <= steps <= self._steps_left:
+            raise ValueError(f"{steps} decode steps asked, {self._steps_left} left of this generation (start one with "
+                             "Generator.start and a larger max_new_tokens)")
+        for _ in range(steps):
+            self._decode.step(temperature, top_k)
+        self._steps_left -= steps

@@ -399,23 +399,21 @@ class Run:
 
     # ------------------------------------------------------------------ tune
     def _decode_rate(self, built, prompt: torch.Tensor, tokens: int, samples: int) -> float:
-        """Median decode tokens/s (prefill excluded) over ``samples`` after one warm-up."""
+        """Median decode tokens/s over ``samples`` after one warm-up: ``tokens`` greedy decode steps timed alone (the
+        device synced after the prefill and after the last step)."""
         from decdec.generate import Generator
 
         torch._dynamo.reset()  # k_chunk changes are baked into compiled graphs: start clean
         gen = Generator(built.model, self.device, self.dtype, prompt.numel() + tokens + 1, self.cfg.compile.mode)
         rates = []
         for i in range(samples + 1):
+            gen.start(prompt, tokens + 1, 0.0, None)
             self._sync()
             t0 = time.perf_counter()
-            gen.generate(prompt, 1, 0.0, None)
+            gen.decode(tokens, 0.0, None)
             self._sync()
-            t1 = time.perf_counter()
-            gen.generate(prompt, tokens + 1, 0.0, None)
-            self._sync()
-            t2 = time.perf_counter()
             if i:
-                rates.append(tokens / ((t2 - t1) - (t1 - t0)))
+                rates.append(tokens / (time.perf_counter() - t0))
         return statistics.median(rates)
 
     def tune(self) -> dict:

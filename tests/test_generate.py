@@ -116,6 +116,23 @@ def test_generator_rejects_prompt_longer_than_cache(tiny_ap):
     assert gen.generate(PROMPT, 4).numel() == PROMPT.numel() + 4  # exactly full is fine
 
 
+@torch.no_grad()
+def test_start_then_decode_equals_generate_and_keeps_to_its_budget(tiny_ap):
+    """generate = start (prefill, first token) + decode of the rest, which timing code syncs between; decode takes at
+    most the steps start allowed."""
+    gen = Generator(tiny_ap, CPU, torch.float32, max_seq_length=PROMPT.numel() + 8)
+    want = gen.generate(PROMPT, 6)
+    gen.start(PROMPT, 6)
+    gen.decode(2)
+    gen.decode(3)
+    assert torch.equal(gen._decode.out[: PROMPT.numel() + 6], want)
+    with pytest.raises(ValueError, match="1 decode steps asked, 0 left of this generation"):
+        gen.decode(1)
+    gen.start(PROMPT, 3)
+    with pytest.raises(ValueError, match="4 decode steps asked, 2 left"):
+        gen.decode(4)
+
+
 def test_generator_compile_modes(tiny_ap):
     with pytest.raises(ValueError, match="cudagraphs needs a CUDA device"):
         Generator(tiny_ap, CPU, torch.float32, 16, "cudagraphs")
