@@ -387,7 +387,7 @@ def _(x, qweight, lut):
 @torch.library.impl(_lib, "ap_dequant", "CPU")
 def _(qweight, lut):
     _ap_shape(qweight, lut)
-    return reference.ap_dequant(qweight, lut)
+    return reference.ap_dequant_kept(qweight, lut)
 
 
 @torch.library.impl(_lib, "lutgemm_gemv", "CPU")
@@ -400,7 +400,7 @@ def _(x, binary, alpha, q_bias):
 @torch.library.impl(_lib, "lutgemm_dequant", "CPU")
 def _(binary, alpha, q_bias):
     _lutgemm_shape(binary, alpha, q_bias)
-    return reference.lutgemm_dequant(binary, alpha, q_bias)
+    return reference.lutgemm_dequant_kept(binary, alpha, q_bias)
 
 
 @torch.library.impl(_lib, "dec", "CPU")

@@ -7,6 +7,9 @@ All arithmetic is fp32; the result is cast once at the end.
 
 from __future__ import annotations
 
+import os
+import weakref
+
 import torch
 
 from decdec import formats
@@ -42,13 +45,65 @@ def lutgemm_dequant(binary: torch.Tensor, alpha: torch.Tensor, q_bias: torch.Ten
     return (2 * acc + offset).view(out, inp).to(alpha.dtype)
 
 
+# The fp32 W of CPU projections, kept between calls: without it every CPU decode step unpacks all weights' bit-planes
+# (ap) or binary codes (lutgemm) again (70 % of the embedded model's decode step, docs/PERF.md "CPU"). One entry per
+# live quantized tensor (dropped with it), valid while the weight's tensors are the same objects, unmodified (version
+# counters); DECDEC_CPU_WEIGHT_CACHE_MB (default 2048) bounds the total, past it W is recomputed per call. The values
+# are the same either way.
+_W_CACHE: dict[int, tuple] = {}
+
+
+def cpu_weight_cache_bytes() -> int:
+    """Bytes of fp32 weights the CPU reference keeps between calls (``_cpu_weight``)."""
+    return sum(e[2].numel() * 4 for e in _W_CACHE.values())
+
+
+def _cpu_weight(dequant, *tensors: torch.Tensor) -> torch.Tensor:
+    """dequant(*tensors) (an fp32 W), from the cache above when the tensors are on the CPU (never modify the result)."""
+    first = tensors[0]
+    if first.device.type != "cpu" or torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
+        return dequant(*tensors)
+    key, stamp = id(first), tuple(t._version for t in tensors)
+    e = _W_CACHE.get(key)
+    if e is not None and len(e[0]) == len(tensors) and all(r() is t for r, t in zip(e[0], tensors)) and e[1] == stamp:
+        return e[2]
+    w = dequant(*tensors)
+    budget = int(os.environ.get("DECDEC_CPU_WEIGHT_CACHE_MB", "2048")) << 20
+    old = e[2].numel() * 4 if e is not None else 0
+    if cpu_weight_cache_bytes() - old + w.numel() * 4 <= budget:
+        if e is None:
+            weakref.finalize(first, _W_CACHE.pop, key, None)
+        _W_CACHE[key] = (tuple(weakref.ref(t) for t in tensors), stamp, w)
+    elif e is not None:
+        del _W_CACHE[key]  # stale, and the new W does not fit
+    return w
+
+
+def _ap_w(qweight: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    return ap_dequant(qweight, lut.to(torch.float32))
+
+
+def _lutgemm_w(binary: torch.Tensor, alpha: torch.Tensor, q_bias: torch.Tensor) -> torch.Tensor:
+    return lutgemm_dequant(binary, alpha.to(torch.float32), q_bias.to(torch.float32))
+
+
+def ap_dequant_kept(qweight: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """ap_dequant (a new tensor in lut.dtype), from the CPU cache above (the CPU ``ap_dequant`` op: prefill)."""
+    return _cpu_weight(_ap_w, qweight, lut).to(lut.dtype, copy=True)
+
+
+def lutgemm_dequant_kept(binary: torch.Tensor, alpha: torch.Tensor, q_bias: torch.Tensor) -> torch.Tensor:
+    """lutgemm_dequant (a new tensor in alpha.dtype), from the CPU cache above (the CPU ``lutgemm_dequant`` op)."""
+    return _cpu_weight(_lutgemm_w, binary, alpha, q_bias).to(alpha.dtype, copy=True)
+
+
 def ap_gemv(x: torch.Tensor, qweight: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    w = ap_dequant(qweight, lut.to(torch.float32))
+    w = _cpu_weight(_ap_w, qweight, lut)
     return (x.to(torch.float32) @ w.t()).to(x.dtype)
 
 
 def lutgemm_gemv(x: torch.Tensor, binary: torch.Tensor, alpha: torch.Tensor, q_bias: torch.Tensor) -> torch.Tensor:
-    w = lutgemm_dequant(binary, alpha.to(torch.float32), q_bias.to(torch.float32))
+    w = _cpu_weight(_lutgemm_w, binary, alpha, q_bias)
     return (x.to(torch.float32) @ w.t()).to(x.dtype)
 
 
@@ -148,7 +203,7 @@ def ap_gemv_dec(x, qweight, lut, q_residual, scales, bounds, k_chunk):
     """Base ap GEMV plus DEC; ``k_chunk == 0`` is bit-identical to ``ap_gemv``."""
     if k_chunk == 0:
         return ap_gemv(x, qweight, lut)
-    w = ap_dequant(qweight, lut.to(torch.float32))
+    w = _cpu_weight(_ap_w, qweight, lut)
     y = x.to(torch.float32) @ w.t() + dec_residual(x, q_residual, scales, bounds, k_chunk)
     return y.to(x.dtype)
 
@@ -156,7 +211,7 @@ def ap_gemv_dec(x, qweight, lut, q_residual, scales, bounds, k_chunk):
 def lutgemm_gemv_dec(x, binary, alpha, q_bias, q_residual, scales, bounds, k_chunk):
     if k_chunk == 0:
         return lutgemm_gemv(x, binary, alpha, q_bias)
-    w = lutgemm_dequant(binary, alpha.to(torch.float32), q_bias.to(torch.float32))
+    w = _cpu_weight(_lutgemm_w, binary, alpha, q_bias)
     y = x.to(torch.float32) @ w.t() + dec_residual(x, q_residual, scales, bounds, k_chunk)
     return y.to(x.dtype)
 
@@ -202,12 +257,12 @@ def _dec_rows(x, q_residual, bounds, k_chunk) -> torch.Tensor:
 
 def ap_gemv_dec_parts(x, qweight, lut, q_residual, bounds, k_chunk):
     """[1 + P', M, out] fp32: the base GEMV (fp32, not rounded), then DEC's unscaled chunk sums (``dec_parts_rows``)."""
-    w = ap_dequant(qweight, lut.to(torch.float32))
+    w = _cpu_weight(_ap_w, qweight, lut)
     return torch.cat([(x.to(torch.float32) @ w.t())[None], _dec_rows(x, q_residual, bounds, k_chunk)])
 
 
 def lutgemm_gemv_dec_parts(x, binary, alpha, q_bias, q_residual, bounds, k_chunk):
-    w = lutgemm_dequant(binary, alpha.to(torch.float32), q_bias.to(torch.float32))
+    w = _cpu_weight(_lutgemm_w, binary, alpha, q_bias)
     return torch.cat([(x.to(torch.float32) @ w.t())[None], _dec_rows(x, q_residual, bounds, k_chunk)])
 
 
@@ -258,7 +313,7 @@ def ap_gemv_addnorm_glu_dec(a, b, gamma, eps, qweight, lut, q_residual, scales, 
 
     h = a + b
     x = rms_norm(h, gamma, eps)
-    w = ap_dequant(qweight, lut.to(torch.float32))
+    w = _cpu_weight(_ap_w, qweight, lut)
     y = glu_unpair(x.to(torch.float32) @ w.t())
     if k_chunk:
         y = y + dec_residual(x, q_residual, scales, bounds, k_chunk)

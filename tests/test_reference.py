@@ -89,6 +89,52 @@ def test_ap_gemv_fp32_equals_dense(m):
     torch.testing.assert_close(y, x.double().matmul(dense.double().t()).float(), rtol=1e-5, atol=1e-5)
 
 
+def test_cpu_weight_cache_returns_the_same_values_and_follows_changes(monkeypatch):
+    """The CPU reference keeps fp32 W between calls: the same result as without it; an in-place change of the LUT or
+    of qweight, or a new LUT tensor, is seen at once; the entry goes with its qweight; a budget of 0 keeps nothing;
+    lutgemm's W likewise follows an in-place change of alpha."""
+    import gc
+
+    qw, lut, dense = _ap(48, 64, 3, seed=5)
+    x = torch.randn(2, 64, generator=_gen(6))
+    y = reference.ap_gemv(x, qw, lut)
+    torch.testing.assert_close(y, x @ dense.t(), rtol=1e-5, atol=1e-5)
+    assert reference._W_CACHE.get(id(qw)) is not None and reference.cpu_weight_cache_bytes() >= 48 * 64 * 4
+    assert torch.equal(reference.ap_gemv(x, qw, lut), y)  # from the cache
+    lut.mul_(2.0)  # in place: version counter
+    torch.testing.assert_close(reference.ap_gemv(x, qw, lut), 2 * y, rtol=1e-5, atol=1e-5)
+    lut2 = lut / 2.0  # another tensor with the first values
+    torch.testing.assert_close(reference.ap_gemv(x, qw, lut2), y, rtol=1e-5, atol=1e-5)
+    qw[0, 0, 0] ^= 1  # flip one bit of row 0's code of channel 0: only that output row changes
+    y2 = reference.ap_gemv(x, qw, lut2)
+    assert not torch.equal(y2[:, 0], y[:, 0]) and torch.allclose(y2[:, 1:], y[:, 1:], rtol=1e-5, atol=1e-5)
+    key = id(qw)
+    del qw
+    gc.collect()
+    assert key not in reference._W_CACHE
+    monkeypatch.setenv("DECDEC_CPU_WEIGHT_CACHE_MB", "0")
+    qw3, lut3, dense3 = _ap(16, 32, 3, seed=7)
+    torch.testing.assert_close(reference.ap_gemv(x[:, :32], qw3, lut3), x[:, :32] @ dense3.t(), rtol=1e-5, atol=1e-5)
+    assert id(qw3) not in reference._W_CACHE
+    monkeypatch.delenv("DECDEC_CPU_WEIGHT_CACHE_MB")
+    binary, alpha, q_bias, dense = _lutgemm(24, 128, 3, 64, seed=8)
+    x = torch.randn(1, 128, generator=_gen(9))
+    y = reference.lutgemm_gemv(x, binary, alpha, q_bias)
+    torch.testing.assert_close(y, x @ dense.t(), rtol=1e-4, atol=1e-4)
+    assert id(binary) in reference._W_CACHE and torch.equal(reference.lutgemm_gemv(x, binary, alpha, q_bias), y)
+    alpha.mul_(0.5)
+    q_bias.mul_(0.5)  # W scales by 0.5
+    torch.testing.assert_close(reference.lutgemm_gemv(x, binary, alpha, q_bias), 0.5 * y, rtol=1e-4, atol=1e-4)
+    for dt in (torch.float16, torch.bfloat16):  # the dequant ops' CPU form: a fresh W in the LUT's / alphas' dtype
+        qw4, lut4, _ = _ap(8, 64, 4, seed=10, lut_dtype=dt)
+        w = reference.ap_dequant_kept(qw4, lut4)
+        assert w.dtype == dt and torch.equal(w, reference.ap_dequant(qw4, lut4))
+        w.zero_()  # the caller's own tensor: the kept W is untouched
+        assert torch.equal(reference.ap_dequant_kept(qw4, lut4), reference.ap_dequant(qw4, lut4))
+        b5, a5, q5, _ = _lutgemm(16, 128, 2, 64, seed=11, dtype=dt)
+        assert torch.equal(reference.lutgemm_dequant_kept(b5, a5, q5), reference.lutgemm_dequant(b5, a5, q5))
+
+
 @pytest.mark.parametrize("m", [1, 5])
 @pytest.mark.parametrize("group", [64, 128])
 def test_lutgemm_gemv_fp32_equals_dense(m, group):
