@@ -5,6 +5,9 @@
 #   bash scripts/gpu_e2e.sh            # STEPS="build test bench" by default
 #   STEPS="build host" bash scripts/gpu_e2e.sh   # host cost of a decode step: cudagraphs vs inductor vs reduce-overhead
 #   STEPS="build profile" PROFILE_ARGS="-o attention=sdpa" bash scripts/gpu_e2e.sh   # per-kernel GPU time of a Llama-3-8B ap w3 step
+#   STEPS="build ab" AB=DECDEC_QKV_ROPE bash scripts/gpu_e2e.sh   # an A/B knob: AB=0 / AB=1 in alternating processes,
+#       AB_PAIRS pairs (2) of bench_e2e.py --settings AB_SETTINGS (ap-w3) --samples 3, tokens/s per run
+#   PACK=1 ...: pack $OUT into $OUT/results.tgz at the end (the device tool returns at most 8 files)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/decdec_gpu}"
@@ -39,5 +42,20 @@ if [[ " $STEPS " == *" bench "* ]]; then
     | grep -vE "^\s*$" | tail -30
   [[ ${PIPESTATUS[0]} == 0 ]] || status=1
 fi
+if [[ " $STEPS " == *" ab "* ]]; then
+  [[ -n "${AB:-}" ]] || { echo "STEPS=ab needs AB=<environment variable to set to 0 and 1>"; exit 2; }
+  for i in $(seq 1 "${AB_PAIRS:-2}"); do
+    for v in 0 1; do
+      log="$OUT/ab_${AB}_${v}_${i}.log"
+      env "$AB=$v" timeout "${AB_TIMEOUT:-200}" python3 scripts/bench_e2e.py -o model=${MODEL:-llama3} \
+        -o model.source=synthetic -o device=cuda -o compile=${COMPILE:-cudagraphs} --settings ${AB_SETTINGS:-ap-w3} \
+        --targets --samples 3 --out "$OUT/ab" > "$log" 2>&1 || status=1
+      echo "$AB=$v run $i: $(grep -oE "'tokens_per_s': [0-9.]+" "$log" | tr '\n' ' ')"
+    done
+  done
+fi
 echo "gpu_e2e status $status"
+if [[ "${PACK:-0}" == 1 ]]; then
+  tar czf /tmp/gpu_e2e_results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/gpu_e2e_results.tgz "$OUT/results.tgz"
+fi
 exit $status
