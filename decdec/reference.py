@@ -45,21 +45,21 @@ def lutgemm_dequant(binary: torch.Tensor, alpha: torch.Tensor, q_bias: torch.Ten
     return (2 * acc + offset).view(out, inp).to(alpha.dtype)
 
 
-# The fp32 W of CPU projections, kept between calls: without it every CPU decode step unpacks all weights' bit-planes
-# (ap) or binary codes (lutgemm) again (70 % of the embedded model's decode step, docs/PERF.md "CPU"). One entry per
-# live quantized tensor (dropped with it), valid while the weight's tensors are the same objects, unmodified (version
-# counters); DECDEC_CPU_WEIGHT_CACHE_MB (default 2048) bounds the total, past it W is recomputed per call. The values
-# are the same either way.
+# The fp32 W of CPU projections (and DEC's int8 residual levels), kept between calls: without it every CPU decode step
+# unpacks all weights' bit-planes (ap) or binary codes (lutgemm) again (70 % of the embedded model's decode step,
+# docs/PERF.md "CPU"). One entry per live quantized tensor (dropped with it), valid while the tensors are the same
+# objects, unmodified (version counters); DECDEC_CPU_WEIGHT_CACHE_MB (default 2048) bounds the total, past it the
+# values are recomputed per call. The values are the same either way.
 _W_CACHE: dict[int, tuple] = {}
 
 
 def cpu_weight_cache_bytes() -> int:
-    """Bytes of fp32 weights the CPU reference keeps between calls (``_cpu_weight``)."""
-    return sum(e[2].numel() * 4 for e in _W_CACHE.values())
+    """Bytes the CPU reference keeps between calls (``_cpu_weight``)."""
+    return sum(e[2].numel() * e[2].element_size() for e in _W_CACHE.values())
 
 
 def _cpu_weight(dequant, *tensors: torch.Tensor) -> torch.Tensor:
-    """dequant(*tensors) (an fp32 W), from the cache above when the tensors are on the CPU (never modify the result)."""
+    """dequant(*tensors) (a W), from the cache above when the tensors are on the CPU (never modify the result)."""
     first = tensors[0]
     if first.device.type != "cpu" or torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
         return dequant(*tensors)
@@ -69,8 +69,8 @@ def _cpu_weight(dequant, *tensors: torch.Tensor) -> torch.Tensor:
         return e[2]
     w = dequant(*tensors)
     budget = int(os.environ.get("DECDEC_CPU_WEIGHT_CACHE_MB", "2048")) << 20
-    old = e[2].numel() * 4 if e is not None else 0
-    if cpu_weight_cache_bytes() - old + w.numel() * 4 <= budget:
+    old = e[2].numel() * e[2].element_size() if e is not None else 0
+    if cpu_weight_cache_bytes() - old + w.numel() * w.element_size() <= budget:
         if e is None:
             weakref.finalize(first, _W_CACHE.pop, key, None)
         _W_CACHE[key] = (tuple(weakref.ref(t) for t in tensors), stamp, w)
@@ -174,9 +174,17 @@ def select_channels(x: torch.Tensor, bounds: torch.Tensor, k_chunk: int) -> torc
 
 
 # ---------------------------------------------------------------------------- DEC
+def _residual_levels(q_residual: torch.Tensor) -> torch.Tensor:
+    """All of q_residual's signed levels (nibble - 8) as int8 [in, out] (kept on the CPU by ``_cpu_weight``)."""
+    return formats.unpack_residual(q_residual).to(torch.int8).t().contiguous()
+
+
 def residual_rows(q_residual: torch.Tensor, scales: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Dequantized residual of the given input channels: [len(rows), out] fp32."""
-    levels = formats.unpack_residual(q_residual[rows]).t()  # [len(rows), out]
+    if q_residual.device.type == "cpu":  # the whole matrix unpacked once, kept (the CPU decode path)
+        levels = _cpu_weight(_residual_levels, q_residual)[rows]
+    else:
+        levels = formats.unpack_residual(q_residual[rows]).t()  # [len(rows), out]
     return levels.to(torch.float32) * scales.to(torch.float32)
 
 

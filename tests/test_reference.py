@@ -125,6 +125,13 @@ def test_cpu_weight_cache_returns_the_same_values_and_follows_changes(monkeypatc
     alpha.mul_(0.5)
     q_bias.mul_(0.5)  # W scales by 0.5
     torch.testing.assert_close(reference.lutgemm_gemv(x, binary, alpha, q_bias), 0.5 * y, rtol=1e-4, atol=1e-4)
+    q_res, scales, _ = _residual(40, 64, seed=12)  # DEC's residual rows from the kept int8 levels
+    rows = torch.tensor([3, 0, 63, 17])
+    want = formats.unpack_residual(q_res[rows]).t().float() * scales.float()
+    assert torch.equal(reference.residual_rows(q_res, scales, rows), want) and id(q_res) in reference._W_CACHE
+    q_res[3] ^= 0x11111111  # in place: the levels follow
+    want = formats.unpack_residual(q_res[rows]).t().float() * scales.float()
+    assert torch.equal(reference.residual_rows(q_res, scales, rows), want)
     for dt in (torch.float16, torch.bfloat16):  # the dequant ops' CPU form: a fresh W in the LUT's / alphas' dtype
         qw4, lut4, _ = _ap(8, 64, 4, seed=10, lut_dtype=dt)
         w = reference.ap_dequant_kept(qw4, lut4)
