@@ -36,8 +36,8 @@ constexpr int kAttnMaxRep = 8;  // query heads per KV head
 // the heads unrolls without a branch, so the score shuffles of all heads and rows interleave), or 0: H / Hkv at
 // run time, loops to kAttnMaxRep with a guard (the score reductions then run head by head behind branches).
 // RoPE of element d of a head (rotate_half over the first R dims; d >= R passes) from its value x and its partner's
-// (element d + R / 2 or d - R / 2): fp32 x * cos + (-+partner) * sin with separate roundings (no FMA contraction), as the
-// model's apply_rope computes it, rounded to T.
+// (element d + R / 2 or d - R / 2): fp32 x * cos + (-+partner) * sin with separate roundings (no FMA contraction),
+// as the model's apply_rope computes it, rounded to T.
 template <typename T>
 __device__ __forceinline__ T rope_elem(T x, T partner, int d, const Rope& rp, float c, float s) {
   if (d >= rp.R) return x;

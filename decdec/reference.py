@@ -58,19 +58,24 @@ def cpu_weight_cache_bytes() -> int:
     return sum(e[2].numel() * e[2].element_size() for e in _W_CACHE.values())
 
 
-def _cpu_weight(dequant, *tensors: torch.Tensor) -> torch.Tensor:
-    """dequant(*tensors) (a W), from the cache above when the tensors are on the CPU (never modify the result)."""
+def _cpu_weight(dequant, *tensors: torch.Tensor, nbytes: int | None = None) -> torch.Tensor | None:
+    """dequant(*tensors) (a W), from the cache above when the tensors are on the CPU (never modify the result). With
+    ``nbytes`` (the result's size): None instead of computing a result that would not be kept, for a caller that
+    needs only part of it and can compute that part alone."""
     first = tensors[0]
     if first.device.type != "cpu" or torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
-        return dequant(*tensors)
+        return None if nbytes is not None else dequant(*tensors)
     key, stamp = id(first), tuple(t._version for t in tensors)
     e = _W_CACHE.get(key)
     if e is not None and len(e[0]) == len(tensors) and all(r() is t for r, t in zip(e[0], tensors)) and e[1] == stamp:
         return e[2]
-    w = dequant(*tensors)
     budget = int(os.environ.get("DECDEC_CPU_WEIGHT_CACHE_MB", "2048")) << 20
-    old = e[2].numel() * e[2].element_size() if e is not None else 0
-    if cpu_weight_cache_bytes() - old + w.numel() * w.element_size() <= budget:
+    room = budget - cpu_weight_cache_bytes() + (e[2].numel() * e[2].element_size() if e is not None else 0)
+    if nbytes is not None and nbytes > room:
+        _W_CACHE.pop(key, None)  # stale, and the new one would not fit
+        return None
+    w = dequant(*tensors)
+    if w.numel() * w.element_size() <= room:
         if e is None:
             weakref.finalize(first, _W_CACHE.pop, key, None)
         _W_CACHE[key] = (tuple(weakref.ref(t) for t in tensors), stamp, w)
@@ -181,10 +186,8 @@ def _residual_levels(q_residual: torch.Tensor) -> torch.Tensor:
 
 def residual_rows(q_residual: torch.Tensor, scales: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Dequantized residual of the given input channels: [len(rows), out] fp32."""
-    if q_residual.device.type == "cpu":  # the whole matrix unpacked once, kept (the CPU decode path)
-        levels = _cpu_weight(_residual_levels, q_residual)[rows]
-    else:
-        levels = formats.unpack_residual(q_residual[rows]).t()  # [len(rows), out]
+    kept = _cpu_weight(_residual_levels, q_residual, nbytes=q_residual.numel() * 8)  # all rows, int8 (CPU decode)
+    levels = kept[rows] if kept is not None else formats.unpack_residual(q_residual[rows]).t()  # [len(rows), out]
     return levels.to(torch.float32) * scales.to(torch.float32)
 
 

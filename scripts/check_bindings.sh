@@ -12,7 +12,8 @@ torch_inc="$("$PY" -c 'import torch.utils.cpp_extension as c; print(" ".join("-I
   2>/dev/null)" || { echo "check_bindings: no torch for $PY, skipped"; exit 0; }
 py_inc="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
 cuda_inc=""
-for d in "${CUDA_HOME:-}/include" /usr/local/cuda/include "$(dirname "$(command -v nvcc 2>/dev/null || echo /x/x)")/../include"; do
+nvcc_dir="$(dirname "$(command -v nvcc 2>/dev/null || echo /none/nvcc)")"
+for d in "${CUDA_HOME:-}/include" /usr/local/cuda/include "$nvcc_dir/../include"; do
   if [[ -f "$d/cuda_runtime.h" ]]; then cuda_inc="$d"; break; fi
 done
 [[ -n "$cuda_inc" ]] || { echo "check_bindings: no cuda_runtime.h (CUDA toolkit), skipped"; exit 0; }

@@ -116,6 +116,11 @@ def test_cpu_weight_cache_returns_the_same_values_and_follows_changes(monkeypatc
     qw3, lut3, dense3 = _ap(16, 32, 3, seed=7)
     torch.testing.assert_close(reference.ap_gemv(x[:, :32], qw3, lut3), x[:, :32] @ dense3.t(), rtol=1e-5, atol=1e-5)
     assert id(qw3) not in reference._W_CACHE
+    q_small, s_small, _ = _residual(16, 32, seed=13)  # DEC's rows unpacked alone when the levels are not kept
+    r_small = torch.tensor([1, 30])
+    assert torch.equal(reference.residual_rows(q_small, s_small, r_small),
+                       formats.unpack_residual(q_small[r_small]).t().float() * s_small.float())
+    assert id(q_small) not in reference._W_CACHE
     monkeypatch.delenv("DECDEC_CPU_WEIGHT_CACHE_MB")
     binary, alpha, q_bias, dense = _lutgemm(24, 128, 3, 64, seed=8)
     x = torch.randn(1, 128, generator=_gen(9))
