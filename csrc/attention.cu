@@ -21,6 +21,8 @@
 // the cached rows, so no block reads a row that this kernel writes. Every load of q, its rotate_half partners, cos /
 // sin and the step's k / v row is issued before any is used (13.5 -> 9.8 us per call at L = 144, pos = 72 on an
 // H200, against 8.7 for decode_attention; docs/PERF.md, Kernels, session 18).
+#include <cstdlib>
+
 #include "common.cuh"
 
 namespace decdec {
@@ -50,7 +52,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
     decode_attention_kernel(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
                             const int64_t* __restrict__ pos_ptr, T* __restrict__ y, float* __restrict__ part,
                             int* __restrict__ counters, int H, int Hkv, int L, int Dh, int window, float scale,
-                            int split, int n_splits, Rope rp) {
+                            int split, int n_splits, Rope rp, bool early) {
   constexpr int NR = REP ? REP : kAttnMaxRep;  // query heads the loops cover
   __shared__ float s_acc[kAttnWarps][NR][DPL * 32];
   __shared__ float s_m[kAttnWarps][NR], s_l[kAttnWarps][NR];
@@ -263,10 +265,26 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
   if (!s_last) return;
   // The last block merges the splits: every split's (m, l) into shared memory at once (one load per
   // thread), per-split weights exp(m - M) / den by one warp per head, then each output's acc of all
-  // splits with independent loads (a loop of dependent L2 loads per output made v2 take 13 us).
+  // splits with independent loads (a loop of dependent L2 loads per output made v2 take 13 us). With `early` and at
+  // most kPreSplits splits, the acc loads are issued together with the (m, l) loads, into registers, so the merge
+  // waits for one L2 round trip instead of two; the sums are the same, in the same order.
   const float* gpart = part + ((size_t)b * Hkv + g) * n_splits * rep * (Dh + 2);
   const size_t stride = (size_t)rep * (Dh + 2);  // between splits
   __shared__ float s_sm[kAttnMaxSplits * kAttnMaxRep], s_sl[kAttnMaxSplits * kAttnMaxRep];
+  constexpr int kPreSplits = 8, kPreOut = 4;
+  // (the common layouts only: REP fixed; the generic ones have no registers to spare)
+  const bool pre = REP != 0 && early && n_active <= kPreSplits && rep * Dh <= kPreOut * kAttnWarps * 32;
+  float acc_pre[kPreOut][kPreSplits];
+  if (REP != 0 && pre) {
+#pragma unroll
+    for (int k = 0; k < kPreOut; ++k) {
+      const int idx = threadIdx.x + k * kAttnWarps * 32, r = idx / Dh, d = idx - r * Dh;
+      const float* pa = gpart + (size_t)first * stride + (size_t)r * (Dh + 2) + d;
+#pragma unroll
+      for (int t = 0; t < kPreSplits; ++t)
+        acc_pre[k][t] = (idx < rep * Dh && t < n_active) ? __ldcg(pa + t * stride) : 0.f;
+    }
+  }
   for (int i = threadIdx.x; i < n_active * rep; i += blockDim.x) {
     const float* pr = gpart + (size_t)(first + i / rep) * stride + (size_t)(i % rep) * (Dh + 2);
     s_sm[i] = __ldcg(pr + Dh);
@@ -286,16 +304,38 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
     for (int t = lane; t < n_active; t += 32) s_sm[t * rep + r] = __expf(s_sm[t * rep + r] - mx) / den;  // weight
   }
   __syncthreads();
+  if (REP != 0 && pre) {
+#pragma unroll
+    for (int k = 0; k < kPreOut; ++k) {
+      const int idx = threadIdx.x + k * kAttnWarps * 32, r = idx / Dh, d = idx - r * Dh;
+      if (idx >= rep * Dh) continue;
+      float o = 0.f;
+#pragma unroll
+      for (int t = 0; t < kPreSplits; ++t)
+        if (t < n_active) o = fmaf(s_sm[t * rep + r], acc_pre[k][t], o);
+      y[(yrow + r) * Dh + d] = from_f32<T>(o);
+    }
+  } else {
 #pragma unroll 4
-  for (int idx = threadIdx.x; idx < rep * Dh; idx += blockDim.x) {
-    const int r = idx / Dh, d = idx - r * Dh;
-    const float* pa = gpart + (size_t)first * stride + (size_t)r * (Dh + 2) + d;
-    float o = 0.f;
+    for (int idx = threadIdx.x; idx < rep * Dh; idx += blockDim.x) {
+      const int r = idx / Dh, d = idx - r * Dh;
+      const float* pa = gpart + (size_t)first * stride + (size_t)r * (Dh + 2) + d;
+      float o = 0.f;
 #pragma unroll 8
-    for (int t = 0; t < n_active; ++t) o = fmaf(s_sm[t * rep + r], __ldcg(pa + (size_t)t * stride), o);
-    y[(yrow + r) * Dh + d] = from_f32<T>(o);
+      for (int t = 0; t < n_active; ++t) o = fmaf(s_sm[t * rep + r], __ldcg(pa + (size_t)t * stride), o);
+      y[(yrow + r) * Dh + d] = from_f32<T>(o);
+    }
   }
   if (threadIdx.x == 0) *counter = 0;
+}
+
+// The merge's acc loads beside its (m, l) loads (the kernel's `early`); DECDEC_ATTN_MERGE_EARLY=0 turns it off (A/B).
+bool attn_merge_early() {
+  static const bool on = [] {
+    const char* e = std::getenv("DECDEC_ATTN_MERGE_EARLY");
+    return !(e && e[0] == '0');
+  }();
+  return on;
 }
 
 template <typename T, int DPL, int REP, bool ROPE>
@@ -309,7 +349,7 @@ cudaError_t launch_attention(const void* q, const void* k_cache, const void* v_c
   return launch_gemv_kernel(decode_attention_kernel<T, DPL, REP, ROPE>, grid, dim3(kAttnWarps * 32), 0, stream,
                             static_cast<const T*>(q), static_cast<const T*>(k_cache),
                             static_cast<const T*>(v_cache), pos, static_cast<T*>(y), part, counters, H, Hkv, L, Dh,
-                            window, 1.0f / sqrtf((float)Dh), split, n_splits, rp);
+                            window, 1.0f / sqrtf((float)Dh), split, n_splits, rp, attn_merge_early());
 }
 
 template <typename T, bool ROPE>
