@@ -5,7 +5,7 @@
 // least 4x the L2 (as scripts/bench_kernels.py), so the L2 does not hold them. Also checks that both layouts give
 // bit-identical outputs on random weights (same products, same order); the ceilings (HBM copy, pinned memcpy) are
 // scripts/bench_kernels.py's. Pure CUDA (no torch), GPU machine:
-//   nvcc -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -Icsrc scripts/gemv_ab.cu -o /tmp/ab && /tmp/ab
+//   nvcc -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -Icsrc scripts/gemv_ab.cu csrc/dec.cu -o /tmp/ab && /tmp/ab
 //   ncu --section WarpStateStats --section ComputeWorkloadAnalysis -k regex:ap3_gemv -c 2 /tmp/ab 4096x28672
 #include "../csrc/ap_gemv.cu"
 #include "graph_timer.cuh"
