@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Compile every csrc/*.cu with nvcc alone (no torch, no GPU) for sm_90 and sm_80 into a temp dir.
+# Compile every csrc/*.cu with nvcc alone (no torch, no GPU) for sm_90 and sm_80 into a temp dir, and build the
+# standalone CUDA tools in scripts/ with their documented lines.
 # Exits non-zero on any failure, so CI catches a broken kernel build without a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,15 +41,8 @@ if (( status == 0 )); then
     echo "FAIL link"; grep -E 'multiple definition|undefined|error' "$tmp/link.log" | head -20; status=1
   fi
 fi
-# the diagnostics that include a kernel file (scripts/*.cu) must keep compiling with it
-for cu in scripts/*.cu; do
-  [[ -e "$cu" ]] || continue
-  if "$NVCC" -c -std=c++17 -O3 -Icsrc -gencode=arch=compute_90,code=sm_90 "$cu" -o "$tmp/probe.o" >"$tmp/probe.log" 2>&1; then
-    echo "ok   $(basename "$cu") (sm90)"
-  else
-    echo "FAIL $(basename "$cu")"; grep -E 'error' "$tmp/probe.log" | head -20; status=1
-  fi
-done
+# the standalone tools (scripts/*.cu) build, and link, with the nvcc lines their headers give
+python3 scripts/check_cu_tools.py --jobs "$JOBS" || status=1
 # the GEMV block probe build of the timeline (both files with -DDECDEC_GEMV_PROBE, linked)
 if "$NVCC" -std=c++17 -O3 -Icsrc -gencode=arch=compute_90,code=sm_90 -DDECDEC_GEMV_PROBE scripts/dec_timeline.cu \
     csrc/ap_gemv.cu -o "$tmp/tl_probe" >"$tmp/tl_probe.log" 2>&1; then
