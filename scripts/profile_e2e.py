@@ -73,12 +73,32 @@ def idle_before(kernels: list[tuple[str, float, float, int]]) -> list[float]:
     return out
 
 
+def adds(kernels: list[tuple[str, float, float, int]]) -> list[float]:
+    """For each kernel (sorted by start), the busy time it adds to the span: how far its end lies past both its start
+    and every earlier kernel's end. With programmatic dependent launch a kernel starts while its predecessor runs, so
+    its duration overstates what it costs the step; this does not: span = sum of adds + sum of ``idle_before``."""
+    out, busy_until = [], None
+    for _, ts, dur, _ in kernels:
+        out.append(max(0.0, ts + dur - max(ts, busy_until if busy_until is not None else ts)))
+        busy_until = ts + dur if busy_until is None else max(busy_until, ts + dur)
+    return out
+
+
+def _by_kernel(kernels: list[tuple[str, float, float, int]], values: list[float]) -> dict[str, float]:
+    out: dict[str, float] = defaultdict(float)
+    for k, v in zip(kernels, values):
+        out[k[0]] += v
+    return out
+
+
 def idle_by_kernel(kernels: list[tuple[str, float, float, int]]) -> dict[str, float]:
     """Idle time before each kernel (``idle_before``) summed per kernel name (microseconds)."""
-    out: dict[str, float] = defaultdict(float)
-    for k, gap in zip(kernels, idle_before(kernels)):
-        out[k[0]] += gap
-    return out
+    return _by_kernel(kernels, idle_before(kernels))
+
+
+def adds_by_kernel(kernels: list[tuple[str, float, float, int]]) -> dict[str, float]:
+    """What each kernel adds to the span (``adds``) summed per kernel name (microseconds)."""
+    return _by_kernel(kernels, adds(kernels))
 
 
 def main() -> None:
@@ -187,26 +207,30 @@ def span_us(kernels: list[tuple[str, float, float, int]]) -> float:
 
 def print_timeline(prof, prof_pre, steps: int, n: int) -> None:
     ks, pre = trace_kernels(prof), trace_kernels(prof_pre)
-    idle = idle_by_kernel(ks)
+    idle, add = idle_by_kernel(ks), adds_by_kernel(ks)
     for name, us in idle_by_kernel(pre).items():  # decode steps only: less the prefill run's
         idle[name] -= us
+    for name, us in adds_by_kernel(pre).items():
+        add[name] -= us
     total, step = sum(idle.values()) / steps, (span_us(ks) - span_us(pre)) / steps
     # under the profiler (host callbacks between launches), so compared with the profiled step, not the unprofiled wall
-    t = Table(title=f"GPU idle before each kernel, per decode token under the profiler: {total:.1f} us of a "
-                    f"{step:.1f} us profiled step")
-    for col in ("kernel", "idle us/token"):
+    t = Table(title=f"Per decode token under the profiler ({step:.1f} us profiled step): the GPU idle before each "
+                    f"kernel ({total:.1f} us in all) and the busy time each kernel adds to the step's span")
+    for col in ("kernel", "idle us/token", "adds us/token"):
         t.add_column(col, justify="left" if col == "kernel" else "right")
-    for name, us in sorted(idle.items(), key=lambda kv: -kv[1])[:15]:
-        t.add_row(name[:110], f"{us / steps:.1f}")
+    for name in sorted(idle.keys() | add.keys(), key=lambda k: -(idle.get(k, 0.0) + add.get(k, 0.0)))[:15]:
+        t.add_row(name[:110], f"{idle.get(name, 0.0) / steps:.1f}", f"{add.get(name, 0.0) / steps:.1f}")
     Console(width=200).print(t)
     mid = len(ks) // 2
-    window, gaps = ks[mid:mid + n], idle_before(ks)[mid:mid + n]
-    t = Table(title=f"{len(window)} consecutive decode kernels (offsets from the first, us)")
-    for col in ("start", "dur", "end", "stream", "idle before", "kernel"):
+    window, gaps, added = ks[mid:mid + n], idle_before(ks)[mid:mid + n], adds(ks)[mid:mid + n]
+    t = Table(title=f"{len(window)} consecutive decode kernels (offsets from the first, us; adds: past every "
+                    f"earlier kernel's end)")
+    for col in ("start", "dur", "end", "stream", "idle before", "adds", "kernel"):
         t.add_column(col, justify="left" if col == "kernel" else "right")
     t0 = window[0][1] if window else 0.0
-    for (name, ts, dur, stream), gap in zip(window, gaps):
-        t.add_row(f"{ts - t0:.1f}", f"{dur:.1f}", f"{ts + dur - t0:.1f}", str(stream), f"{gap:.1f}", name[:90])
+    for (name, ts, dur, stream), gap, ad in zip(window, gaps, added):
+        t.add_row(f"{ts - t0:.1f}", f"{dur:.1f}", f"{ts + dur - t0:.1f}", str(stream), f"{gap:.1f}", f"{ad:.1f}",
+                  name[:90])
     Console(width=200).print(t)
 
 

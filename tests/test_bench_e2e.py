@@ -58,6 +58,13 @@ def test_profile_timeline_idle_time_counts_only_gaps_with_no_kernel_running():
     assert prof["idle_before"](ks) == [0.0, 0.0, 1.0, 0.0, 3.5]
     assert dict(prof["idle_by_kernel"](ks)) == {"gemv": 0.0, "dec": 0.0, "combine": 1.0, "norm": 3.5}
     assert prof["span_us"](ks) == 26.0 and prof["span_us"]([]) == 0.0
+    # what each adds past every earlier end: gemv 10, dec 4 (to 14), combine 2 (after its idle), gemv 4.5 (to 21.5),
+    # norm 1; with the idle, that is the span
+    assert prof["adds"](ks) == [10.0, 4.0, 2.0, 4.5, 1.0]
+    assert sum(prof["adds"](ks)) + sum(prof["idle_before"](ks)) == prof["span_us"](ks)
+    assert dict(prof["adds_by_kernel"](ks)) == {"gemv": 14.5, "dec": 4.0, "combine": 2.0, "norm": 1.0}
+    nested = [("long", 0.0, 10.0, 7), ("inside", 2.0, 3.0, 9)]  # ends before the long one: adds nothing
+    assert prof["adds"](nested) == [10.0, 0.0]
 
 
 def test_targets_run_as_one_tune(tmp_path, monkeypatch, cache_dir):
