@@ -81,3 +81,33 @@ def test_targets_run_as_one_tune(tmp_path, monkeypatch, cache_dir):
     assert len(calls) == 1 and len(overrides) == 3  # two settings, one tune
     assert "task.target_slowdowns=[0.5,0.9]" in overrides[2]
     assert all(float(r["tokens_per_s"]) > 0 for r in rows)
+
+
+def test_profile_timeline_prints_idle_and_adds_from_chrome_traces(tmp_path, capsys):
+    """print_timeline end to end on fake profiles (their Chrome traces): the decode steps' idle and adds per kernel
+    name, less the prefill run's, and the window's rows."""
+    import json
+
+    prof = runpy.run_path(str(REPO / "scripts" / "profile_e2e.py"), run_name="profile_e2e")
+
+    class Fake:
+        def __init__(self, ks):
+            self.ks = ks
+
+        def export_chrome_trace(self, path):
+            events = [{"name": n, "ts": ts, "dur": d, "cat": "kernel", "args": {"stream": s}} for n, ts, d, s in self.ks]
+            Path(path).write_text(json.dumps({"traceEvents": events + [{"name": "cpu_op", "ts": 0.0, "cat": "cpu_op"}]}))
+
+    pre = [("prefill_gemm", 0.0, 50.0, 7)]
+    step = [("qkv_gemv", 100.0, 10.0, 7), ("attention", 108.0, 6.0, 7), ("o_gemv", 115.0, 4.0, 7)]
+    prof["print_timeline"](Fake(pre + step), Fake(pre), 1, 3)
+    out = capsys.readouterr().out
+    assert "o_gemv" in out and "adds" in out
+    # per name (one step): qkv idle 50 (after the prefill's end) adds 10, attention adds 4, o idle 1 adds 4
+    cells = [[c.strip() for c in ln.strip().strip("│").split("│")] for ln in out.splitlines() if ln.startswith("│")]
+    per_name = {c[0]: c[1:] for c in cells if len(c) == 3}
+    assert per_name["qkv_gemv"] == ["50.0", "10.0"] and per_name["attention"] == ["0.0", "4.0"], per_name
+    assert per_name["o_gemv"] == ["1.0", "4.0"] and per_name["prefill_gemm"] == ["0.0", "0.0"], per_name
+    window = [c for c in cells if len(c) == 7]  # from the trace's middle: start, dur, end, stream, idle, adds, kernel
+    assert [(c[6], c[0], c[4], c[5]) for c in window] == [("attention", "0.0", "0.0", "4.0"),
+                                                          ("o_gemv", "7.0", "1.0", "4.0")], window
