@@ -45,7 +45,7 @@ def lutgemm_dequant(binary: torch.Tensor, alpha: torch.Tensor, q_bias: torch.Ten
     return (2 * acc + offset).view(out, inp).to(alpha.dtype)
 
 
-# The fp32 W of CPU projections (and DEC's int8 residual levels), kept between calls: without it every CPU decode step
+# The fp32 W of CPU projections (and DEC's int8 residual levels and bucket floors), kept between calls: without it every CPU decode step
 # unpacks all weights' bit-planes (ap) or binary codes (lutgemm) again (70 % of the embedded model's decode step,
 # docs/PERF.md "CPU"). One entry per live quantized tensor (dropped with it), valid while the tensors are the same
 # objects, unmodified (version counters); DECDEC_CPU_WEIGHT_CACHE_MB (default 2048) bounds the total, past it the
@@ -146,7 +146,7 @@ def bucket_floors(bounds: torch.Tensor) -> torch.Tensor:
 
 def bucket_index(x: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     """Bucket of each channel: ``#{i : floor_i > |x|}`` (0 = largest values, 31 = smallest)."""
-    floors = bucket_floors(bounds)
+    floors = _cpu_weight(bucket_floors, bounds)  # a layer's bounds stay put between decode steps
     ax = x.to(torch.float32).abs()
     if bool((floors[:-1] >= floors[1:]).all()):  # the usual case (a >= b >= 0): a binary search
         return N_BUCKETS - torch.searchsorted(floors.flip(0).contiguous(), ax.contiguous(), right=True)
@@ -158,23 +158,21 @@ def select_channels(x: torch.Tensor, bounds: torch.Tensor, k_chunk: int) -> torc
 
     Per chunk, buckets are taken from 0 downward until the chunk's quota is full; inside the
     bucket that overflows the lowest channel indices win (the kernel's choice there is free).
+    That is: the quota channels of the chunk with the smallest (bucket, index) pairs.
     """
     m, n = x.shape
     n_chunks = -(-n // CHUNK)
-    pad = n_chunks * CHUNK - n
-    bucket = bucket_index(x, bounds)
-    bucket = torch.nn.functional.pad(bucket, (0, pad), value=N_BUCKETS)  # padding never selected
-    bucket = bucket.view(m, n_chunks, CHUNK)
-    quota = torch.tensor(chunk_quotas(k_chunk, n), device=x.device).view(1, n_chunks, 1)
-
-    counts = torch.zeros(m, n_chunks, N_BUCKETS + 1, dtype=torch.int64, device=x.device)
-    counts.scatter_add_(2, bucket, torch.ones_like(bucket))
-    cum = counts.cumsum(2)  # channels in buckets <= i
-    overflow = (cum < quota).sum(2, keepdim=True)  # first bucket whose cumulative count reaches quota
-    before = torch.where(overflow > 0, cum.gather(2, (overflow - 1).clamp(min=0)), 0)
-    in_overflow = bucket == overflow
-    rank = in_overflow.cumsum(2) - 1  # order inside the overflow bucket, by channel index
-    mask = (bucket < overflow) | (in_overflow & (rank < quota - before))
+    quotas = chunk_quotas(k_chunk, n)
+    kmax = max(quotas)
+    if kmax == 0:
+        return torch.zeros(m, n, dtype=torch.bool, device=x.device)
+    bucket = torch.nn.functional.pad(bucket_index(x, bounds), (0, n_chunks * CHUNK - n), value=N_BUCKETS)
+    pos = torch.arange(CHUNK, device=x.device)
+    key = bucket.view(m, n_chunks, CHUNK) * CHUNK + pos  # (bucket, index) as one number, distinct in a chunk
+    first = torch.topk(key, kmax, dim=-1, largest=False).indices  # a padded channel never ranks within a quota
+    take = pos[:kmax] < torch.tensor(quotas, device=x.device).view(n_chunks, 1)  # a ragged last chunk takes fewer
+    mask = torch.zeros(m, n_chunks, CHUNK, dtype=torch.bool, device=x.device)
+    mask.scatter_(-1, first, take.expand(m, n_chunks, kmax))
     return mask.view(m, n_chunks * CHUNK)[:, :n]
 
 
@@ -237,12 +235,15 @@ def dec_chunk_parts(x: torch.Tensor, q_residual: torch.Tensor, bounds: torch.Ten
     if k_chunk == 0:
         return parts
     mask = select_channels(x, bounds, k_chunk)
-    ones = torch.ones(out, dtype=torch.float32, device=x.device)
-    for c in range(p):
-        mc = torch.zeros_like(mask)
-        mc[:, c * CHUNK:(c + 1) * CHUNK] = mask[:, c * CHUNK:(c + 1) * CHUNK]
-        if mc.any():
-            parts[c] = dec_residual_masked(x, mc, q_residual, ones)
+    rows = mask.any(0).nonzero().flatten()  # every selected row, in order: each chunk's are a contiguous run
+    if rows.numel() == 0:
+        return parts
+    xs = (x.to(torch.float32) * mask)[:, rows]
+    levels = residual_rows(q_residual, torch.ones(out, dtype=torch.float32, device=x.device), rows)  # unscaled
+    edges = torch.searchsorted(rows, torch.arange(p + 1, device=x.device) * CHUNK).tolist()
+    for c, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        if hi > lo:  # chunk c's rows alone, as its DEC unit sums them
+            parts[c] = xs[:, lo:hi] @ levels[lo:hi]
     return parts
 
 
