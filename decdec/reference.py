@@ -45,7 +45,7 @@ def lutgemm_dequant(binary: torch.Tensor, alpha: torch.Tensor, q_bias: torch.Ten
     return (2 * acc + offset).view(out, inp).to(alpha.dtype)
 
 
-# The fp32 W of CPU projections (and DEC's int8 residual levels and bucket floors), kept between calls: without it every CPU decode step
+# The fp32 W of CPU projections (and DEC's int8 residual levels and sorted bucket floors), kept between calls: without it every CPU decode step
 # unpacks all weights' bit-planes (ap) or binary codes (lutgemm) again (70 % of the embedded model's decode step,
 # docs/PERF.md "CPU"). One entry per live quantized tensor (dropped with it), valid while the tensors are the same
 # objects, unmodified (version counters); DECDEC_CPU_WEIGHT_CACHE_MB (default 2048) bounds the total, past it the
@@ -144,13 +144,19 @@ def bucket_floors(bounds: torch.Tensor) -> torch.Tensor:
     return torch.cat([upper, b.reshape(1), lower])
 
 
+def _ascending_floors(bounds: torch.Tensor) -> torch.Tensor:
+    """The floors in ascending order where they are non-increasing (the usual case, a >= b >= 0), else empty."""
+    floors = bucket_floors(bounds)
+    return floors.flip(0).contiguous() if bool((floors[:-1] >= floors[1:]).all()) else floors[:0]
+
+
 def bucket_index(x: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     """Bucket of each channel: ``#{i : floor_i > |x|}`` (0 = largest values, 31 = smallest)."""
-    floors = _cpu_weight(bucket_floors, bounds)  # a layer's bounds stay put between decode steps
     ax = x.to(torch.float32).abs()
-    if bool((floors[:-1] >= floors[1:]).all()):  # the usual case (a >= b >= 0): a binary search
-        return N_BUCKETS - torch.searchsorted(floors.flip(0).contiguous(), ax.contiguous(), right=True)
-    return (floors > ax.unsqueeze(-1)).sum(-1)
+    ascending = _cpu_weight(_ascending_floors, bounds)  # a layer's bounds stay put between decode steps
+    if ascending.numel():  # a binary search
+        return N_BUCKETS - torch.searchsorted(ascending, ax.contiguous(), right=True)
+    return (bucket_floors(bounds) > ax.unsqueeze(-1)).sum(-1)
 
 
 def select_channels(x: torch.Tensor, bounds: torch.Tensor, k_chunk: int) -> torch.Tensor:
@@ -239,7 +245,8 @@ def dec_chunk_parts(x: torch.Tensor, q_residual: torch.Tensor, bounds: torch.Ten
     if rows.numel() == 0:
         return parts
     xs = (x.to(torch.float32) * mask)[:, rows]
-    levels = residual_rows(q_residual, torch.ones(out, dtype=torch.float32, device=x.device), rows)  # unscaled
+    kept = _cpu_weight(_residual_levels, q_residual, nbytes=q_residual.numel() * 8)  # unscaled levels, as the kernel
+    levels = (kept[rows] if kept is not None else formats.unpack_residual(q_residual[rows]).t()).to(torch.float32)
     edges = torch.searchsorted(rows, torch.arange(p + 1, device=x.device) * CHUNK).tolist()
     for c, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
         if hi > lo:  # chunk c's rows alone, as its DEC unit sums them
