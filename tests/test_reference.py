@@ -209,6 +209,17 @@ def test_bucket_index_boundaries():
     assert reference.bucket_index(x, bounds).tolist() == expect
 
 
+def test_bucket_index_follows_bounds_changed_in_place():
+    """The sorted floors kept between calls (``_cpu_weight``) follow an in-place change of bounds, both ways
+    between the binary search (a >= b) and the direct count (a < b, floors not monotone)."""
+    x = torch.tensor([[40.0, 30.0, 20.0, 10.0, 5.0, 1.0]])
+    bounds = torch.tensor([30.0, 15.0])
+    for new in ([30.0, 15.0], [10.0, 2.0], [2.0, 10.0], [30.0, 15.0]):
+        bounds.copy_(torch.tensor(new))
+        want = (reference.bucket_floors(bounds) > x.abs().unsqueeze(-1)).sum(-1)  # the definition
+        assert torch.equal(reference.bucket_index(x, bounds), want), new
+
+
 def test_bucket_index_at_b_for_awkward_bounds():
     # bounds where a + (b - a) * 15 / 15 != b in fp32: |x| == b must still be bucket 15
     g = _gen(32)
