@@ -21,8 +21,6 @@
 // the cached rows, so no block reads a row that this kernel writes. Every load of q, its rotate_half partners, cos /
 // sin and the step's k / v row is issued before any is used (13.5 -> 9.8 us per call at L = 144, pos = 72 on an
 // H200, against 8.7 for decode_attention; docs/PERF.md, Kernels, session 18).
-#include <cstdlib>
-
 #include "common.cuh"
 
 namespace decdec {
@@ -331,10 +329,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32)
 
 // The merge's acc loads beside its (m, l) loads (the kernel's `early`); DECDEC_ATTN_MERGE_EARLY=0 turns it off (A/B).
 bool attn_merge_early() {
-  static const bool on = [] {
-    const char* e = std::getenv("DECDEC_ATTN_MERGE_EARLY");
-    return !(e && e[0] == '0');
-  }();
+  static const bool on = env_knob_on("DECDEC_ATTN_MERGE_EARLY");
   return on;
 }
 

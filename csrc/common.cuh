@@ -267,13 +267,16 @@ __device__ __forceinline__ void gemv_trigger_dependents() {
 #endif
 }
 
+// An A/B knob that is on unless the environment variable starts with '0' (read by the caller once, into a static).
+inline bool env_knob_on(const char* name) {
+  const char* e = std::getenv(name);
+  return !(e && e[0] == '0');
+}
+
 // On by default where the device supports it (compute capability >= 9); DECDEC_PDL=0 turns it off
 // (same-process A/B: scripts set pdl_enabled() directly).
 inline bool& pdl_enabled() {
-  static bool on = [] {
-    const char* e = std::getenv("DECDEC_PDL");
-    return !(e && e[0] == '0');
-  }();
+  static bool on = env_knob_on("DECDEC_PDL");
   return on;
 }
 inline bool device_has_pdl() {

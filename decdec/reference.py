@@ -45,11 +45,11 @@ def lutgemm_dequant(binary: torch.Tensor, alpha: torch.Tensor, q_bias: torch.Ten
     return (2 * acc + offset).view(out, inp).to(alpha.dtype)
 
 
-# The fp32 W of CPU projections (and DEC's int8 residual levels and sorted bucket floors), kept between calls: without it every CPU decode step
-# unpacks all weights' bit-planes (ap) or binary codes (lutgemm) again (70 % of the embedded model's decode step,
-# docs/PERF.md "CPU"). One entry per live quantized tensor (dropped with it), valid while the tensors are the same
-# objects, unmodified (version counters); DECDEC_CPU_WEIGHT_CACHE_MB (default 2048) bounds the total, past it the
-# values are recomputed per call. The values are the same either way.
+# The fp32 W of CPU projections (and DEC's int8 residual levels and sorted bucket floors), kept between calls: without
+# it every CPU decode step unpacks all weights' bit-planes (ap) or binary codes (lutgemm) again (70 % of the embedded
+# model's decode step, docs/PERF.md "CPU"). One entry per live quantized tensor (dropped with it), valid while the
+# tensors are the same objects, unmodified (version counters); DECDEC_CPU_WEIGHT_CACHE_MB (default 2048) bounds the
+# total, past it the values are recomputed per call. The values are the same either way.
 _W_CACHE: dict[int, tuple] = {}
 
 
@@ -188,11 +188,16 @@ def _residual_levels(q_residual: torch.Tensor) -> torch.Tensor:
     return formats.unpack_residual(q_residual).to(torch.int8).t().contiguous()
 
 
-def residual_rows(q_residual: torch.Tensor, scales: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Dequantized residual of the given input channels: [len(rows), out] fp32."""
+def _residual_level_rows(q_residual: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The signed levels of the given input channels: [len(rows), out] fp32 (unscaled, as DEC's parts sum them)."""
     kept = _cpu_weight(_residual_levels, q_residual, nbytes=q_residual.numel() * 8)  # all rows, int8 (CPU decode)
     levels = kept[rows] if kept is not None else formats.unpack_residual(q_residual[rows]).t()  # [len(rows), out]
-    return levels.to(torch.float32) * scales.to(torch.float32)
+    return levels.to(torch.float32)
+
+
+def residual_rows(q_residual: torch.Tensor, scales: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Dequantized residual of the given input channels: [len(rows), out] fp32."""
+    return _residual_level_rows(q_residual, rows) * scales.to(torch.float32)
 
 
 def dec_residual(
@@ -203,10 +208,7 @@ def dec_residual(
     out = scales.numel()
     if k_chunk == 0:
         return torch.zeros(m, out, dtype=torch.float32, device=x.device)
-    mask = select_channels(x, bounds, k_chunk)
-    rows = mask.any(0).nonzero().flatten()  # only the selected rows are read (like the kernel)
-    xs = (x.to(torch.float32) * mask)[:, rows]
-    return xs @ residual_rows(q_residual, scales, rows)
+    return dec_residual_masked(x, select_channels(x, bounds, k_chunk), q_residual, scales)
 
 
 def dec(x, q_residual, scales, bounds, k_chunk):
@@ -245,8 +247,7 @@ def dec_chunk_parts(x: torch.Tensor, q_residual: torch.Tensor, bounds: torch.Ten
     if rows.numel() == 0:
         return parts
     xs = (x.to(torch.float32) * mask)[:, rows]
-    kept = _cpu_weight(_residual_levels, q_residual, nbytes=q_residual.numel() * 8)  # unscaled levels, as the kernel
-    levels = (kept[rows] if kept is not None else formats.unpack_residual(q_residual[rows]).t()).to(torch.float32)
+    levels = _residual_level_rows(q_residual, rows)
     edges = torch.searchsorted(rows, torch.arange(p + 1, device=x.device) * CHUNK).tolist()
     for c, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
         if hi > lo:  # chunk c's rows alone, as its DEC unit sums them
@@ -374,7 +375,7 @@ def select_random(m: int, n: int, k_chunk: int, generator: torch.Generator | Non
 def dec_residual_masked(x: torch.Tensor, mask: torch.Tensor, q_residual: torch.Tensor,
                         scales: torch.Tensor) -> torch.Tensor:
     """``sum_{j: mask[m, j]} x_mj * R[:, j]`` for any selection mask [M, in] -> [M, out] fp32."""
-    rows = mask.any(0).nonzero().flatten()
+    rows = mask.any(0).nonzero().flatten()  # only the selected rows are read (like the kernel)
     xs = (x.to(torch.float32) * mask)[:, rows]
     return xs @ residual_rows(q_residual, scales, rows)
 

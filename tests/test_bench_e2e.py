@@ -95,8 +95,9 @@ def test_profile_timeline_prints_idle_and_adds_from_chrome_traces(tmp_path, caps
             self.ks = ks
 
         def export_chrome_trace(self, path):
-            events = [{"name": n, "ts": ts, "dur": d, "cat": "kernel", "args": {"stream": s}} for n, ts, d, s in self.ks]
-            Path(path).write_text(json.dumps({"traceEvents": events + [{"name": "cpu_op", "ts": 0.0, "cat": "cpu_op"}]}))
+            events = [{"name": n, "ts": ts, "dur": d, "cat": "kernel", "args": {"stream": s}}
+                      for n, ts, d, s in self.ks] + [{"name": "cpu_op", "ts": 0.0, "cat": "cpu_op"}]
+            Path(path).write_text(json.dumps({"traceEvents": events}))
 
     pre = [("prefill_gemm", 0.0, 50.0, 7)]
     step = [("qkv_gemv", 100.0, 10.0, 7), ("attention", 108.0, 6.0, 7), ("o_gemv", 115.0, 4.0, 7)]
@@ -104,7 +105,8 @@ def test_profile_timeline_prints_idle_and_adds_from_chrome_traces(tmp_path, caps
     out = capsys.readouterr().out
     assert "o_gemv" in out and "adds" in out
     # per name (one step): qkv idle 50 (after the prefill's end) adds 10, attention adds 4, o idle 1 adds 4
-    cells = [[c.strip() for c in ln.strip().strip("│").split("│")] for ln in out.splitlines() if ln.startswith("│")]
+    rows = [ln for ln in out.splitlines() if ln.startswith("│")]
+    cells = [[c.strip() for c in ln.strip().strip("│").split("│")] for ln in rows]
     per_name = {c[0]: c[1:] for c in cells if len(c) == 3}
     assert per_name["qkv_gemv"] == ["50.0", "10.0"] and per_name["attention"] == ["0.0", "4.0"], per_name
     assert per_name["o_gemv"] == ["1.0", "4.0"] and per_name["prefill_gemm"] == ["0.0", "0.0"], per_name
