@@ -27,6 +27,7 @@
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -Icsrc scripts/bmma_gemv_ab.cu csrc/dec.cu -o /tmp/bg && /tmp/bg [table.md|-] [INxOUT]
 //   ncu --section WarpStateStats --section SchedulerStats -k regex:bmma_gemv -c 1 /tmp/bg - 4096x28672 7,1,1,1
 #include "../csrc/ap_gemv.cu"
+#include "ap3_layout.cuh"
 #include "graph_timer.cuh"
 
 #include <array>
@@ -197,12 +198,15 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 1)
   for (int b = 0; b < meta->blocks; ++b) xsum += meta->psum[b];
 
   int acc[7][kNB][4];
+  auto zero_acc = [&]() {
 #pragma unroll
-  for (int T = 0; T < 7; ++T)
+    for (int T = 0; T < 7; ++T)
 #pragma unroll
-    for (int nb = 0; nb < kNB; ++nb)
+      for (int nb = 0; nb < kNB; ++nb)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) acc[T][nb][c] = 0;
+        for (int c = 0; c < 4; ++c) acc[T][nb][c] = 0;
+  };
+  zero_acc();
 
   uint4 lv[2] = {};  // the item's two LUT rows, loaded at its first step (their latency hidden behind the steps)
   int c_step = 0, c_it = gw, group = gw / KP, kp = gw % KP, kb = kp * sp;
@@ -279,12 +283,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 1)
         v += __shfl_xor_sync(~0u, v, 2);
         yr[R] = ldexp(v, -sh);
       }
-#pragma unroll
-      for (int T = 0; T < 7; ++T)
-#pragma unroll
-        for (int nb = 0; nb < kNB; ++nb)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) acc[T][nb][c] = 0;
+      zero_acc();
       if (KP == 1) {
         if (t == 0) {
           y[group * 16 + g] = __float2half_rn((float)yr[0]);
@@ -333,21 +332,6 @@ std::vector<uint32_t> pack_bmma(const std::vector<uint32_t>& planes, int in, int
             }
           }
   return pk;
-}
-
-// bit-planes [3][out][words] -> the shipped kernel layout [out][words/8][3][8] (as scripts/gemv_ab.cu)
-std::vector<uint32_t> pack_kernel_layout(const std::vector<uint32_t>& planes, int out, int words) {
-  std::vector<uint32_t> p((size_t)out * words * 3);
-  const size_t ps = (size_t)out * words;
-  for (int r = 0; r < out; ++r)
-    for (int wd = 0; wd < words; ++wd)
-      for (int q = 0; q < 3; ++q) {
-        const size_t i = (size_t)r * words + wd;
-        uint32_t w = planes[q * ps + i] & 0x88888888u;
-        for (int b = 0; b < 3; ++b) w |= ((planes[b * ps + i] >> q) & 0x11111111u) << b;
-        p[kl_offset(r, words, wd) + 8 * q] = w;
-      }
-  return p;
 }
 
 struct Cfg {

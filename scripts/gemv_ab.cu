@@ -8,6 +8,7 @@
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -Icsrc scripts/gemv_ab.cu csrc/dec.cu -o /tmp/ab && /tmp/ab
 //   ncu --section WarpStateStats --section ComputeWorkloadAnalysis -k regex:ap3_gemv -c 2 /tmp/ab 4096x28672
 #include "../csrc/ap_gemv.cu"
+#include "ap3_layout.cuh"
 #include "graph_timer.cuh"
 
 #include <algorithm>
@@ -20,21 +21,6 @@
 #include <vector>
 
 using namespace decdec;
-
-// bit-planes [3][out][words] -> kernel layout [out][words/8][3][8] (formats.pack_ap3_kernel)
-static std::vector<uint32_t> pack_kernel_layout(const std::vector<uint32_t>& planes, int out, int words) {
-  std::vector<uint32_t> p((size_t)out * words * 3);
-  const size_t ps = (size_t)out * words;
-  for (int r = 0; r < out; ++r)
-    for (int wd = 0; wd < words; ++wd)
-      for (int q = 0; q < 3; ++q) {
-        const size_t i = (size_t)r * words + wd;
-        uint32_t w = planes[q * ps + i] & 0x88888888u;
-        for (int b = 0; b < 3; ++b) w |= ((planes[b * ps + i] >> q) & 0x11111111u) << b;
-        p[kl_offset(r, words, wd) + 8 * q] = w;
-      }
-  return p;
-}
 
 int main(int argc, char** argv) {  // argv[1]: only this shape ("4096x28672", any in % 512 == 0), e.g. under ncu
   std::vector<std::array<int, 2>> shapes = {{4096, 6144}, {4096, 4096}, {4096, 28672}, {14336, 4096},
