@@ -13,7 +13,7 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-SOURCES = ["csrc/bindings.cpp", "csrc/ap_gemv.cu", "csrc/lutgemm_gemv.cu", "csrc/dec.cu", "csrc/attention.cu"]
+SOURCES = ["csrc/bindings.cpp", "csrc/ap_gemv.cu", "csrc/ap_bmma.cu", "csrc/lutgemm_gemv.cu", "csrc/dec.cu", "csrc/attention.cu"]
 
 
 def _note(msg: str) -> None:

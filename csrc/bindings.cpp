@@ -90,16 +90,40 @@ int i32(int64_t v, const char* what) {
 
 struct Ap {
   int bits, out, in;
-  bool packed;  // 3-bit kernel layout [out, in/256, 3, 8]
+  bool packed;        // 3-bit kernel layout [out, in/256, 3, 8]
+  bool bmma = false;  // 3-bit binary-tensor-core layout [out/16, in/512, 6, 32, 4]
 };
+// The 3-bit binary-tensor-core layout [out/16, in/512, 6, 32, 4] (5-D; decdec/formats.py is_ap3_bmma_layout: the
+// same rule). Only ap_gemv (ap3_bmma_gemv) and ap_dequant (through the bit-planes) read it.
+bool is_ap3_bmma_layout(const at::Tensor& qweight, const at::Tensor& lut) {
+  return qweight.dim() == 5 && qweight.size(2) == 6 && qweight.size(3) == 32 && qweight.size(4) == 4 &&
+         lut.dim() == 2 && lut.size(0) == qweight.size(0) * 16 && lut.size(1) == 8;
+}
+// [out/16, in/512, 6, 32, 4] -> bit-planes [3, out, in/32] (decdec/formats.py unpack_ap3_bmma).
+at::Tensor unpack_ap3_bmma(const at::Tensor& q) {
+  const int64_t G = q.size(0), KB = q.size(1);
+  return q.view({G, KB, 2, 3, 8, 4, 2, 2}).permute({3, 0, 7, 4, 1, 5, 2, 6}).reshape({3, G * 16, KB * 16}).contiguous();
+}
 // The 3-bit kernel layout [out, in/256, 3, 8] (4-D, unlike the bit-planes [b, out, in/32]; decdec/formats.py
 // is_ap3_kernel_layout: the same rule).
 bool is_ap3_kernel_layout(const at::Tensor& qweight, const at::Tensor& lut) {
   return qweight.dim() == 4 && qweight.size(2) == 3 && qweight.size(3) == 8 && lut.dim() == 2 &&
          lut.size(0) == qweight.size(0) && lut.size(1) == 8;
 }
-Ap check_ap(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& lut) {
+Ap check_ap(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& lut, bool allow_bmma = false) {
   check_x(x);
+  if (is_ap3_bmma_layout(qweight, lut)) {
+    DD_CHECK(allow_bmma, "decdec: qweight ", qweight.sizes(), " is in the binary-tensor-core layout [out/16, in/512, 6, "
+             "32, 4] (decdec.formats.pack_ap3_bmma), which only ap_gemv and ap_dequant read; pass the bit-plane layout "
+             "(decdec.formats.unpack_ap3_bmma(qweight))");
+    check_tensor(qweight, "qweight", x.device(), at::kInt);
+    Ap s{3, i32(qweight.size(0) * 16, "out"), i32(qweight.size(1) * 512, "in"), false, true};
+    DD_CHECK(x.size(1) == s.in, "decdec: x has ", x.size(1), " input channels, qweight expects ", s.in);
+    check_tensor(lut, "lut", x.device(), x.scalar_type());
+    DD_CHECK(decdec::ap3_bmma_supported(dtype_of(x), s.in, s.out), "decdec: the binary-tensor-core GEMV takes in <= "
+             "20480 (in % 512 == 0, out % 16 == 0), got in=", s.in, ", out=", s.out, "; use the bit-plane layout");
+    return s;
+  }
   DD_CHECK(qweight.dim() == 3 || is_ap3_kernel_layout(qweight, lut), "decdec: qweight must be [b, out, in/32] (or "
            "[out, in/256, 3, 8], the 3-bit kernel layout, with lut [out, 8]), got shape ", qweight.sizes());
   check_tensor(qweight, "qweight", x.device(), at::kInt);
@@ -255,9 +279,17 @@ ForkJoin& fork_join(int device) {
 
 // ---------------------------------------------------------------------------- ops
 at::Tensor ap_gemv_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& lut) {
-  const Ap s = check_ap(x, qweight, lut);
+  const Ap s = check_ap(x, qweight, lut, /*allow_bmma=*/true);
   c10::cuda::CUDAGuard guard(x.device());
   auto y = at::empty({x.size(0), s.out}, x.options());
+  if (s.bmma) {
+    auto scratch = at::empty({(int64_t)decdec::ap3_bmma_scratch_bytes(s.in)}, x.options().dtype(at::kByte));
+    cuda_ok(decdec::ap3_bmma_gemv(dtype_of(x), x.data_ptr(), reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
+                                  lut.data_ptr(), y.data_ptr(), (int)x.size(0), s.in, s.out, scratch.data_ptr(),
+                                  at::cuda::getCurrentCUDAStream()),
+            "ap3_bmma_gemv launch");
+    return y;
+  }
   cuda_ok(decdec::ap_gemv(dtype_of(x), x.data_ptr(), reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
                           lut.data_ptr(), y.data_ptr(), (int)x.size(0), s.in, s.out, s.bits, decdec::Fused{},
                           at::cuda::getCurrentCUDAStream(), s.packed),
@@ -339,6 +371,11 @@ std::tuple<at::Tensor, at::Tensor> ap_gemv_addnorm_glu_cuda(const at::Tensor& a,
 
 at::Tensor ap_dequant_cuda(const at::Tensor& qweight, const at::Tensor& lut) {
   DD_CHECK(lut.is_cuda(), "decdec: lut must be a CUDA tensor, got ", lut.device());
+  if (is_ap3_bmma_layout(qweight, lut)) {  // prefill: dequantize from the bit-planes (a temporary copy)
+    check_ap(at::empty({1, qweight.size(1) * 512}, lut.options()), qweight, lut, /*allow_bmma=*/true);
+    c10::cuda::CUDAGuard guard(lut.device());
+    return ap_dequant_cuda(unpack_ap3_bmma(qweight), lut);
+  }
   const int64_t in = is_ap3_kernel_layout(qweight, lut) ? qweight.size(1) * 256 : qweight.dim() == 3 ? qweight.size(2) * 32 : 0;
   const Ap s = check_ap(at::empty({1, in}, lut.options()), qweight, lut);
   c10::cuda::CUDAGuard guard(lut.device());

@@ -119,6 +119,14 @@ cudaError_t ap_gemv(DType dt, const void* x, const uint32_t* qweight, const void
 cudaError_t ap_dequant(DType dt, const uint32_t* qweight, const void* lut, void* w, int in, int out, int bits,
                        cudaStream_t stream, bool packed = false);
 
+// ap 3-bit GEMV on the binary tensor cores (ap_bmma.cu), qweight in decdec/formats.py pack_ap3_bmma's layout
+// [out/16, in/512, 6, 32, 4]; fp16 or bf16; M tokens one after another. scratch: ap3_bmma_scratch_bytes(in) bytes of
+// device memory (x's bit-planes and their shift), used by one call at a time (stream order).
+bool ap3_bmma_supported(DType dt, int in, int out);
+size_t ap3_bmma_scratch_bytes(int in);
+cudaError_t ap3_bmma_gemv(DType dt, const void* x, const uint32_t* qweight, const void* lut, void* y, int M, int in,
+                          int out, void* scratch, cudaStream_t stream);
+
 // ---- lutgemm (binary coding). binary [in/32, bits, out], alpha [G, bits, out], q_bias [G, out].
 bool lutgemm_bits_supported(int bits);
 int lutgemm_gemv_tile_rows(DType dt, int bits, int in, int out);

@@ -128,6 +128,50 @@ def is_ap3_kernel_layout(qweight: torch.Tensor, lut: torch.Tensor) -> bool:
             and lut.shape[0] == qweight.shape[0] and lut.shape[1] == 8)
 
 
+# ---------------------------------------------------------------------------- ap 3-bit binary-tensor-core layout
+# The 3-bit GEMV on the binary tensor cores (csrc/ap_bmma.cu) reads qweight [out/16, in/512, 6, 32, 4] int32: per
+# 16-row group and 512-channel step, slot 3 h + p (half h, bit-plane p) holds for lane 4 g + t of a warp the four words
+# of the MMA's A operand: rows g, g + 8 of word 4 t + 2 h, then rows g, g + 8 of word 4 t + 2 h + 1 (a word: 32
+# channels of the step; row g: row 16 * group + g). A permutation of the bit-plane words (same bytes), so a step is 3 KB
+# contiguous per warp and every 16-byte load is an MMA operand as it comes.
+# axes of the bit-planes viewed as [plane, group, R, g, step, t, h, e] (row = 16 group + 8 R + g, word = 16 step + 4 t
+# + 2 h + e) and their order in the packed layout [group, step, (h, plane), (g, t), (e, R)]
+_BMMA_ORDER = (1, 4, 6, 0, 3, 5, 7, 2)
+_BMMA_INVERSE = tuple(_BMMA_ORDER.index(i) for i in range(8))
+
+
+def pack_ap3_bmma(qweight: torch.Tensor) -> torch.Tensor:
+    """3-bit bit-plane qweight [3, out, in/32] int32 -> the binary-tensor-core layout [out/16, in/512, 6, 32, 4]
+    (out % 16 == 0, in % 512 == 0)."""
+    if qweight.dim() != 3 or qweight.shape[0] != 3 or qweight.dtype != torch.int32:
+        raise ValueError(f"pack_ap3_bmma takes 3-bit bit-planes [3, out, in/32] int32, got {tuple(qweight.shape)} "
+                         f"{qweight.dtype}")
+    _, out, words = qweight.shape
+    if out % 16 or words % 16:
+        raise ValueError(f"the binary-tensor-core layout needs out % 16 == 0 and in % 512 == 0, got out = {out}, "
+                         f"in = {words * 32}")
+    v = qweight.reshape(3, out // 16, 2, 8, words // 16, 4, 2, 2)
+    return v.permute(*_BMMA_ORDER).reshape(out // 16, words // 16, 6, 32, 4).contiguous()
+
+
+def unpack_ap3_bmma(packed: torch.Tensor) -> torch.Tensor:
+    """The binary-tensor-core layout [out/16, in/512, 6, 32, 4] int32 -> bit-planes [3, out, in/32] (inverse of
+    pack_ap3_bmma)."""
+    if packed.dim() != 5 or tuple(packed.shape[2:]) != (6, 32, 4) or packed.dtype != torch.int32:
+        raise ValueError(f"unpack_ap3_bmma takes [out/16, in/512, 6, 32, 4] int32, got {tuple(packed.shape)} "
+                         f"{packed.dtype}")
+    groups, steps = packed.shape[:2]
+    v = packed.reshape(groups, steps, 2, 3, 8, 4, 2, 2)
+    return v.permute(*_BMMA_INVERSE).reshape(3, groups * 16, steps * 16).contiguous()
+
+
+def is_ap3_bmma_layout(qweight: torch.Tensor, lut: torch.Tensor) -> bool:
+    """Whether qweight (with its lut [out, 8]) is in the binary-tensor-core layout [out/16, in/512, 6, 32, 4] -- 5-D,
+    unlike the other ap layouts. Mirrors is_ap3_bmma_layout in csrc/bindings.cpp."""
+    return (qweight.dim() == 5 and tuple(qweight.shape[2:]) == (6, 32, 4) and lut.dim() == 2
+            and lut.shape[0] == qweight.shape[0] * 16 and lut.shape[1] == 8)
+
+
 # ---------------------------------------------------------------------------- lutgemm BCQ
 def pack_bcq(bit_planes: torch.Tensor) -> torch.Tensor:
     """bit_planes [b, out, in] in {0,1} -> binary [in/32, b, out] int32."""

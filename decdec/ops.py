@@ -6,7 +6,9 @@ CUDA kernels live in ``csrc/`` and register themselves for the same schemas thro
 machine, with or without the extension.
 
 Shapes (``M`` tokens, ``b`` bits): ``x [M, in]``; ap ``qweight [b, out, in/32] int32`` (or, 3-bit fp16 on CUDA where
-``ap3_kernel_layout`` says, the kernel layout ``[out, in/256, 3, 8]`` of ``formats.pack_ap3_kernel``),
+``ap3_kernel_layout`` says, the kernel layout ``[out, in/256, 3, 8]`` of ``formats.pack_ap3_kernel``; or, for
+``ap_gemv`` / ``ap_dequant`` only, the binary-tensor-core layout ``[out/16, in/512, 6, 32, 4]`` of
+``formats.pack_ap3_bmma``: 3-bit, fp16 / bf16, in <= 20480, read by ``csrc/ap_bmma.cu``),
 ``lut [out, 2**b]``; lutgemm ``binary [in/32, b, out] int32``, ``alpha [n_groups, b, out]``,
 ``q_bias [n_groups, out]`` (group = in / n_groups, 128 by default); DEC ``q_residual [in, out/8] int32``, ``scales [out]``,
 ``bounds [2] fp32`` (``a, b`` of DESIGN.md §2). Every GEMV returns ``[M, out]`` in ``x.dtype``.
@@ -99,7 +101,13 @@ def _check_x(x: torch.Tensor, in_features: int) -> None:
     torch._check(x.shape[1] == in_features, lambda: f"x has {x.shape[1]} input channels, weights expect {in_features}")
 
 
-def _ap_shape(qweight: torch.Tensor, lut: torch.Tensor) -> tuple[int, int]:
+def _ap_shape(qweight: torch.Tensor, lut: torch.Tensor, allow_bmma: bool = False) -> tuple[int, int]:
+    if formats.is_ap3_bmma_layout(qweight, lut):  # [out/16, in/512, 6, 32, 4]
+        torch._check(allow_bmma, lambda: f"qweight {tuple(qweight.shape)} is in the binary-tensor-core layout "
+                     "(formats.pack_ap3_bmma), which only ap_gemv and ap_dequant read; pass the bit-plane layout "
+                     "(formats.unpack_ap3_bmma(qweight))")
+        torch._check(qweight.dtype == torch.int32, lambda: f"qweight must be int32, got {qweight.dtype}")
+        return qweight.shape[0] * 16, qweight.shape[1] * 512
     if formats.is_ap3_kernel_layout(qweight, lut):  # [out, in/256, 3, 8]
         torch._check(qweight.dtype == torch.int32, lambda: f"qweight must be int32, got {qweight.dtype}")
         return qweight.shape[0], qweight.shape[1] * 256
@@ -197,14 +205,14 @@ def _(q, k_cache, v_cache, pos, window):
 
 @torch.library.register_fake("decdec::ap_gemv")
 def _(x, qweight, lut):
-    out, n = _ap_shape(qweight, lut)
+    out, n = _ap_shape(qweight, lut, allow_bmma=True)
     _check_x(x, n)
     return _empty_out(x, out)
 
 
 @torch.library.register_fake("decdec::ap_dequant")
 def _(qweight, lut):
-    out, n = _ap_shape(qweight, lut)
+    out, n = _ap_shape(qweight, lut, allow_bmma=True)
     return lut.new_empty((out, n))
 
 
@@ -376,17 +384,25 @@ def ap3_kernel_layout(bits: int, dtype: torch.dtype, in_features: int) -> bool:
     return bits == 3 and dtype == torch.float16 and in_features % 256 == 0 and _ap3_fp16_gemv(in_features) is not None
 
 
+def ap3_bmma_supported(in_features: int, out_features: int) -> bool:
+    """Shapes whose 3-bit weights the binary-tensor-core GEMV (``formats.pack_ap3_bmma``, csrc ``ap3_bmma_supported``)
+    serves, fp16 or bf16: in % 512 == 0, out % 16 == 0, in <= 20480. Not chosen by QuantLinear yet (docs/PERF.md,
+    Kernels, session 20: faster on the large shapes, slower on the small ones, x's planes still a kernel of their own)."""
+    return in_features > 0 and out_features > 0 and in_features % 512 == 0 and out_features % 16 == 0 \
+        and in_features <= 20480
+
+
 # ---------------------------------------------------------------------------- CPU kernels = reference
 @torch.library.impl(_lib, "ap_gemv", "CPU")
 def _(x, qweight, lut):
-    out, n = _ap_shape(qweight, lut)
+    out, n = _ap_shape(qweight, lut, allow_bmma=True)
     _check_x(x, n)
     return reference.ap_gemv(x, qweight, lut)
 
 
 @torch.library.impl(_lib, "ap_dequant", "CPU")
 def _(qweight, lut):
-    _ap_shape(qweight, lut)
+    _ap_shape(qweight, lut, allow_bmma=True)
     return reference.ap_dequant_kept(qweight, lut)
 
 

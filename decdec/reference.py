@@ -20,10 +20,12 @@ N_BUCKETS = 32
 
 # ---------------------------------------------------------------------------- base weights
 def ap_dequant(qweight: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """qweight [b, out, in/32] int32 (or the 3-bit kernel layout [out, in/256, 3, 8]), lut [out, 2**b] -> W [out, in]
-    in lut.dtype."""
+    """qweight [b, out, in/32] int32 (or a 3-bit layout of the kernels': [out, in/256, 3, 8], [out/16, in/512, 6, 32, 4]),
+    lut [out, 2**b] -> W [out, in] in lut.dtype."""
     if formats.is_ap3_kernel_layout(qweight, lut):
         qweight = formats.unpack_ap3_kernel(qweight)
+    elif formats.is_ap3_bmma_layout(qweight, lut):
+        qweight = formats.unpack_ap3_bmma(qweight)
     codes = formats.unpack_bitplanes(qweight)  # [out, in]
     return torch.gather(lut, 1, codes)
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ["csrc/bindings.cpp", "csrc/ap_gemv.cu", "csrc/lutgemm_gemv.cu", "csrc/dec.cu", "csrc/attention.cu"]
+SOURCES = ["csrc/bindings.cpp", "csrc/ap_gemv.cu", "csrc/ap_bmma.cu", "csrc/lutgemm_gemv.cu", "csrc/dec.cu", "csrc/attention.cu"]
 
 
 def main() -> int:

@@ -599,6 +599,68 @@ def test_dec_chain_errors_opcheck_and_rule():
         assert ops.dec_chain_supported(3, n) == _C.ap_dec_chain_supported(3, n), n
 
 
+# ---------------------------------------------------------------------------- the binary-tensor-core GEMV
+BMMA_SHAPES = LLAMA + PHI3 + [(512, 16), (1024, 48), (20480, 32)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", BMMA_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_bmma_gemv_equals_the_reference(shape, dtype):
+    """ap_gemv on the binary-tensor-core layout (csrc/ap_bmma.cu): the LUT dot product of 24-bit fixed-point x,
+    exact but for one rounding to the dtype, so within the dtype's rounding of the fp32 reference; tokens one after
+    another (M = 3); deterministic; ap_dequant from that layout is exact."""
+    n, out = shape
+    seed = n + 3 * out + (dtype == torch.bfloat16)
+    qw, lut = make_ap(n, out, 3, dtype, seed)
+    pk = formats.pack_ap3_bmma(qw)
+    w = reference.ap_dequant(qw, lut.float())
+    for m in (1, 3) if out <= 8192 else (1,):
+        x = make_x(m, n, dtype, seed + m)
+        y = torch.ops.decdec.ap_gemv(x, pk, lut)
+        close(y, x.float() @ w.t(), f"bmma {shape} {dtype} M={m}")
+        assert torch.equal(y, torch.ops.decdec.ap_gemv(x, pk, lut)), f"bmma {shape} M={m}: not deterministic"
+    assert torch.equal(torch.ops.decdec.ap_dequant(pk, lut), reference.ap_dequant(qw, lut))
+
+
+def test_bmma_gemv_edge_inputs_graph_and_opcheck():
+    """x = 0 gives 0; one huge channel among tiny ones and all-negative x stay within fp16 rounding of the reference;
+    the op replays from a CUDA graph with new x; opcheck; the other ap ops and oversize shapes are refused by name."""
+    n, out = 4096, 256
+    qw, lut = make_ap(n, out, 3, torch.float16, 77)
+    pk = formats.pack_ap3_bmma(qw)
+    w = reference.ap_dequant(qw, lut.float())
+    zero = torch.zeros(1, n, device=DEV, dtype=torch.float16)
+    assert not torch.ops.decdec.ap_gemv(zero, pk, lut).any()
+    spike = make_x(1, n, torch.float16, 78) * 1e-3
+    spike[0, 1234] = 30000.0
+    close(torch.ops.decdec.ap_gemv(spike, pk, lut), spike.float() @ w.t(), "bmma spike")
+    neg = -make_x(1, n, torch.float16, 79).abs()
+    close(torch.ops.decdec.ap_gemv(neg, pk, lut), neg.float() @ w.t(), "bmma negative")
+    torch.library.opcheck(torch.ops.decdec.ap_gemv.default, (neg, pk, lut))
+    torch.library.opcheck(torch.ops.decdec.ap_dequant.default, (pk, lut))
+
+    x = make_x(1, n, torch.float16, 80)
+    torch.ops.decdec.ap_gemv(x, pk, lut)  # warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = torch.ops.decdec.ap_gemv(x, pk, lut)
+    for seed in (81, 82):
+        x.copy_(make_x(1, n, torch.float16, seed))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, torch.ops.decdec.ap_gemv(x, pk, lut)), f"graph replay (x seed {seed})"
+
+    qr, scales, _ = make_residual(n, out, torch.float16, 83)
+    with pytest.raises(RuntimeError, match="binary-tensor-core layout"):
+        torch.ops.decdec.ap_gemv_dec(x, pk, lut, qr, scales, make_bounds(x, 4), 4, 8)
+    big_qw, big_lut = make_ap(20992, 16, 3, torch.float16, 84)
+    with pytest.raises(RuntimeError, match="in <= 20480"):
+        torch.ops.decdec.ap_gemv(make_x(1, 20992, torch.float16, 85), formats.pack_ap3_bmma(big_qw), big_lut)
+    with pytest.raises(RuntimeError, match="lut"):
+        torch.ops.decdec.ap_gemv(x, pk, lut.to(torch.bfloat16))
+
+
 # ---------------------------------------------------------------------------- the 3-bit kernel layout
 KERNEL_LAYOUT_SHAPES = LLAMA + PHI3 + [(8192, 1024), (28672, 8192), (4096, 1001)]
 

@@ -70,6 +70,48 @@ def test_reference_dequant_reads_both_layouts():
     assert torch.equal(w, torch.gather(lut, 1, codes))
 
 
+# ---------------------------------------------------------------------------- ap 3-bit binary-tensor-core layout
+def test_bmma_layout_round_trip_and_operand_order():
+    """Slot 3 h + p, lane 4 g + t, word i of step kb of row group G is plane p of row 16 G + g + 8 (i & 1), word
+    16 kb + 4 t + 2 h + (i >> 1) (the MMA's A operand: csrc/ap_bmma.cu); unpack inverts pack."""
+    codes = torch.randint(0, 8, (48, 1024), generator=_gen(41))
+    qw = formats.pack_bitplanes(codes, 3)
+    pk = formats.pack_ap3_bmma(qw)
+    assert pk.shape == (3, 2, 6, 32, 4) and pk.dtype == torch.int32 and pk.is_contiguous()
+    assert torch.equal(formats.unpack_ap3_bmma(pk), qw)
+    for group in range(3):
+        for kb in range(2):
+            for slot in range(6):
+                h, p = divmod(slot, 3)
+                for lane in range(32):
+                    g, t = divmod(lane, 4)
+                    for i in range(4):
+                        row, word = 16 * group + g + 8 * (i & 1), 16 * kb + 4 * t + 2 * h + (i >> 1)
+                        assert pk[group, kb, slot, lane, i] == qw[p, row, word]
+
+
+def test_bmma_layout_is_told_apart_and_errors():
+    assert formats.is_ap3_bmma_layout(torch.zeros(2, 3, 6, 32, 4, dtype=torch.int32), torch.zeros(32, 8))
+    assert not formats.is_ap3_bmma_layout(torch.zeros(2, 3, 6, 32, 4, dtype=torch.int32), torch.zeros(16, 8))
+    assert not formats.is_ap3_bmma_layout(torch.zeros(16, 4, 3, 8, dtype=torch.int32), torch.zeros(16, 8))
+    assert not formats.is_ap3_bmma_layout(torch.zeros(3, 32, 16, dtype=torch.int32), torch.zeros(32, 8))
+    with pytest.raises(ValueError, match=r"3-bit bit-planes \[3, out, in/32\]"):
+        formats.pack_ap3_bmma(torch.zeros(4, 16, 16, dtype=torch.int32))
+    with pytest.raises(ValueError, match="out % 16 == 0 and in % 512 == 0, got out = 16, in = 256"):
+        formats.pack_ap3_bmma(torch.zeros(3, 16, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="out % 16 == 0 and in % 512 == 0, got out = 8, in = 512"):
+        formats.pack_ap3_bmma(torch.zeros(3, 8, 16, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"\[out/16, in/512, 6, 32, 4\]"):
+        formats.unpack_ap3_bmma(torch.zeros(2, 3, 6, 32, 2, dtype=torch.int32))
+
+
+def test_reference_dequant_reads_the_bmma_layout():
+    codes = torch.randint(0, 8, (32, 512), generator=_gen(42))
+    lut = torch.randn(32, 8, generator=_gen(43)).half()
+    qw = formats.pack_bitplanes(codes, 3)
+    assert torch.equal(reference.ap_dequant(formats.pack_ap3_bmma(qw), lut), torch.gather(lut, 1, codes))
+
+
 # ---------------------------------------------------------------------------- ap bit-planes
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_bitplanes_round_trip(bits):

@@ -311,6 +311,29 @@ def test_kernel_layout_rule(n, ok, monkeypatch):
     assert not decdec.ops.ap3_kernel_layout(3, torch.float16, n)
 
 
+def test_ap_gemv_and_dequant_accept_the_bmma_layout_and_the_other_ops_refuse_it():
+    """ap_gemv / ap_dequant (CPU = reference, fakes, opcheck) read the binary-tensor-core layout with the bit-planes'
+    results; every other ap op names the layout and the fix."""
+    g = torch.Generator().manual_seed(44)
+    codes = torch.randint(0, 8, (32, 1024), generator=g)
+    qw = formats.pack_bitplanes(codes, 3)
+    pk = formats.pack_ap3_bmma(qw)
+    lut = torch.randn(32, 8, generator=g).half()
+    x = torch.randn(M, 1024, generator=g).half()
+    assert torch.equal(OPS.ap_gemv(x, pk, lut), OPS.ap_gemv(x, qw, lut))
+    assert torch.equal(OPS.ap_dequant(pk, lut), OPS.ap_dequant(qw, lut))
+    torch.library.opcheck(OPS.ap_gemv.default, (x, pk, lut))
+    torch.library.opcheck(OPS.ap_dequant.default, (pk, lut))
+    with FakeTensorMode() as mode:
+        assert OPS.ap_gemv(mode.from_tensor(x), mode.from_tensor(pk), mode.from_tensor(lut)).shape == (M, 32)
+        assert OPS.ap_dequant(mode.from_tensor(pk), mode.from_tensor(lut)).shape == (32, 1024)
+    qr = formats.pack_residual(torch.zeros(32, 1024, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match=r"binary-tensor-core layout .*formats.unpack_ap3_bmma"):
+        OPS.ap_gemv_dec(x, pk, lut, qr, torch.ones(32).half(), torch.tensor([1.0, 0.5]), 4, 8)
+    with pytest.raises(RuntimeError, match=r"binary-tensor-core layout"):
+        OPS.ap_gemv_addnorm(x, x, torch.ones(1024).half(), 1e-5, pk, lut)
+
+
 def test_ap_ops_accept_the_kernel_layout():
     """CPU kernels (= reference), fakes and opcheck take qweight in either layout, with the same results."""
     g = torch.Generator().manual_seed(40)
@@ -460,3 +483,10 @@ def test_dec_chain_needs_programmatic_launch_on_the_device(monkeypatch):
     monkeypatch.setenv("DECDEC_PDL", "1")
     monkeypatch.setitem(ops._PDL, 0, False)  # e.g. an A100
     assert not ops.dec_chain_supported(3, 4096, torch.device("cuda", 0))
+
+
+@pytest.mark.parametrize("n,out,ok", [(4096, 28672, True), (14336, 4096, True), (20480, 16, True), (512, 16, True),
+                                      (20992, 16, False), (4096, 1000, False), (576, 960, False), (4608, 8, False)])
+def test_bmma_shape_rule(n, out, ok):
+    """The shapes the binary-tensor-core GEMV serves (its CUDA twin refuses the others by name, checked on the GPU)."""
+    assert decdec.ops.ap3_bmma_supported(n, out) is ok

@@ -1,0 +1,321 @@
+// ap 3-bit GEMV on the binary tensor cores (decode, M tokens one after another), fp16 and bf16.
+//
+// Math. The LUT of a row is a function of the code's three bits b0 b1 b2, so it is a multilinear polynomial in them:
+// lut[c] = sum over T of a_T * prod_{p in T} b_p (T a subset of {0, 1, 2}, a_T the Moebius transform of the 8
+// entries). Hence y_r = a_{}(r) * sum(x) + sum over the 7 non-empty T of a_T(r) * (x . m_T(r)), where m_T is the AND
+// of the bit-planes in T (4 LOP3 per 32 weights). x is taken as 24-bit fixed point X = round(x * 2^sh), |X| < 2^22
+// (sh from the token's max |x|: every x within 2^-11 of the max is exact, smaller ones round at 2^-22 of it), split
+// into its 24 two's-complement bit-planes P_j; then x . m_T = 2^-sh * sum_j w_j popc(m_T & P_j), w_j = 2^j (w_23 =
+// -2^23): integer dot products of bit vectors, which mma.m16n8k256.b1.and.popc forms for 16 rows x 8 planes x 256
+// channels per instruction. The popcount sums are exact int32, combined with w_j and a_T once per row in fp64, so the
+// result is the exact LUT dot product of the fixed-point x, rounded once to the output dtype.
+//
+// Kernels. ap3_xplanes_kernel forms x's planes in the MMA's B-fragment order (each block finds max |x| itself, then
+// one warp per 32-channel word transposes it with ballots) and the fixed-point sum per block. ap3_bmma_kernel: a warp
+// item is one 16-row group over all of in, in steps of 512 channels; per step each lane streams 6 x 16 bytes through
+// its own cp.async ring (kStages deep, nothing in registers while in flight), forms the 7 masks and issues 2 halves x
+// 3 plane blocks x 7 masks = 42 MMAs into 84 int32 accumulators; x's planes sit in shared memory. Both are programmatic
+// dependents (the GEMV's first weight loads go out before it waits for the planes). The weights are in the layout of
+// decdec/formats.py pack_ap3_bmma ([out/16, in/512, 6, 32, 4] int32: a step is 3 KB contiguous per warp and every
+// 16-byte piece is an MMA A operand as loaded). Measured against the PRMT GEMVs in scripts/bmma_gemv_ab.cu
+// (docs/PERF.md, Kernels, session 20: H200 4096x28672 14.8 vs 21.2 us; slower on the small shapes).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "common.cuh"
+#include "kernels.h"
+
+namespace decdec {
+namespace {
+
+constexpr int kBmmaStages = 4;                   // cp.async ring depth per warp
+constexpr int kBmmaMaxWarps = 10;                // warps per block (one block per SM)
+constexpr int kStepU4 = 6 * 32;                  // uint4 per warp step: 2 halves x 3 planes x 32 lanes
+constexpr int kNB = 3, kXBits = 8 * kNB;         // x as 24-bit fixed point: 3 blocks of 8 planes (the MMA's n = 8)
+constexpr int kPlaneWarps = 8;                   // 32-channel words per block of ap3_xplanes_kernel
+constexpr int kMaxIn = 20480;                    // kMaxPlaneBlocks words-blocks of xplanes
+constexpr int kMaxPlaneBlocks = kMaxIn / 32 / kPlaneWarps;
+
+struct XMeta {
+  int sh;
+  int blocks;
+  double psum[kMaxPlaneBlocks];  // per xplanes block: the sum of its fixed-point X (summed in block order)
+};
+
+__device__ __forceinline__ float2 load2f(const __half* p) { return __half22float2(*reinterpret_cast<const __half2*>(p)); }
+__device__ __forceinline__ float2 load2f(const __nv_bfloat16* p) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+}
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Word wd (32 channels) of plane j in B-fragment order: at step kb = wd / 16, lane (g, t) holds for half h and plane
+// block nb the registers b0 / b1 = plane 8 nb + g of words 4t + 2h / 4t + 2h + 1; kNB uint4 per lane per step.
+__device__ __forceinline__ int b_index(int wd, int j) {
+  const int kb = wd >> 4, wi = wd & 15, t = wi >> 2, h = (wi >> 1) & 1, e = wi & 1;
+  const int nb = j >> 3, g = j & 7;
+  const int f = h * 2 * kNB + nb * 2 + e;
+  return ((kb * kNB + (f >> 2)) * 32 + (4 * g + t)) * 4 + (f & 3);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(32 * kPlaneWarps) ap3_xplanes_kernel(const T* __restrict__ x, int in,
+                                                                       uint32_t* __restrict__ xb, XMeta* meta) {
+  __shared__ float fred[kPlaneWarps];
+  __shared__ double dred[kPlaneWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  pdl_wait();  // x is the previous kernel's; so is xb (the previous token's GEMV reads it)
+  pdl_launch_dependents();
+  float m = 0.f;
+  for (int i = 2 * threadIdx.x; i < in; i += 2 * blockDim.x) {  // in % 512 == 0
+    const float2 f = load2f(x + i);
+    m = fmaxf(m, fmaxf(fabsf(f.x), fabsf(f.y)));
+  }
+  for (int o = 16; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(~0u, m, o));
+  if (lane == 0) fred[warp] = m;
+  __syncthreads();
+  float mx = 0.f;
+  for (int w = 0; w < kPlaneWarps; ++w) mx = fmaxf(mx, fred[w]);
+  int e = 0;
+  frexpf(mx, &e);  // mx < 2^e
+  const int sh = mx > 0.f ? kXBits - 2 - e : 0;  // |X| < 2^(kXBits - 2)
+  const int wd = blockIdx.x * kPlaneWarps + warp;
+  double s = 0.0;
+  if (wd < in / 32) {
+    const int X = __float2int_rn(ldexpf(to_f(x[32 * wd + lane]), sh));
+    s = (double)X;
+    uint32_t mine = 0;
+#pragma unroll
+    for (int j = 0; j < kXBits; ++j) {
+      const uint32_t b = __ballot_sync(~0u, (X >> j) & 1);
+      if (lane == j) mine = b;
+    }
+    if (lane < kXBits) xb[b_index(wd, lane)] = mine;
+  }
+  for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(~0u, s, o);
+  if (lane == 0) dred[warp] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double t = 0.0;
+    for (int w = 0; w < kPlaneWarps; ++w) t += dred[w];
+    meta->psum[blockIdx.x] = t;
+    if (blockIdx.x == 0) {
+      meta->sh = sh;
+      meta->blocks = gridDim.x;
+    }
+  }
+}
+
+__device__ __forceinline__ void bmma16(int (&d)[4], const uint4& a, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+__device__ __forceinline__ uint32_t u4_at(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+__device__ __forceinline__ uint4 and4(const uint4& a, const uint4& b) {
+  return make_uint4(a.x & b.x, a.y & b.y, a.z & b.z, a.w & b.w);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
+    ap3_bmma_kernel(const uint4* __restrict__ qw, const T* __restrict__ lut, const uint32_t* __restrict__ xb,
+                    const XMeta* __restrict__ meta, T* __restrict__ y, int in, int out) {
+  extern __shared__ __align__(16) uint4 smem[];
+  const int W = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int xs_u4 = in * kXBits / 128, steps = in >> 9, groups = out >> 4;
+  uint4* xs = smem;
+  uint4* ring = smem + xs_u4 + warp * (kBmmaStages * kStepU4);
+  const uint32_t ring_s = (uint32_t)__cvta_generic_to_shared(ring);
+  const int NW = gridDim.x * W, gw = blockIdx.x * W + warp;
+  const int my_groups = gw < groups ? (groups - 1 - gw) / NW + 1 : 0, my_steps = my_groups * steps;
+
+  // the issue side runs kBmmaStages - 1 steps ahead of the compute side; a warp's groups are gw, gw + NW, ...
+  int is_left = my_steps, is_step = 0, is_group = gw;
+  const uint4* is_p = qw + (size_t)gw * steps * kStepU4 + lane;
+  auto issue = [&](int s) {
+    if (is_left > 0) {
+      const uint32_t dst = ring_s + (uint32_t)((s & (kBmmaStages - 1)) * kStepU4 + lane) * 16u;
+#pragma unroll
+      for (int j = 0; j < 6; ++j) cp_async16(dst + (uint32_t)(j * 32) * 16u, is_p + j * 32);
+      --is_left;
+      if (++is_step == steps) {
+        is_step = 0;
+        is_group += NW;
+        is_p = qw + (size_t)is_group * steps * kStepU4 + lane;
+      } else {
+        is_p += kStepU4;
+      }
+    }
+    cp_commit();
+  };
+#pragma unroll
+  for (int s = 0; s < kBmmaStages - 1; ++s) issue(s);  // weights never depend on the kernel before
+  pdl_wait();                                          // x's planes (and y) belong to it
+  gemv_trigger_dependents();
+  for (int i = threadIdx.x; i < xs_u4; i += blockDim.x) xs[i] = __ldg(reinterpret_cast<const uint4*>(xb) + i);
+  __syncthreads();
+  const int sh = meta->sh;
+  double xsum = 0.0;  // the fixed-point sum of x, in block order
+  for (int b = 0; b < meta->blocks; ++b) xsum += meta->psum[b];
+
+  int acc[7][kNB][4];
+  auto zero_acc = [&]() {
+#pragma unroll
+    for (int T_ = 0; T_ < 7; ++T_)
+#pragma unroll
+      for (int nb = 0; nb < kNB; ++nb)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[T_][nb][c] = 0;
+  };
+  zero_acc();
+  uint4 lv[2] = {};  // the group's two LUT rows of this lane, loaded at its first step
+  int c_step = 0, group = gw, kb = 0;
+  for (int s = 0; s < my_steps; ++s) {
+    issue(s + kBmmaStages - 1);
+    cp_wait<kBmmaStages - 1>();
+    if (c_step == 0) {
+#pragma unroll
+      for (int R = 0; R < 2; ++R)
+        lv[R] = __ldg(reinterpret_cast<const uint4*>(lut + (size_t)(group * 16 + g + 8 * R) * 8));
+    }
+    const uint4* src = ring + (s & (kBmmaStages - 1)) * kStepU4 + lane;
+    uint4 bq[kNB];
+#pragma unroll
+    for (int q = 0; q < kNB; ++q) bq[q] = xs[(kb * kNB + q) * 32 + lane];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint4 a[7];  // A operands of the masks {0}, {1}, {2}, {01}, {02}, {12}, {012}
+#pragma unroll
+      for (int p = 0; p < 3; ++p) a[p] = src[(h * 3 + p) * 32];
+      a[3] = and4(a[0], a[1]);
+      a[4] = and4(a[0], a[2]);
+      a[5] = and4(a[1], a[2]);
+      a[6] = and4(a[3], a[2]);
+#pragma unroll
+      for (int nb = 0; nb < kNB; ++nb) {
+        const int f0 = h * 2 * kNB + nb * 2;
+        const uint32_t b0 = u4_at(bq[f0 >> 2], f0 & 3), b1 = u4_at(bq[(f0 + 1) >> 2], (f0 + 1) & 3);
+#pragma unroll
+        for (int T_ = 0; T_ < 7; ++T_) bmma16(acc[T_][nb], a[T_], b0, b1);
+      }
+    }
+    ++kb;
+    if (++c_step == steps) {  // rows group * 16 + g (accumulators c0, c1) and + 8 (c2, c3) are complete
+      double yr[2];
+#pragma unroll
+      for (int R = 0; R < 2; ++R) {
+        const T* lr = reinterpret_cast<const T*>(&lv[R]);
+        float l[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) l[i] = to_f(lr[i]);
+        const float aT[7] = {l[1] - l[0],
+                             l[2] - l[0],
+                             l[4] - l[0],
+                             (l[3] - l[1]) - (l[2] - l[0]),
+                             (l[5] - l[1]) - (l[4] - l[0]),
+                             (l[6] - l[2]) - (l[4] - l[0]),
+                             ((l[7] - l[3]) - (l[5] - l[1])) - ((l[6] - l[2]) - (l[4] - l[0]))};
+        // the lane's planes j = 8 nb + 2 t + e: pairs (e = 0, 1) and plane blocks 0, 1 combined in int32
+        // (popcounts <= in < 2^15, so |lo| < 2^26); the top plane (23 = 8 * 2 + 2 * 3 + 1) weighs -2^23
+        const double s_lo = (double)(1u << (2 * t)), s_hi = s_lo * 65536.0;
+        const int sgn_top = t == 3 ? -2 : 2;
+        double v = 0.0;
+#pragma unroll
+        for (int T_ = 0; T_ < 7; ++T_) {
+          const int lo = acc[T_][0][2 * R] + 2 * acc[T_][0][2 * R + 1] + 256 * (acc[T_][1][2 * R] + 2 * acc[T_][1][2 * R + 1]);
+          const int hi = acc[T_][2][2 * R] + sgn_top * acc[T_][2][2 * R + 1];
+          v = fma((double)aT[T_], fma((double)hi, s_hi, (double)lo * s_lo), v);
+        }
+        if (t == 0) v = fma((double)l[0], xsum, v);
+        v += __shfl_xor_sync(~0u, v, 1);
+        v += __shfl_xor_sync(~0u, v, 2);
+        yr[R] = ldexp(v, -sh);
+      }
+      zero_acc();
+      if (t == 0) {
+        y[group * 16 + g] = from_f<T>((float)yr[0]);
+        y[group * 16 + g + 8] = from_f<T>((float)yr[1]);
+      }
+      c_step = 0;
+      kb = 0;
+      group += NW;
+    }
+  }
+  cp_wait<0>();
+}
+
+// Warps per block: the count in 7..10 whose groups-per-warp is closest above to a whole number (every warp then runs
+// the same number of groups), ties to more warps (H200, scripts/bmma_gemv_ab.cu: 7 at 4096x28672, 10 at 5120x35840).
+int bmma_warps(int groups, int sms) {
+  int best = kBmmaMaxWarps;
+  double best_eff = -1.0;
+  for (int w = kBmmaMaxWarps; w >= 7; --w) {
+    const double per = (double)groups / ((double)sms * w), eff = per / std::ceil(per);
+    if (eff > best_eff + 1e-9) best_eff = eff, best = w;
+  }
+  return best;
+}
+
+size_t planes_bytes(int in) { return ((size_t)in * kXBits / 8 + 255) / 256 * 256; }
+
+template <typename T>
+cudaError_t launch_bmma(const T* x, const uint4* qw, const T* lut, T* y, int M, int in, int out, void* scratch,
+                        cudaStream_t stream) {
+  uint32_t* xb = static_cast<uint32_t*>(scratch);
+  XMeta* meta = reinterpret_cast<XMeta*>(static_cast<char*>(scratch) + planes_bytes(in));
+  const int sms = device_sms(), groups = out / 16, plane_blocks = in / 32 / kPlaneWarps;
+  const int warps = bmma_warps(groups, sms), grid = std::min(sms, (groups + warps - 1) / warps);
+  const size_t smem = (size_t)in * kXBits / 8 + (size_t)warps * kBmmaStages * kStepU4 * 16;
+  cudaError_t err = allow_smem(ap3_bmma_kernel<T>, smem);
+  if (err != cudaSuccess) return err;
+  for (int m = 0; m < M; ++m) {
+    err = launch_kernel(ap3_xplanes_kernel<T>, dim3(plane_blocks), dim3(32 * kPlaneWarps), 0, stream, true,
+                        x + (size_t)m * in, in, xb, meta);
+    if (err != cudaSuccess) return err;
+    err = launch_kernel(ap3_bmma_kernel<T>, dim3(grid), dim3(32 * warps), smem, stream, true, qw, lut,
+                        static_cast<const uint32_t*>(xb), static_cast<const XMeta*>(meta), y + (size_t)m * out, in,
+                        out);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool ap3_bmma_supported(DType dt, int in, int out) {
+  (void)dt;
+  return in > 0 && out > 0 && in % 512 == 0 && out % 16 == 0 && in <= kMaxIn;
+}
+
+size_t ap3_bmma_scratch_bytes(int in) { return planes_bytes(in) + sizeof(XMeta); }
+
+cudaError_t ap3_bmma_gemv(DType dt, const void* x, const uint32_t* qweight, const void* lut, void* y, int M, int in,
+                          int out, void* scratch, cudaStream_t stream) {
+  if (!ap3_bmma_supported(dt, in, out)) return cudaErrorInvalidValue;
+  const uint4* qw = reinterpret_cast<const uint4*>(qweight);
+  if (dt == DType::F16)
+    return launch_bmma(static_cast<const __half*>(x), qw, static_cast<const __half*>(lut), static_cast<__half*>(y), M,
+                       in, out, scratch, stream);
+  return launch_bmma(static_cast<const __nv_bfloat16*>(x), qw, static_cast<const __nv_bfloat16*>(lut),
+                     static_cast<__nv_bfloat16*>(y), M, in, out, scratch, stream);
+}
+
+}  // namespace decdec
