@@ -108,6 +108,11 @@ def bench_shape(n: int, out: int, args, l2: int, sms: int, rows: list, summary: 
         c = copies_for(wbytes, l2)
         qws = [rand_words((bits, out, n // 32)) for _ in range(c)]
         luts = [torch.randn(out, 2**bits, device="cuda", dtype=dt) * 0.05 for _ in range(c)]
+        if bits == 3 and ops.ap3_bmma_supported(n, out):  # the binary-tensor-core GEMV (not in models yet)
+            qbm = [formats.pack_ap3_bmma(q) for q in qws]
+            tbm = timeit_graph(lambda i: torch.ops.decdec.ap_gemv(xs[i % nx], qbm[i % c], luts[i % c]), c * nx)
+            res["ap3_bmma_graph"] = (tbm, record("ap_gemv_graph_bmma", bits, tbm, wbytes + 2 * (n + out)))
+            del qbm
         if ops.ap3_kernel_layout(bits, dt, n):  # what a built model runs (QuantLinear.use_kernel_layout)
             tb = timeit_graph(lambda i: torch.ops.decdec.ap_gemv(xs[i % nx], qws[i % c], luts[i % c]), c * nx)
             record("ap_gemv_graph_bitplanes", bits, tb, wbytes + 2 * (n + out))
@@ -276,15 +281,20 @@ def markdown(summary: dict, ceil: dict, card: str) -> str:
             return f"{t:.1f} us ({g:.0f} GB/s, {100 * g / hbm:.0f}%)"
         lines.append(f"| {key} | {cell('ap3')} | {cell('ap4')} | {cell('lg3')} | {cell('lg4')} | "
                      f"{r['fp16'][0]:.1f} us ({r['fp16'][1]:.0f} GB/s) | {r['fp16'][0] / r['ap3'][0]:.2f}x |")
-    lines += ["", "Same, timed from CUDA graphs (no per-launch gaps; how a graph-captured decoder runs):", "",
-              "| shape (in x out) | ap 3-bit | ap 4-bit | lutgemm 3-bit | lutgemm 4-bit | torch fp16 | ap3 vs fp16 |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "Same, timed from CUDA graphs (no per-launch gaps; how a graph-captured decoder runs); ap 3-bit bmma: the "
+              "binary-tensor-core GEMV (formats.pack_ap3_bmma; its x-planes kernel included; not used by models yet):",
+              "",
+              "| shape (in x out) | ap 3-bit | ap 3-bit bmma | ap 4-bit | lutgemm 3-bit | lutgemm 4-bit | torch fp16 | "
+              "ap3 vs fp16 |",
+              "|---|---|---|---|---|---|---|---|"]
     for key, r in summary.items():
         def cellg(name):
+            if name not in r:
+                return "-"
             t, g = r[name]
             return f"{t:.1f} us ({g:.0f} GB/s, {100 * g / hbm:.0f}%)"
-        lines.append(f"| {key} | {cellg('ap3_graph')} | {cellg('ap4_graph')} | {cellg('lg3_graph')} | "
-                     f"{cellg('lg4_graph')} | {r['fp16_graph'][0]:.1f} us | "
+        lines.append(f"| {key} | {cellg('ap3_graph')} | {cellg('ap3_bmma_graph')} | {cellg('ap4_graph')} | "
+                     f"{cellg('lg3_graph')} | {cellg('lg4_graph')} | {r['fp16_graph'][0]:.1f} us | "
                      f"{r['fp16_graph'][0] / r['ap3_graph'][0]:.2f}x |")
     for backend in ("ap", "lutgemm", "ap_graph", "lutgemm_graph", "ap_parts_graph", "lutgemm_parts_graph",
                     "ap_parts_consumer_graph", "ap_chain_graph", "ap_chain_consumer_graph"):

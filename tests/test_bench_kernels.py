@@ -1,0 +1,30 @@
+"""scripts/bench_kernels.py's report (no GPU needed): the graph table carries the binary-tensor-core GEMV's column
+where the shape has it and a dash elsewhere, with its share of HBM copy."""
+import importlib.util
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "scripts" / "bench_kernels.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def _summary_row(bmma: tuple[float, float] | None) -> dict:
+    r = {k: (10.0, 1000.0) for k in ("ap3", "ap4", "lg3", "lg4", "fp16", "ap3_graph", "ap4_graph", "lg3_graph",
+                                      "lg4_graph", "fp16_graph")}
+    r["fp16_graph"] = (25.0, 0.0)
+    r["dec"] = r["dec_graph"] = {k: (9.0, 20.0, 16) for k in bench.K_CHUNKS}
+    if bmma:
+        r["ap3_bmma_graph"] = bmma
+    return r
+
+
+def test_graph_table_has_the_bmma_column():
+    md = bench.markdown({"4096x4096": _summary_row(None), "4096x28672": _summary_row((14.8, 3000.0))},
+                        {"hbm_copy_GBps": 4200.0, "pinned_h2d_GBps": 55.0}, "card")
+    head = next(line for line in md.splitlines() if line.startswith("| shape") and "ap 3-bit bmma" in line)
+    assert head.split("|")[2].strip() == "ap 3-bit" and head.split("|")[3].strip() == "ap 3-bit bmma"
+    rows = {line.split("|")[1].strip(): line.split("|") for line in md.splitlines()
+            if line.startswith("| 4096x") and "2.50x" in line}
+    assert rows["4096x28672"][3].strip() == "14.8 us (3000 GB/s, 71%)"
+    assert rows["4096x4096"][3].strip() == "-"
