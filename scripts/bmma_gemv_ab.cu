@@ -22,6 +22,9 @@
 // xplanes_kernel directly in B-fragment order (in the framework: by the kernel producing x) and every block stages them
 // in shared memory after its first weight loads are in flight (a programmatic dependent, as the shipped GEMVs). KP > 1
 // splits K: partial rows meet in an fp32 buffer, the last item of a row group writes the fp16 outputs and clears it.
+// csrc/ap_bmma.cu, which torch.ops.decdec.ap_gemv runs, is this tool's packed, KP = 1, 4-stage configuration (templated
+// on the dtype); the K split and the bit-plane variant live only here so far -- once the op has the K split, this tool
+// should include the csrc kernel instead of its own copy.
 // Each shape sweeps the ring depth, warps per block, blocks per SM and KP and reports the best; graph-timed
 // (graph_timer.cuh), weights rotating over >= 4x the L2. Shapes: Llama-3-8B and Phi-3-medium, or argv[2] alone.
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -Icsrc scripts/bmma_gemv_ab.cu csrc/dec.cu -o /tmp/bg && /tmp/bg [table.md|-] [INxOUT]

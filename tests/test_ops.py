@@ -311,13 +311,14 @@ def test_kernel_layout_rule(n, ok, monkeypatch):
     assert not decdec.ops.ap3_kernel_layout(3, torch.float16, n)
 
 
-def test_ap_gemv_and_dequant_accept_the_bmma_layout_and_the_other_ops_refuse_it():
-    """ap_gemv / ap_dequant (CPU = reference, fakes, opcheck) read the binary-tensor-core layout with the bit-planes'
-    results; every other ap op names the layout and the fix."""
-    g = torch.Generator().manual_seed(44)
+@pytest.mark.parametrize("pack", [formats.pack_ap3_kernel, formats.pack_ap3_bmma], ids=lambda f: f.__name__)
+def test_ap_gemv_and_dequant_read_the_3bit_layouts(pack):
+    """CPU kernels (= reference), fakes and opcheck take qweight in the kernels' 3-bit layouts (the PRMT GEMVs' and
+    the binary-tensor-core GEMV's) with the bit-planes' results."""
+    g = torch.Generator().manual_seed(40)
     codes = torch.randint(0, 8, (32, 1024), generator=g)
     qw = formats.pack_bitplanes(codes, 3)
-    pk = formats.pack_ap3_bmma(qw)
+    pk = pack(qw)
     lut = torch.randn(32, 8, generator=g).half()
     x = torch.randn(M, 1024, generator=g).half()
     assert torch.equal(OPS.ap_gemv(x, pk, lut), OPS.ap_gemv(x, qw, lut))
@@ -327,28 +328,18 @@ def test_ap_gemv_and_dequant_accept_the_bmma_layout_and_the_other_ops_refuse_it(
     with FakeTensorMode() as mode:
         assert OPS.ap_gemv(mode.from_tensor(x), mode.from_tensor(pk), mode.from_tensor(lut)).shape == (M, 32)
         assert OPS.ap_dequant(mode.from_tensor(pk), mode.from_tensor(lut)).shape == (32, 1024)
+
+
+def test_the_other_ap_ops_refuse_the_bmma_layout_by_name():
+    g = torch.Generator().manual_seed(44)
+    pk = formats.pack_ap3_bmma(formats.pack_bitplanes(torch.randint(0, 8, (32, 1024), generator=g), 3))
+    lut = torch.randn(32, 8, generator=g).half()
+    x = torch.randn(M, 1024, generator=g).half()
     qr = formats.pack_residual(torch.zeros(32, 1024, dtype=torch.int64))
     with pytest.raises(RuntimeError, match=r"binary-tensor-core layout .*formats.unpack_ap3_bmma"):
         OPS.ap_gemv_dec(x, pk, lut, qr, torch.ones(32).half(), torch.tensor([1.0, 0.5]), 4, 8)
     with pytest.raises(RuntimeError, match=r"binary-tensor-core layout"):
         OPS.ap_gemv_addnorm(x, x, torch.ones(1024).half(), 1e-5, pk, lut)
-
-
-def test_ap_ops_accept_the_kernel_layout():
-    """CPU kernels (= reference), fakes and opcheck take qweight in either layout, with the same results."""
-    g = torch.Generator().manual_seed(40)
-    codes = torch.randint(0, 8, (OUT, 1024), generator=g)
-    qw = formats.pack_bitplanes(codes, 3)
-    pk = formats.pack_ap3_kernel(qw)
-    lut = torch.randn(OUT, 8, generator=g).half()
-    x = torch.randn(M, 1024, generator=g).half()
-    assert torch.equal(OPS.ap_gemv(x, pk, lut), OPS.ap_gemv(x, qw, lut))
-    assert torch.equal(OPS.ap_dequant(pk, lut), OPS.ap_dequant(qw, lut))
-    torch.library.opcheck(OPS.ap_gemv.default, (x, pk, lut))
-    torch.library.opcheck(OPS.ap_dequant.default, (pk, lut))
-    with FakeTensorMode() as mode:
-        assert OPS.ap_gemv(mode.from_tensor(x), mode.from_tensor(pk), mode.from_tensor(lut)).shape == (M, OUT)
-        assert OPS.ap_dequant(mode.from_tensor(pk), mode.from_tensor(lut)).shape == (OUT, 1024)
 
 
 # ---------------------------------------------------------------------------- fake tensors
