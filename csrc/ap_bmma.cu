@@ -13,9 +13,9 @@
 // Kernels. ap3_xplanes_kernel forms x's planes in the MMA's B-fragment order (each block finds max |x| itself, then
 // one warp per 32-channel word transposes it with ballots) and the fixed-point sum per block. ap3_bmma_kernel: a warp
 // item is one 16-row group over all of in, in steps of 512 channels; per step each lane streams 6 x 16 bytes through
-// its own cp.async ring (kStages deep, nothing in registers while in flight), forms the 7 masks and issues 2 halves x
-// 3 plane blocks x 7 masks = 42 MMAs into 84 int32 accumulators; x's planes sit in shared memory. Both are programmatic
-// dependents (the GEMV's first weight loads go out before it waits for the planes). The weights are in the layout of
+// its own cp.async ring (kBmmaStages deep, nothing in registers while in flight), forms the 7 masks and issues
+// 2 halves x 3 plane blocks x 7 masks = 42 MMAs into 84 int32 accumulators; x's planes sit in shared memory. Both are
+// programmatic dependents (the GEMV's first weight loads go out before it waits for the planes). The weights are in the layout of
 // decdec/formats.py pack_ap3_bmma ([out/16, in/512, 6, 32, 4] int32: a step is 3 KB contiguous per warp and every
 // 16-byte piece is an MMA A operand as loaded). Measured against the PRMT GEMVs in scripts/bmma_gemv_ab.cu
 // (docs/PERF.md, Kernels, session 20: H200 4096x28672 14.8 vs 21.2 us; slower on the small shapes).
@@ -45,7 +45,9 @@ struct XMeta {
   double psum[kMaxPlaneBlocks];  // per xplanes block: the sum of its fixed-point X (summed in block order)
 };
 
-__device__ __forceinline__ float2 load2f(const __half* p) { return __half22float2(*reinterpret_cast<const __half2*>(p)); }
+__device__ __forceinline__ float2 load2f(const __half* p) {
+  return __half22float2(*reinterpret_cast<const __half2*>(p));
+}
 __device__ __forceinline__ float2 load2f(const __nv_bfloat16* p) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
 }
@@ -179,11 +181,11 @@ __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
   int acc[7][kNB][4];
   auto zero_acc = [&]() {
 #pragma unroll
-    for (int T_ = 0; T_ < 7; ++T_)
+    for (int mask = 0; mask < 7; ++mask)
 #pragma unroll
       for (int nb = 0; nb < kNB; ++nb)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) acc[T_][nb][c] = 0;
+        for (int c = 0; c < 4; ++c) acc[mask][nb][c] = 0;
   };
   zero_acc();
   uint4 lv[2] = {};  // the group's two LUT rows of this lane, loaded at its first step
@@ -214,7 +216,7 @@ __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
         const int f0 = h * 2 * kNB + nb * 2;
         const uint32_t b0 = u4_at(bq[f0 >> 2], f0 & 3), b1 = u4_at(bq[(f0 + 1) >> 2], (f0 + 1) & 3);
 #pragma unroll
-        for (int T_ = 0; T_ < 7; ++T_) bmma16(acc[T_][nb], a[T_], b0, b1);
+        for (int mask = 0; mask < 7; ++mask) bmma16(acc[mask][nb], a[mask], b0, b1);
       }
     }
     ++kb;
@@ -239,10 +241,11 @@ __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
         const int sgn_top = t == 3 ? -2 : 2;
         double v = 0.0;
 #pragma unroll
-        for (int T_ = 0; T_ < 7; ++T_) {
-          const int lo = acc[T_][0][2 * R] + 2 * acc[T_][0][2 * R + 1] + 256 * (acc[T_][1][2 * R] + 2 * acc[T_][1][2 * R + 1]);
-          const int hi = acc[T_][2][2 * R] + sgn_top * acc[T_][2][2 * R + 1];
-          v = fma((double)aT[T_], fma((double)hi, s_hi, (double)lo * s_lo), v);
+        for (int mask = 0; mask < 7; ++mask) {
+          const int lo = acc[mask][0][2 * R] + 2 * acc[mask][0][2 * R + 1] +
+                         256 * (acc[mask][1][2 * R] + 2 * acc[mask][1][2 * R + 1]);
+          const int hi = acc[mask][2][2 * R] + sgn_top * acc[mask][2][2 * R + 1];
+          v = fma((double)aT[mask], fma((double)hi, s_hi, (double)lo * s_lo), v);
         }
         if (t == 0) v = fma((double)l[0], xsum, v);
         v += __shfl_xor_sync(~0u, v, 1);
