@@ -15,9 +15,9 @@
 // item is one 16-row group over all of in, in steps of 512 channels; per step each lane streams 6 x 16 bytes through
 // its own cp.async ring (kBmmaStages deep, nothing in registers while in flight), forms the 7 masks and issues
 // 2 halves x 3 plane blocks x 7 masks = 42 MMAs into 84 int32 accumulators; x's planes sit in shared memory. Both are
-// programmatic dependents (the GEMV's first weight loads go out before it waits for the planes). The weights are in the layout of
-// decdec/formats.py pack_ap3_bmma ([out/16, in/512, 6, 32, 4] int32: a step is 3 KB contiguous per warp and every
-// 16-byte piece is an MMA A operand as loaded). Measured against the PRMT GEMVs in scripts/bmma_gemv_ab.cu
+// programmatic dependents (the GEMV's first weight loads go out before it waits for the planes). The weights are in
+// the layout of decdec/formats.py pack_ap3_bmma ([out/16, in/512, 6, 32, 4] int32: a step is 3 KB contiguous per warp
+// and every 16-byte piece is an MMA A operand as loaded). Measured against the PRMT GEMVs in scripts/bmma_gemv_ab.cu
 // (docs/PERF.md, Kernels, session 20: H200 4096x28672 14.8 vs 21.2 us; slower on the small shapes).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
