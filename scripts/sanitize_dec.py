@@ -1,4 +1,5 @@
-"""Small DEC / fused / GEMV calls for compute-sanitizer (memcheck, racecheck); see sanitize_dec.sh.
+"""Small DEC / fused / GEMV calls (and the binary-tensor-core GEMV) for compute-sanitizer (memcheck, racecheck); see
+sanitize_dec.sh.
 
 Shapes are small (ragged last chunk, out not a multiple of 32 for the scalar-load path) so the
 sanitizers finish in seconds. Exits non-zero if a result is wrong.
@@ -81,6 +82,19 @@ def main() -> int:
         bad += not ok
         print(f"chain {n}x{out} k={k_chunk} n_tb={n_tb}: errors {', '.join(f'{e:.1e}' for e in errs)} "
               f"{'ok' if ok else 'WRONG'}")
+    # the binary-tensor-core GEMV (csrc/ap_bmma.cu: planes kernel, cp.async rings, shared-memory planes), both dtypes,
+    # tokens one after another
+    for n, out, dt, m in [(1024, 48, torch.float16, 2), (512, 16, torch.bfloat16, 1)]:
+        x = (torch.randn(m, n, device=dev) * 2).to(dt)
+        qw = formats.pack_bitplanes(torch.randint(0, 8, (out, n), device=dev), 3)
+        lut = (torch.randn(out, 8, device=dev) * 0.05).to(dt)
+        y = torch.ops.decdec.ap_gemv(x, formats.pack_ap3_bmma(qw), lut)
+        ref = x.float() @ reference.ap_dequant(qw, lut.float()).t()
+        torch.cuda.synchronize()
+        err = ((y.float() - ref).norm() / ref.norm()).item()
+        ok = err < 8e-3
+        bad += not ok
+        print(f"bmma {n}x{out} {dt} M={m}: error {err:.1e} {'ok' if ok else 'WRONG'}")
     return 1 if bad else 0
 
 
