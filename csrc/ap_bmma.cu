@@ -136,32 +136,37 @@ __device__ __forceinline__ uint4 and4(const uint4& a, const uint4& b) {
   return make_uint4(a.x & b.x, a.y & b.y, a.z & b.z, a.w & b.w);
 }
 
-template <typename T>
+// KP > 1 splits K: item (group, kp) covers steps [kp, kp + 1) * steps / KP of the group; the items' fp32 rows meet in
+// y32 (atomics), and the last item of a group (cnt) writes y and clears y32 / cnt (zero on entry, zero on exit).
+template <typename T, int kStages = kBmmaStages>
 __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
     ap3_bmma_kernel(const uint4* __restrict__ qw, const T* __restrict__ lut, const uint32_t* __restrict__ xb,
-                    const XMeta* __restrict__ meta, T* __restrict__ y, int in, int out) {
+                    const XMeta* __restrict__ meta, T* __restrict__ y, float* __restrict__ y32, int* __restrict__ cnt,
+                    int in, int out, int KP) {
   extern __shared__ __align__(16) uint4 smem[];
   const int W = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int xs_u4 = in * kXBits / 128, steps = in >> 9, groups = out >> 4;
+  const int xs_u4 = in * kXBits / 128, steps = in >> 9, groups = out >> 4, sp = steps / KP, n_items = groups * KP;
   uint4* xs = smem;
-  uint4* ring = smem + xs_u4 + warp * (kBmmaStages * kStepU4);
+  uint4* ring = smem + xs_u4 + warp * (kStages * kStepU4);
   const uint32_t ring_s = (uint32_t)__cvta_generic_to_shared(ring);
   const int NW = gridDim.x * W, gw = blockIdx.x * W + warp;
-  const int my_groups = gw < groups ? (groups - 1 - gw) / NW + 1 : 0, my_steps = my_groups * steps;
+  const int my_steps = (gw < n_items ? (n_items - 1 - gw) / NW + 1 : 0) * sp;
+  // item it: row group it / KP, steps from (it % KP) * sp
+  auto item_base = [&](int it) { return qw + ((size_t)(it / KP) * steps + (it % KP) * sp) * kStepU4 + lane; };
 
-  // the issue side runs kBmmaStages - 1 steps ahead of the compute side; a warp's groups are gw, gw + NW, ...
-  int is_left = my_steps, is_step = 0, is_group = gw;
-  const uint4* is_p = qw + (size_t)gw * steps * kStepU4 + lane;
+  // the issue side runs kStages - 1 steps ahead of the compute side; a warp's items are gw, gw + NW, ...
+  int is_left = my_steps, is_step = 0, is_it = gw;
+  const uint4* is_p = my_steps > 0 ? item_base(gw) : qw;
   auto issue = [&](int s) {
     if (is_left > 0) {
-      const uint32_t dst = ring_s + (uint32_t)((s & (kBmmaStages - 1)) * kStepU4 + lane) * 16u;
+      const uint32_t dst = ring_s + (uint32_t)((s & (kStages - 1)) * kStepU4 + lane) * 16u;
 #pragma unroll
       for (int j = 0; j < 6; ++j) cp_async16(dst + (uint32_t)(j * 32) * 16u, is_p + j * 32);
       --is_left;
-      if (++is_step == steps) {
+      if (++is_step == sp) {
         is_step = 0;
-        is_group += NW;
-        is_p = qw + (size_t)is_group * steps * kStepU4 + lane;
+        is_it += NW;
+        if (is_left > 0) is_p = item_base(is_it);
       } else {
         is_p += kStepU4;
       }
@@ -169,7 +174,7 @@ __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
     cp_commit();
   };
 #pragma unroll
-  for (int s = 0; s < kBmmaStages - 1; ++s) issue(s);  // weights never depend on the kernel before
+  for (int s = 0; s < kStages - 1; ++s) issue(s);  // weights never depend on the kernel before
   pdl_wait();                                          // x's planes (and y) belong to it
   gemv_trigger_dependents();
   for (int i = threadIdx.x; i < xs_u4; i += blockDim.x) xs[i] = __ldg(reinterpret_cast<const uint4*>(xb) + i);
@@ -189,16 +194,16 @@ __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
   };
   zero_acc();
   uint4 lv[2] = {};  // the group's two LUT rows of this lane, loaded at its first step
-  int c_step = 0, group = gw, kb = 0;
+  int c_step = 0, c_it = gw, group = gw / KP, kp = gw % KP, kb = kp * sp;
   for (int s = 0; s < my_steps; ++s) {
-    issue(s + kBmmaStages - 1);
-    cp_wait<kBmmaStages - 1>();
+    issue(s + kStages - 1);
+    cp_wait<kStages - 1>();
     if (c_step == 0) {
 #pragma unroll
       for (int R = 0; R < 2; ++R)
         lv[R] = __ldg(reinterpret_cast<const uint4*>(lut + (size_t)(group * 16 + g + 8 * R) * 8));
     }
-    const uint4* src = ring + (s & (kBmmaStages - 1)) * kStepU4 + lane;
+    const uint4* src = ring + (s & (kStages - 1)) * kStepU4 + lane;
     uint4 bq[kNB];
 #pragma unroll
     for (int q = 0; q < kNB; ++q) bq[q] = xs[(kb * kNB + q) * 32 + lane];
@@ -220,7 +225,7 @@ __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
       }
     }
     ++kb;
-    if (++c_step == steps) {  // rows group * 16 + g (accumulators c0, c1) and + 8 (c2, c3) are complete
+    if (++c_step == sp) {  // the item's rows group * 16 + g (accumulators c0, c1) and + 8 (c2, c3) are complete
       double yr[2];
 #pragma unroll
       for (int R = 0; R < 2; ++R) {
@@ -247,45 +252,81 @@ __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
           const int hi = acc[mask][2][2 * R] + sgn_top * acc[mask][2][2 * R + 1];
           v = fma((double)aT[mask], fma((double)hi, s_hi, (double)lo * s_lo), v);
         }
-        if (t == 0) v = fma((double)l[0], xsum, v);
+        if (t == 0 && kp == 0) v = fma((double)l[0], xsum, v);
         v += __shfl_xor_sync(~0u, v, 1);
         v += __shfl_xor_sync(~0u, v, 2);
         yr[R] = ldexp(v, -sh);
       }
       zero_acc();
-      if (t == 0) {
-        y[group * 16 + g] = from_f<T>((float)yr[0]);
-        y[group * 16 + g + 8] = from_f<T>((float)yr[1]);
+      if (KP == 1) {
+        if (t == 0) {
+          y[group * 16 + g] = from_f<T>((float)yr[0]);
+          y[group * 16 + g + 8] = from_f<T>((float)yr[1]);
+        }
+      } else {
+        if (t == 0) {
+          atomicAdd(y32 + group * 16 + g, (float)yr[0]);
+          atomicAdd(y32 + group * 16 + g + 8, (float)yr[1]);
+        }
+        __threadfence();
+        __syncwarp();
+        int last = 0;
+        if (lane == 0) last = atomicAdd(cnt + group, 1) == KP - 1;
+        last = __shfl_sync(~0u, last, 0);
+        if (last) {  // every item of the group has added its rows
+          __threadfence();
+          if (lane < 16) y[group * 16 + lane] = from_f<T>(atomicExch(y32 + group * 16 + lane, 0.f));
+          if (lane == 0) cnt[group] = 0;
+        }
       }
       c_step = 0;
-      kb = 0;
-      group += NW;
+      c_it += NW;
+      group = c_it / KP;
+      kp = c_it % KP;
+      kb = kp * sp;
     }
   }
   cp_wait<0>();
 }
 
-// Warps per block: the count in 7..10 whose groups-per-warp is closest above to a whole number (every warp then runs
-// the same number of groups), ties to more warps (H200, scripts/bmma_gemv_ab.cu: 7 at 4096x28672, 10 at 5120x35840).
-int bmma_warps(int groups, int sms) {
+// Warps per block: the count in 7..10 whose items-per-warp is closest above to a whole number (every warp then runs
+// the same number of items), ties to more warps (H200, scripts/bmma_gemv_ab.cu: 7 at 4096x28672, 10 at 5120x35840).
+int bmma_warps(int items, int sms) {
   int best = kBmmaMaxWarps;
   double best_eff = -1.0;
   for (int w = kBmmaMaxWarps; w >= 7; --w) {
-    const double per = (double)groups / ((double)sms * w), eff = per / std::ceil(per);
+    const double per = (double)items / ((double)sms * w), eff = per / std::ceil(per);
     if (eff > best_eff + 1e-9) best_eff = eff, best = w;
   }
   return best;
 }
 
+// K split: 1 where the row groups fill 7 warps per SM, else the first of 2, 4, 7 that divides the steps and does
+// (the A/B's best: 14336x4096 and 4096x4096 4, 17920x5120 7), else the largest that divides them.
+int bmma_kp(int in, int out, int sms) {
+  const int groups = out / 16, steps = in / 512;
+  if (groups >= 7 * sms) return 1;
+  int kp = 1;
+  for (int d : {2, 4, 7}) {
+    if (steps % d) continue;
+    kp = d;
+    if (groups * d >= 7 * sms) break;
+  }
+  return kp;
+}
+
 size_t planes_bytes(int in) { return ((size_t)in * kXBits / 8 + 255) / 256 * 256; }
+size_t meta_end(int in) { return (planes_bytes(in) + sizeof(XMeta) + 255) / 256 * 256; }
 
 template <typename T>
 cudaError_t launch_bmma(const T* x, const uint4* qw, const T* lut, T* y, int M, int in, int out, void* scratch,
                         cudaStream_t stream) {
   uint32_t* xb = static_cast<uint32_t*>(scratch);
   XMeta* meta = reinterpret_cast<XMeta*>(static_cast<char*>(scratch) + planes_bytes(in));
-  const int sms = device_sms(), groups = out / 16, plane_blocks = in / 32 / kPlaneWarps;
-  const int warps = bmma_warps(groups, sms), grid = std::min(sms, (groups + warps - 1) / warps);
+  float* y32 = reinterpret_cast<float*>(static_cast<char*>(scratch) + meta_end(in));  // zeroed by the caller (KP > 1)
+  int* cnt = reinterpret_cast<int*>(y32 + out);
+  const int sms = device_sms(), groups = out / 16, plane_blocks = in / 32 / kPlaneWarps, kp = bmma_kp(in, out, sms);
+  const int warps = bmma_warps(groups * kp, sms), grid = std::min(sms, (groups * kp + warps - 1) / warps);
   const size_t smem = (size_t)in * kXBits / 8 + (size_t)warps * kBmmaStages * kStepU4 * 16;
   cudaError_t err = allow_smem(ap3_bmma_kernel<T>, smem);
   if (err != cudaSuccess) return err;
@@ -294,8 +335,8 @@ cudaError_t launch_bmma(const T* x, const uint4* qw, const T* lut, T* y, int M, 
                         x + (size_t)m * in, in, xb, meta);
     if (err != cudaSuccess) return err;
     err = launch_kernel(ap3_bmma_kernel<T>, dim3(grid), dim3(32 * warps), smem, stream, true, qw, lut,
-                        static_cast<const uint32_t*>(xb), static_cast<const XMeta*>(meta), y + (size_t)m * out, in,
-                        out);
+                        static_cast<const uint32_t*>(xb), static_cast<const XMeta*>(meta), y + (size_t)m * out, y32, cnt,
+                        in, out, kp);
     if (err != cudaSuccess) return err;
   }
   return cudaGetLastError();
@@ -308,7 +349,8 @@ bool ap3_bmma_supported(DType dt, int in, int out) {
   return in > 0 && out > 0 && in % 512 == 0 && out % 16 == 0 && in <= kMaxIn;
 }
 
-size_t ap3_bmma_scratch_bytes(int in) { return planes_bytes(in) + sizeof(XMeta); }
+size_t ap3_bmma_scratch_bytes(int in, int out) { return meta_end(in) + (size_t)out * 4 + (size_t)(out / 16) * 4; }
+bool ap3_bmma_zeroed_scratch(int in, int out) { return bmma_kp(in, out, device_sms()) > 1; }
 
 cudaError_t ap3_bmma_gemv(DType dt, const void* x, const uint32_t* qweight, const void* lut, void* y, int M, int in,
                           int out, void* scratch, cudaStream_t stream) {

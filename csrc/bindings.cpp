@@ -283,7 +283,9 @@ at::Tensor ap_gemv_cuda(const at::Tensor& x, const at::Tensor& qweight, const at
   c10::cuda::CUDAGuard guard(x.device());
   auto y = at::empty({x.size(0), s.out}, x.options());
   if (s.bmma) {
-    auto scratch = at::empty({(int64_t)decdec::ap3_bmma_scratch_bytes(s.in)}, x.options().dtype(at::kByte));
+    const auto bytes = (int64_t)decdec::ap3_bmma_scratch_bytes(s.in, s.out);
+    auto scratch = decdec::ap3_bmma_zeroed_scratch(s.in, s.out) ? at::zeros({bytes}, x.options().dtype(at::kByte))
+                                                                : at::empty({bytes}, x.options().dtype(at::kByte));
     cuda_ok(decdec::ap3_bmma_gemv(dtype_of(x), x.data_ptr(), reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
                                   lut.data_ptr(), y.data_ptr(), (int)x.size(0), s.in, s.out, scratch.data_ptr(),
                                   at::cuda::getCurrentCUDAStream()),

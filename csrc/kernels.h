@@ -121,9 +121,11 @@ cudaError_t ap_dequant(DType dt, const uint32_t* qweight, const void* lut, void*
 
 // ap 3-bit GEMV on the binary tensor cores (ap_bmma.cu), qweight in decdec/formats.py pack_ap3_bmma's layout
 // [out/16, in/512, 6, 32, 4]; fp16 or bf16; M tokens one after another. scratch: ap3_bmma_scratch_bytes(in) bytes of
-// device memory (x's bit-planes and their shift), used by one call at a time (stream order).
+// device memory (x's bit-planes and their shift, the K split's fp32 rows and counters), used by one call at a time
+// (stream order); zero on entry where ap3_bmma_zeroed_scratch says (the K split), and then zero on exit.
 bool ap3_bmma_supported(DType dt, int in, int out);
-size_t ap3_bmma_scratch_bytes(int in);
+size_t ap3_bmma_scratch_bytes(int in, int out);
+bool ap3_bmma_zeroed_scratch(int in, int out);
 cudaError_t ap3_bmma_gemv(DType dt, const void* x, const uint32_t* qweight, const void* lut, void* y, int M, int in,
                           int out, void* scratch, cudaStream_t stream);
 
