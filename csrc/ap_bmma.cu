@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 
 #include "common.cuh"
 #include "kernels.h"
@@ -138,11 +139,13 @@ __device__ __forceinline__ uint4 and4(const uint4& a, const uint4& b) {
 
 // KP > 1 splits K: item (group, kp) covers steps [kp, kp + 1) * steps / KP of the group; the items' fp32 rows meet in
 // y32 (atomics), and the last item of a group (cnt) writes y and clears y32 / cnt (zero on entry, zero on exit).
-template <typename T, int kStages = kBmmaStages>
+// kPlanes: every block forms x's planes itself from x (as ap3_xplanes_kernel does, same order of sums, so every block
+// gets the same sh and sum) instead of staging xb / meta from ap3_xplanes_kernel: one kernel per token instead of two.
+template <typename T, int kStages = kBmmaStages, bool kPlanes = false>
 __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
-    ap3_bmma_kernel(const uint4* __restrict__ qw, const T* __restrict__ lut, const uint32_t* __restrict__ xb,
-                    const XMeta* __restrict__ meta, T* __restrict__ y, float* __restrict__ y32, int* __restrict__ cnt,
-                    int in, int out, int KP) {
+    ap3_bmma_kernel(const uint4* __restrict__ qw, const T* __restrict__ lut, const T* __restrict__ x,
+                    const uint32_t* __restrict__ xb, const XMeta* __restrict__ meta, T* __restrict__ y,
+                    float* __restrict__ y32, int* __restrict__ cnt, int in, int out, int KP) {
   extern __shared__ __align__(16) uint4 smem[];
   const int W = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int xs_u4 = in * kXBits / 128, steps = in >> 9, groups = out >> 4, sp = steps / KP, n_items = groups * KP;
@@ -175,13 +178,49 @@ __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) issue(s);  // weights never depend on the kernel before
-  pdl_wait();                                          // x's planes (and y) belong to it
+  pdl_wait();                                          // x or its planes (and y) belong to it
   gemv_trigger_dependents();
-  for (int i = threadIdx.x; i < xs_u4; i += blockDim.x) xs[i] = __ldg(reinterpret_cast<const uint4*>(xb) + i);
-  __syncthreads();
-  const int sh = meta->sh;
-  double xsum = 0.0;  // the fixed-point sum of x, in block order
-  for (int b = 0; b < meta->blocks; ++b) xsum += meta->psum[b];
+  int sh = 0;
+  double xsum = 0.0;  // the fixed-point sum of x, in a fixed order
+  if constexpr (kPlanes) {
+    __shared__ float fred[kBmmaMaxWarps];
+    __shared__ double dred[kBmmaMaxWarps];
+    float m = 0.f;
+    for (int i = 2 * threadIdx.x; i < in; i += 2 * blockDim.x) {
+      const float2 f = load2f(x + i);
+      m = fmaxf(m, fmaxf(fabsf(f.x), fabsf(f.y)));
+    }
+    for (int o = 16; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(~0u, m, o));
+    if (lane == 0) fred[warp] = m;
+    __syncthreads();
+    float mx = 0.f;
+    for (int w = 0; w < W; ++w) mx = fmaxf(mx, fred[w]);
+    int e = 0;
+    frexpf(mx, &e);
+    sh = mx > 0.f ? kXBits - 2 - e : 0;
+    uint32_t* xs32 = reinterpret_cast<uint32_t*>(xs);
+    double sw = 0.0;
+    for (int wd = warp; wd < in / 32; wd += W) {
+      const int X = __float2int_rn(ldexpf(to_f(x[32 * wd + lane]), sh));
+      sw += (double)X;
+      uint32_t mine = 0;
+#pragma unroll
+      for (int j = 0; j < kXBits; ++j) {
+        const uint32_t b = __ballot_sync(~0u, (X >> j) & 1);
+        if (lane == j) mine = b;
+      }
+      if (lane < kXBits) xs32[b_index(wd, lane)] = mine;
+    }
+    for (int o = 16; o; o >>= 1) sw += __shfl_xor_sync(~0u, sw, o);
+    if (lane == 0) dred[warp] = sw;
+    __syncthreads();
+    for (int w = 0; w < W; ++w) xsum += dred[w];
+  } else {
+    for (int i = threadIdx.x; i < xs_u4; i += blockDim.x) xs[i] = __ldg(reinterpret_cast<const uint4*>(xb) + i);
+    __syncthreads();
+    sh = meta->sh;
+    for (int b = 0; b < meta->blocks; ++b) xsum += meta->psum[b];
+  }
 
   int acc[7][kNB][4];
   auto zero_acc = [&]() {
@@ -328,15 +367,23 @@ cudaError_t launch_bmma(const T* x, const uint4* qw, const T* lut, T* y, int M, 
   const int sms = device_sms(), groups = out / 16, plane_blocks = in / 32 / kPlaneWarps, kp = bmma_kp(in, out, sms);
   const int warps = bmma_warps(groups * kp, sms), grid = std::min(sms, (groups * kp + warps - 1) / warps);
   const size_t smem = (size_t)in * kXBits / 8 + (size_t)warps * kBmmaStages * kStepU4 * 16;
-  cudaError_t err = allow_smem(ap3_bmma_kernel<T>, smem);
+  // DECDEC_BMMA_PLANES_IN_GEMV=1: the GEMV forms x's planes itself (one kernel per token; an A/B, not yet measured)
+  static const bool in_gemv = [] {
+    const char* e = std::getenv("DECDEC_BMMA_PLANES_IN_GEMV");
+    return e && e[0] == '1';
+  }();
+  auto kernel = in_gemv ? ap3_bmma_kernel<T, kBmmaStages, true> : ap3_bmma_kernel<T, kBmmaStages, false>;
+  cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   for (int m = 0; m < M; ++m) {
-    err = launch_kernel(ap3_xplanes_kernel<T>, dim3(plane_blocks), dim3(32 * kPlaneWarps), 0, stream, true,
-                        x + (size_t)m * in, in, xb, meta);
-    if (err != cudaSuccess) return err;
-    err = launch_kernel(ap3_bmma_kernel<T>, dim3(grid), dim3(32 * warps), smem, stream, true, qw, lut,
-                        static_cast<const uint32_t*>(xb), static_cast<const XMeta*>(meta), y + (size_t)m * out, y32, cnt,
-                        in, out, kp);
+    if (!in_gemv) {
+      err = launch_kernel(ap3_xplanes_kernel<T>, dim3(plane_blocks), dim3(32 * kPlaneWarps), 0, stream, true,
+                          x + (size_t)m * in, in, xb, meta);
+      if (err != cudaSuccess) return err;
+    }
+    err = launch_kernel(kernel, dim3(grid), dim3(32 * warps), smem, stream, true, qw, lut, x + (size_t)m * in,
+                        static_cast<const uint32_t*>(xb), static_cast<const XMeta*>(meta), y + (size_t)m * out, y32,
+                        cnt, in, out, kp);
     if (err != cudaSuccess) return err;
   }
   return cudaGetLastError();
