@@ -70,6 +70,46 @@ __device__ __forceinline__ int b_index(int wd, int j) {
   return ((kb * kNB + (f >> 2)) * 32 + (4 * g + t)) * 4 + (f & 3);
 }
 
+// max |x| over the in channels, by the whole block (red: a float per warp); every thread returns it.
+template <typename T>
+__device__ __forceinline__ float block_max_abs(const T* __restrict__ x, int in, float* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  float m = 0.f;
+  for (int i = 2 * threadIdx.x; i < in; i += 2 * blockDim.x) {  // in % 512 == 0
+    const float2 f = load2f(x + i);
+    m = fmaxf(m, fmaxf(fabsf(f.x), fabsf(f.y)));
+  }
+  for (int o = 16; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(~0u, m, o));
+  if (lane == 0) red[warp] = m;
+  __syncthreads();
+  float mx = 0.f;
+  for (int w = 0; w < warps; ++w) mx = fmaxf(mx, red[w]);
+  return mx;
+}
+
+// The shift that makes |X| < 2^(kXBits - 2) for X = x * 2^sh, |x| <= mx.
+__device__ __forceinline__ int planes_shift(float mx) {
+  int e = 0;
+  frexpf(mx, &e);  // mx < 2^e
+  return mx > 0.f ? kXBits - 2 - e : 0;
+}
+
+// One warp: channel 32 wd + lane of X = round(x * 2^sh) into bit-planes with ballots; lane j writes plane j's word of
+// wd at planes[b_index(wd, j)]; returns the lane's X.
+template <typename T>
+__device__ __forceinline__ int transpose_word(const T* __restrict__ x, int wd, int sh, uint32_t* planes) {
+  const int lane = threadIdx.x & 31;
+  const int X = __float2int_rn(ldexpf(to_f(x[32 * wd + lane]), sh));
+  uint32_t mine = 0;
+#pragma unroll
+  for (int j = 0; j < kXBits; ++j) {
+    const uint32_t b = __ballot_sync(~0u, (X >> j) & 1);
+    if (lane == j) mine = b;
+  }
+  if (lane < kXBits) planes[b_index(wd, lane)] = mine;
+  return X;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(32 * kPlaneWarps) ap3_xplanes_kernel(const T* __restrict__ x, int in,
                                                                        uint32_t* __restrict__ xb, XMeta* meta) {
@@ -78,32 +118,10 @@ __global__ void __launch_bounds__(32 * kPlaneWarps) ap3_xplanes_kernel(const T* 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   pdl_wait();  // x is the previous kernel's; so is xb (the previous token's GEMV reads it)
   pdl_launch_dependents();
-  float m = 0.f;
-  for (int i = 2 * threadIdx.x; i < in; i += 2 * blockDim.x) {  // in % 512 == 0
-    const float2 f = load2f(x + i);
-    m = fmaxf(m, fmaxf(fabsf(f.x), fabsf(f.y)));
-  }
-  for (int o = 16; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(~0u, m, o));
-  if (lane == 0) fred[warp] = m;
-  __syncthreads();
-  float mx = 0.f;
-  for (int w = 0; w < kPlaneWarps; ++w) mx = fmaxf(mx, fred[w]);
-  int e = 0;
-  frexpf(mx, &e);  // mx < 2^e
-  const int sh = mx > 0.f ? kXBits - 2 - e : 0;  // |X| < 2^(kXBits - 2)
+  const int sh = planes_shift(block_max_abs(x, in, fred));
   const int wd = blockIdx.x * kPlaneWarps + warp;
   double s = 0.0;
-  if (wd < in / 32) {
-    const int X = __float2int_rn(ldexpf(to_f(x[32 * wd + lane]), sh));
-    s = (double)X;
-    uint32_t mine = 0;
-#pragma unroll
-    for (int j = 0; j < kXBits; ++j) {
-      const uint32_t b = __ballot_sync(~0u, (X >> j) & 1);
-      if (lane == j) mine = b;
-    }
-    if (lane < kXBits) xb[b_index(wd, lane)] = mine;
-  }
+  if (wd < in / 32) s = (double)transpose_word(x, wd, sh, xb);
   for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(~0u, s, o);
   if (lane == 0) dred[warp] = s;
   __syncthreads();
@@ -185,32 +203,9 @@ __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
   if constexpr (kPlanes) {
     __shared__ float fred[kBmmaMaxWarps];
     __shared__ double dred[kBmmaMaxWarps];
-    float m = 0.f;
-    for (int i = 2 * threadIdx.x; i < in; i += 2 * blockDim.x) {
-      const float2 f = load2f(x + i);
-      m = fmaxf(m, fmaxf(fabsf(f.x), fabsf(f.y)));
-    }
-    for (int o = 16; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(~0u, m, o));
-    if (lane == 0) fred[warp] = m;
-    __syncthreads();
-    float mx = 0.f;
-    for (int w = 0; w < W; ++w) mx = fmaxf(mx, fred[w]);
-    int e = 0;
-    frexpf(mx, &e);
-    sh = mx > 0.f ? kXBits - 2 - e : 0;
-    uint32_t* xs32 = reinterpret_cast<uint32_t*>(xs);
+    sh = planes_shift(block_max_abs(x, in, fred));
     double sw = 0.0;
-    for (int wd = warp; wd < in / 32; wd += W) {
-      const int X = __float2int_rn(ldexpf(to_f(x[32 * wd + lane]), sh));
-      sw += (double)X;
-      uint32_t mine = 0;
-#pragma unroll
-      for (int j = 0; j < kXBits; ++j) {
-        const uint32_t b = __ballot_sync(~0u, (X >> j) & 1);
-        if (lane == j) mine = b;
-      }
-      if (lane < kXBits) xs32[b_index(wd, lane)] = mine;
-    }
+    for (int wd = warp; wd < in / 32; wd += W) sw += (double)transpose_word(x, wd, sh, reinterpret_cast<uint32_t*>(xs));
     for (int o = 16; o; o >>= 1) sw += __shfl_xor_sync(~0u, sw, o);
     if (lane == 0) dred[warp] = sw;
     __syncthreads();
