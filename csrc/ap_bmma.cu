@@ -61,6 +61,13 @@ __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// SiLU(gate) x up of the T-rounded pair, in fp32, rounded to T (reference.ap_gemv_addnorm_glu).
+template <typename T>
+__device__ __forceinline__ T glu_act(float gate, float up) {
+  const float g = to_f(from_f<T>(gate)), u = to_f(from_f<T>(up));
+  return from_f<T>(g / (1.0f + expf(-g)) * u);
+}
+
 // Word wd (32 channels) of plane j in B-fragment order: at step kb = wd / 16, lane (g, t) holds for half h and plane
 // block nb the registers b0 / b1 = plane 8 nb + g of words 4t + 2h / 4t + 2h + 1; kNB uint4 per lane per step.
 __device__ __forceinline__ int b_index(int wd, int j) {
@@ -159,11 +166,18 @@ __device__ __forceinline__ uint4 and4(const uint4& a, const uint4& b) {
 // y32 (atomics), and the last item of a group (cnt) writes y and clears y32 / cnt (zero on entry, zero on exit).
 // kPlanes: every block forms x's planes itself from x (as ap3_xplanes_kernel does, same order of sums, so every block
 // gets the same sh and sum) instead of staging xb / meta from ap3_xplanes_kernel: one kernel per token instead of two.
-template <typename T, int kStages = kBmmaStages, bool kPlanes = false>
+// kNorm (implies kPlanes): x = rms_norm(a + b) formed by every block from x = a and an (kernels.h AddNorm, as the
+// streaming GEMV's stage_x_addnorm: h = a + b in T, the sum of h^2 in fp32, x = gamma * T(h * r)) into shared memory
+// after the planes (in * sizeof(T) more bytes); block 0 writes h.
+// kGlu: the rows were packed with formats.pack_ap3_bmma(..., glu=True), so lane (g, t)'s rows g / g + 8 of a group
+// are the pair (gate_i, up_i), i = 8 group + g; y [out / 2] gets T(silu(g) * u) of the T-rounded pair, as
+// ap_gemv_addnorm_glu.
+template <typename T, int kStages = kBmmaStages, bool kPlanes = false, bool kNorm = false, bool kGlu = false>
 __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
     ap3_bmma_kernel(const uint4* __restrict__ qw, const T* __restrict__ lut, const T* __restrict__ x,
                     const uint32_t* __restrict__ xb, const XMeta* __restrict__ meta, T* __restrict__ y,
-                    float* __restrict__ y32, int* __restrict__ cnt, int in, int out, int KP) {
+                    float* __restrict__ y32, int* __restrict__ cnt, int in, int out, int KP, AddNorm an = AddNorm{}) {
+  static_assert(!kNorm || kPlanes, "the add + norm prologue forms the planes itself");
   extern __shared__ __align__(16) uint4 smem[];
   const int W = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int xs_u4 = in * kXBits / 128, steps = in >> 9, groups = out >> 4, sp = steps / KP, n_items = groups * KP;
@@ -203,6 +217,30 @@ __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
   if constexpr (kPlanes) {
     __shared__ float fred[kBmmaMaxWarps];
     __shared__ double dred[kBmmaMaxWarps];
+    if constexpr (kNorm) {  // x = rms_norm(a + b) into shared memory after the ring
+      T* xn = reinterpret_cast<T*>(smem + xs_u4 + W * (kStages * kStepU4));
+      const T* bp = static_cast<const T*>(an.b);
+      const T* gp = static_cast<const T*>(an.gamma);
+      T* hp = blockIdx.x == 0 ? static_cast<T*>(an.h_out) : nullptr;
+      float ss = 0.f;
+      for (int i = threadIdx.x; i < in; i += blockDim.x) {
+        const T h = __hadd(x[i], bp[i]);
+        const float f = to_f(h);
+        ss = fmaf(f, f, ss);
+        xn[i] = h;
+        if (hp) hp[i] = h;
+      }
+      for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(~0u, ss, o);
+      if (lane == 0) fred[warp] = ss;
+      __syncthreads();
+      float tot = 0.f;
+      for (int w = 0; w < W; ++w) tot += fred[w];
+      const float r = rsqrtf(tot / (float)in + an.eps);
+      for (int i = threadIdx.x; i < in; i += blockDim.x)
+        xn[i] = from_f<T>(to_f(from_f<T>(to_f(xn[i]) * r)) * to_f(gp[i]));
+      __syncthreads();  // fred is reused below
+      x = xn;
+    }
     sh = planes_shift(block_max_abs(x, in, fred));
     double sw = 0.0;
     for (int wd = warp; wd < in / 32; wd += W) sw += (double)transpose_word(x, wd, sh, reinterpret_cast<uint32_t*>(xs));
@@ -294,8 +332,12 @@ __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
       zero_acc();
       if (KP == 1) {
         if (t == 0) {
-          y[group * 16 + g] = from_f<T>((float)yr[0]);
-          y[group * 16 + g + 8] = from_f<T>((float)yr[1]);
+          if constexpr (kGlu) {
+            y[group * 8 + g] = glu_act<T>((float)yr[0], (float)yr[1]);
+          } else {
+            y[group * 16 + g] = from_f<T>((float)yr[0]);
+            y[group * 16 + g + 8] = from_f<T>((float)yr[1]);
+          }
         }
       } else {
         if (t == 0) {
@@ -309,7 +351,13 @@ __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
         last = __shfl_sync(~0u, last, 0);
         if (last) {  // every item of the group has added its rows
           __threadfence();
-          if (lane < 16) y[group * 16 + lane] = from_f<T>(atomicExch(y32 + group * 16 + lane, 0.f));
+          const float v = lane < 16 ? atomicExch(y32 + group * 16 + lane, 0.f) : 0.f;
+          if constexpr (kGlu) {  // rows g / g + 8 of the group: the pair of output 8 group + g
+            const float gate = __shfl_sync(~0u, v, lane & 7), up = __shfl_sync(~0u, v, (lane & 7) + 8);
+            if (lane < 8) y[group * 8 + lane] = glu_act<T>(gate, up);
+          } else {
+            if (lane < 16) y[group * 16 + lane] = from_f<T>(v);
+          }
           if (lane == 0) cnt[group] = 0;
         }
       }
@@ -354,31 +402,42 @@ size_t meta_end(int in) { return (planes_bytes(in) + sizeof(XMeta) + 255) / 256 
 
 template <typename T>
 cudaError_t launch_bmma(const T* x, const uint4* qw, const T* lut, T* y, int M, int in, int out, void* scratch,
-                        cudaStream_t stream) {
+                        cudaStream_t stream, const AddNorm* norm = nullptr, bool glu = false) {
   uint32_t* xb = static_cast<uint32_t*>(scratch);
   XMeta* meta = reinterpret_cast<XMeta*>(static_cast<char*>(scratch) + planes_bytes(in));
   float* y32 = reinterpret_cast<float*>(static_cast<char*>(scratch) + meta_end(in));  // zeroed by the caller (KP > 1)
   int* cnt = reinterpret_cast<int*>(y32 + out);
   const int sms = device_sms(), groups = out / 16, plane_blocks = in / 32 / kPlaneWarps, kp = bmma_kp(in, out, sms);
   const int warps = bmma_warps(groups * kp, sms), grid = std::min(sms, (groups * kp + warps - 1) / warps);
-  const size_t smem = (size_t)in * kXBits / 8 + (size_t)warps * kBmmaStages * kStepU4 * 16;
-  // DECDEC_BMMA_PLANES_IN_GEMV=1: the GEMV forms x's planes itself (one kernel per token; an A/B, not yet measured)
+  const size_t smem = (size_t)in * kXBits / 8 + (size_t)warps * kBmmaStages * kStepU4 * 16 +
+                      (norm ? (size_t)in * sizeof(T) : 0);
+  // DECDEC_BMMA_PLANES_IN_GEMV=1: the GEMV forms x's planes itself (one kernel per token; an A/B, not yet measured);
+  // the add + norm variants always do
   static const bool in_gemv = [] {
     const char* e = std::getenv("DECDEC_BMMA_PLANES_IN_GEMV");
     return e && e[0] == '1';
   }();
-  auto kernel = in_gemv ? ap3_bmma_kernel<T, kBmmaStages, true> : ap3_bmma_kernel<T, kBmmaStages, false>;
+  auto kernel = norm ? (glu ? ap3_bmma_kernel<T, kBmmaStages, true, true, true>
+                            : ap3_bmma_kernel<T, kBmmaStages, true, true, false>)
+                     : (in_gemv ? ap3_bmma_kernel<T, kBmmaStages, true> : ap3_bmma_kernel<T, kBmmaStages, false>);
+  const bool planes_kernel = !norm && !in_gemv;
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   for (int m = 0; m < M; ++m) {
-    if (!in_gemv) {
+    if (planes_kernel) {
       err = launch_kernel(ap3_xplanes_kernel<T>, dim3(plane_blocks), dim3(32 * kPlaneWarps), 0, stream, true,
                           x + (size_t)m * in, in, xb, meta);
       if (err != cudaSuccess) return err;
     }
+    AddNorm an;
+    if (norm) {  // token m's rows of b and h
+      an = *norm;
+      an.b = static_cast<const T*>(norm->b) + (size_t)m * in;
+      an.h_out = static_cast<T*>(norm->h_out) + (size_t)m * in;
+    }
     err = launch_kernel(kernel, dim3(grid), dim3(32 * warps), smem, stream, true, qw, lut, x + (size_t)m * in,
-                        static_cast<const uint32_t*>(xb), static_cast<const XMeta*>(meta), y + (size_t)m * out, y32,
-                        cnt, in, out, kp);
+                        static_cast<const uint32_t*>(xb), static_cast<const XMeta*>(meta),
+                        y + (size_t)m * (glu ? out / 2 : out), y32, cnt, in, out, kp, an);
     if (err != cudaSuccess) return err;
   }
   return cudaGetLastError();
@@ -393,6 +452,17 @@ bool ap3_bmma_supported(DType dt, int in, int out) {
 
 size_t ap3_bmma_scratch_bytes(int in, int out) { return meta_end(in) + (size_t)out * 4 + (size_t)(out / 16) * 4; }
 bool ap3_bmma_zeroed_scratch(int in, int out) { return bmma_kp(in, out, device_sms()) > 1; }
+
+cudaError_t ap3_bmma_gemv_addnorm(DType dt, const void* a, const AddNorm& an, const uint32_t* qweight, const void* lut,
+                                  void* y, int M, int in, int out, bool glu, void* scratch, cudaStream_t stream) {
+  if (!ap3_bmma_supported(dt, in, out)) return cudaErrorInvalidValue;
+  const uint4* qw = reinterpret_cast<const uint4*>(qweight);
+  if (dt == DType::F16)
+    return launch_bmma(static_cast<const __half*>(a), qw, static_cast<const __half*>(lut), static_cast<__half*>(y), M,
+                       in, out, scratch, stream, &an, glu);
+  return launch_bmma(static_cast<const __nv_bfloat16*>(a), qw, static_cast<const __nv_bfloat16*>(lut),
+                     static_cast<__nv_bfloat16*>(y), M, in, out, scratch, stream, &an, glu);
+}
 
 cudaError_t ap3_bmma_gemv(DType dt, const void* x, const uint32_t* qweight, const void* lut, void* y, int M, int in,
                           int out, void* scratch, cudaStream_t stream) {

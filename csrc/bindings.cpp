@@ -277,15 +277,21 @@ ForkJoin& fork_join(int device) {
   return *p;
 }
 
+// The binary-tensor-core GEMV's device scratch for one call (kernels.h ap3_bmma_scratch_bytes), zeroed where its K split
+// needs it.
+at::Tensor bmma_scratch(const Ap& s, const at::Tensor& like) {
+  const auto bytes = (int64_t)decdec::ap3_bmma_scratch_bytes(s.in, s.out);
+  const auto opts = like.options().dtype(at::kByte);
+  return decdec::ap3_bmma_zeroed_scratch(s.in, s.out) ? at::zeros({bytes}, opts) : at::empty({bytes}, opts);
+}
+
 // ---------------------------------------------------------------------------- ops
 at::Tensor ap_gemv_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& lut) {
   const Ap s = check_ap(x, qweight, lut, /*allow_bmma=*/true);
   c10::cuda::CUDAGuard guard(x.device());
   auto y = at::empty({x.size(0), s.out}, x.options());
   if (s.bmma) {
-    const auto bytes = (int64_t)decdec::ap3_bmma_scratch_bytes(s.in, s.out);
-    auto scratch = decdec::ap3_bmma_zeroed_scratch(s.in, s.out) ? at::zeros({bytes}, x.options().dtype(at::kByte))
-                                                                : at::empty({bytes}, x.options().dtype(at::kByte));
+    auto scratch = bmma_scratch(s, x);
     cuda_ok(decdec::ap3_bmma_gemv(dtype_of(x), x.data_ptr(), reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
                                   lut.data_ptr(), y.data_ptr(), (int)x.size(0), s.in, s.out, scratch.data_ptr(),
                                   at::cuda::getCurrentCUDAStream()),
@@ -325,9 +331,33 @@ decdec::AddNorm addnorm_args(const at::Tensor& b, const at::Tensor& gamma, doubl
   return an;
 }
 
+// ap_gemv_addnorm / ap_gemv_addnorm_glu on the binary-tensor-core layout (ap3_bmma_gemv_addnorm; glu: weights packed
+// with decdec.formats.pack_ap3_bmma(..., glu=True)); fp16 or bf16.
+std::tuple<at::Tensor, at::Tensor> bmma_addnorm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& gamma,
+                                                double eps, const at::Tensor& qweight, const at::Tensor& lut, bool glu) {
+  const Ap s = check_ap(a, qweight, lut, /*allow_bmma=*/true);
+  DD_CHECK(b.sizes() == a.sizes(), "decdec: b must be ", a.sizes(), " like a, got ", b.sizes());
+  check_tensor(b, "b", a.device(), a.scalar_type());
+  DD_CHECK(gamma.dim() == 1 && gamma.size(0) == s.in, "decdec: gamma must be [", s.in, "], got ", gamma.sizes());
+  check_tensor(gamma, "gamma", a.device(), a.scalar_type());
+  DD_CHECK(eps >= 0, "decdec: eps must be >= 0, got ", eps);
+  c10::cuda::CUDAGuard guard(a.device());
+  auto y = at::empty({a.size(0), glu ? s.out / 2 : s.out}, a.options());
+  auto h = at::empty_like(a);
+  const decdec::AddNorm an = addnorm_args(b, gamma, eps, h);
+  auto scratch = bmma_scratch(s, a);
+  cuda_ok(decdec::ap3_bmma_gemv_addnorm(dtype_of(a), a.data_ptr(), an,
+                                        reinterpret_cast<const uint32_t*>(qweight.data_ptr()), lut.data_ptr(),
+                                        y.data_ptr(), (int)a.size(0), s.in, s.out, glu, scratch.data_ptr(),
+                                        at::cuda::getCurrentCUDAStream()),
+          "ap3_bmma_gemv_addnorm launch");
+  return {y, h};
+}
+
 std::tuple<at::Tensor, at::Tensor> ap_gemv_addnorm_cuda(const at::Tensor& a, const at::Tensor& b,
                                                         const at::Tensor& gamma, double eps, const at::Tensor& qweight,
                                                         const at::Tensor& lut) {
+  if (is_ap3_bmma_layout(qweight, lut)) return bmma_addnorm(a, b, gamma, eps, qweight, lut, /*glu=*/false);
   const Ap s = check_addnorm(a, b, gamma, eps, qweight, lut);
   c10::cuda::CUDAGuard guard(a.device());
   auto y = at::empty({a.size(0), s.out}, a.options());
@@ -345,6 +375,7 @@ std::tuple<at::Tensor, at::Tensor> ap_gemv_addnorm_cuda(const at::Tensor& a, con
 std::tuple<at::Tensor, at::Tensor> ap_gemv_addnorm_glu_cuda(const at::Tensor& a, const at::Tensor& b,
                                                             const at::Tensor& gamma, double eps,
                                                             const at::Tensor& qweight, const at::Tensor& lut) {
+  if (is_ap3_bmma_layout(qweight, lut)) return bmma_addnorm(a, b, gamma, eps, qweight, lut, /*glu=*/true);
   const Ap s = check_ap(a, qweight, lut);
   DD_CHECK(a.scalar_type() == at::kHalf, "decdec: ap_gemv_addnorm_glu runs fp16, got ", a.scalar_type());
   DD_CHECK(decdec::ap_glu_supported(decdec::DType::F16, s.bits, s.in), "decdec: ap_gemv_addnorm_glu serves 3-bit "

@@ -270,8 +270,8 @@ def _(x, binary, alpha, q_bias, q_residual, bounds, k_chunk, n_tb):
     return x.new_empty((1 + reference.dec_parts_rows(n), x.shape[0], out), dtype=torch.float32)
 
 
-def _check_addnorm(a, b, gamma, eps, qweight, lut) -> tuple[int, int]:
-    out, n = _ap_shape(qweight, lut)
+def _check_addnorm(a, b, gamma, eps, qweight, lut, allow_bmma: bool = False) -> tuple[int, int]:
+    out, n = _ap_shape(qweight, lut, allow_bmma)
     _check_x(a, n)
     torch._check(b.shape == a.shape, lambda: f"b must be {tuple(a.shape)} like a, got {tuple(b.shape)}")
     torch._check(gamma.shape == (n,), lambda: f"gamma must be [{n}], got {tuple(gamma.shape)}")
@@ -281,13 +281,13 @@ def _check_addnorm(a, b, gamma, eps, qweight, lut) -> tuple[int, int]:
 
 @torch.library.register_fake("decdec::ap_gemv_addnorm")
 def _(a, b, gamma, eps, qweight, lut):
-    out, _ = _check_addnorm(a, b, gamma, eps, qweight, lut)
+    out, _ = _check_addnorm(a, b, gamma, eps, qweight, lut, allow_bmma=True)
     return _empty_out(a, out), torch.empty_like(a)
 
 
 @torch.library.register_fake("decdec::ap_gemv_addnorm_glu")
 def _(a, b, gamma, eps, qweight, lut):
-    out, _ = _check_addnorm(a, b, gamma, eps, qweight, lut)
+    out, _ = _check_addnorm(a, b, gamma, eps, qweight, lut, allow_bmma=True)
     torch._check(out % 2 == 0, lambda: f"ap_gemv_addnorm_glu needs an even number of rows (gate, up pairs), got {out}")
     return a.new_empty((a.shape[0], out // 2)), torch.empty_like(a)
 
@@ -461,13 +461,13 @@ def _(x, binary, alpha, q_bias, q_residual, bounds, k_chunk, n_tb):
 
 @torch.library.impl(_lib, "ap_gemv_addnorm", "CPU")
 def _(a, b, gamma, eps, qweight, lut):
-    _check_addnorm(a, b, gamma, eps, qweight, lut)
+    _check_addnorm(a, b, gamma, eps, qweight, lut, allow_bmma=True)
     return reference.ap_gemv_addnorm(a, b, gamma, eps, qweight, lut)
 
 
 @torch.library.impl(_lib, "ap_gemv_addnorm_glu", "CPU")
 def _(a, b, gamma, eps, qweight, lut):
-    out, _ = _check_addnorm(a, b, gamma, eps, qweight, lut)
+    out, _ = _check_addnorm(a, b, gamma, eps, qweight, lut, allow_bmma=True)
     torch._check(out % 2 == 0, lambda: f"ap_gemv_addnorm_glu needs an even number of rows (gate, up pairs), got {out}")
     return reference.ap_gemv_addnorm_glu(a, b, gamma, eps, qweight, lut)
 

@@ -194,7 +194,8 @@ int main(int argc, char** argv) {
                       : (stages == 8 ? ap3_bmma_kernel<__half, 8> : ap3_bmma_kernel<__half, 4>);
       CK(launch_kernel(k, dim3(grid), dim3(warps * 32), smem, s, true, reinterpret_cast<const uint4*>(qp + c * nw),
                        static_cast<const __half*>(lut + (size_t)c * out * 8), static_cast<const __half*>(x),
-                       static_cast<const uint32_t*>(xb), static_cast<const XMeta*>(meta), y, y32, cnt, in, out, kp));
+                       static_cast<const uint32_t*>(xb), static_cast<const XMeta*>(meta), y, y32, cnt, in, out, kp,
+                       AddNorm{}));
     };
     Cfg best;
     for (int stages : {4, 8})

@@ -622,6 +622,32 @@ def test_bmma_gemv_equals_the_reference(shape, dtype):
     assert torch.equal(torch.ops.decdec.ap_dequant(pk, lut), reference.ap_dequant(qw, lut))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(4096, 6144), (4096, 28672), (14336, 4096), (17920, 5120), (1024, 48)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_bmma_addnorm_and_glu_equal_the_reference(shape, dtype):
+    """ap_gemv_addnorm / ap_gemv_addnorm_glu on the binary-tensor-core layout (the add + RMSNorm and x's planes in the
+    GEMV's prologue, SiLU x up in its epilogue): y within the dtype's rounding of W rms_norm(a + b), h = a + b exactly,
+    act within rounding of silu(gate) * up of the rounded pair; M = 2; opcheck."""
+    n, out = shape
+    seed = 5 * n + out + (dtype == torch.bfloat16)
+    qw, lut = make_ap(n, out, 3, dtype, seed)
+    w = reference.ap_dequant(qw, lut.float())
+    a, b = make_x(2, n, dtype, seed + 1), make_x(2, n, dtype, seed + 2)
+    gamma = (torch.rand(n, generator=gen(seed + 3), device=DEV) + 0.5).to(dtype)
+    y_full = reference.rms_norm(a + b, gamma, 1e-5).float() @ w.t()
+    y, h = torch.ops.decdec.ap_gemv_addnorm(a, b, gamma, 1e-5, formats.pack_ap3_bmma(qw), lut)
+    assert torch.equal(h, a + b)
+    close(y, y_full, f"bmma addnorm {shape} {dtype}")
+    act, h = torch.ops.decdec.ap_gemv_addnorm_glu(a, b, gamma, 1e-5, formats.pack_ap3_bmma(qw, glu=True), lut)
+    assert torch.equal(h, a + b) and act.shape == (2, out // 2)
+    yr = y_full.to(dtype).float()
+    close(act, torch.nn.functional.silu(yr[:, 0::2]) * yr[:, 1::2], f"bmma glu {shape} {dtype}", rel=2.0)
+    if out <= 6144:
+        torch.library.opcheck(torch.ops.decdec.ap_gemv_addnorm_glu.default,
+                              (a, b, gamma, 1e-5, formats.pack_ap3_bmma(qw, glu=True), lut))
+
+
 def test_bmma_gemv_edge_inputs_graph_and_opcheck():
     """x = 0 gives 0; one huge channel among tiny ones and all-negative x stay within fp16 rounding of the reference;
     the op replays from a CUDA graph with new x; opcheck; the other ap ops and oversize shapes are refused by name."""

@@ -330,6 +330,25 @@ def test_ap_gemv_and_dequant_read_the_3bit_layouts(pack):
         assert OPS.ap_dequant(mode.from_tensor(pk), mode.from_tensor(lut)).shape == (32, 1024)
 
 
+def test_addnorm_ops_read_the_bmma_layout():
+    """ap_gemv_addnorm (plain packing) and ap_gemv_addnorm_glu (pack_ap3_bmma(..., glu=True) of pair-order rows) give
+    the bit-planes' results on the CPU, with fakes and opcheck."""
+    g = torch.Generator().manual_seed(46)
+    qw = formats.pack_bitplanes(torch.randint(0, 8, (32, 1024), generator=g), 3)
+    lut = torch.randn(32, 8, generator=g).half()
+    a, b = torch.randn(M, 1024, generator=g).half(), torch.randn(M, 1024, generator=g).half()
+    gamma = (torch.rand(1024, generator=g) + 0.5).half()
+    for op, pk in ((OPS.ap_gemv_addnorm, formats.pack_ap3_bmma(qw)),
+                   (OPS.ap_gemv_addnorm_glu, formats.pack_ap3_bmma(qw, glu=True))):
+        y, h = op(a, b, gamma, 1e-5, pk, lut)
+        y_ref, h_ref = op(a, b, gamma, 1e-5, qw, lut)
+        assert torch.equal(y, y_ref) and torch.equal(h, h_ref)
+        torch.library.opcheck(op.default, (a, b, gamma, 1e-5, pk, lut))
+        with FakeTensorMode() as mode:
+            fy, _ = op(*(mode.from_tensor(t) for t in (a, b, gamma)), 1e-5, mode.from_tensor(pk), mode.from_tensor(lut))
+            assert fy.shape == y.shape
+
+
 def test_the_other_ap_ops_refuse_the_bmma_layout_by_name():
     g = torch.Generator().manual_seed(44)
     pk = formats.pack_ap3_bmma(formats.pack_bitplanes(torch.randint(0, 8, (32, 1024), generator=g), 3))
@@ -339,7 +358,7 @@ def test_the_other_ap_ops_refuse_the_bmma_layout_by_name():
     with pytest.raises(RuntimeError, match=r"binary-tensor-core layout .*formats.unpack_ap3_bmma"):
         OPS.ap_gemv_dec(x, pk, lut, qr, torch.ones(32).half(), torch.tensor([1.0, 0.5]), 4, 8)
     with pytest.raises(RuntimeError, match=r"binary-tensor-core layout"):
-        OPS.ap_gemv_addnorm(x, x, torch.ones(1024).half(), 1e-5, pk, lut)
+        OPS.ap_gemv_addnorm_dec_parts(x, x, torch.ones(1024).half(), 1e-5, pk, lut, qr, torch.tensor([1.0, 0.5]), 4, 8)
 
 
 # ---------------------------------------------------------------------------- fake tensors
