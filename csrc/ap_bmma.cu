@@ -11,14 +11,17 @@
 // result is the exact LUT dot product of the fixed-point x, rounded once to the output dtype.
 //
 // Kernels. ap3_xplanes_kernel forms x's planes in the MMA's B-fragment order (each block finds max |x| itself, then
-// one warp per 32-channel word transposes it with ballots) and the fixed-point sum per block. ap3_bmma_kernel: a warp
-// item is one 16-row group over all of in, in steps of 512 channels; per step each lane streams 6 x 16 bytes through
-// its own cp.async ring (kBmmaStages deep, nothing in registers while in flight), forms the 7 masks and issues
-// 2 halves x 3 plane blocks x 7 masks = 42 MMAs into 84 int32 accumulators; x's planes sit in shared memory. Both are
-// programmatic dependents (the GEMV's first weight loads go out before it waits for the planes). The weights are in
-// the layout of decdec/formats.py pack_ap3_bmma ([out/16, in/512, 6, 32, 4] int32: a step is 3 KB contiguous per warp
-// and every 16-byte piece is an MMA A operand as loaded). Measured against the PRMT GEMVs in scripts/bmma_gemv_ab.cu
-// (docs/PERF.md, Kernels, session 20: H200 4096x28672 14.8 vs 21.2 us; slower on the small shapes).
+// one warp per 32-channel word transposes it with ballots) and the fixed-point sum per block; for ap_gemv_addnorm(_glu)
+// it forms x = rms_norm(a + b) first (and writes h). ap3_bmma_kernel: a warp item is one 16-row group over in / KP
+// channels (KP > 1 splits K where the row groups are too few), in steps of 512; per step each lane streams 6 x 16
+// bytes through its own cp.async ring (kBmmaStages deep, nothing in registers while in flight), forms the 7 masks and
+// issues 2 halves x 3 plane blocks x 7 masks = 42 MMAs into 84 int32 accumulators; x's planes sit in shared memory.
+// Both are programmatic dependents (the GEMV's first weight loads go out before it waits for the planes). The weights
+// are in the layout of decdec/formats.py pack_ap3_bmma ([out/16, in/512, 6, 32, 4] int32: a step is 3 KB contiguous
+// per warp and every 16-byte piece is an MMA A operand as loaded). Measured against the PRMT GEMVs in
+// scripts/bmma_gemv_ab.cu and per projection op in scripts/bench_bmma_ops.py (docs/PERF.md, Kernels, sessions 20-21).
+// Forming the planes inside the GEMV (every block all of them) was slower everywhere (session 21: 4096x28672 23.2 us
+// against 14.6 us plus a 2.9 us planes kernel).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -37,6 +40,7 @@ constexpr int kBmmaMaxWarps = 10;                // warps per block (one block p
 constexpr int kStepU4 = 6 * 32;                  // uint4 per warp step: 2 halves x 3 planes x 32 lanes
 constexpr int kNB = 3, kXBits = 8 * kNB;         // x as 24-bit fixed point: 3 blocks of 8 planes (the MMA's n = 8)
 constexpr int kPlaneWarps = 8;                   // 32-channel words per block of ap3_xplanes_kernel
+constexpr int kBmmaMaxKP = 7;                   // the largest K split bmma_kp picks (slots of partial rows)
 constexpr int kMaxIn = 20480;                    // kMaxPlaneBlocks words-blocks of xplanes
 constexpr int kMaxPlaneBlocks = kMaxIn / 32 / kPlaneWarps;
 
@@ -46,12 +50,6 @@ struct XMeta {
   double psum[kMaxPlaneBlocks];  // per xplanes block: the sum of its fixed-point X (summed in block order)
 };
 
-__device__ __forceinline__ float2 load2f(const __half* p) {
-  return __half22float2(*reinterpret_cast<const __half2*>(p));
-}
-__device__ __forceinline__ float2 load2f(const __nv_bfloat16* p) {
-  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
-}
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
 template <typename T>
@@ -77,21 +75,64 @@ __device__ __forceinline__ int b_index(int wd, int j) {
   return ((kb * kNB + (f >> 2)) * 32 + (4 * g + t)) * 4 + (f & 3);
 }
 
-// max |x| over the in channels, by the whole block (red: a float per warp); every thread returns it.
-template <typename T>
-__device__ __forceinline__ float block_max_abs(const T* __restrict__ x, int in, float* red) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  float m = 0.f;
-  for (int i = 2 * threadIdx.x; i < in; i += 2 * blockDim.x) {  // in % 512 == 0
-    const float2 f = load2f(x + i);
-    m = fmaxf(m, fmaxf(fabsf(f.x), fabsf(f.y)));
+// 8 consecutive elements (16-byte aligned) as floats.
+__device__ __forceinline__ void load8f(const __half* p, float (&f)[8]) {
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+  const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 t = __half22float2(h[i]);
+    f[2 * i] = t.x, f[2 * i + 1] = t.y;
   }
-  for (int o = 16; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(~0u, m, o));
-  if (lane == 0) red[warp] = m;
+}
+__device__ __forceinline__ void load8f(const __nv_bfloat16* p, float (&f)[8]) {
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 t = __bfloat1622float2(h[i]);
+    f[2 * i] = t.x, f[2 * i + 1] = t.y;
+  }
+}
+
+// The GEMV's input channel values: x itself, or (kNorm) x = gamma * T(h * r), h = T(a + b) (kernels.h AddNorm; the
+// streaming GEMV's stage_x_addnorm: the sum of h^2 in fp32, r = rsqrt(mean + eps)); a = x.
+template <typename T, bool kNorm>
+struct XSource {
+  const T* x;
+  const T* b;
+  const T* gamma;
+  float r;
+  __device__ __forceinline__ float h_of(float a, float bb) const { return to_f(from_f<T>(a + bb)); }
+  // elements i .. i + 7 (i % 8 == 0)
+  __device__ __forceinline__ void get8(int i, float (&f)[8]) const {
+    load8f(x + i, f);
+    if constexpr (kNorm) {
+      float bb[8], g[8];
+      load8f(b + i, bb);
+      load8f(gamma + i, g);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) f[e] = to_f(from_f<T>(to_f(from_f<T>(h_of(f[e], bb[e]) * r)) * g[e]));
+    }
+  }
+  __device__ __forceinline__ float get(int i) const {
+    if constexpr (kNorm) return to_f(from_f<T>(to_f(from_f<T>(h_of(to_f(x[i]), to_f(b[i])) * r)) * to_f(gamma[i])));
+    return to_f(x[i]);
+  }
+};
+
+// The sum over the block's warps of a per-thread value (red: one T per warp); every thread returns it, summed in warp
+// order (the same in every block).
+template <typename V, typename Op>
+__device__ __forceinline__ V block_reduce(V v, V* red, Op op) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  for (int o = 16; o; o >>= 1) v = op(v, __shfl_xor_sync(~0u, v, o));
+  if (lane == 0) red[warp] = v;
   __syncthreads();
-  float mx = 0.f;
-  for (int w = 0; w < warps; ++w) mx = fmaxf(mx, red[w]);
-  return mx;
+  V t = red[0];
+  for (int w = 1; w < warps; ++w) t = op(t, red[w]);
+  __syncthreads();  // red may be reused
+  return t;
 }
 
 // The shift that makes |X| < 2^(kXBits - 2) for X = x * 2^sh, |x| <= mx.
@@ -101,12 +142,12 @@ __device__ __forceinline__ int planes_shift(float mx) {
   return mx > 0.f ? kXBits - 2 - e : 0;
 }
 
-// One warp: channel 32 wd + lane of X = round(x * 2^sh) into bit-planes with ballots; lane j writes plane j's word of
-// wd at planes[b_index(wd, j)]; returns the lane's X.
-template <typename T>
-__device__ __forceinline__ int transpose_word(const T* __restrict__ x, int wd, int sh, uint32_t* planes) {
+// One warp: its lane's channel value v of word wd as X = round(v * 2^sh) into bit-planes with ballots; lane j writes
+// plane j's word at planes[b_index(wd, j)]; returns the lane's X. 2^sh in two exact factors (sh may exceed 127 for
+// tiny bf16 inputs).
+__device__ __forceinline__ int transpose_word(float v, int wd, int sh, uint32_t* planes) {
   const int lane = threadIdx.x & 31;
-  const int X = __float2int_rn(ldexpf(to_f(x[32 * wd + lane]), sh));
+  const int X = __float2int_rn(v * ldexpf(1.f, sh / 2) * ldexpf(1.f, sh - sh / 2));
   uint32_t mine = 0;
 #pragma unroll
   for (int j = 0; j < kXBits; ++j) {
@@ -117,24 +158,51 @@ __device__ __forceinline__ int transpose_word(const T* __restrict__ x, int wd, i
   return X;
 }
 
-template <typename T>
+// x's planes for the GEMV: every block finds max |x| over all of in itself (kNorm: first the sum of h^2, then x), then
+// each warp transposes one 32-channel word; the fixed-point sum per block goes to meta. kNorm: the block writes h for
+// its own words. x (and b, gamma) 16-byte aligned.
+template <typename T, bool kNorm = false>
 __global__ void __launch_bounds__(32 * kPlaneWarps) ap3_xplanes_kernel(const T* __restrict__ x, int in,
-                                                                       uint32_t* __restrict__ xb, XMeta* meta) {
+                                                                       uint32_t* __restrict__ xb, XMeta* meta,
+                                                                       AddNorm an = AddNorm{}) {
   __shared__ float fred[kPlaneWarps];
   __shared__ double dred[kPlaneWarps];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   pdl_wait();  // x is the previous kernel's; so is xb (the previous token's GEMV reads it)
   pdl_launch_dependents();
-  const int sh = planes_shift(block_max_abs(x, in, fred));
+  XSource<T, kNorm> src{x, static_cast<const T*>(an.b), static_cast<const T*>(an.gamma), 0.f};
+  auto fmax_ = [](float u, float v) { return fmaxf(u, v); };
+  if constexpr (kNorm) {
+    float ss = 0.f;
+    for (int i = 8 * threadIdx.x; i < in; i += 8 * blockDim.x) {  // in % 512 == 0
+      float a[8], bb[8];
+      load8f(x + i, a);
+      load8f(src.b + i, bb);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float h = src.h_of(a[e], bb[e]);
+        ss = fmaf(h, h, ss);
+      }
+    }
+    src.r = rsqrtf(block_reduce(ss, fred, [](float u, float v) { return u + v; }) / (float)in + an.eps);
+  }
+  float m = 0.f;
+  for (int i = 8 * threadIdx.x; i < in; i += 8 * blockDim.x) {
+    float f[8];
+    src.get8(i, f);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) m = fmaxf(m, fabsf(f[e]));
+  }
+  const int sh = planes_shift(block_reduce(m, fred, fmax_));
   const int wd = blockIdx.x * kPlaneWarps + warp;
   double s = 0.0;
-  if (wd < in / 32) s = (double)transpose_word(x, wd, sh, xb);
-  for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(~0u, s, o);
-  if (lane == 0) dred[warp] = s;
-  __syncthreads();
+  if (wd < in / 32) {
+    const int i = 32 * wd + lane;
+    s = (double)transpose_word(src.get(i), wd, sh, xb);
+    if constexpr (kNorm) static_cast<T*>(an.h_out)[i] = from_f<T>(src.h_of(to_f(x[i]), to_f(src.b[i])));
+  }
+  const double t = block_reduce(s, dred, [](double u, double v) { return u + v; });
   if (threadIdx.x == 0) {
-    double t = 0.0;
-    for (int w = 0; w < kPlaneWarps; ++w) t += dred[w];
     meta->psum[blockIdx.x] = t;
     if (blockIdx.x == 0) {
       meta->sh = sh;
@@ -162,22 +230,19 @@ __device__ __forceinline__ uint4 and4(const uint4& a, const uint4& b) {
   return make_uint4(a.x & b.x, a.y & b.y, a.z & b.z, a.w & b.w);
 }
 
-// KP > 1 splits K: item (group, kp) covers steps [kp, kp + 1) * steps / KP of the group; the items' fp32 rows meet in
-// y32 (atomics), and the last item of a group (cnt) writes y and clears y32 / cnt (zero on entry, zero on exit).
-// kPlanes: every block forms x's planes itself from x (as ap3_xplanes_kernel does, same order of sums, so every block
-// gets the same sh and sum) instead of staging xb / meta from ap3_xplanes_kernel: one kernel per token instead of two.
-// kNorm (implies kPlanes): x = rms_norm(a + b) formed by every block from x = a and an (kernels.h AddNorm, as the
-// streaming GEMV's stage_x_addnorm: h = a + b in T, the sum of h^2 in fp32, x = gamma * T(h * r)) into shared memory
-// after the planes (in * sizeof(T) more bytes); block 0 writes h.
+// KP > 1 splits K: item (group, kp) covers steps [kp, kp + 1) * steps / KP of the group and writes its fp32 rows to
+// slot kp of y32 [KP][out]; the last item of a group (cnt) sums the slots in slot order (the same result every run,
+// whichever item finishes last), writes y and clears cnt (zero on entry, zero on exit).
+// l2_steps: while it waits for x's planes (the HBM idles), each warp also pulls the l2_steps steps after its ring's
+// first kStages - 1 into L2 (prefetch.global.L2; an A/B knob of the op, DECDEC_BMMA_L2_STEPS).
 // kGlu: the rows were packed with formats.pack_ap3_bmma(..., glu=True), so lane (g, t)'s rows g / g + 8 of a group
 // are the pair (gate_i, up_i), i = 8 group + g; y [out / 2] gets T(silu(g) * u) of the T-rounded pair, as
 // ap_gemv_addnorm_glu.
-template <typename T, int kStages = kBmmaStages, bool kPlanes = false, bool kNorm = false, bool kGlu = false>
+template <typename T, int kStages = kBmmaStages, bool kGlu = false>
 __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
-    ap3_bmma_kernel(const uint4* __restrict__ qw, const T* __restrict__ lut, const T* __restrict__ x,
-                    const uint32_t* __restrict__ xb, const XMeta* __restrict__ meta, T* __restrict__ y,
-                    float* __restrict__ y32, int* __restrict__ cnt, int in, int out, int KP, AddNorm an = AddNorm{}) {
-  static_assert(!kNorm || kPlanes, "the add + norm prologue forms the planes itself");
+    ap3_bmma_kernel(const uint4* __restrict__ qw, const T* __restrict__ lut, const uint32_t* __restrict__ xb,
+                    const XMeta* __restrict__ meta, T* __restrict__ y, float* __restrict__ y32, int* __restrict__ cnt,
+                    int in, int out, int KP, int l2_steps) {
   extern __shared__ __align__(16) uint4 smem[];
   const int W = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int xs_u4 = in * kXBits / 128, steps = in >> 9, groups = out >> 4, sp = steps / KP, n_items = groups * KP;
@@ -210,50 +275,28 @@ __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) issue(s);  // weights never depend on the kernel before
-  pdl_wait();                                          // x or its planes (and y) belong to it
-  gemv_trigger_dependents();
-  int sh = 0;
-  double xsum = 0.0;  // the fixed-point sum of x, in a fixed order
-  if constexpr (kPlanes) {
-    __shared__ float fred[kBmmaMaxWarps];
-    __shared__ double dred[kBmmaMaxWarps];
-    if constexpr (kNorm) {  // x = rms_norm(a + b) into shared memory after the ring
-      T* xn = reinterpret_cast<T*>(smem + xs_u4 + W * (kStages * kStepU4));
-      const T* bp = static_cast<const T*>(an.b);
-      const T* gp = static_cast<const T*>(an.gamma);
-      T* hp = blockIdx.x == 0 ? static_cast<T*>(an.h_out) : nullptr;
-      float ss = 0.f;
-      for (int i = threadIdx.x; i < in; i += blockDim.x) {
-        const T h = __hadd(x[i], bp[i]);
-        const float f = to_f(h);
-        ss = fmaf(f, f, ss);
-        xn[i] = h;
-        if (hp) hp[i] = h;
+  if (l2_steps > 0 && lane < kStepU4 * 16 / 128) {  // a step is 24 lines of 128 bytes per warp
+    int left = is_left, step = is_step, it = is_it;
+    const uint4* p = is_p;
+    for (int k = 0; k < l2_steps && left > 0; ++k) {
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const char*>(p - lane) + lane * 128));
+      --left;
+      if (++step == sp) {
+        step = 0;
+        it += NW;
+        if (left > 0) p = item_base(it);
+      } else {
+        p += kStepU4;
       }
-      for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(~0u, ss, o);
-      if (lane == 0) fred[warp] = ss;
-      __syncthreads();
-      float tot = 0.f;
-      for (int w = 0; w < W; ++w) tot += fred[w];
-      const float r = rsqrtf(tot / (float)in + an.eps);
-      for (int i = threadIdx.x; i < in; i += blockDim.x)
-        xn[i] = from_f<T>(to_f(from_f<T>(to_f(xn[i]) * r)) * to_f(gp[i]));
-      __syncthreads();  // fred is reused below
-      x = xn;
     }
-    sh = planes_shift(block_max_abs(x, in, fred));
-    double sw = 0.0;
-    for (int wd = warp; wd < in / 32; wd += W) sw += (double)transpose_word(x, wd, sh, reinterpret_cast<uint32_t*>(xs));
-    for (int o = 16; o; o >>= 1) sw += __shfl_xor_sync(~0u, sw, o);
-    if (lane == 0) dred[warp] = sw;
-    __syncthreads();
-    for (int w = 0; w < W; ++w) xsum += dred[w];
-  } else {
-    for (int i = threadIdx.x; i < xs_u4; i += blockDim.x) xs[i] = __ldg(reinterpret_cast<const uint4*>(xb) + i);
-    __syncthreads();
-    sh = meta->sh;
-    for (int b = 0; b < meta->blocks; ++b) xsum += meta->psum[b];
   }
+  pdl_wait();  // x's planes (and y) belong to the kernel before
+  gemv_trigger_dependents();
+  for (int i = threadIdx.x; i < xs_u4; i += blockDim.x) xs[i] = __ldg(reinterpret_cast<const uint4*>(xb) + i);
+  __syncthreads();
+  const int sh = meta->sh;
+  double xsum = 0.0;  // the fixed-point sum of x, in block order
+  for (int b = 0; b < meta->blocks; ++b) xsum += meta->psum[b];
 
   int acc[7][kNB][4];
   auto zero_acc = [&]() {
@@ -272,8 +315,10 @@ __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
     cp_wait<kStages - 1>();
     if (c_step == 0) {
 #pragma unroll
-      for (int R = 0; R < 2; ++R)
-        lv[R] = __ldg(reinterpret_cast<const uint4*>(lut + (size_t)(group * 16 + g + 8 * R) * 8));
+      for (int R = 0; R < 2; ++R) {  // the lut stays in the weight's row order (GLU: packed row 16 G + 8 R + g is
+        const int row = kGlu ? group * 16 + 2 * g + R : group * 16 + g + 8 * R;  // row 16 G + 2 g + R)
+        lv[R] = __ldg(reinterpret_cast<const uint4*>(lut + (size_t)row * 8));
+      }
     }
     const uint4* src = ring + (s & (kStages - 1)) * kStepU4 + lane;
     uint4 bq[kNB];
@@ -340,18 +385,20 @@ __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
           }
         }
       } else {
-        if (t == 0) {
-          atomicAdd(y32 + group * 16 + g, (float)yr[0]);
-          atomicAdd(y32 + group * 16 + g + 8, (float)yr[1]);
+        if (t == 0) {  // this item's slot of the group's rows
+          y32[(size_t)kp * out + group * 16 + g] = (float)yr[0];
+          y32[(size_t)kp * out + group * 16 + g + 8] = (float)yr[1];
         }
         __threadfence();
         __syncwarp();
         int last = 0;
         if (lane == 0) last = atomicAdd(cnt + group, 1) == KP - 1;
         last = __shfl_sync(~0u, last, 0);
-        if (last) {  // every item of the group has added its rows
+        if (last) {  // every item of the group has written its slot: sum them in slot order (deterministic)
           __threadfence();
-          const float v = lane < 16 ? atomicExch(y32 + group * 16 + lane, 0.f) : 0.f;
+          float v = 0.f;
+          if (lane < 16)
+            for (int k = 0; k < KP; ++k) v += __ldcg(y32 + (size_t)k * out + group * 16 + lane);
           if constexpr (kGlu) {  // rows g / g + 8 of the group: the pair of output 8 group + g
             const float gate = __shfl_sync(~0u, v, lane & 7), up = __shfl_sync(~0u, v, (lane & 7) + 8);
             if (lane < 8) y[group * 8 + lane] = glu_act<T>(gate, up);
@@ -400,44 +447,41 @@ int bmma_kp(int in, int out, int sms) {
 size_t planes_bytes(int in) { return ((size_t)in * kXBits / 8 + 255) / 256 * 256; }
 size_t meta_end(int in) { return (planes_bytes(in) + sizeof(XMeta) + 255) / 256 * 256; }
 
+// DECDEC_BMMA_L2_STEPS=n: the GEMV prefetches n steps per warp into L2 while it waits for the planes (default 0).
+int bmma_l2_steps() {
+  static const int n = [] {
+    const char* e = std::getenv("DECDEC_BMMA_L2_STEPS");
+    return e ? std::max(0, std::atoi(e)) : 0;
+  }();
+  return n;
+}
+
 template <typename T>
 cudaError_t launch_bmma(const T* x, const uint4* qw, const T* lut, T* y, int M, int in, int out, void* scratch,
-                        cudaStream_t stream, const AddNorm* norm = nullptr, bool glu = false) {
+                        int* counters, cudaStream_t stream, const AddNorm* norm = nullptr, bool glu = false) {
   uint32_t* xb = static_cast<uint32_t*>(scratch);
   XMeta* meta = reinterpret_cast<XMeta*>(static_cast<char*>(scratch) + planes_bytes(in));
-  float* y32 = reinterpret_cast<float*>(static_cast<char*>(scratch) + meta_end(in));  // zeroed by the caller (KP > 1)
-  int* cnt = reinterpret_cast<int*>(y32 + out);
+  float* y32 = reinterpret_cast<float*>(static_cast<char*>(scratch) + meta_end(in));  // [kBmmaMaxKP][out] slots
   const int sms = device_sms(), groups = out / 16, plane_blocks = in / 32 / kPlaneWarps, kp = bmma_kp(in, out, sms);
   const int warps = bmma_warps(groups * kp, sms), grid = std::min(sms, (groups * kp + warps - 1) / warps);
-  const size_t smem = (size_t)in * kXBits / 8 + (size_t)warps * kBmmaStages * kStepU4 * 16 +
-                      (norm ? (size_t)in * sizeof(T) : 0);
-  // DECDEC_BMMA_PLANES_IN_GEMV=1: the GEMV forms x's planes itself (one kernel per token; an A/B, not yet measured);
-  // the add + norm variants always do
-  static const bool in_gemv = [] {
-    const char* e = std::getenv("DECDEC_BMMA_PLANES_IN_GEMV");
-    return e && e[0] == '1';
-  }();
-  auto kernel = norm ? (glu ? ap3_bmma_kernel<T, kBmmaStages, true, true, true>
-                            : ap3_bmma_kernel<T, kBmmaStages, true, true, false>)
-                     : (in_gemv ? ap3_bmma_kernel<T, kBmmaStages, true> : ap3_bmma_kernel<T, kBmmaStages, false>);
-  const bool planes_kernel = !norm && !in_gemv;
+  const size_t smem = (size_t)in * kXBits / 8 + (size_t)warps * kBmmaStages * kStepU4 * 16;
+  auto kernel = glu ? ap3_bmma_kernel<T, kBmmaStages, true> : ap3_bmma_kernel<T, kBmmaStages, false>;
+  auto planes = norm ? ap3_xplanes_kernel<T, true> : ap3_xplanes_kernel<T, false>;
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   for (int m = 0; m < M; ++m) {
-    if (planes_kernel) {
-      err = launch_kernel(ap3_xplanes_kernel<T>, dim3(plane_blocks), dim3(32 * kPlaneWarps), 0, stream, true,
-                          x + (size_t)m * in, in, xb, meta);
-      if (err != cudaSuccess) return err;
-    }
     AddNorm an;
     if (norm) {  // token m's rows of b and h
       an = *norm;
       an.b = static_cast<const T*>(norm->b) + (size_t)m * in;
       an.h_out = static_cast<T*>(norm->h_out) + (size_t)m * in;
     }
-    err = launch_kernel(kernel, dim3(grid), dim3(32 * warps), smem, stream, true, qw, lut, x + (size_t)m * in,
+    err = launch_kernel(planes, dim3(plane_blocks), dim3(32 * kPlaneWarps), 0, stream, true, x + (size_t)m * in, in,
+                        xb, meta, an);
+    if (err != cudaSuccess) return err;
+    err = launch_kernel(kernel, dim3(grid), dim3(32 * warps), smem, stream, true, qw, lut,
                         static_cast<const uint32_t*>(xb), static_cast<const XMeta*>(meta),
-                        y + (size_t)m * (glu ? out / 2 : out), y32, cnt, in, out, kp, an);
+                        y + (size_t)m * (glu ? out / 2 : out), y32, counters, in, out, kp, bmma_l2_steps());
     if (err != cudaSuccess) return err;
   }
   return cudaGetLastError();
@@ -450,29 +494,29 @@ bool ap3_bmma_supported(DType dt, int in, int out) {
   return in > 0 && out > 0 && in % 512 == 0 && out % 16 == 0 && in <= kMaxIn;
 }
 
-size_t ap3_bmma_scratch_bytes(int in, int out) { return meta_end(in) + (size_t)out * 4 + (size_t)(out / 16) * 4; }
-bool ap3_bmma_zeroed_scratch(int in, int out) { return bmma_kp(in, out, device_sms()) > 1; }
+size_t ap3_bmma_scratch_bytes(int in, int out) { return meta_end(in) + (size_t)kBmmaMaxKP * out * 4; }
 
 cudaError_t ap3_bmma_gemv_addnorm(DType dt, const void* a, const AddNorm& an, const uint32_t* qweight, const void* lut,
-                                  void* y, int M, int in, int out, bool glu, void* scratch, cudaStream_t stream) {
+                                  void* y, int M, int in, int out, bool glu, void* scratch, int* counters,
+                                  cudaStream_t stream) {
   if (!ap3_bmma_supported(dt, in, out)) return cudaErrorInvalidValue;
   const uint4* qw = reinterpret_cast<const uint4*>(qweight);
   if (dt == DType::F16)
     return launch_bmma(static_cast<const __half*>(a), qw, static_cast<const __half*>(lut), static_cast<__half*>(y), M,
-                       in, out, scratch, stream, &an, glu);
+                       in, out, scratch, counters, stream, &an, glu);
   return launch_bmma(static_cast<const __nv_bfloat16*>(a), qw, static_cast<const __nv_bfloat16*>(lut),
-                     static_cast<__nv_bfloat16*>(y), M, in, out, scratch, stream, &an, glu);
+                     static_cast<__nv_bfloat16*>(y), M, in, out, scratch, counters, stream, &an, glu);
 }
 
 cudaError_t ap3_bmma_gemv(DType dt, const void* x, const uint32_t* qweight, const void* lut, void* y, int M, int in,
-                          int out, void* scratch, cudaStream_t stream) {
+                          int out, void* scratch, int* counters, cudaStream_t stream) {
   if (!ap3_bmma_supported(dt, in, out)) return cudaErrorInvalidValue;
   const uint4* qw = reinterpret_cast<const uint4*>(qweight);
   if (dt == DType::F16)
     return launch_bmma(static_cast<const __half*>(x), qw, static_cast<const __half*>(lut), static_cast<__half*>(y), M,
-                       in, out, scratch, stream);
+                       in, out, scratch, counters, stream);
   return launch_bmma(static_cast<const __nv_bfloat16*>(x), qw, static_cast<const __nv_bfloat16*>(lut),
-                     static_cast<__nv_bfloat16*>(y), M, in, out, scratch, stream);
+                     static_cast<__nv_bfloat16*>(y), M, in, out, scratch, counters, stream);
 }
 
 }  // namespace decdec

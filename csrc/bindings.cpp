@@ -11,6 +11,7 @@
 
 #include <cstdio>
 #include <cstring>
+#include <initializer_list>
 #include <tuple>
 #include <type_traits>
 #include <mutex>
@@ -277,12 +278,43 @@ ForkJoin& fork_join(int device) {
   return *p;
 }
 
-// The binary-tensor-core GEMV's device scratch for one call (kernels.h ap3_bmma_scratch_bytes), zeroed where its K split
-// needs it.
-at::Tensor bmma_scratch(const Ap& s, const at::Tensor& like) {
+// The binary-tensor-core GEMV's counters (kernels.h ap3_bmma_gemv: out / 16 zero ints, zero again on exit): one
+// zeroed buffer per device in kBmmaSlots slots used in turn, as the chain counters (no memset per call).
+constexpr int kBmmaSlots = 8, kBmmaSlotInts = 1 << 14;
+std::unordered_map<int, std::pair<int*, unsigned>> g_bmma;  // device -> (buffer, next slot)
+
+int* bmma_counters(int device, int out, cudaStream_t stream) {
+  DD_CHECK(out / 16 <= kBmmaSlotInts, "decdec: the binary-tensor-core GEMV serves out <= ", 16 * kBmmaSlotInts,
+           ", got out=", out, "; use the bit-plane layout");
+  std::lock_guard<std::mutex> lock(g_ws_mu);
+  auto& w = g_bmma[device];
+  if (!w.first) {
+    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+    cuda_ok(cudaStreamIsCapturing(stream, &st), "cudaStreamIsCapturing");
+    DD_CHECK(st == cudaStreamCaptureStatusNone, "decdec: the first binary-tensor-core GEMV call on a device allocates "
+             "its counters; call it once outside CUDA-graph capture (a warm-up) first");
+    const size_t bytes = (size_t)kBmmaSlots * kBmmaSlotInts * sizeof(int);
+    cuda_ok(cudaMalloc(&w.first, bytes), "cudaMalloc(bmma counters)");
+    cuda_ok(cudaMemset(w.first, 0, bytes), "cudaMemset(bmma counters)");
+    cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  }
+  return w.first + (size_t)(w.second++ % kBmmaSlots) * kBmmaSlotInts;
+}
+
+// One call's scratch (kernels.h ap3_bmma_scratch_bytes; no initial value) and counters; the inputs it reads 16 bytes
+// at a time must be 16-byte aligned.
+struct BmmaWork {
+  at::Tensor scratch;
+  int* counters;
+};
+BmmaWork bmma_work(const Ap& s, const at::Tensor& x, std::initializer_list<const at::Tensor*> inputs) {
+  for (const at::Tensor* t : inputs)
+    DD_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, "decdec: the binary-tensor-core GEMV reads its "
+             "inputs 16 bytes at a time; a tensor of shape ", t->sizes(), " starts at a pointer that is not 16-byte "
+             "aligned (pass a fresh tensor, e.g. .clone())");
   const auto bytes = (int64_t)decdec::ap3_bmma_scratch_bytes(s.in, s.out);
-  const auto opts = like.options().dtype(at::kByte);
-  return decdec::ap3_bmma_zeroed_scratch(s.in, s.out) ? at::zeros({bytes}, opts) : at::empty({bytes}, opts);
+  return {at::empty({bytes}, x.options().dtype(at::kByte)),
+          bmma_counters(x.get_device(), s.out, at::cuda::getCurrentCUDAStream())};
 }
 
 // ---------------------------------------------------------------------------- ops
@@ -291,10 +323,10 @@ at::Tensor ap_gemv_cuda(const at::Tensor& x, const at::Tensor& qweight, const at
   c10::cuda::CUDAGuard guard(x.device());
   auto y = at::empty({x.size(0), s.out}, x.options());
   if (s.bmma) {
-    auto scratch = bmma_scratch(s, x);
+    const BmmaWork w = bmma_work(s, x, {&x});
     cuda_ok(decdec::ap3_bmma_gemv(dtype_of(x), x.data_ptr(), reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
-                                  lut.data_ptr(), y.data_ptr(), (int)x.size(0), s.in, s.out, scratch.data_ptr(),
-                                  at::cuda::getCurrentCUDAStream()),
+                                  lut.data_ptr(), y.data_ptr(), (int)x.size(0), s.in, s.out, w.scratch.data_ptr(),
+                                  w.counters, at::cuda::getCurrentCUDAStream()),
             "ap3_bmma_gemv launch");
     return y;
   }
@@ -345,11 +377,11 @@ std::tuple<at::Tensor, at::Tensor> bmma_addnorm(const at::Tensor& a, const at::T
   auto y = at::empty({a.size(0), glu ? s.out / 2 : s.out}, a.options());
   auto h = at::empty_like(a);
   const decdec::AddNorm an = addnorm_args(b, gamma, eps, h);
-  auto scratch = bmma_scratch(s, a);
+  const BmmaWork w = bmma_work(s, a, {&a, &b, &gamma});
   cuda_ok(decdec::ap3_bmma_gemv_addnorm(dtype_of(a), a.data_ptr(), an,
                                         reinterpret_cast<const uint32_t*>(qweight.data_ptr()), lut.data_ptr(),
-                                        y.data_ptr(), (int)a.size(0), s.in, s.out, glu, scratch.data_ptr(),
-                                        at::cuda::getCurrentCUDAStream()),
+                                        y.data_ptr(), (int)a.size(0), s.in, s.out, glu, w.scratch.data_ptr(),
+                                        w.counters, at::cuda::getCurrentCUDAStream()),
           "ap3_bmma_gemv_addnorm launch");
   return {y, h};
 }

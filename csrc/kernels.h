@@ -120,19 +120,19 @@ cudaError_t ap_dequant(DType dt, const uint32_t* qweight, const void* lut, void*
                        cudaStream_t stream, bool packed = false);
 
 // ap 3-bit GEMV on the binary tensor cores (ap_bmma.cu), qweight in decdec/formats.py pack_ap3_bmma's layout
-// [out/16, in/512, 6, 32, 4]; fp16 or bf16; M tokens one after another. scratch: ap3_bmma_scratch_bytes(in) bytes of
-// device memory (x's bit-planes and their shift, the K split's fp32 rows and counters), used by one call at a time
-// (stream order); zero on entry where ap3_bmma_zeroed_scratch says (the K split), and then zero on exit.
+// [out/16, in/512, 6, 32, 4]; fp16 or bf16; M tokens one after another; x (a, b, gamma) 16-byte aligned. scratch:
+// ap3_bmma_scratch_bytes(in, out) bytes of device memory (x's bit-planes and their shift, the K split's fp32 rows), no
+// initial value, used by one call at a time (stream order); counters: out / 16 ints, zero on entry and on exit.
 bool ap3_bmma_supported(DType dt, int in, int out);
 size_t ap3_bmma_scratch_bytes(int in, int out);
-bool ap3_bmma_zeroed_scratch(int in, int out);
 cudaError_t ap3_bmma_gemv(DType dt, const void* x, const uint32_t* qweight, const void* lut, void* y, int M, int in,
-                          int out, void* scratch, cudaStream_t stream);
+                          int out, void* scratch, int* counters, cudaStream_t stream);
 // The same with the residual add and RMSNorm before it (ap_gemv_addnorm: y = W rms_norm(a + b), h = a + b into
 // an.h_out) and, glu, SiLU x up after it (ap_gemv_addnorm_glu: weights packed with pack_ap3_bmma(..., glu=True),
 // y [M, out / 2]). fp16 or bf16 (a, b, gamma, lut, y all of it).
 cudaError_t ap3_bmma_gemv_addnorm(DType dt, const void* a, const AddNorm& an, const uint32_t* qweight, const void* lut,
-                                  void* y, int M, int in, int out, bool glu, void* scratch, cudaStream_t stream);
+                                  void* y, int M, int in, int out, bool glu, void* scratch, int* counters,
+                                  cudaStream_t stream);
 
 // ---- lutgemm (binary coding). binary [in/32, bits, out], alpha [G, bits, out], q_bias [G, out].
 bool lutgemm_bits_supported(int bits);

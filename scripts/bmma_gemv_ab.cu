@@ -18,8 +18,8 @@
 // steps of 512: per step each lane streams 6 x 16 bytes through its own cp.async ring (no registers in flight), forms
 // the 7 masks and issues 2 halves x 3 x-plane blocks x 7 masks = 42 BMMA into 84 int32 accumulators; the weights are
 // re-laid once (pack_bmma = formats.pack_ap3_bmma) so that a step is 3 KB contiguous per warp and each 16-byte piece
-// is an MMA A operand as loaded. x's planes come from ap3_xplanes_kernel; KP > 1 splits K (partial rows meet in fp32,
-// the last item of a row group writes). The tool times the op's own plan (ap3_bmma_gemv: planes kernel + GEMV, its
+// is an MMA A operand as loaded. x's planes come from ap3_xplanes_kernel; KP > 1 splits K (partial rows in fp32
+// slots, summed in slot order by the last item of a row group). The tool times the op's own plan (ap3_bmma_gemv: planes kernel + GEMV, its
 // K split and warps) and sweeps the GEMV alone over ring depth, warps, blocks per SM and K split. (Session 20's numbers
 // in docs/PERF.md came from this tool's earlier self-contained copy, which also had a bit-plane-layout variant: slower
 // everywhere.)
@@ -75,10 +75,15 @@ int main(int argc, char** argv) {
   int sms = 0, l2 = 0;
   CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   CK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, 0));
-  CK(cudaFuncSetAttribute(ap3_bmma_kernel<__half, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
-  CK(cudaFuncSetAttribute(ap3_bmma_kernel<__half, 8>, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
-  CK(cudaFuncSetAttribute(ap3_bmma_kernel<__half, 4, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
-  CK(cudaFuncSetAttribute(ap3_bmma_kernel<__half, 8, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
+  int optin = 0;
+  CK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0));
+  auto allow_max = [&](auto k) {  // all the dynamic shared memory a block may have beside the kernel's static arrays
+    cudaFuncAttributes fa{};
+    CK(cudaFuncGetAttributes(&fa, k));
+    CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, optin - (int)fa.sharedSizeBytes));
+  };
+  allow_max(ap3_bmma_kernel<__half, 4>);
+  allow_max(ap3_bmma_kernel<__half, 8>);
   cudaFuncAttributes fa;
   CK(cudaFuncGetAttributes(&fa, ap3_bmma_kernel<__half, 4>));
   cudaDeviceProp prop;
@@ -88,9 +93,9 @@ int main(int argc, char** argv) {
   snprintf(line, sizeof line,
            "%s, %d SMs; BMMA GEMV (csrc/ap_bmma.cu) %d registers. Errors: max |y - y_ref| / max |y_ref| (y_ref: the "
            "LUT dot product in fp64 on the host). op: ap3_bmma_gemv's own plan, planes kernel included (KP, warps); "
-           "best: the GEMV alone over the sweep (stages, warps x blocks/SM, KP); planes in GEMV: the best "
-           "configuration forming x's planes itself (no planes kernel).\n\n"
-           "| shape | shipped (kernel layout) | shipped err | xplanes | op | best GEMV | planes in GEMV | BMMA err | "
+           "best: the GEMV alone over the sweep (stages, warps x blocks/SM, KP); op + L2: the op's plan with each warp "
+           "prefetching n more steps into L2 while it waits for the planes (the best n of 2, 4, 8, 16).\n\n"
+           "| shape | shipped (kernel layout) | shipped err | xplanes | op | best GEMV | op + L2 (n) | BMMA err | "
            "best / shipped | GB/s best |\n|---|---|---|---|---|---|---|---|---|---|\n",
            prop.name, sms, fa.numRegs);
   md += line;
@@ -151,13 +156,14 @@ int main(int argc, char** argv) {
     CK(cudaMalloc(&y, out * 2));
     const size_t sbytes = ap3_bmma_scratch_bytes(in, out);
     CK(cudaMalloc(&scratch, sbytes));
-    CK(cudaMemset(scratch, 0, sbytes));  // the K split's rows and counters start at zero and are left at zero
+    int* cnt;  // the K split's counters: zero on entry, left at zero
+    CK(cudaMalloc(&cnt, out / 16 * sizeof(int)));
+    CK(cudaMemset(cnt, 0, out / 16 * sizeof(int)));
     uint32_t* xb = static_cast<uint32_t*>(scratch);
     XMeta* meta = reinterpret_cast<XMeta*>(static_cast<char*>(scratch) + planes_bytes(in));
     float* y32 = reinterpret_cast<float*>(static_cast<char*>(scratch) + meta_end(in));
-    int* cnt = reinterpret_cast<int*>(y32 + out);
     const int plane_blocks = words / kPlaneWarps;
-    ap3_xplanes_kernel<__half><<<plane_blocks, 32 * kPlaneWarps>>>(x, in, xb, meta);
+    ap3_xplanes_kernel<__half><<<plane_blocks, 32 * kPlaneWarps>>>(x, in, xb, meta, AddNorm{});
     CK(cudaDeviceSynchronize());
 
     auto err_of = [&]() {
@@ -176,26 +182,25 @@ int main(int argc, char** argv) {
     });
     const float t_xplanes = graph_us([&](cudaStream_t s, int) {
       CK(launch_kernel(ap3_xplanes_kernel<__half>, dim3(plane_blocks), dim3(32 * kPlaneWarps), 0, s, true, x, in, xb,
-                       meta));
+                       meta, AddNorm{}));
     });
     // the op's own plan (planes kernel + GEMV), as torch.ops.decdec.ap_gemv runs it
-    CK(ap3_bmma_gemv(DType::F16, x, qp, lut, y, 1, in, out, scratch, 0));
+    CK(ap3_bmma_gemv(DType::F16, x, qp, lut, y, 1, in, out, scratch, cnt, 0));
     CK(cudaDeviceSynchronize());
     double err_bmma = err_of();
     const float t_op = graph_us([&](cudaStream_t s, int i) {
       const int c = i % copies;
-      CK(ap3_bmma_gemv(DType::F16, x, qp + c * nw, lut + (size_t)c * out * 8, y, 1, in, out, scratch, s));
+      CK(ap3_bmma_gemv(DType::F16, x, qp + c * nw, lut + (size_t)c * out * 8, y, 1, in, out, scratch, cnt, s));
     });
     const int op_kp = bmma_kp(in, out, sms), op_warps = bmma_warps(out / 16 * op_kp, sms);
-    auto launch = [&](int stages, int warps, int bps, int kp, int c, cudaStream_t s, bool planes = false) {
+    auto launch = [&](int stages, int warps, int bps, int kp, int c, cudaStream_t s, int l2_steps = 0) {
       const size_t smem = (size_t)in * kXBits / 8 + (size_t)warps * stages * kStepU4 * 16;
       const int items = out / 16 * kp, grid = std::min(sms * bps, (items + warps - 1) / warps);
-      auto k = planes ? (stages == 8 ? ap3_bmma_kernel<__half, 8, true> : ap3_bmma_kernel<__half, 4, true>)
-                      : (stages == 8 ? ap3_bmma_kernel<__half, 8> : ap3_bmma_kernel<__half, 4>);
+      auto k = stages == 8 ? ap3_bmma_kernel<__half, 8> : ap3_bmma_kernel<__half, 4>;
+      if (s == 0) allow_max(k);  // the op's allow_smem may have set less (the direct launch precedes each capture)
       CK(launch_kernel(k, dim3(grid), dim3(warps * 32), smem, s, true, reinterpret_cast<const uint4*>(qp + c * nw),
-                       static_cast<const __half*>(lut + (size_t)c * out * 8), static_cast<const __half*>(x),
-                       static_cast<const uint32_t*>(xb), static_cast<const XMeta*>(meta), y, y32, cnt, in, out, kp,
-                       AddNorm{}));
+                       static_cast<const __half*>(lut + (size_t)c * out * 8), static_cast<const uint32_t*>(xb),
+                       static_cast<const XMeta*>(meta), y, y32, cnt, in, out, kp, l2_steps));
     };
     Cfg best;
     for (int stages : {4, 8})
@@ -205,7 +210,7 @@ int main(int argc, char** argv) {
           const int warps = wb[0], bps = wb[1];
           if (single && (stages != only[0] || warps != only[1] || bps != only[2] || kp != only[3])) continue;
           if ((in / 512) % kp) continue;
-          if (bps * ((size_t)in * kXBits / 8 + (size_t)warps * stages * kStepU4 * 16) > 227 * 1024) continue;
+          if (bps * ((size_t)in * kXBits / 8 + (size_t)warps * stages * kStepU4 * 16) > (size_t)optin - 256) continue;
           CK(cudaMemset(y, 0, out * 2));
           launch(stages, warps, bps, kp, 0, 0);
           CK(cudaDeviceSynchronize());
@@ -213,18 +218,27 @@ int main(int argc, char** argv) {
           const float us = graph_us([&](cudaStream_t s, int i) { launch(stages, warps, bps, kp, i % copies, s); });
           if (us < best.us) best = {us, stages, warps, bps, kp};
         }
-    CK(cudaMemset(y, 0, out * 2));
-    launch(best.stages, best.warps, best.bps, best.kp, 0, 0, true);
-    CK(cudaDeviceSynchronize());
-    err_bmma = std::max(err_bmma, err_of());
-    const float t_planes = graph_us(
-        [&](cudaStream_t s, int i) { launch(best.stages, best.warps, best.bps, best.kp, i % copies, s, true); });
+    // the op's plan (planes kernel, then the GEMV at the op's KP and warps) with the L2 prefetch during the wait
+    float t_l2 = 1e30f;
+    int best_l2 = 0;
+    for (int l2s : {2, 4, 8, 16}) {
+      CK(cudaMemset(y, 0, out * 2));
+      launch(kBmmaStages, op_warps, 1, op_kp, 0, 0, l2s);
+      CK(cudaDeviceSynchronize());
+      err_bmma = std::max(err_bmma, err_of());
+      const float us = graph_us([&](cudaStream_t s, int i) {
+        CK(launch_kernel(ap3_xplanes_kernel<__half>, dim3(plane_blocks), dim3(32 * kPlaneWarps), 0, s, true, x, in,
+                         xb, meta, AddNorm{}));
+        launch(kBmmaStages, op_warps, 1, op_kp, i % copies, s, l2s);
+      });
+      if (us < t_l2) t_l2 = us, best_l2 = l2s;
+    }
     const double gbs = (qbytes + out * 16.0) / (best.us * 1e3);
     snprintf(line, sizeof line,
-             "| %dx%d | %.2f us | %.1e | %.2f us | %.2f us (KP %d, %d warps) | %.2f us (%d, %dx%d, KP %d) | %.2f us | "
+             "| %dx%d | %.2f us | %.1e | %.2f us | %.2f us (KP %d, %d warps) | %.2f us (%d, %dx%d, KP %d) | %.2f us (%d) | "
              "%.1e | %.2f | %.0f |\n",
              in, out, t_shipped, err_shipped, t_xplanes, t_op, op_kp, op_warps, best.us, best.stages, best.warps,
-             best.bps, best.kp, t_planes, err_bmma, best.us / t_shipped, gbs);
+             best.bps, best.kp, t_l2, best_l2, err_bmma, best.us / t_shipped, gbs);
     printf("%s", line);
     md += line;
     if (err_bmma > 2e-3 || !(err_bmma == err_bmma)) {
@@ -237,6 +251,7 @@ int main(int argc, char** argv) {
     cudaFree(x);
     cudaFree(y);
     cudaFree(scratch);
+    cudaFree(cnt);
   }
   if (argc > 1 && std::string(argv[1]) != "-") {
     const std::string tmp = std::string(argv[1]) + ".tmp";

@@ -650,7 +650,8 @@ def test_bmma_addnorm_and_glu_equal_the_reference(shape, dtype):
 
 def test_bmma_gemv_edge_inputs_graph_and_opcheck():
     """x = 0 gives 0; one huge channel among tiny ones and all-negative x stay within fp16 rounding of the reference;
-    the op replays from a CUDA graph with new x; opcheck; the other ap ops and oversize shapes are refused by name."""
+    the op replays from a CUDA graph with new x; opcheck; the other ap ops, oversize shapes and a misaligned x are refused
+    by name."""
     n, out = 4096, 256
     qw, lut = make_ap(n, out, 3, torch.float16, 77)
     pk = formats.pack_ap3_bmma(qw)
@@ -685,6 +686,10 @@ def test_bmma_gemv_edge_inputs_graph_and_opcheck():
         torch.ops.decdec.ap_gemv(make_x(1, 20992, torch.float16, 85), formats.pack_ap3_bmma(big_qw), big_lut)
     with pytest.raises(RuntimeError, match="lut"):
         torch.ops.decdec.ap_gemv(x, pk, lut.to(torch.bfloat16))
+    shifted = torch.empty(n + 8, device=DEV, dtype=torch.float16)[8 - 4:8 - 4 + n].view(1, n)  # 8 bytes off
+    shifted.copy_(x)
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        torch.ops.decdec.ap_gemv(shifted, pk, lut)
 
 
 # ---------------------------------------------------------------------------- the 3-bit kernel layout
