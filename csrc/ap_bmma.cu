@@ -21,7 +21,8 @@
 // per warp and every 16-byte piece is an MMA A operand as loaded). Measured against the PRMT GEMVs in
 // scripts/bmma_gemv_ab.cu and per projection op in scripts/bench_bmma_ops.py (docs/PERF.md, Kernels, sessions 20-21).
 // Forming the planes inside the GEMV (every block all of them) was slower everywhere (session 21: 4096x28672 23.2 us
-// against 14.6 us plus a 2.9 us planes kernel).
+// against 14.6 us plus a 2.9 us planes kernel), and so was prefetching the GEMV's next steps into L2 while it waits
+// for the planes (2 to 16 steps per warp: no shape gained more than the noise).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -233,8 +234,6 @@ __device__ __forceinline__ uint4 and4(const uint4& a, const uint4& b) {
 // KP > 1 splits K: item (group, kp) covers steps [kp, kp + 1) * steps / KP of the group and writes its fp32 rows to
 // slot kp of y32 [KP][out]; the last item of a group (cnt) sums the slots in slot order (the same result every run,
 // whichever item finishes last), writes y and clears cnt (zero on entry, zero on exit).
-// l2_steps: while it waits for x's planes (the HBM idles), each warp also pulls the l2_steps steps after its ring's
-// first kStages - 1 into L2 (prefetch.global.L2; an A/B knob of the op, DECDEC_BMMA_L2_STEPS).
 // kGlu: the rows were packed with formats.pack_ap3_bmma(..., glu=True), so lane (g, t)'s rows g / g + 8 of a group
 // are the pair (gate_i, up_i), i = 8 group + g; y [out / 2] gets T(silu(g) * u) of the T-rounded pair, as
 // ap_gemv_addnorm_glu.
@@ -242,7 +241,7 @@ template <typename T, int kStages = kBmmaStages, bool kGlu = false>
 __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
     ap3_bmma_kernel(const uint4* __restrict__ qw, const T* __restrict__ lut, const uint32_t* __restrict__ xb,
                     const XMeta* __restrict__ meta, T* __restrict__ y, float* __restrict__ y32, int* __restrict__ cnt,
-                    int in, int out, int KP, int l2_steps) {
+                    int in, int out, int KP) {
   extern __shared__ __align__(16) uint4 smem[];
   const int W = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int xs_u4 = in * kXBits / 128, steps = in >> 9, groups = out >> 4, sp = steps / KP, n_items = groups * KP;
@@ -275,21 +274,6 @@ __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) issue(s);  // weights never depend on the kernel before
-  if (l2_steps > 0 && lane < kStepU4 * 16 / 128) {  // a step is 24 lines of 128 bytes per warp
-    int left = is_left, step = is_step, it = is_it;
-    const uint4* p = is_p;
-    for (int k = 0; k < l2_steps && left > 0; ++k) {
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const char*>(p - lane) + lane * 128));
-      --left;
-      if (++step == sp) {
-        step = 0;
-        it += NW;
-        if (left > 0) p = item_base(it);
-      } else {
-        p += kStepU4;
-      }
-    }
-  }
   pdl_wait();  // x's planes (and y) belong to the kernel before
   gemv_trigger_dependents();
   for (int i = threadIdx.x; i < xs_u4; i += blockDim.x) xs[i] = __ldg(reinterpret_cast<const uint4*>(xb) + i);
@@ -447,15 +431,6 @@ int bmma_kp(int in, int out, int sms) {
 size_t planes_bytes(int in) { return ((size_t)in * kXBits / 8 + 255) / 256 * 256; }
 size_t meta_end(int in) { return (planes_bytes(in) + sizeof(XMeta) + 255) / 256 * 256; }
 
-// DECDEC_BMMA_L2_STEPS=n: the GEMV prefetches n steps per warp into L2 while it waits for the planes (default 0).
-int bmma_l2_steps() {
-  static const int n = [] {
-    const char* e = std::getenv("DECDEC_BMMA_L2_STEPS");
-    return e ? std::max(0, std::atoi(e)) : 0;
-  }();
-  return n;
-}
-
 template <typename T>
 cudaError_t launch_bmma(const T* x, const uint4* qw, const T* lut, T* y, int M, int in, int out, void* scratch,
                         int* counters, cudaStream_t stream, const AddNorm* norm = nullptr, bool glu = false) {
@@ -481,7 +456,7 @@ cudaError_t launch_bmma(const T* x, const uint4* qw, const T* lut, T* y, int M, 
     if (err != cudaSuccess) return err;
     err = launch_kernel(kernel, dim3(grid), dim3(32 * warps), smem, stream, true, qw, lut,
                         static_cast<const uint32_t*>(xb), static_cast<const XMeta*>(meta),
-                        y + (size_t)m * (glu ? out / 2 : out), y32, counters, in, out, kp, bmma_l2_steps());
+                        y + (size_t)m * (glu ? out / 2 : out), y32, counters, in, out, kp);
     if (err != cudaSuccess) return err;
   }
   return cudaGetLastError();

@@ -93,10 +93,9 @@ int main(int argc, char** argv) {
   snprintf(line, sizeof line,
            "%s, %d SMs; BMMA GEMV (csrc/ap_bmma.cu) %d registers. Errors: max |y - y_ref| / max |y_ref| (y_ref: the "
            "LUT dot product in fp64 on the host). op: ap3_bmma_gemv's own plan, planes kernel included (KP, warps); "
-           "best: the GEMV alone over the sweep (stages, warps x blocks/SM, KP); op + L2: the op's plan with each warp "
-           "prefetching n more steps into L2 while it waits for the planes (the best n of 2, 4, 8, 16).\n\n"
-           "| shape | shipped (kernel layout) | shipped err | xplanes | op | best GEMV | op + L2 (n) | BMMA err | "
-           "best / shipped | GB/s best |\n|---|---|---|---|---|---|---|---|---|---|\n",
+           "best: the GEMV alone over the sweep (stages, warps x blocks/SM, KP).\n\n"
+           "| shape | shipped (kernel layout) | shipped err | xplanes | op | best GEMV | BMMA err | "
+           "best / shipped | GB/s best |\n|---|---|---|---|---|---|---|---|---|\n",
            prop.name, sms, fa.numRegs);
   md += line;
   printf("%s", md.c_str());
@@ -193,14 +192,14 @@ int main(int argc, char** argv) {
       CK(ap3_bmma_gemv(DType::F16, x, qp + c * nw, lut + (size_t)c * out * 8, y, 1, in, out, scratch, cnt, s));
     });
     const int op_kp = bmma_kp(in, out, sms), op_warps = bmma_warps(out / 16 * op_kp, sms);
-    auto launch = [&](int stages, int warps, int bps, int kp, int c, cudaStream_t s, int l2_steps = 0) {
+    auto launch = [&](int stages, int warps, int bps, int kp, int c, cudaStream_t s) {
       const size_t smem = (size_t)in * kXBits / 8 + (size_t)warps * stages * kStepU4 * 16;
       const int items = out / 16 * kp, grid = std::min(sms * bps, (items + warps - 1) / warps);
       auto k = stages == 8 ? ap3_bmma_kernel<__half, 8> : ap3_bmma_kernel<__half, 4>;
       if (s == 0) allow_max(k);  // the op's allow_smem may have set less (the direct launch precedes each capture)
       CK(launch_kernel(k, dim3(grid), dim3(warps * 32), smem, s, true, reinterpret_cast<const uint4*>(qp + c * nw),
                        static_cast<const __half*>(lut + (size_t)c * out * 8), static_cast<const uint32_t*>(xb),
-                       static_cast<const XMeta*>(meta), y, y32, cnt, in, out, kp, l2_steps));
+                       static_cast<const XMeta*>(meta), y, y32, cnt, in, out, kp));
     };
     Cfg best;
     for (int stages : {4, 8})
@@ -218,27 +217,12 @@ int main(int argc, char** argv) {
           const float us = graph_us([&](cudaStream_t s, int i) { launch(stages, warps, bps, kp, i % copies, s); });
           if (us < best.us) best = {us, stages, warps, bps, kp};
         }
-    // the op's plan (planes kernel, then the GEMV at the op's KP and warps) with the L2 prefetch during the wait
-    float t_l2 = 1e30f;
-    int best_l2 = 0;
-    for (int l2s : {2, 4, 8, 16}) {
-      CK(cudaMemset(y, 0, out * 2));
-      launch(kBmmaStages, op_warps, 1, op_kp, 0, 0, l2s);
-      CK(cudaDeviceSynchronize());
-      err_bmma = std::max(err_bmma, err_of());
-      const float us = graph_us([&](cudaStream_t s, int i) {
-        CK(launch_kernel(ap3_xplanes_kernel<__half>, dim3(plane_blocks), dim3(32 * kPlaneWarps), 0, s, true, x, in,
-                         xb, meta, AddNorm{}));
-        launch(kBmmaStages, op_warps, 1, op_kp, i % copies, s, l2s);
-      });
-      if (us < t_l2) t_l2 = us, best_l2 = l2s;
-    }
     const double gbs = (qbytes + out * 16.0) / (best.us * 1e3);
     snprintf(line, sizeof line,
-             "| %dx%d | %.2f us | %.1e | %.2f us | %.2f us (KP %d, %d warps) | %.2f us (%d, %dx%d, KP %d) | %.2f us (%d) | "
+             "| %dx%d | %.2f us | %.1e | %.2f us | %.2f us (KP %d, %d warps) | %.2f us (%d, %dx%d, KP %d) | "
              "%.1e | %.2f | %.0f |\n",
              in, out, t_shipped, err_shipped, t_xplanes, t_op, op_kp, op_warps, best.us, best.stages, best.warps,
-             best.bps, best.kp, t_l2, best_l2, err_bmma, best.us / t_shipped, gbs);
+             best.bps, best.kp, err_bmma, best.us / t_shipped, gbs);
     printf("%s", line);
     md += line;
     if (err_bmma > 2e-3 || !(err_bmma == err_bmma)) {
