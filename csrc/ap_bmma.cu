@@ -234,9 +234,8 @@ __device__ __forceinline__ uint4 and4(const uint4& a, const uint4& b) {
 // KP > 1 splits K: item (group, kp) covers steps [kp, kp + 1) * steps / KP of the group and writes its fp32 rows to
 // slot kp of y32 [KP][out]; the last item of a group (cnt) sums the slots in slot order (the same result every run,
 // whichever item finishes last), writes y and clears cnt (zero on entry, zero on exit).
-// kGlu: the rows were packed with formats.pack_ap3_bmma(..., glu=True), so lane (g, t)'s rows g / g + 8 of a group
-// are the pair (gate_i, up_i), i = 8 group + g; y [out / 2] gets T(silu(g) * u) of the T-rounded pair, as
-// ap_gemv_addnorm_glu.
+// kGlu: the rows are in GLU pair order (formats.glu_pair_order: rows 2 i, 2 i + 1 = gate_i, up_i, as every
+// ap_gemv_addnorm_glu takes them); y [out / 2] gets T(silu(gate) * up) of the T-rounded pair.
 template <typename T, int kStages = kBmmaStages, bool kGlu = false>
 __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
     ap3_bmma_kernel(const uint4* __restrict__ qw, const T* __restrict__ lut, const uint32_t* __restrict__ xb,
@@ -299,10 +298,8 @@ __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
     cp_wait<kStages - 1>();
     if (c_step == 0) {
 #pragma unroll
-      for (int R = 0; R < 2; ++R) {  // the lut stays in the weight's row order (GLU: packed row 16 G + 8 R + g is
-        const int row = kGlu ? group * 16 + 2 * g + R : group * 16 + g + 8 * R;  // row 16 G + 2 g + R)
-        lv[R] = __ldg(reinterpret_cast<const uint4*>(lut + (size_t)row * 8));
-      }
+      for (int R = 0; R < 2; ++R)
+        lv[R] = __ldg(reinterpret_cast<const uint4*>(lut + (size_t)(group * 16 + g + 8 * R) * 8));
     }
     const uint4* src = ring + (s & (kStages - 1)) * kStepU4 + lane;
     uint4 bq[kNB];
@@ -360,13 +357,15 @@ __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
       }
       zero_acc();
       if (KP == 1) {
-        if (t == 0) {
-          if constexpr (kGlu) {
-            y[group * 8 + g] = glu_act<T>((float)yr[0], (float)yr[1]);
-          } else {
-            y[group * 16 + g] = from_f<T>((float)yr[0]);
-            y[group * 16 + g + 8] = from_f<T>((float)yr[1]);
+        if constexpr (kGlu) {  // the pair (gate_i, up_i) = rows (2 i, 2 i + 1): lane g (even) and lane g + 1
+          const double up0 = __shfl_down_sync(~0u, yr[0], 4), up1 = __shfl_down_sync(~0u, yr[1], 4);
+          if (t == 0 && (g & 1) == 0) {
+            y[group * 8 + g / 2] = glu_act<T>((float)yr[0], (float)up0);
+            y[group * 8 + 4 + g / 2] = glu_act<T>((float)yr[1], (float)up1);
           }
+        } else if (t == 0) {
+          y[group * 16 + g] = from_f<T>((float)yr[0]);
+          y[group * 16 + g + 8] = from_f<T>((float)yr[1]);
         }
       } else {
         if (t == 0) {  // this item's slot of the group's rows
@@ -383,9 +382,9 @@ __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
           float v = 0.f;
           if (lane < 16)
             for (int k = 0; k < KP; ++k) v += __ldcg(y32 + (size_t)k * out + group * 16 + lane);
-          if constexpr (kGlu) {  // rows g / g + 8 of the group: the pair of output 8 group + g
-            const float gate = __shfl_sync(~0u, v, lane & 7), up = __shfl_sync(~0u, v, (lane & 7) + 8);
-            if (lane < 8) y[group * 8 + lane] = glu_act<T>(gate, up);
+          if constexpr (kGlu) {  // lane j < 16 holds row 16 group + j: pairs (j, j + 1), j even
+            const float up = __shfl_down_sync(~0u, v, 1);
+            if (lane < 16 && (lane & 1) == 0) y[group * 8 + lane / 2] = glu_act<T>(v, up);
           } else {
             if (lane < 16) y[group * 16 + lane] = from_f<T>(v);
           }

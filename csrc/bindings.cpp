@@ -363,8 +363,8 @@ decdec::AddNorm addnorm_args(const at::Tensor& b, const at::Tensor& gamma, doubl
   return an;
 }
 
-// ap_gemv_addnorm / ap_gemv_addnorm_glu on the binary-tensor-core layout (ap3_bmma_gemv_addnorm; glu: weights packed
-// with decdec.formats.pack_ap3_bmma(..., glu=True)); fp16 or bf16.
+// ap_gemv_addnorm / ap_gemv_addnorm_glu on the binary-tensor-core layout (ap3_bmma_gemv_addnorm; glu: rows in GLU
+// pair order); fp16 or bf16.
 std::tuple<at::Tensor, at::Tensor> bmma_addnorm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& gamma,
                                                 double eps, const at::Tensor& qweight, const at::Tensor& lut, bool glu) {
   const Ap s = check_ap(a, qweight, lut, /*allow_bmma=*/true);

@@ -128,8 +128,7 @@ size_t ap3_bmma_scratch_bytes(int in, int out);
 cudaError_t ap3_bmma_gemv(DType dt, const void* x, const uint32_t* qweight, const void* lut, void* y, int M, int in,
                           int out, void* scratch, int* counters, cudaStream_t stream);
 // The same with the residual add and RMSNorm before it (ap_gemv_addnorm: y = W rms_norm(a + b), h = a + b into
-// an.h_out) and, glu, SiLU x up after it (ap_gemv_addnorm_glu: weights packed with pack_ap3_bmma(..., glu=True),
-// y [M, out / 2]). fp16 or bf16 (a, b, gamma, lut, y all of it).
+// an.h_out) and, glu, SiLU x up after it (ap_gemv_addnorm_glu: rows in GLU pair order, y [M, out / 2]). fp16 or bf16 (a, b, gamma, lut, y all of it).
 cudaError_t ap3_bmma_gemv_addnorm(DType dt, const void* a, const AddNorm& an, const uint32_t* qweight, const void* lut,
                                   void* y, int M, int in, int out, bool glu, void* scratch, int* counters,
                                   cudaStream_t stream);

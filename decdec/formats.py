@@ -140,17 +140,9 @@ _BMMA_ORDER = (1, 4, 6, 0, 3, 5, 7, 2)
 _BMMA_INVERSE = tuple(_BMMA_ORDER.index(i) for i in range(8))
 
 
-def _bmma_glu_rows(out: int) -> torch.Tensor:
-    """Row order of the GLU packing: row 16 G + 8 R + g of the packing takes row 16 G + 2 g + R of a gate_up weight in
-    GLU pair order (formats.glu_pair_order), so a lane's rows g / g + 8 are the pair (gate_i, up_i), i = 8 G + g."""
-    r = torch.arange(out).view(out // 16, 2, 8)
-    return (16 * (r // 16) + 2 * (r % 8) + (r % 16) // 8).reshape(out)
-
-
-def pack_ap3_bmma(qweight: torch.Tensor, glu: bool = False) -> torch.Tensor:
+def pack_ap3_bmma(qweight: torch.Tensor) -> torch.Tensor:
     """3-bit bit-plane qweight [3, out, in/32] int32 -> the binary-tensor-core layout [out/16, in/512, 6, 32, 4]
-    (out % 16 == 0, in % 512 == 0). glu: qweight is a gate_up weight in GLU pair order (rows 2 i, 2 i + 1 = gate_i,
-    up_i) for ap_gemv_addnorm_glu, and each lane gets a pair (_bmma_glu_rows)."""
+    (out % 16 == 0, in % 512 == 0). The rows keep their order (GLU pair order stays pair order)."""
     if qweight.dim() != 3 or qweight.shape[0] != 3 or qweight.dtype != torch.int32:
         raise ValueError(f"pack_ap3_bmma takes 3-bit bit-planes [3, out, in/32] int32, got {tuple(qweight.shape)} "
                          f"{qweight.dtype}")
@@ -158,26 +150,19 @@ def pack_ap3_bmma(qweight: torch.Tensor, glu: bool = False) -> torch.Tensor:
     if out % 16 or words % 16:
         raise ValueError(f"the binary-tensor-core layout needs out % 16 == 0 and in % 512 == 0, got out = {out}, "
                          f"in = {words * 32}")
-    if glu:
-        qweight = qweight[:, _bmma_glu_rows(out).to(qweight.device)]
     v = qweight.reshape(3, out // 16, 2, 8, words // 16, 4, 2, 2)
     return v.permute(*_BMMA_ORDER).reshape(out // 16, words // 16, 6, 32, 4).contiguous()
 
 
-def unpack_ap3_bmma(packed: torch.Tensor, glu: bool = False) -> torch.Tensor:
+def unpack_ap3_bmma(packed: torch.Tensor) -> torch.Tensor:
     """The binary-tensor-core layout [out/16, in/512, 6, 32, 4] int32 -> bit-planes [3, out, in/32] (inverse of
-    pack_ap3_bmma with the same glu)."""
+    pack_ap3_bmma)."""
     if packed.dim() != 5 or tuple(packed.shape[2:]) != (6, 32, 4) or packed.dtype != torch.int32:
         raise ValueError(f"unpack_ap3_bmma takes [out/16, in/512, 6, 32, 4] int32, got {tuple(packed.shape)} "
                          f"{packed.dtype}")
     groups, steps = packed.shape[:2]
     v = packed.reshape(groups, steps, 2, 3, 8, 4, 2, 2)
-    planes = v.permute(*_BMMA_INVERSE).reshape(3, groups * 16, steps * 16)
-    if glu:
-        inverse = torch.empty(groups * 16, dtype=torch.int64)
-        inverse[_bmma_glu_rows(groups * 16)] = torch.arange(groups * 16)
-        planes = planes[:, inverse.to(planes.device)]
-    return planes.contiguous()
+    return v.permute(*_BMMA_INVERSE).reshape(3, groups * 16, steps * 16).contiguous()
 
 
 def is_ap3_bmma_layout(qweight: torch.Tensor, lut: torch.Tensor) -> bool:

@@ -74,7 +74,7 @@ class QuantLinear(nn.Module):
         """Re-lay 3-bit fp16 ap weights on CUDA in the kernels' own layout (``formats.pack_ap3_kernel``: fewer
         integer instructions per weight in the GEMV, same bytes) where ``ops.ap3_kernel_layout`` says the kernels read
         it. Call once the weights are on their device; every op accepts either layout. Returns whether it did."""
-        if not (self.backend == "ap" and self.qweight.is_cuda and self.qweight.shape[0] == 3
+        if not (self.backend == "ap" and self.qweight.is_cuda and self.qweight.dim() == 3 and self.qweight.shape[0] == 3
                 and not formats.is_ap3_kernel_layout(self.qweight, self.lut)
                 and ops.ap3_kernel_layout(self.bits, self.lut.dtype, self.in_features)):
             return False
@@ -149,10 +149,32 @@ class QuantLinear(nn.Module):
             raise ValueError(f"n_tb must be >= 1, got {n_tb}")
         if k_chunk and self.dec is None:
             raise ValueError("this linear has no residual attached; the checkpoint lacks a cheatsheet or use dec=off")
-        if self.dec is None:
-            return
-        self.dec.k_chunk, self.dec.n_tb = k_chunk, n_tb
-        self.dec.bounds.copy_(reference.bounds_from_thresholds(self.dec.thresholds, k_chunk))
+        if self.dec is not None:
+            self.dec.k_chunk, self.dec.n_tb = k_chunk, n_tb
+            self.dec.bounds.copy_(reference.bounds_from_thresholds(self.dec.thresholds, k_chunk))
+        self.place_decode_layout()
+
+    def place_decode_layout(self) -> bool:
+        """Hold 3-bit ap weights on CUDA in the decode layout that serves this linear now: the binary-tensor-core layout
+        (``formats.pack_ap3_bmma``) where ``ops.bmma_preferred`` and DEC is off here (it has no DEC kernels), else the
+        kernel layout (``use_kernel_layout``, where the kernels read it). ``set_dec`` calls it, so the layout follows
+        k_chunk; rows keep their order (GLU pairs stay pairs). Returns whether it re-laid the weights."""
+        if self.backend != "ap" or not self.qweight.is_cuda or self.bits != 3:
+            return False
+        want = self.k_chunk == 0 and ops.bmma_preferred(self.bits, self.lut.dtype, self.in_features,
+                                                        self.out_features, self.qweight.device)
+        is_bmma = formats.is_ap3_bmma_layout(self.qweight, self.lut)
+        if want == is_bmma:
+            return False
+        if is_bmma:
+            self.qweight = formats.unpack_ap3_bmma(self.qweight)
+            self.use_kernel_layout()
+            return True
+        planes = self.qweight
+        if formats.is_ap3_kernel_layout(planes, self.lut):
+            planes = formats.unpack_ap3_kernel(planes)
+        self.qweight = formats.pack_ap3_bmma(planes)
+        return True
 
     @property
     def k_chunk(self) -> int:

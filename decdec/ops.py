@@ -386,10 +386,29 @@ def ap3_kernel_layout(bits: int, dtype: torch.dtype, in_features: int) -> bool:
 
 def ap3_bmma_supported(in_features: int, out_features: int) -> bool:
     """Shapes whose 3-bit weights the binary-tensor-core GEMV (``formats.pack_ap3_bmma``, csrc ``ap3_bmma_supported``)
-    serves, fp16 or bf16: in % 512 == 0, out % 16 == 0, in <= 20480. Not chosen by QuantLinear yet (docs/PERF.md,
-    Kernels, session 20: faster on the large shapes, slower on the small ones, x's planes still a kernel of their own)."""
+    serves, fp16 or bf16: in % 512 == 0, out % 16 == 0, in <= 20480."""
     return in_features > 0 and out_features > 0 and in_features % 512 == 0 and out_features % 16 == 0 \
         and in_features <= 20480
+
+
+_SMS: dict[int, int] = {}
+
+
+def bmma_preferred(bits: int, dtype: torch.dtype, in_features: int, out_features: int, device: torch.device) -> bool:
+    """Whether a decode GEMV of this shape runs faster on the binary tensor cores (QuantLinear then holds its weights
+    in ``formats.pack_ap3_bmma``'s layout while DEC is off for it): 3-bit fp16 / bf16 on CUDA, a supported shape, and
+    at least 7 row groups of 16 per SM, where the GEMV needs no K split. Measured (H200, docs/PERF.md session 21, ops
+    from CUDA graphs with the planes kernel): 4096x28672 16.8 vs 21.3 us, 5120x35840 26.2 vs 31.7, gate_up with its
+    add + norm and GLU 20.0 vs 25.1 us; every shape that needs the K split was slower (o, qkv, down).
+    ``DECDEC_BMMA=0`` keeps the kernel layout (same-machine A/B)."""
+    if os.environ.get("DECDEC_BMMA", "1") == "0" or device.type != "cuda":
+        return False
+    if bits != 3 or dtype not in (torch.float16, torch.bfloat16) or not ap3_bmma_supported(in_features, out_features):
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return out_features // 16 >= 7 * _SMS[idx]
 
 
 # ---------------------------------------------------------------------------- CPU kernels = reference

@@ -309,8 +309,6 @@ def ap_gemv_addnorm(a, b, gamma, eps, qweight, lut):
 def ap_gemv_addnorm_glu(a, b, gamma, eps, qweight, lut):
     """(act, h): h = a + b, y = ap_gemv(rms_norm(h)) with rows in GLU pair order (gate_i, up_i) (formats.glu_pair_order),
     act = fp16(silu(g) * u) of each pair in fp32 (g, u: the rounded GEMV outputs) -> [M, out / 2]."""
-    if formats.is_ap3_bmma_layout(qweight, lut):  # packed with pack_ap3_bmma(..., glu=True)
-        qweight = formats.unpack_ap3_bmma(qweight, glu=True)
     y, h = ap_gemv_addnorm(a, b, gamma, eps, qweight, lut)
     g, u = y[:, 0::2].float(), y[:, 1::2].float()
     return (torch.nn.functional.silu(g) * u).to(y.dtype), h

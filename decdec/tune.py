@@ -168,12 +168,15 @@ def fusions_lost(k_chunk: dict[str, int], glu: bool = False) -> int:
 
 def uses_dec_chain(model) -> bool:
     """Whether this model's DEC projections run in chain mode (``QuantLinear.dec_chain``): the ops return final outputs,
-    so a DEC choice undoes no fusion (``fusions_lost`` does not apply) and the GLU epilogue stays."""
+    so a DEC choice undoes no fusion (``fusions_lost`` does not apply) and the GLU epilogue stays. A projection in the
+    binary-tensor-core layout (DEC off there) returns to the kernel layout when DEC turns on
+    (``QuantLinear.place_decode_layout``)."""
     from decdec import formats, ops
 
     mods = [m for _, _, m in model.linears()]
     return bool(mods) and all(getattr(m, "backend", None) == "ap" and m.qweight.is_cuda
-                              and formats.is_ap3_kernel_layout(m.qweight, m.lut)
+                              and (formats.is_ap3_kernel_layout(m.qweight, m.lut)
+                                   or formats.is_ap3_bmma_layout(m.qweight, m.lut))
                               and ops.dec_chain_supported(m.bits, m.in_features, m.qweight.device) for m in mods)
 
 

@@ -6,7 +6,7 @@ For Llama-3-8B and Phi-3-medium (fp16, M = 1): qkv through ``ap_gemv_addnorm`` (
 ``ap_gemv``, gate_up through ``ap_gemv_addnorm_glu`` (SiLU x up epilogue; in the kernel layout where that does not serve,
 ``ap_gemv_addnorm`` and then SiLU x up, as QuantLinear does) and down through ``ap_gemv``, each with its
 weights in the streaming kernels' layout (``formats.pack_ap3_kernel``, what models use) and in the binary-tensor-core
-layout (``formats.pack_ap3_bmma``; glu=True for gate_up), on the same random codes and LUTs. Per op: the median per-call
+layout (``formats.pack_ap3_bmma``), on the same random codes and LUTs (gate_up's rows taken as in GLU pair order). Per op: the median per-call
 time of a graph of calls (weights rotating over >= 4x the L2, so the L2 does not flatter), each call followed by a
 consumer kernel as in a decode step (decdec.timing.consume), the ratio, and the two outputs' agreement (it exits 1 if
 they differ by more than the fp16 rounding). The layer row sums the four. Prints a table and writes a markdown file.
@@ -49,9 +49,8 @@ def bench_projection(kind: str, n: int, out: int, l2: int, seed: int) -> dict:
     xs = [(torch.randn(1, n, device="cuda", generator=g) * 2).to(dt16) for _ in range(nx)]
     bs = [(torch.randn(1, n, device="cuda", generator=g) * 2).to(dt16) for _ in range(nx)]
     gamma = (torch.rand(n, device="cuda", generator=g) + 0.5).to(dt16)
-    glu = kind == "gate_up"
     layouts = {"kernel": [formats.pack_ap3_kernel(q) for q in qws],
-               "bmma": [formats.pack_ap3_bmma(q, glu=glu) for q in qws]}
+               "bmma": [formats.pack_ap3_bmma(q) for q in qws]}
     del qws
 
     def call(qw, lut, i):

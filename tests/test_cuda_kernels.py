@@ -639,13 +639,13 @@ def test_bmma_addnorm_and_glu_equal_the_reference(shape, dtype):
     y, h = torch.ops.decdec.ap_gemv_addnorm(a, b, gamma, 1e-5, formats.pack_ap3_bmma(qw), lut)
     assert torch.equal(h, a + b)
     close(y, y_full, f"bmma addnorm {shape} {dtype}")
-    act, h = torch.ops.decdec.ap_gemv_addnorm_glu(a, b, gamma, 1e-5, formats.pack_ap3_bmma(qw, glu=True), lut)
+    act, h = torch.ops.decdec.ap_gemv_addnorm_glu(a, b, gamma, 1e-5, formats.pack_ap3_bmma(qw), lut)
     assert torch.equal(h, a + b) and act.shape == (2, out // 2)
     yr = y_full.to(dtype).float()
     close(act, torch.nn.functional.silu(yr[:, 0::2]) * yr[:, 1::2], f"bmma glu {shape} {dtype}", rel=2.0)
     if out <= 6144:
         torch.library.opcheck(torch.ops.decdec.ap_gemv_addnorm_glu.default,
-                              (a, b, gamma, 1e-5, formats.pack_ap3_bmma(qw, glu=True), lut))
+                              (a, b, gamma, 1e-5, formats.pack_ap3_bmma(qw), lut))
 
 
 def test_bmma_gemv_edge_inputs_graph_and_opcheck():
@@ -690,6 +690,49 @@ def test_bmma_gemv_edge_inputs_graph_and_opcheck():
     shifted.copy_(x)
     with pytest.raises(RuntimeError, match="16-byte aligned"):
         torch.ops.decdec.ap_gemv(shifted, pk, lut)
+
+
+def test_quantlinear_decode_layout_follows_dec():
+    """QuantLinear holds a bmma-preferred shape (ops.bmma_preferred: >= 7 row groups per SM) in the binary-tensor-core
+    layout while DEC is off, returns to the kernel layout when set_dec turns DEC on and back when it turns off; decode
+    (M = 1), the add + norm and GLU ops (rows in GLU pair order) and prefill (M = 3) match the bit-plane reference in
+    every layout, and bmma decode is the same bits each time it comes back."""
+    from torch import nn
+
+    from decdec.linear import QuantLinear
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    n, out = 512, 16 * 7 * sms
+    assert ops.bmma_preferred(3, torch.float16, n, out, DEV)
+    assert not ops.bmma_preferred(3, torch.float16, n, out - 16, DEV)
+    qw, lut = make_ap(n, out, 3, torch.float16, 91)
+    w = reference.ap_dequant(qw, lut.float())
+    lin = QuantLinear("ap", n, out, bits=3, dtype=torch.float16).to(DEV)
+    lin.qweight, lin.lut = qw.clone(), lut.clone()
+    lin.use_glu_layout(force=True)
+    lin.use_kernel_layout()
+    qr, scales, q = make_residual(n, out, torch.float16, 92)
+    lin.attach_dec(q.cpu(), scales, torch.linspace(4, 0.1, n), DEV)
+    x, x3 = make_x(1, n, torch.float16, 93), make_x(3, n, torch.float16, 94)
+    a, b = make_x(1, n, torch.float16, 95), make_x(1, n, torch.float16, 96)
+    norm = nn.RMSNorm(n, eps=1e-5).to(DEV, torch.float16)
+    y_norm = reference.rms_norm(a + b, norm.weight, 1e-5).float() @ w.t()
+    first = None
+    for k, layout in ((0, "bmma"), (4, "kernel"), (0, "bmma")):
+        lin.set_dec(k, 8)
+        is_bmma = formats.is_ap3_bmma_layout(lin.qweight, lin.lut)
+        assert is_bmma == (layout == "bmma"), f"k_chunk={k}: layout {tuple(lin.qweight.shape)}"
+        assert formats.is_ap3_kernel_layout(lin.qweight, lin.lut) == (layout == "kernel")
+        if k == 0:
+            y = lin(x)
+            close(y, x.float() @ w.t(), f"decode k=0 ({layout})")
+            first = y if first is None else first
+            assert torch.equal(y, first), "bmma decode differs after the round trip through the kernel layout"
+            act, h = lin.forward_addnorm_glu(a, b, norm)
+            yr = y_norm.to(torch.float16).float()
+            close(act, torch.nn.functional.silu(yr[:, :out // 2]) * yr[:, out // 2:], f"glu ({layout})", rel=2.0)
+            assert torch.equal(h, a + b)
+        close(lin(x3), x3.float() @ w.t(), f"prefill k={k} ({layout})")
 
 
 # ---------------------------------------------------------------------------- the 3-bit kernel layout

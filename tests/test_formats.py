@@ -90,22 +90,6 @@ def test_bmma_layout_round_trip_and_operand_order():
                         assert pk[group, kb, slot, lane, i] == qw[p, row, word]
 
 
-def test_bmma_glu_packing_gives_each_lane_a_gate_up_pair():
-    """glu=True: a lane's rows g / g + 8 of row group G are rows 16 G + 2 g and 16 G + 2 g + 1 of a gate_up weight in
-    GLU pair order, i.e. (gate_i, up_i) with i = 8 G + g; unpack with glu=True inverts it."""
-    codes = torch.randint(0, 8, (32, 512), generator=_gen(45))
-    qw = formats.pack_bitplanes(codes, 3)
-    pk = formats.pack_ap3_bmma(qw, glu=True)
-    assert torch.equal(formats.unpack_ap3_bmma(pk, glu=True), qw)
-    assert not torch.equal(formats.unpack_ap3_bmma(pk), qw)
-    for group in range(2):
-        for lane in (0, 5, 31):
-            g, t = divmod(lane, 4)
-            for i in range(4):
-                row, word = 16 * group + 2 * g + (i & 1), 4 * t + (i >> 1)
-                assert pk[group, 0, 0, lane, i] == qw[0, row, word]
-
-
 def test_bmma_layout_is_told_apart_and_errors():
     assert formats.is_ap3_bmma_layout(torch.zeros(2, 3, 6, 32, 4, dtype=torch.int32), torch.zeros(32, 8))
     assert not formats.is_ap3_bmma_layout(torch.zeros(2, 3, 6, 32, 4, dtype=torch.int32), torch.zeros(16, 8))

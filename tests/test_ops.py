@@ -7,7 +7,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import decdec.ops  # noqa: F401  registers torch.ops.decdec
-from decdec import formats, reference
+from decdec import formats, ops, reference
 
 OPS = torch.ops.decdec
 IN, OUT, BITS, GROUP, M = 1152, 64, 3, 64, 2  # in = one full and one ragged 1024-chunk
@@ -331,15 +331,15 @@ def test_ap_gemv_and_dequant_read_the_3bit_layouts(pack):
 
 
 def test_addnorm_ops_read_the_bmma_layout():
-    """ap_gemv_addnorm (plain packing) and ap_gemv_addnorm_glu (pack_ap3_bmma(..., glu=True) of pair-order rows) give
-    the bit-planes' results on the CPU, with fakes and opcheck."""
+    """ap_gemv_addnorm and ap_gemv_addnorm_glu (rows in GLU pair order) on the bmma layout give the bit-planes' results
+    on the CPU, with fakes and opcheck."""
     g = torch.Generator().manual_seed(46)
     qw = formats.pack_bitplanes(torch.randint(0, 8, (32, 1024), generator=g), 3)
     lut = torch.randn(32, 8, generator=g).half()
     a, b = torch.randn(M, 1024, generator=g).half(), torch.randn(M, 1024, generator=g).half()
     gamma = (torch.rand(1024, generator=g) + 0.5).half()
     for op, pk in ((OPS.ap_gemv_addnorm, formats.pack_ap3_bmma(qw)),
-                   (OPS.ap_gemv_addnorm_glu, formats.pack_ap3_bmma(qw, glu=True))):
+                   (OPS.ap_gemv_addnorm_glu, formats.pack_ap3_bmma(qw))):
         y, h = op(a, b, gamma, 1e-5, pk, lut)
         y_ref, h_ref = op(a, b, gamma, 1e-5, qw, lut)
         assert torch.equal(y, y_ref) and torch.equal(h, h_ref)
@@ -500,3 +500,21 @@ def test_dec_chain_needs_programmatic_launch_on_the_device(monkeypatch):
 def test_bmma_shape_rule(n, out, ok):
     """The shapes the binary-tensor-core GEMV serves (its CUDA twin refuses the others by name, checked on the GPU)."""
     assert decdec.ops.ap3_bmma_supported(n, out) is ok
+
+
+def test_bmma_preferred_rule(monkeypatch):
+    """QuantLinear's layout rule: 3-bit fp16 / bf16 on CUDA, a supported shape, >= 7 row groups of 16 per SM (no K
+    split); DECDEC_BMMA=0 turns it off. No GPU needed: the SM count is the only device fact it reads."""
+    cuda0 = torch.device("cuda", 0)
+    monkeypatch.setitem(ops._SMS, 0, 132)
+    assert ops.bmma_preferred(3, torch.float16, 4096, 28672, cuda0)  # Llama-3-8B gate_up
+    assert ops.bmma_preferred(3, torch.bfloat16, 5120, 35840, cuda0)  # Phi-3-medium gate_up
+    assert ops.bmma_preferred(3, torch.float16, 512, 16 * 7 * 132, cuda0)
+    assert not ops.bmma_preferred(3, torch.float16, 512, 16 * 7 * 132 - 16, cuda0)
+    for n, out in ((4096, 6144), (4096, 4096), (14336, 4096), (17920, 5120), (28672, 16 * 7 * 132)):
+        assert not ops.bmma_preferred(3, torch.float16, n, out, cuda0), (n, out)
+    assert not ops.bmma_preferred(4, torch.float16, 4096, 28672, cuda0)
+    assert not ops.bmma_preferred(3, torch.float32, 4096, 28672, cuda0)
+    assert not ops.bmma_preferred(3, torch.float16, 4096, 28672, torch.device("cpu"))
+    monkeypatch.setenv("DECDEC_BMMA", "0")
+    assert not ops.bmma_preferred(3, torch.float16, 4096, 28672, cuda0)
