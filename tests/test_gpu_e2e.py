@@ -302,6 +302,7 @@ def test_kernel_layout_model_equals_bitplanes(monkeypatch):
     from decdec.config import DecConfig, KChunk
     from decdec.synthetic import build_synthetic
 
+    monkeypatch.setenv("DECDEC_BMMA", "0")  # gate_up (DEC off) would take the binary-tensor-core layout: see below
     dev = torch.device("cuda")
     dec = DecConfig(name="t", n_tb=8, k_chunk=KChunk(qkv=0, o=0, gate_up=0, down=4))
     model = build_synthetic("llama3-2l", "ap", 3, False, torch.float16, dev, dec, seed=5).model
@@ -326,6 +327,47 @@ def test_kernel_layout_model_equals_bitplanes(monkeypatch):
         m.qweight = formats.unpack_ap3_kernel(m.qweight)
     assert not any(formats.is_ap3_kernel_layout(m.qweight, m.lut) for m in lins)
     assert torch.equal(run(), packed), "decode logits differ between the weight layouts"
+
+
+def test_bmma_layout_model_matches_the_kernel_layout(monkeypatch):
+    """Built on CUDA, a Llama-3-8B-shaped model holds gate_up (DEC off there; ops.bmma_preferred) in the
+    binary-tensor-core layout and the rest in the kernel layout; its decode logits (GLU epilogue on the bmma GEMV)
+    match the same model with gate_up back in the kernel layout up to fp16 rounding, with the same greedy tokens where
+    the top-2 margin is clear; DEC on gate_up moves it to the kernel layout."""
+    _kernels_or_skip()
+    from decdec import formats, ops
+    from decdec.config import DecConfig, KChunk
+    from decdec.synthetic import build_synthetic
+
+    dev = torch.device("cuda")
+    dec = DecConfig(name="t", n_tb=8, k_chunk=KChunk(qkv=0, o=0, gate_up=0, down=4))
+    model = build_synthetic("llama3-2l", "ap", 3, False, torch.float16, dev, dec, seed=7).model
+    bmma = [(proj, m) for proj, _, m in model.linears() if formats.is_ap3_bmma_layout(m.qweight, m.lut)]
+    assert bmma and all(proj == "gate_up" and m.glu_pairs for proj, m in bmma), [p for p, _ in bmma]
+    assert all(ops.bmma_preferred(3, torch.float16, m.in_features, m.out_features, dev) for _, m in bmma)
+    tokens = torch.randint(0, 1024, (16,), generator=torch.Generator().manual_seed(8))
+
+    def run():
+        model.setup_caches(1, 32, torch.float16, dev)
+        with torch.no_grad():
+            model(tokens[:8].view(1, -1).to(dev), torch.arange(8, device=dev))
+            return torch.stack([model(tokens[i:i + 1].view(1, 1).to(dev), torch.tensor([i], device=dev))[0, -1]
+                                for i in range(8, 16)])
+
+    on_bmma = run()
+    monkeypatch.setenv("DECDEC_BMMA", "0")
+    for _, m in bmma:
+        assert m.place_decode_layout() and formats.is_ap3_kernel_layout(m.qweight, m.lut)
+    on_kernel = run()
+    torch.testing.assert_close(on_bmma.float(), on_kernel.float(), rtol=2e-2, atol=2e-2)
+    top2 = on_kernel.float().topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.05  # the greedy token wherever the top-2 margin is clear
+    assert torch.equal(on_bmma.argmax(-1)[clear], on_kernel.argmax(-1)[clear])
+    monkeypatch.delenv("DECDEC_BMMA")
+    for _, m in bmma:
+        assert m.place_decode_layout() and formats.is_ap3_bmma_layout(m.qweight, m.lut)
+        m.set_dec(4, 8)
+        assert formats.is_ap3_kernel_layout(m.qweight, m.lut) and m.dec_chain
 
 
 @pytest.mark.parametrize("mode", ["none", "cudagraphs"])
