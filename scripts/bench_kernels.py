@@ -108,7 +108,7 @@ def bench_shape(n: int, out: int, args, l2: int, sms: int, rows: list, summary: 
         c = copies_for(wbytes, l2)
         qws = [rand_words((bits, out, n // 32)) for _ in range(c)]
         luts = [torch.randn(out, 2**bits, device="cuda", dtype=dt) * 0.05 for _ in range(c)]
-        if bits == 3 and ops.ap3_bmma_supported(n, out):  # the binary-tensor-core GEMV (not in models yet)
+        if bits == 3 and ops.ap3_bmma_supported(n, out):  # the binary-tensor-core GEMV (models: where ops.bmma_preferred, DEC off)
             qbm = [formats.pack_ap3_bmma(q) for q in qws]
             tbm = timeit_graph(lambda i: torch.ops.decdec.ap_gemv(xs[i % nx], qbm[i % c], luts[i % c]), c * nx)
             res["ap3_bmma_graph"] = (tbm, record("ap_gemv_graph_bmma", bits, tbm, wbytes + 2 * (n + out)))
@@ -282,7 +282,7 @@ def markdown(summary: dict, ceil: dict, card: str) -> str:
         lines.append(f"| {key} | {cell('ap3')} | {cell('ap4')} | {cell('lg3')} | {cell('lg4')} | "
                      f"{r['fp16'][0]:.1f} us ({r['fp16'][1]:.0f} GB/s) | {r['fp16'][0] / r['ap3'][0]:.2f}x |")
     lines += ["", "Same, timed from CUDA graphs (no per-launch gaps; how a graph-captured decoder runs); ap 3-bit bmma: the "
-              "binary-tensor-core GEMV (formats.pack_ap3_bmma; its x-planes kernel included; not used by models yet):",
+              "binary-tensor-core GEMV (formats.pack_ap3_bmma; its x-planes kernel included; models hold it where ops.bmma_preferred and DEC is off there):",
               "",
               "| shape (in x out) | ap 3-bit | ap 3-bit bmma | ap 4-bit | lutgemm 3-bit | lutgemm 4-bit | torch fp16 | "
               "ap3 vs fp16 |",
