@@ -250,22 +250,32 @@ int* tile_counters(int device, size_t n, cudaStream_t stream) {
 constexpr int kChainSlots = 8, kChainSlotInts = decdec::kChainGroups + decdec::kChainGroupCap;  // ints per call
 std::unordered_map<int, std::pair<int*, unsigned>> g_chain;  // device -> (buffer, next slot)
 
-int* chain_counters(int device, int M, cudaStream_t stream) {
-  DD_CHECK(M < decdec::kChainGroups - 1, "decdec: the _dec_chain ops serve up to ", decdec::kChainGroups - 2,
-           " tokens per call, got M=", M, "; use the _dec_parts ops for more");
+// The next of `slots` slots of `slot_ints` zeroed ints in w (device -> (buffer, next slot)), allocated on the first call
+// (outside CUDA-graph capture: `who` names the caller in the error). The kernels leave a slot zero again.
+int* zeroed_slot(std::pair<int*, unsigned>& w, int slots, int slot_ints, cudaStream_t stream, const char* who) {
   std::lock_guard<std::mutex> lock(g_ws_mu);
-  auto& w = g_chain[device];
   if (!w.first) {
     cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
     cuda_ok(cudaStreamIsCapturing(stream, &st), "cudaStreamIsCapturing");
-    DD_CHECK(st == cudaStreamCaptureStatusNone, "decdec: the first _dec_chain call on a device allocates its counters; "
+    DD_CHECK(st == cudaStreamCaptureStatusNone, "decdec: the first ", who, " call on a device allocates its counters; "
              "call it once outside CUDA-graph capture (a warm-up) first");
-    const size_t bytes = (size_t)kChainSlots * kChainSlotInts * sizeof(int);
-    cuda_ok(cudaMalloc(&w.first, bytes), "cudaMalloc(chain counters)");
-    cuda_ok(cudaMemset(w.first, 0, bytes), "cudaMemset(chain counters)");
+    const size_t bytes = (size_t)slots * slot_ints * sizeof(int);
+    cuda_ok(cudaMalloc(&w.first, bytes), "cudaMalloc(counters)");
+    cuda_ok(cudaMemset(w.first, 0, bytes), "cudaMemset(counters)");
     cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   }
-  return w.first + (size_t)(w.second++ % kChainSlots) * kChainSlotInts;
+  return w.first + (size_t)(w.second++ % slots) * slot_ints;
+}
+
+int* chain_counters(int device, int M, cudaStream_t stream) {
+  DD_CHECK(M < decdec::kChainGroups - 1, "decdec: the _dec_chain ops serve up to ", decdec::kChainGroups - 2,
+           " tokens per call, got M=", M, "; use the _dec_parts ops for more");
+  std::pair<int*, unsigned>* w;
+  {
+    std::lock_guard<std::mutex> lock(g_ws_mu);
+    w = &g_chain[device];
+  }
+  return zeroed_slot(*w, kChainSlots, kChainSlotInts, stream, "_dec_chain");
 }
 
 struct ForkJoin {  // cached events of the side-stream fork/join, one pair per device and thread
@@ -286,19 +296,12 @@ std::unordered_map<int, std::pair<int*, unsigned>> g_bmma;  // device -> (buffer
 int* bmma_counters(int device, int out, cudaStream_t stream) {
   DD_CHECK(out / 16 <= kBmmaSlotInts, "decdec: the binary-tensor-core GEMV serves out <= ", 16 * kBmmaSlotInts,
            ", got out=", out, "; use the bit-plane layout");
-  std::lock_guard<std::mutex> lock(g_ws_mu);
-  auto& w = g_bmma[device];
-  if (!w.first) {
-    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
-    cuda_ok(cudaStreamIsCapturing(stream, &st), "cudaStreamIsCapturing");
-    DD_CHECK(st == cudaStreamCaptureStatusNone, "decdec: the first binary-tensor-core GEMV call on a device allocates "
-             "its counters; call it once outside CUDA-graph capture (a warm-up) first");
-    const size_t bytes = (size_t)kBmmaSlots * kBmmaSlotInts * sizeof(int);
-    cuda_ok(cudaMalloc(&w.first, bytes), "cudaMalloc(bmma counters)");
-    cuda_ok(cudaMemset(w.first, 0, bytes), "cudaMemset(bmma counters)");
-    cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  std::pair<int*, unsigned>* w;
+  {
+    std::lock_guard<std::mutex> lock(g_ws_mu);
+    w = &g_bmma[device];
   }
-  return w.first + (size_t)(w.second++ % kBmmaSlots) * kBmmaSlotInts;
+  return zeroed_slot(*w, kBmmaSlots, kBmmaSlotInts, stream, "binary-tensor-core GEMV");
 }
 
 // One call's scratch (kernels.h ap3_bmma_scratch_bytes; no initial value) and counters; the inputs it reads 16 bytes

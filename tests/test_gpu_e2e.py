@@ -292,6 +292,15 @@ def test_addnorm_decode_equals_separate_ops(monkeypatch):
     assert (compiled - fused).abs().max() / scale < 0.02, "compiled fused decode differs from eager"
 
 
+def _decode_logits(model, tokens: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """Prefill tokens[:8], then decode tokens[8:16] one at a time (eager): the last-position logits of each step."""
+    model.setup_caches(1, 32, torch.float16, dev)
+    with torch.no_grad():
+        model(tokens[:8].view(1, -1).to(dev), torch.arange(8, device=dev))
+        return torch.stack([model(tokens[i:i + 1].view(1, 1).to(dev), torch.tensor([i], device=dev))[0, -1]
+                            for i in range(8, 16)])
+
+
 def test_kernel_layout_model_equals_bitplanes(monkeypatch):
     """A model built on CUDA holds its 3-bit fp16 ap weights in the kernels' layout (QuantLinear.use_kernel_layout),
     and decodes to the same logits, bit for bit, as with the checkpoint's bit-planes (DEC in parts mode for both: the
@@ -311,11 +320,7 @@ def test_kernel_layout_model_equals_bitplanes(monkeypatch):
     tokens = torch.randint(0, 1024, (16,), generator=torch.Generator().manual_seed(6))
 
     def run():
-        model.setup_caches(1, 32, torch.float16, dev)
-        with torch.no_grad():
-            model(tokens[:8].view(1, -1).to(dev), torch.arange(8, device=dev))
-            return torch.stack([model(tokens[i:i + 1].view(1, 1).to(dev), torch.tensor([i], device=dev))[0, -1]
-                                for i in range(8, 16)])
+        return _decode_logits(model, tokens, dev)
 
     assert [m.dec_chain for m in lins] == [m.k_chunk > 0 for m in lins] and any(m.dec_chain for m in lins)
     chain = run()
@@ -348,11 +353,7 @@ def test_bmma_layout_model_matches_the_kernel_layout(monkeypatch):
     tokens = torch.randint(0, 1024, (16,), generator=torch.Generator().manual_seed(8))
 
     def run():
-        model.setup_caches(1, 32, torch.float16, dev)
-        with torch.no_grad():
-            model(tokens[:8].view(1, -1).to(dev), torch.arange(8, device=dev))
-            return torch.stack([model(tokens[i:i + 1].view(1, 1).to(dev), torch.tensor([i], device=dev))[0, -1]
-                                for i in range(8, 16)])
+        return _decode_logits(model, tokens, dev)
 
     on_bmma = run()
     monkeypatch.setenv("DECDEC_BMMA", "0")
