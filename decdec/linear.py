@@ -159,7 +159,7 @@ class QuantLinear(nn.Module):
         (``formats.pack_ap3_bmma``) where ``ops.bmma_preferred`` and DEC is off here (it has no DEC kernels), else the
         kernel layout (``use_kernel_layout``, where the kernels read it). ``set_dec`` calls it, so the layout follows
         k_chunk; rows keep their order (GLU pairs stay pairs). Returns whether it re-laid the weights."""
-        if self.backend != "ap" or not self.qweight.is_cuda or self.bits != 3:
+        if self.backend != "ap" or self.bits != 3:
             return False
         want = self.k_chunk == 0 and ops.bmma_preferred(self.bits, self.lut.dtype, self.in_features,
                                                         self.out_features, self.qweight.device)

@@ -205,3 +205,38 @@ def test_glu_layout_keeps_every_output_in_the_original_order():
     act2, _ = paired.forward_addnorm_glu(a, b, norm, fuse=False)
     assert torch.equal(act2, act)
 
+
+
+def test_decode_layout_follows_dec(monkeypatch):
+    """set_dec places the weights (place_decode_layout): where ops.bmma_preferred says so, DEC off holds them in the
+    binary-tensor-core layout and DEC on takes them back out (on the CPU use_kernel_layout keeps bit-planes); decode
+    (DEC off and on), prefill, dequantize and the GLU entry give the bits of the linear that never moved."""
+    from decdec import ops
+    from decdec.model import RMSNorm
+
+    norm = RMSNorm(1024, 1e-5)
+    x1, x5 = torch.randn(1, 1, 1024, generator=_gen(9)), torch.randn(1, 5, 1024, generator=_gen(10))
+    a, b = torch.randn(1, 1, 1024, generator=_gen(11)), torch.randn(1, 1, 1024, generator=_gen(12))
+    lins = []
+    for _ in range(2):
+        lin, _ = make_linear("ap", inp=1024, out=64, seed=7)
+        attach_random_dec(lin, seed=8)
+        assert lin.use_glu_layout(force=True)
+        lins.append(lin)
+    fixed, moving = lins
+
+    def outputs(lin):
+        return [lin(x1), lin(x5), lin.dequantize(), *lin.forward_addnorm_glu(a, b, norm)]
+
+    want = {}
+    for k in (0, 16):
+        fixed.set_dec(k, 4)
+        assert fixed.qweight.dim() == 3  # on the CPU bmma_preferred is False: bit-planes stay
+        want[k] = outputs(fixed)
+    monkeypatch.setattr(ops, "bmma_preferred", lambda *args: True)
+    for k in (0, 16, 0):
+        moving.set_dec(k, 4)
+        assert formats.is_ap3_bmma_layout(moving.qweight, moving.lut) == (k == 0), k
+        for got, ref in zip(outputs(moving), want[k]):
+            assert torch.equal(got, ref), k
+    assert not moving.place_decode_layout()  # already where it belongs
