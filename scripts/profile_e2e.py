@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parent.parent
 CATEGORIES = [  # first match wins; patterns on the demangled kernel name
     ("attention", r"flash|fmha|attention|sdpa"),  # incl. inductor's kernels preparing SDPA's inputs
     ("fused pointwise (inductor)", r"^triton_"),  # named after the ops they fuse (e.g. ..._ap_gemv_mul_silu)
-    ("quantized GEMV", r"ap3_gemv|ap_gemv|lutgemm_gemv"),
+    ("x planes (bmma GEMV's input)", r"ap3_xplanes"),
+    ("quantized GEMV", r"ap3_gemv|ap_gemv|ap3_bmma|lutgemm_gemv"),
     ("DEC", r"dec_kernel|dec_select"),
     ("dense GEMM/GEMV (cuBLAS)", r"nvjet|gemv|gemm|cutlass|xmma|cublas|splitK"),
     ("copy / fill", r"copy|memcpy|memset|fill|Memcpy|Memset|elementwise"),

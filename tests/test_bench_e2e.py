@@ -67,6 +67,19 @@ def test_profile_timeline_idle_time_counts_only_gaps_with_no_kernel_running():
     assert prof["adds"](nested) == [10.0, 0.0]
 
 
+def test_profile_categories_name_every_decode_kernel():
+    prof = runpy.run_path(str(REPO / "scripts" / "profile_e2e.py"), run_name="profile_e2e")
+    cat = prof["category"]
+    assert cat("void decdec::(anonymous namespace)::ap3_bmma_kernel<__half, 4, true>(uint4 const*, ...)") == \
+        "quantized GEMV"
+    assert cat("void decdec::(anonymous namespace)::ap3_xplanes_kernel<__half, true>(__half const*, int, ...)") == \
+        "x planes (bmma GEMV's input)"
+    assert cat("void decdec::ap3_gemv_stream_kernel<4>(...)") == "quantized GEMV"
+    assert cat("triton_poi_fused_ap_gemv_mul_silu_0") == "fused pointwise (inductor)"
+    assert cat("nvjet_hsh_64x8_64x16_2x1_v_bz_TNN") == "dense GEMM/GEMV (cuBLAS)"
+    assert cat("something_else") == "other"
+
+
 def test_targets_run_as_one_tune(tmp_path, monkeypatch, cache_dir):
     """--targets: one tune run serves every target (the projections timed once), a row per target."""
     from decdec import tune
