@@ -115,8 +115,8 @@ Ap check_ap(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& lu
   check_x(x);
   if (is_ap3_bmma_layout(qweight, lut)) {
     DD_CHECK(allow_bmma, "decdec: qweight ", qweight.sizes(), " is in the binary-tensor-core layout [out/16, in/512, "
-             "6, 32, 4] (decdec.formats.pack_ap3_bmma), which only ap_gemv and ap_dequant read; pass the bit-plane "
-             "layout (decdec.formats.unpack_ap3_bmma(qweight))");
+             "6, 32, 4] (decdec.formats.pack_ap3_bmma), which only ap_gemv, ap_gemv_addnorm(_glu) and ap_dequant read; "
+             "pass the bit-plane layout (decdec.formats.unpack_ap3_bmma(qweight))");
     check_tensor(qweight, "qweight", x.device(), at::kInt);
     Ap s{3, i32(qweight.size(0) * 16, "out"), i32(qweight.size(1) * 512, "in"), false, true};
     DD_CHECK(x.size(1) == s.in, "decdec: x has ", x.size(1), " input channels, qweight expects ", s.in);

@@ -7,8 +7,9 @@ machine, with or without the extension.
 
 Shapes (``M`` tokens, ``b`` bits): ``x [M, in]``; ap ``qweight [b, out, in/32] int32`` (or, 3-bit fp16 on CUDA where
 ``ap3_kernel_layout`` says, the kernel layout ``[out, in/256, 3, 8]`` of ``formats.pack_ap3_kernel``; or, for
-``ap_gemv`` / ``ap_dequant`` only, the binary-tensor-core layout ``[out/16, in/512, 6, 32, 4]`` of
-``formats.pack_ap3_bmma``: 3-bit, fp16 / bf16, in <= 20480, read by ``csrc/ap_bmma.cu``),
+``ap_gemv``, ``ap_gemv_addnorm(_glu)`` and ``ap_dequant`` (no DEC op), the binary-tensor-core layout
+``[out/16, in/512, 6, 32, 4]`` of ``formats.pack_ap3_bmma``: 3-bit, fp16 / bf16, in <= 20480, read by
+``csrc/ap_bmma.cu``; QuantLinear uses it where ``bmma_preferred``),
 ``lut [out, 2**b]``; lutgemm ``binary [in/32, b, out] int32``, ``alpha [n_groups, b, out]``,
 ``q_bias [n_groups, out]`` (group = in / n_groups, 128 by default); DEC ``q_residual [in, out/8] int32``, ``scales [out]``,
 ``bounds [2] fp32`` (``a, b`` of DESIGN.md §2). Every GEMV returns ``[M, out]`` in ``x.dtype``.
@@ -104,8 +105,8 @@ def _check_x(x: torch.Tensor, in_features: int) -> None:
 def _ap_shape(qweight: torch.Tensor, lut: torch.Tensor, allow_bmma: bool = False) -> tuple[int, int]:
     if formats.is_ap3_bmma_layout(qweight, lut):  # [out/16, in/512, 6, 32, 4]
         torch._check(allow_bmma, lambda: f"qweight {tuple(qweight.shape)} is in the binary-tensor-core layout "
-                     "(formats.pack_ap3_bmma), which only ap_gemv and ap_dequant read; pass the bit-plane layout "
-                     "(formats.unpack_ap3_bmma(qweight))")
+                     "(formats.pack_ap3_bmma), which only ap_gemv, ap_gemv_addnorm(_glu) and ap_dequant read; pass the "
+                     "bit-plane layout (formats.unpack_ap3_bmma(qweight))")
         torch._check(qweight.dtype == torch.int32, lambda: f"qweight must be int32, got {qweight.dtype}")
         return qweight.shape[0] * 16, qweight.shape[1] * 512
     if formats.is_ap3_kernel_layout(qweight, lut):  # [out, in/256, 3, 8]
