@@ -27,6 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from decdec import formats, ops  # noqa: E402
 from decdec.timing import consume, graph_seconds  # noqa: E402
 
+DEVICE = "cuda"  # tests run the same code on the CPU (with a host timer) to check it, not to time it
+TIMER = graph_seconds
+
 MODELS = {  # hidden, q + k + v rows, intermediate
     "llama3-8b": (4096, 6144, 14336),
     "phi3-medium": (5120, 7680, 17920),
@@ -37,42 +40,72 @@ def projections(hidden: int, qkv: int, inter: int) -> list[tuple[str, int, int]]
     return [("qkv", hidden, qkv), ("o", hidden, hidden), ("gate_up", hidden, 2 * inter), ("down", inter, hidden)]
 
 
-def bench_projection(kind: str, n: int, out: int, l2: int, seed: int) -> dict:
-    dt16 = torch.float16
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    wbytes = 3 * out * n // 8 + out * 16
-    c = max(2, math.ceil(4 * l2 / wbytes))
-    qws = [torch.randint(-(2**31), 2**31 - 1, (3, out, n // 32), dtype=torch.int32, device="cuda", generator=g)
-           for _ in range(c)]
-    luts = [(torch.randn(out, 8, device="cuda", generator=g) * 0.05).to(dt16) for _ in range(c)]
-    nx = 8
-    xs = [(torch.randn(1, n, device="cuda", generator=g) * 2).to(dt16) for _ in range(nx)]
-    bs = [(torch.randn(1, n, device="cuda", generator=g) * 2).to(dt16) for _ in range(nx)]
-    gamma = (torch.rand(n, device="cuda", generator=g) + 0.5).to(dt16)
-    layouts = {"kernel": [formats.pack_ap3_kernel(q) for q in qws],
-               "bmma": [formats.pack_ap3_bmma(q) for q in qws]}
-    del qws
+class Projection:
+    """One projection's random 3-bit codes and LUTs in both layouts, ``copies`` of each (rotated so the L2 does not
+    hold them), and the op a decode step runs on it."""
 
-    def call(qw, lut, i):
-        x = xs[i % nx]
-        if kind == "qkv":
-            return torch.ops.decdec.ap_gemv_addnorm(x, bs[i % nx], gamma, 1e-5, qw, lut)[0]
-        if kind == "gate_up":
-            if formats.is_ap3_bmma_layout(qw, lut) or ops.glu_supported(3, n):
-                return torch.ops.decdec.ap_gemv_addnorm_glu(x, bs[i % nx], gamma, 1e-5, qw, lut)[0]
-            y = torch.ops.decdec.ap_gemv_addnorm(x, bs[i % nx], gamma, 1e-5, qw, lut)[0]  # as QuantLinear falls back
-            return torch.nn.functional.silu(y[:, 0::2]) * y[:, 1::2]
+    def __init__(self, kind: str, n: int, out: int, l2: int, seed: int):
+        self.kind, self.n, self.out = kind, n, out
+        g = torch.Generator(device=DEVICE).manual_seed(seed)
+        wbytes = 3 * out * n // 8 + out * 16
+        self.copies = max(2, math.ceil(4 * l2 / wbytes))
+        qws = [torch.randint(-(2**31), 2**31 - 1, (3, out, n // 32), dtype=torch.int32, device=DEVICE, generator=g)
+               for _ in range(self.copies)]
+        self.luts = [(torch.randn(out, 8, device=DEVICE, generator=g) * 0.05).half() for _ in range(self.copies)]
+        self.gamma = (torch.rand(n, device=DEVICE, generator=g) + 0.5).half()
+        self.weights = {"kernel": [formats.pack_ap3_kernel(q) for q in qws],
+                        "bmma": [formats.pack_ap3_bmma(q) for q in qws]}
+
+    def __call__(self, layout: str, i: int, x: torch.Tensor, b: torch.Tensor | None = None):
+        """The op on copy i: qkv and gate_up take (a, b) and return (y, h); o and down take x and return y."""
+        qw, lut = self.weights[layout][i % self.copies], self.luts[i % self.copies]
+        if self.kind == "qkv":
+            return torch.ops.decdec.ap_gemv_addnorm(x, b, self.gamma, 1e-5, qw, lut)
+        if self.kind == "gate_up":
+            if layout == "bmma" or ops.glu_supported(3, self.n):
+                return torch.ops.decdec.ap_gemv_addnorm_glu(x, b, self.gamma, 1e-5, qw, lut)
+            y, h = torch.ops.decdec.ap_gemv_addnorm(x, b, self.gamma, 1e-5, qw, lut)  # as QuantLinear falls back
+            return torch.nn.functional.silu(y[:, 0::2]) * y[:, 1::2], h
         return torch.ops.decdec.ap_gemv(x, qw, lut)
 
-    res = {}
-    outs = {}
-    for name, qw in layouts.items():
-        outs[name] = call(qw[0], luts[0], 0).float()
-        calls = c * nx
-        res[name] = graph_seconds(lambda i: consume(call(qw[i % c], luts[i % c], i)), calls, reps=9) * 1e6
+
+def rand_inputs(n: int, count: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    return [(torch.randn(1, n, device=DEVICE, generator=g) * 2).half() for _ in range(count)]
+
+
+def bench_projection(proj: Projection, seed: int) -> dict:
+    nx = 8
+    xs, bs = rand_inputs(proj.n, nx, seed), rand_inputs(proj.n, nx, seed + 1)
+
+    def call(layout, i):
+        r = proj(layout, i, xs[i % nx], bs[i % nx])
+        return r[0] if isinstance(r, tuple) else r
+
+    res, outs = {}, {}
+    for layout in ("kernel", "bmma"):
+        outs[layout] = call(layout, 0).float()
+        res[layout] = TIMER(lambda i: consume(call(layout, i)), proj.copies * nx) * 1e6
     ref = outs["kernel"]
     res["err"] = ((outs["bmma"] - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
     return res
+
+
+def bench_chain(projs: dict[str, Projection], plans: dict[str, dict[str, str]], seed: int) -> dict[str, float]:
+    """The four ops chained as a decode step runs them (each output feeding the next op; the attention left out:
+    o reads the first ``hidden`` of qkv's outputs), per plan (projection -> layout): median us per layer from graphs.
+    What the op-level sum cannot show: how each op overlaps its neighbours (programmatic launches)."""
+    hidden, nx = projs["qkv"].n, 8
+    xs, bs = rand_inputs(hidden, nx, seed), rand_inputs(hidden, nx, seed + 1)
+    calls = max(p.copies for p in projs.values()) * nx
+
+    def layer(plan, i):
+        y, h = projs["qkv"](plan["qkv"], i, xs[i % nx], bs[i % nx])
+        o = projs["o"](plan["o"], i, y[:, :hidden].contiguous())
+        act, _ = projs["gate_up"](plan["gate_up"], i, h, o)
+        return consume(projs["down"](plan["down"], i, act))
+
+    return {name: TIMER(lambda i: layer(plan, i), calls) * 1e6 for name, plan in plans.items()}
 
 
 def main() -> int:
@@ -92,8 +125,10 @@ def main() -> int:
              "| model | projection | in x out | op | kernel layout (us) | bmma layout (us) | bmma / kernel | err |",
              "|---|---|---|---|---|---|---|---|"]
     bad = False
+    chains: list[str] = []
     for model in args.models:
         tot = {"kernel": 0.0, "bmma": 0.0}
+        projs: dict[str, Projection] = {}
         for kind, n, out in projections(*MODELS[model]):
             op = {"qkv": "ap_gemv_addnorm", "gate_up": "ap_gemv_addnorm_glu"}.get(kind, "ap_gemv")
             if kind == "gate_up" and not ops.glu_supported(3, n):
@@ -101,7 +136,8 @@ def main() -> int:
             if not ops.ap3_bmma_supported(n, out):
                 lines.append(f"| {model} | {kind} | {n}x{out} | {op} | | not supported | | |")
                 continue
-            r = bench_projection(kind, n, out, l2, seed=n + out)
+            projs[kind] = Projection(kind, n, out, l2, seed=n + out)
+            r = bench_projection(projs[kind], seed=n + out + 1)
             tot["kernel"] += r["kernel"]
             tot["bmma"] += r["bmma"]
             lines.append(f"| {model} | {kind} | {n}x{out} | {op} | {r['kernel']:.2f} | {r['bmma']:.2f} | "
@@ -113,6 +149,19 @@ def main() -> int:
         lines.append(f"| {model} | layer (sum) | | | {tot['kernel']:.2f} | {tot['bmma']:.2f} | "
                      f"{tot['bmma'] / max(tot['kernel'], 1e-9):.3f} | |")
         print(lines[-1], flush=True)
+        if len(projs) == 4:
+            kernel = dict.fromkeys(projs, "kernel")
+            plans = {"kernel layout": kernel, "gate_up bmma (models now)": {**kernel, "gate_up": "bmma"},
+                     "all bmma": dict.fromkeys(projs, "bmma")}
+            chain = bench_chain(projs, plans, seed=7)
+            base = chain["kernel layout"]
+            chains.append(f"| {model} | " + " | ".join(f"{t:.2f} ({t / base:.3f})" for t in chain.values()) + " |")
+            print(chains[-1], flush=True)
+        del projs
+        torch.cuda.empty_cache()
+    lines += ["", "The four ops chained as a step runs them (attention left out; us per layer from CUDA graphs, ratio to the "
+              "kernel layout):", "", "| model | kernel layout | gate_up bmma (models now) | all bmma |", "|---|---|---|---|",
+              *chains]
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

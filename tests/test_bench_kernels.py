@@ -28,3 +28,29 @@ def test_graph_table_has_the_bmma_column():
             if line.startswith("| 4096x") and "2.50x" in line}
     assert rows["4096x28672"][3].strip() == "14.8 us (3000 GB/s, 71%)"
     assert rows["4096x4096"][3].strip() == "-"
+
+
+def test_bench_bmma_ops_runs_on_the_cpu_with_both_layouts_agreeing(monkeypatch):
+    """scripts/bench_bmma_ops.py's projections, per-op comparison and layer chain on small shapes on the CPU (the ops'
+    reference kernels, a host timer): every op runs in both layouts with the same results, every plan of the chain
+    runs."""
+    from decdec.timing import host_seconds
+
+    spec_ops = importlib.util.spec_from_file_location("bench_bmma_ops", REPO / "scripts" / "bench_bmma_ops.py")
+    mod = importlib.util.module_from_spec(spec_ops)
+    spec_ops.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "DEVICE", "cpu")
+    monkeypatch.setattr(mod, "TIMER", lambda fn, calls: host_seconds(fn, 2, reps=1))
+    kinds = mod.projections(512, 768, 1024)
+    assert [(k, n, o) for k, n, o in kinds] == [("qkv", 512, 768), ("o", 512, 512), ("gate_up", 512, 2048),
+                                                ("down", 1024, 512)]
+    projs = {kind: mod.Projection(kind, n, out, l2=1, seed=n + out) for kind, n, out in kinds}
+    for proj in projs.values():
+        assert proj.copies == 2
+        r = mod.bench_projection(proj, seed=3)
+        # the CPU ops are one reference; gate_up's kernel-layout path at in = 512 (no GLU op there) takes SiLU x up
+        # in fp16 after the GEMV, the GLU op in fp32 on the rounded pair
+        assert r["err"] < (4e-3 if proj.kind == "gate_up" else 1e-9) and r["kernel"] > 0 and r["bmma"] > 0, proj.kind
+    kernel = dict.fromkeys(projs, "kernel")
+    times = mod.bench_chain(projs, {"kernel": kernel, "gate_up": {**kernel, "gate_up": "bmma"}}, seed=4)
+    assert set(times) == {"kernel", "gate_up"} and all(t > 0 for t in times.values())
