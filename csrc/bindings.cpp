@@ -250,10 +250,12 @@ int* tile_counters(int device, size_t n, cudaStream_t stream) {
 constexpr int kChainSlots = 8, kChainSlotInts = decdec::kChainGroups + decdec::kChainGroupCap;  // ints per call
 std::unordered_map<int, std::pair<int*, unsigned>> g_chain;  // device -> (buffer, next slot)
 
-// The next of `slots` slots of `slot_ints` zeroed ints in w (device -> (buffer, next slot)), allocated on the first call
+// The next of `slots` slots of `slot_ints` zeroed ints in ring[device] (buffer, next slot), allocated on the first call
 // (outside CUDA-graph capture: `who` names the caller in the error). The kernels leave a slot zero again.
-int* zeroed_slot(std::pair<int*, unsigned>& w, int slots, int slot_ints, cudaStream_t stream, const char* who) {
+int* zeroed_slot(std::unordered_map<int, std::pair<int*, unsigned>>& ring, int device, int slots, int slot_ints,
+                 cudaStream_t stream, const char* who) {
   std::lock_guard<std::mutex> lock(g_ws_mu);
+  auto& w = ring[device];
   if (!w.first) {
     cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
     cuda_ok(cudaStreamIsCapturing(stream, &st), "cudaStreamIsCapturing");
@@ -270,12 +272,7 @@ int* zeroed_slot(std::pair<int*, unsigned>& w, int slots, int slot_ints, cudaStr
 int* chain_counters(int device, int M, cudaStream_t stream) {
   DD_CHECK(M < decdec::kChainGroups - 1, "decdec: the _dec_chain ops serve up to ", decdec::kChainGroups - 2,
            " tokens per call, got M=", M, "; use the _dec_parts ops for more");
-  std::pair<int*, unsigned>* w;
-  {
-    std::lock_guard<std::mutex> lock(g_ws_mu);
-    w = &g_chain[device];
-  }
-  return zeroed_slot(*w, kChainSlots, kChainSlotInts, stream, "_dec_chain");
+  return zeroed_slot(g_chain, device, kChainSlots, kChainSlotInts, stream, "_dec_chain");
 }
 
 struct ForkJoin {  // cached events of the side-stream fork/join, one pair per device and thread
@@ -296,12 +293,7 @@ std::unordered_map<int, std::pair<int*, unsigned>> g_bmma;  // device -> (buffer
 int* bmma_counters(int device, int out, cudaStream_t stream) {
   DD_CHECK(out / 16 <= kBmmaSlotInts, "decdec: the binary-tensor-core GEMV serves out <= ", 16 * kBmmaSlotInts,
            ", got out=", out, "; use the bit-plane layout");
-  std::pair<int*, unsigned>* w;
-  {
-    std::lock_guard<std::mutex> lock(g_ws_mu);
-    w = &g_bmma[device];
-  }
-  return zeroed_slot(*w, kBmmaSlots, kBmmaSlotInts, stream, "binary-tensor-core GEMV");
+  return zeroed_slot(g_bmma, device, kBmmaSlots, kBmmaSlotInts, stream, "binary-tensor-core GEMV");
 }
 
 // One call's scratch (kernels.h ap3_bmma_scratch_bytes; no initial value) and counters; the inputs it reads 16 bytes
