@@ -9,6 +9,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <initializer_list>
@@ -431,10 +432,22 @@ std::tuple<at::Tensor, at::Tensor> ap_gemv_addnorm_glu_cuda(const at::Tensor& a,
 
 at::Tensor ap_dequant_cuda(const at::Tensor& qweight, const at::Tensor& lut) {
   DD_CHECK(lut.is_cuda(), "decdec: lut must be a CUDA tensor, got ", lut.device());
-  if (is_ap3_bmma_layout(qweight, lut)) {  // prefill: dequantize from the bit-planes (a temporary copy)
-    check_ap(at::empty({1, qweight.size(1) * 512}, lut.options()), qweight, lut, /*allow_bmma=*/true);
+  if (is_ap3_bmma_layout(qweight, lut)) {  // prefill: dequantize from bit-planes, 256 row groups at a time (a
+    // temporary copy of those only: the whole weight's would raise the step's peak memory by its size)
+    const Ap s = check_ap(at::empty({1, qweight.size(1) * 512}, lut.options()), qweight, lut, /*allow_bmma=*/true);
     c10::cuda::CUDAGuard guard(lut.device());
-    return ap_dequant_cuda(unpack_ap3_bmma(qweight), lut);
+    auto w = at::empty({s.out, s.in}, lut.options());
+    const int64_t groups = qweight.size(0), chunk = 256;
+    for (int64_t g0 = 0; g0 < groups; g0 += chunk) {
+      const int64_t gn = std::min(chunk, groups - g0);
+      const at::Tensor planes = unpack_ap3_bmma(qweight.narrow(0, g0, gn));
+      cuda_ok(decdec::ap_dequant(dtype_of(lut), reinterpret_cast<const uint32_t*>(planes.data_ptr()),
+                                 static_cast<const char*>(lut.data_ptr()) + g0 * 16 * 8 * lut.element_size(),
+                                 static_cast<char*>(w.data_ptr()) + g0 * 16 * s.in * w.element_size(), s.in,
+                                 (int)(gn * 16), 3, at::cuda::getCurrentCUDAStream(), false),
+              "ap_dequant launch");
+    }
+    return w;
   }
   const int64_t in = is_ap3_kernel_layout(qweight, lut) ? qweight.size(1) * 256 : qweight.dim() == 3 ? qweight.size(2) * 32 : 0;
   const Ap s = check_ap(at::empty({1, in}, lut.options()), qweight, lut);
