@@ -162,7 +162,7 @@ int main(int argc, char** argv) {
     XMeta* meta = reinterpret_cast<XMeta*>(static_cast<char*>(scratch) + planes_bytes(in));
     float* y32 = reinterpret_cast<float*>(static_cast<char*>(scratch) + meta_end(in));
     const int plane_blocks = words / kPlaneWarps;
-    ap3_xplanes_kernel<__half><<<plane_blocks, 32 * kPlaneWarps>>>(x, in, xb, meta, AddNorm{});
+    ap3_xplanes_kernel<__half><<<plane_blocks, 32 * kPlaneWarps>>>(x, in, xb, meta, AddNorm{}, 0);
     CK(cudaDeviceSynchronize());
 
     auto err_of = [&]() {
@@ -181,7 +181,7 @@ int main(int argc, char** argv) {
     });
     const float t_xplanes = graph_us([&](cudaStream_t s, int) {
       CK(launch_kernel(ap3_xplanes_kernel<__half>, dim3(plane_blocks), dim3(32 * kPlaneWarps), 0, s, true, x, in, xb,
-                       meta, AddNorm{}));
+                       meta, AddNorm{}, 0));
     });
     // the op's own plan (planes kernel + GEMV), as torch.ops.decdec.ap_gemv runs it
     CK(ap3_bmma_gemv(DType::F16, x, qp, lut, y, 1, in, out, scratch, cnt, 0));
