@@ -48,7 +48,7 @@ constexpr int kMaxPlaneBlocks = kMaxIn / 32 / kPlaneWarps;
 struct XMeta {
   int sh;
   int blocks;
-  double psum[kMaxPlaneBlocks];  // per xplanes block: the sum of its fixed-point X (summed in block order)
+  double psum[kMaxPlaneBlocks];  // per xplanes block: the sum of its fixed-point X (integers: exact in any order)
 };
 
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
@@ -172,6 +172,9 @@ __global__ void __launch_bounds__(32 * kPlaneWarps) ap3_xplanes_kernel(const T* 
   __shared__ double dred[kPlaneWarps];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (early) pdl_launch_dependents();  // the GEMV's part before its wait reads only weights
+  if constexpr (kNorm)  // gamma is a weight: into L1 before the wait (x and b are the kernels' before)
+    for (int i = 8 * threadIdx.x; i < in; i += 8 * blockDim.x)
+      asm volatile("prefetch.global.L1 [%0];" ::"l"(static_cast<const T*>(an.gamma) + i));
   pdl_wait();  // x is the previous kernel's; so is xb (the previous token's GEMV reads it)
   if (!early) pdl_launch_dependents();
   XSource<T, kNorm> src{x, static_cast<const T*>(an.b), static_cast<const T*>(an.gamma), 0.f};
@@ -243,7 +246,7 @@ template <typename T, int kStages = kBmmaStages, bool kGlu = false>
 __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
     ap3_bmma_kernel(const uint4* __restrict__ qw, const T* __restrict__ lut, const uint32_t* __restrict__ xb,
                     const XMeta* __restrict__ meta, T* __restrict__ y, float* __restrict__ y32, int* __restrict__ cnt,
-                    int in, int out, int KP) {
+                    int in, int out, int KP, int l2_steps = 0) {
   extern __shared__ __align__(16) uint4 smem[];
   const int W = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int xs_u4 = in * kXBits / 128, steps = in >> 9, groups = out >> 4, sp = steps / KP, n_items = groups * KP;
@@ -276,13 +279,37 @@ __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) issue(s);  // weights never depend on the kernel before
+  if (l2_steps > 0 && lane < kStepU4 * 16 / 128) {  // A/B knob: the next l2_steps steps into L2 (24 lines each)
+    int left = is_left, step = is_step, it = is_it;
+    const uint4* p = is_p;
+    for (int k = 0; k < l2_steps && left > 0; ++k) {
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const char*>(p - lane) + lane * 128));
+      --left;
+      if (++step == sp) {
+        step = 0;
+        it += NW;
+        if (left > 0) p = item_base(it);
+      } else {
+        p += kStepU4;
+      }
+    }
+  }
   pdl_wait();  // x's planes (and y) belong to the kernel before
   gemv_trigger_dependents();
+  // every load of the planes kernel's results goes out before the barrier: x's planes into shared memory, the shift,
+  // and the per-block fixed-point sums, one per lane (summed after it; integers, so exact in fp64 in any order)
   for (int i = threadIdx.x; i < xs_u4; i += blockDim.x) xs[i] = __ldg(reinterpret_cast<const uint4*>(xb) + i);
+  const int sh = __ldg(&meta->sh), n_blocks = __ldg(&meta->blocks);
+  double ps[(kMaxPlaneBlocks + 31) / 32];
+#pragma unroll
+  for (int k = 0; k < (kMaxPlaneBlocks + 31) / 32; ++k)
+    ps[k] = lane + 32 * k < kMaxPlaneBlocks ? __ldg(&meta->psum[lane + 32 * k]) : 0.0;
   __syncthreads();
-  const int sh = meta->sh;
-  double xsum = 0.0;  // the fixed-point sum of x, in block order
-  for (int b = 0; b < meta->blocks; ++b) xsum += meta->psum[b];
+  double xsum = 0.0;  // the fixed-point sum of x, in every lane
+#pragma unroll
+  for (int k = 0; k < (kMaxPlaneBlocks + 31) / 32; ++k)
+    if (lane + 32 * k < n_blocks) xsum += ps[k];
+  for (int o = 16; o; o >>= 1) xsum += __shfl_xor_sync(~0u, xsum, o);
 
   int acc[7][kNB][4];
   auto zero_acc = [&]() {
@@ -444,6 +471,10 @@ cudaError_t launch_bmma(const T* x, const uint4* qw, const T* lut, T* y, int M, 
   const size_t smem = (size_t)in * kXBits / 8 + (size_t)warps * kBmmaStages * kStepU4 * 16;
   auto kernel = glu ? ap3_bmma_kernel<T, kBmmaStages, true> : ap3_bmma_kernel<T, kBmmaStages, false>;
   auto planes = norm ? ap3_xplanes_kernel<T, true> : ap3_xplanes_kernel<T, false>;
+  // DECDEC_BMMA_L2_STEPS=n (A/B knob, read per call; default 0): each warp also pulls its next n steps into L2
+  // before it waits for the planes
+  const char* l2_env = std::getenv("DECDEC_BMMA_L2_STEPS");
+  const int l2_steps = l2_env ? std::max(0, std::atoi(l2_env)) : 0;
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   for (int m = 0; m < M; ++m) {
@@ -458,7 +489,7 @@ cudaError_t launch_bmma(const T* x, const uint4* qw, const T* lut, T* y, int M, 
     if (err != cudaSuccess) return err;
     err = launch_kernel(kernel, dim3(grid), dim3(32 * warps), smem, stream, true, qw, lut,
                         static_cast<const uint32_t*>(xb), static_cast<const XMeta*>(meta),
-                        y + (size_t)m * (glu ? out / 2 : out), y32, counters, in, out, kp);
+                        y + (size_t)m * (glu ? out / 2 : out), y32, counters, in, out, kp, l2_steps);
     if (err != cudaSuccess) return err;
   }
   return cudaGetLastError();
