@@ -22,7 +22,8 @@
 // scripts/bmma_gemv_ab.cu and per projection op in scripts/bench_bmma_ops.py (docs/PERF.md, Kernels, sessions 20-21).
 // Forming the planes inside the GEMV (every block all of them) was slower everywhere (session 21: 4096x28672 23.2 us
 // against 14.6 us plus a 2.9 us planes kernel), and so was prefetching the GEMV's next steps into L2 while it waits
-// for the planes (2 to 16 steps per warp: no shape gained more than the noise).
+// for the planes (2 to 16 steps per warp: no shape gained more than the noise; again in session 22 with the planes
+// kernel's early trigger, end to end: 8 steps 484.9 / 484.6 against 499.0 / 497.8 tokens/s without).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -246,7 +247,7 @@ template <typename T, int kStages = kBmmaStages, bool kGlu = false>
 __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
     ap3_bmma_kernel(const uint4* __restrict__ qw, const T* __restrict__ lut, const uint32_t* __restrict__ xb,
                     const XMeta* __restrict__ meta, T* __restrict__ y, float* __restrict__ y32, int* __restrict__ cnt,
-                    int in, int out, int KP, int l2_steps = 0) {
+                    int in, int out, int KP) {
   extern __shared__ __align__(16) uint4 smem[];
   const int W = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int xs_u4 = in * kXBits / 128, steps = in >> 9, groups = out >> 4, sp = steps / KP, n_items = groups * KP;
@@ -279,21 +280,6 @@ __global__ void __launch_bounds__(32 * kBmmaMaxWarps, 1)
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) issue(s);  // weights never depend on the kernel before
-  if (l2_steps > 0 && lane < kStepU4 * 16 / 128) {  // A/B knob: the next l2_steps steps into L2 (24 lines each)
-    int left = is_left, step = is_step, it = is_it;
-    const uint4* p = is_p;
-    for (int k = 0; k < l2_steps && left > 0; ++k) {
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const char*>(p - lane) + lane * 128));
-      --left;
-      if (++step == sp) {
-        step = 0;
-        it += NW;
-        if (left > 0) p = item_base(it);
-      } else {
-        p += kStepU4;
-      }
-    }
-  }
   pdl_wait();  // x's planes (and y) belong to the kernel before
   gemv_trigger_dependents();
   // every load of the planes kernel's results goes out before the barrier: x's planes into shared memory, the shift,
@@ -471,10 +457,6 @@ cudaError_t launch_bmma(const T* x, const uint4* qw, const T* lut, T* y, int M, 
   const size_t smem = (size_t)in * kXBits / 8 + (size_t)warps * kBmmaStages * kStepU4 * 16;
   auto kernel = glu ? ap3_bmma_kernel<T, kBmmaStages, true> : ap3_bmma_kernel<T, kBmmaStages, false>;
   auto planes = norm ? ap3_xplanes_kernel<T, true> : ap3_xplanes_kernel<T, false>;
-  // DECDEC_BMMA_L2_STEPS=n (A/B knob, read per call; default 0): each warp also pulls its next n steps into L2
-  // before it waits for the planes
-  const char* l2_env = std::getenv("DECDEC_BMMA_L2_STEPS");
-  const int l2_steps = l2_env ? std::max(0, std::atoi(l2_env)) : 0;
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   for (int m = 0; m < M; ++m) {
@@ -489,7 +471,7 @@ cudaError_t launch_bmma(const T* x, const uint4* qw, const T* lut, T* y, int M, 
     if (err != cudaSuccess) return err;
     err = launch_kernel(kernel, dim3(grid), dim3(32 * warps), smem, stream, true, qw, lut,
                         static_cast<const uint32_t*>(xb), static_cast<const XMeta*>(meta),
-                        y + (size_t)m * (glu ? out / 2 : out), y32, counters, in, out, kp, l2_steps);
+                        y + (size_t)m * (glu ? out / 2 : out), y32, counters, in, out, kp);
     if (err != cudaSuccess) return err;
   }
   return cudaGetLastError();

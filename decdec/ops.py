@@ -401,11 +401,17 @@ def bmma_preferred(bits: int, dtype: torch.dtype, in_features: int, out_features
     at least 7 row groups of 16 per SM, where the GEMV needs no K split. Measured (H200, docs/PERF.md session 21, ops
     from CUDA graphs with the planes kernel): 4096x28672 16.8 vs 21.3 us, 5120x35840 26.2 vs 31.7, gate_up with its
     add + norm and GLU 20.0 vs 25.1 us; every shape that needs the K split was slower (o, qkv, down).
-    ``DECDEC_BMMA=0`` keeps the kernel layout (same-machine A/B)."""
-    if os.environ.get("DECDEC_BMMA", "1") == "0" or device.type != "cuda":
+    ``DECDEC_BMMA=0`` keeps the kernel layout, ``DECDEC_BMMA=all`` takes the bmma layout for every supported shape
+    (same-machine A/B; any other value is an error)."""
+    mode = os.environ.get("DECDEC_BMMA", "1")
+    if mode not in ("0", "1", "all"):
+        raise ValueError(f"DECDEC_BMMA={mode!r}: use 1 (the rule, default), 0 (never) or all (every supported shape)")
+    if mode == "0" or device.type != "cuda":
         return False
     if bits != 3 or dtype not in (torch.float16, torch.bfloat16) or not ap3_bmma_supported(in_features, out_features):
         return False
+    if mode == "all":
+        return True
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SMS:
         _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count

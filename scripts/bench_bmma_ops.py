@@ -126,6 +126,7 @@ def main() -> int:
              "|---|---|---|---|---|---|---|---|"]
     bad = False
     chains: list[str] = []
+    plan_names: list[str] = []
     for model in args.models:
         tot = {"kernel": 0.0, "bmma": 0.0}
         projs: dict[str, Projection] = {}
@@ -152,15 +153,17 @@ def main() -> int:
         if len(projs) == 4:
             kernel = dict.fromkeys(projs, "kernel")
             plans = {"kernel layout": kernel, "gate_up bmma (models now)": {**kernel, "gate_up": "bmma"},
-                     "all bmma": dict.fromkeys(projs, "bmma")}
+                     "gate_up + down bmma": {**kernel, "gate_up": "bmma", "down": "bmma"},
+                     "all bmma (DECDEC_BMMA=all)": dict.fromkeys(projs, "bmma")}
             chain = bench_chain(projs, plans, seed=7)
+            plan_names = list(chain)
             base = chain["kernel layout"]
             chains.append(f"| {model} | " + " | ".join(f"{t:.2f} ({t / base:.3f})" for t in chain.values()) + " |")
             print(chains[-1], flush=True)
         del projs
         torch.cuda.empty_cache()
     lines += ["", "The four ops chained as a step runs them (attention left out; us per layer from CUDA graphs, ratio to the "
-              "kernel layout):", "", "| model | kernel layout | gate_up bmma (models now) | all bmma |", "|---|---|---|---|",
+              "kernel layout):", "", "| model | " + " | ".join(plan_names) + " |", "|---" * (len(plan_names) + 1) + "|",
               *chains]
     text = "\n".join(lines) + "\n"
     print(text)

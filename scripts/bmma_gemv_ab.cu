@@ -199,7 +199,7 @@ int main(int argc, char** argv) {
       if (s == 0) allow_max(k);  // the op's allow_smem may have set less (the direct launch precedes each capture)
       CK(launch_kernel(k, dim3(grid), dim3(warps * 32), smem, s, true, reinterpret_cast<const uint4*>(qp + c * nw),
                        static_cast<const __half*>(lut + (size_t)c * out * 8), static_cast<const uint32_t*>(xb),
-                       static_cast<const XMeta*>(meta), y, y32, cnt, in, out, kp, 0));
+                       static_cast<const XMeta*>(meta), y, y32, cnt, in, out, kp));
     };
     Cfg best;
     for (int stages : {4, 8})

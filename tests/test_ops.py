@@ -504,7 +504,7 @@ def test_bmma_shape_rule(n, out, ok):
 
 def test_bmma_preferred_rule(monkeypatch):
     """QuantLinear's layout rule: 3-bit fp16 / bf16 on CUDA, a supported shape, >= 7 row groups of 16 per SM (no K
-    split); DECDEC_BMMA=0 turns it off. No GPU needed: the SM count is the only device fact it reads."""
+    split); DECDEC_BMMA=0 turns it off, =all takes every supported shape, anything else is refused. No GPU needed: the SM count is the only device fact it reads."""
     cuda0 = torch.device("cuda", 0)
     monkeypatch.setitem(ops._SMS, 0, 132)
     assert ops.bmma_preferred(3, torch.float16, 4096, 28672, cuda0)  # Llama-3-8B gate_up
@@ -518,3 +518,12 @@ def test_bmma_preferred_rule(monkeypatch):
     assert not ops.bmma_preferred(3, torch.float16, 4096, 28672, torch.device("cpu"))
     monkeypatch.setenv("DECDEC_BMMA", "0")
     assert not ops.bmma_preferred(3, torch.float16, 4096, 28672, cuda0)
+    monkeypatch.setenv("DECDEC_BMMA", "all")  # every supported shape, still only 3-bit fp16 / bf16 on CUDA
+    for n, out in ((4096, 6144), (4096, 4096), (14336, 4096), (17920, 5120), (4096, 28672)):
+        assert ops.bmma_preferred(3, torch.float16, n, out, cuda0), (n, out)
+    assert not ops.bmma_preferred(3, torch.float16, 4096, 4104, cuda0)  # out % 16 != 0: unsupported
+    assert not ops.bmma_preferred(4, torch.float16, 4096, 4096, cuda0)
+    assert not ops.bmma_preferred(3, torch.float16, 4096, 4096, torch.device("cpu"))
+    monkeypatch.setenv("DECDEC_BMMA", "yes")
+    with pytest.raises(ValueError, match="DECDEC_BMMA='yes'.*all"):
+        ops.bmma_preferred(3, torch.float16, 4096, 4096, cuda0)
