@@ -189,6 +189,17 @@ def git_sha() -> str:
         return "unknown"
 
 
+def env_knobs() -> dict[str, str]:
+    """The ``DECDEC_*`` environment variables of this process (the kernels' and ops' A/B switches, e.g.
+    ``DECDEC_BMMA=0``, and ``DECDEC_CACHE``): recorded with every run, so its numbers say which variant produced them."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("DECDEC_")}
+
+
+def knobs_label(knobs: dict[str, str] | None = None) -> str:
+    """``env_knobs()`` as one flat string ("" when none is set), for summaries, tables and CSV columns."""
+    return " ".join(f"{k}={v}" for k, v in (env_knobs() if knobs is None else knobs).items())
+
+
 def environment(device: torch.device, kernel_path: str) -> dict:
     import hydra
     import transformers
@@ -205,6 +216,7 @@ def environment(device: torch.device, kernel_path: str) -> dict:
         "cpu_threads": torch.get_num_threads(),
         "git_sha": git_sha(),
         "kernel_path": kernel_path,
+        "knobs": env_knobs(),
         "argv": sys.argv,
     }
     return env
@@ -305,7 +317,8 @@ class Run:
                 "precision": cfg.precision.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "compile": cfg.compile.mode, "attention": self.attention, "dec_enabled": bool(built.dec_rows_per_token()),
                 "dec_rows_per_token": built.dec_rows_per_token(), "dec_bytes_per_token": built.dec_bytes_per_token(),
-                "k_chunk": _k_chunk_summary(built), "load_s": self.load_s, "kernel_path": self.kernel}
+                "k_chunk": _k_chunk_summary(built), "load_s": self.load_s, "kernel_path": self.kernel,
+                "knobs": knobs_label()}
 
     # ------------------------------------------------------------------ perplexity
     def perplexity(self) -> dict:

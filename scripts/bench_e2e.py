@@ -27,7 +27,7 @@ from rich.table import Table
 
 from decdec import tune
 from decdec.config import register_configs
-from decdec.run import Run, env_device_name
+from decdec.run import Run, env_device_name, knobs_label
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -123,7 +123,7 @@ def main() -> None:
                 rows.append({"setting": f"{setting} dec={dec}", "tokens_per_s": rate, "compile": mode or "(overrides)", "weight_bytes": wb,
                              "floor_tokens_per_s": bw / wb if bw else None, "peak_gpu_bytes": run._peak(),
                              "gpu_bytes_after_build": after_build,
-                             "device": env_device_name(run.device)})
+                             "device": env_device_name(run.device), "knobs": knobs_label()})
                 run._finish({"status": "ok"})
                 run.model = None
             del built  # or this model stays allocated through the next settings' peak measurements
@@ -139,11 +139,13 @@ def main() -> None:
                              "tokens_per_s": s["tuned_tokens_per_s"], "weight_bytes": None, "floor_tokens_per_s": None,
                              "peak_gpu_bytes": s["peak_gpu_bytes_tuned"], "device": env_device_name(run.device),
                              "dec_off_tokens_per_s": s["base_tokens_per_s"], "choice": s["choice"],
-                             "peak_gpu_bytes_dec_off": s["peak_gpu_bytes_dec_off"]})
+                             "peak_gpu_bytes_dec_off": s["peak_gpu_bytes_dec_off"], "knobs": knobs_label()})
                 print(rows[-1])
 
     dense = rows[0]["tokens_per_s"]
-    table = Table(title=f"decode tokens/s on {rows[0]['device']} ({stamp}); HBM copy {bw / 1e12 if bw else 0:.2f} TB/s")
+    knobs = knobs_label()
+    table = Table(title=f"decode tokens/s on {rows[0]['device']} ({stamp}); HBM copy {bw / 1e12 if bw else 0:.2f} TB/s"
+                        + (f"; {knobs}" if knobs else ""))
     for col in ("setting", "tokens/s", "x dense", "floor tokens/s", "% of floor", "peak GPU GiB"):
         table.add_column(col, justify="left" if col == "setting" else "right")
     for r in rows:

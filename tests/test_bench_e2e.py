@@ -33,9 +33,11 @@ def test_dec_option_applies_to_quantized_settings_only(tmp_path, monkeypatch, ca
 
 
 def test_dec_off_by_default(tmp_path, monkeypatch, cache_dir):
+    monkeypatch.setenv("DECDEC_BMMA", "0")  # an A/B switch: every row says it ran with it
     rows, overrides = _bench(tmp_path, monkeypatch)
     assert [r["setting"] for r in rows] == ["fp16 dec=off", "ap-w3 dec=off"]
     assert all("dec=off" in o for o in overrides)
+    assert all("DECDEC_BMMA=0" in r["knobs"].split() for r in rows), [r["knobs"] for r in rows]
 
 
 def test_unknown_dec_config_is_a_clear_error_before_any_run(tmp_path, monkeypatch):

@@ -98,6 +98,24 @@ def test_inprocess_run_wandb_offline_matches_yaml(tiny_run):
                                              "backend.name": "ap"})
 
 
+def test_run_records_the_env_knobs(tmp_path, cache_dir, monkeypatch):
+    """The DECDEC_* A/B switches of the process are in env.yaml (a mapping), in the summary (one string) and in the
+    W&B run's summary, so two runs that differ only in a switch can be told apart; none set: an empty string."""
+    from decdec.run import env_knobs, knobs_label
+
+    monkeypatch.setenv("DECDEC_BMMA", "0")
+    monkeypatch.setenv("DECDEC_PDL", "0")
+    summary = run_inprocess([*TINY, "logger=[yaml,wandb]"], tmp_path / "job", cache_dir)
+    _, on_disk, env = _check_outputs(tmp_path / "job", 2, 4)
+    assert env["knobs"]["DECDEC_BMMA"] == "0" and env["knobs"]["DECDEC_PDL"] == "0"
+    assert {"DECDEC_BMMA=0", "DECDEC_PDL=0"} <= set(summary["knobs"].split()) and on_disk["knobs"] == summary["knobs"]
+    assert read_offline_run(tmp_path / "job")["summary"]["knobs"] == summary["knobs"]
+    for k in list(env_knobs()):
+        monkeypatch.delenv(k)
+    assert env_knobs() == {} and knobs_label() == ""
+    assert knobs_label({"DECDEC_A": "1", "DECDEC_B": "x"}) == "DECDEC_A=1 DECDEC_B=x"
+
+
 @pytest.mark.parametrize("overrides,rows", [
     (["backend=lutgemm"], 2 * (4 + 4 + 4 + 16)),
     (["backend=fp16"], 0),
