@@ -88,7 +88,7 @@ int main(int argc, char** argv) {
   CK(cudaFuncGetAttributes(&fa, ap3_bmma_kernel<__half, 4>));
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
-  std::string md;
+  std::string md, chain_md;
   char line[1024];
   snprintf(line, sizeof line,
            "%s, %d SMs; BMMA GEMV (csrc/ap_bmma.cu) %d registers. Errors: max |y - y_ref| / max |y_ref| (y_ref: the "
@@ -217,6 +217,54 @@ int main(int argc, char** argv) {
           const float us = graph_us([&](cudaStream_t s, int i) { launch(stages, warps, bps, kp, i % copies, s); });
           if (us < best.us) best = {us, stages, warps, bps, kp};
         }
+    // In a chain: an in x in producer GEMV (kernel layout, like the o projection before gate_up) writes x, then the
+    // shipped GEMV, the op (planes kernel + GEMV), or the GEMV alone on the planes already there (timing only: the
+    // planes are stale). op - alone = what the planes kernel costs between a producer and the GEMV: the most that
+    // planes formed by the producer itself could save, before that producer's own extra work.
+    {
+      const size_t nw_o = (size_t)3 * in * words;
+      std::vector<uint32_t> planes_o(nw_o);
+      for (auto& w : planes_o) w = rng();
+      const std::vector<uint32_t> kl_o = pack_kernel_layout(planes_o, in, words);
+      const int copies_o = std::max(4, (int)((4.0 * l2 + nw_o * 4 - 1) / (nw_o * 4)));
+      uint32_t* qo;
+      __half *luto, *xo;
+      CK(cudaMalloc(&qo, nw_o * 4 * copies_o));
+      CK(cudaMalloc(&luto, (size_t)in * 16 * copies_o));
+      CK(cudaMalloc(&xo, in * 2));
+      CK(cudaMemcpy(xo, hx.data(), in * 2, cudaMemcpyHostToDevice));
+      std::vector<__half> hlo((size_t)in * 8);
+      for (auto& v : hlo) v = __float2half(((int)(rng() % 2001) - 1000) / 64000.f);  // keeps x in fp16 range
+      for (int c = 0; c < copies_o; ++c) {
+        CK(cudaMemcpy(qo + c * nw_o, kl_o.data(), nw_o * 4, cudaMemcpyHostToDevice));
+        CK(cudaMemcpy(luto + (size_t)c * in * 8, hlo.data(), (size_t)in * 16, cudaMemcpyHostToDevice));
+      }
+      auto producer = [&](cudaStream_t s, int i) {
+        const int c = i % copies_o;
+        CK((launch_gemv<3, __half>(xo, qo + c * nw_o, luto + (size_t)c * in * 8, x, 1, in, in, Fused{}, s, true)));
+      };
+      const float c_prod = graph_us(producer);
+      const float c_shipped = graph_us([&](cudaStream_t s, int i) {
+        producer(s, i);
+        const int c = i % copies;
+        CK((launch_gemv<3, __half>(x, qk + c * nw, lut + (size_t)c * out * 8, y, 1, in, out, Fused{}, s, true)));
+      });
+      const float c_op = graph_us([&](cudaStream_t s, int i) {
+        producer(s, i);
+        const int c = i % copies;
+        CK(ap3_bmma_gemv(DType::F16, x, qp + c * nw, lut + (size_t)c * out * 8, y, 1, in, out, scratch, cnt, s));
+      });
+      const float c_alone = graph_us([&](cudaStream_t s, int i) {
+        producer(s, i);
+        launch(4, op_warps, 1, op_kp, i % copies, s);
+      });
+      snprintf(line, sizeof line, "| %dx%d then %dx%d | %.2f us | %.2f us | %.2f us | %.2f us | %.2f us |\n", in, in,
+               in, out, c_prod, c_shipped, c_op, c_alone, c_op - c_alone);
+      chain_md += line;
+      cudaFree(qo);
+      cudaFree(luto);
+      cudaFree(xo);
+    }
     const double gbs = (qbytes + out * 16.0) / (best.us * 1e3);
     snprintf(line, sizeof line,
              "| %dx%d | %.2f us | %.1e | %.2f us | %.2f us (KP %d, %d warps) | %.2f us (%d, %dx%d, KP %d) | "
@@ -237,6 +285,11 @@ int main(int argc, char** argv) {
     cudaFree(scratch);
     cudaFree(cnt);
   }
+  md += "\nIn a chain (graph-timed, per pair): an in x in producer GEMV in the kernel layout writes x, then the "
+        "consumer; GEMV alone: the bmma GEMV with the op's plan on planes already formed (stale: timing only).\n\n"
+        "| producer then consumer | producer alone | then shipped | then op (planes + GEMV) | then GEMV alone | "
+        "op - alone |\n|---|---|---|---|---|---|\n" + chain_md;
+  printf("%s", md.substr(md.find("\nIn a chain")).c_str());
   if (argc > 1 && std::string(argv[1]) != "-") {
     const std::string tmp = std::string(argv[1]) + ".tmp";
     FILE* f = fopen(tmp.c_str(), "w");
