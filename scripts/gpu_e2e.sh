@@ -6,7 +6,8 @@
 #   STEPS="build host" bash scripts/gpu_e2e.sh   # host cost of a decode step: cudagraphs vs inductor vs reduce-overhead
 #   STEPS="build profile" PROFILE_ARGS="-o attention=sdpa" bash scripts/gpu_e2e.sh   # per-kernel GPU time of a Llama-3-8B ap w3 step
 #   STEPS="build ab" AB=DECDEC_QKV_ROPE bash scripts/gpu_e2e.sh   # an A/B knob: AB=0 / AB=1 in alternating processes,
-#       AB_PAIRS pairs (2) of bench_e2e.py --settings AB_SETTINGS (ap-w3) --samples 3, tokens/s per run
+#       AB_PAIRS rounds (2) of bench_e2e.py --settings AB_SETTINGS (ap-w3) --samples 3, tokens/s per run; AB_VALUES
+#       ("0 1") the values to alternate, e.g. AB=DECDEC_BMMA AB_VALUES="1 all"; MODEL (llama3) the model
 #   PACK=1 ...: pack $OUT into $OUT/results.tgz at the end (the device tool returns at most 8 files)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,7 +46,7 @@ fi
 if [[ " $STEPS " == *" ab "* ]]; then
   [[ -n "${AB:-}" ]] || { echo "STEPS=ab needs AB=<environment variable to set to 0 and 1>"; exit 2; }
   for i in $(seq 1 "${AB_PAIRS:-2}"); do
-    for v in 0 1; do
+    for v in ${AB_VALUES:-0 1}; do
       log="$OUT/ab_${AB}_${v}_${i}.log"
       env "$AB=$v" timeout "${AB_TIMEOUT:-200}" python3 scripts/bench_e2e.py -o model=${MODEL:-llama3} \
         -o model.source=synthetic -o device=cuda -o compile=${COMPILE:-cudagraphs} --settings ${AB_SETTINGS:-ap-w3} \
