@@ -459,6 +459,7 @@ cudaError_t launch_bmma(const T* x, const uint4* qw, const T* lut, T* y, int M, 
   auto planes = norm ? ap3_xplanes_kernel<T, true> : ap3_xplanes_kernel<T, false>;
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
+  static const bool early = env_knob_on("DECDEC_BMMA_PLANES_EARLY");  // read once per process, not per launch
   for (int m = 0; m < M; ++m) {
     AddNorm an;
     if (norm) {  // token m's rows of b and h
@@ -467,7 +468,7 @@ cudaError_t launch_bmma(const T* x, const uint4* qw, const T* lut, T* y, int M, 
       an.h_out = static_cast<T*>(norm->h_out) + (size_t)m * in;
     }
     err = launch_kernel(planes, dim3(plane_blocks), dim3(32 * kPlaneWarps), 0, stream, true, x + (size_t)m * in, in,
-                        xb, meta, an, (int)env_knob_on("DECDEC_BMMA_PLANES_EARLY"));
+                        xb, meta, an, (int)early);
     if (err != cudaSuccess) return err;
     err = launch_kernel(kernel, dim3(grid), dim3(32 * warps), smem, stream, true, qw, lut,
                         static_cast<const uint32_t*>(xb), static_cast<const XMeta*>(meta),

@@ -88,6 +88,7 @@ def main() -> None:
         raise SystemExit(f"--dec {a.dec}: no conf/dec/{a.dec}.yaml; choose one of {', '.join(decs)}")
     register_configs()
     rows = []
+    knobs = knobs_label()  # the DECDEC_* switches of this process, on every row and in the title
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     tune_args = [f"task.verify_tokens={a.tokens}", f"task.verify_samples={a.samples}"]
 
@@ -123,7 +124,7 @@ def main() -> None:
                 rows.append({"setting": f"{setting} dec={dec}", "tokens_per_s": rate, "compile": mode or "(overrides)", "weight_bytes": wb,
                              "floor_tokens_per_s": bw / wb if bw else None, "peak_gpu_bytes": run._peak(),
                              "gpu_bytes_after_build": after_build,
-                             "device": env_device_name(run.device), "knobs": knobs_label()})
+                             "device": env_device_name(run.device), "knobs": knobs})
                 run._finish({"status": "ok"})
                 run.model = None
             del built  # or this model stays allocated through the next settings' peak measurements
@@ -139,11 +140,10 @@ def main() -> None:
                              "tokens_per_s": s["tuned_tokens_per_s"], "weight_bytes": None, "floor_tokens_per_s": None,
                              "peak_gpu_bytes": s["peak_gpu_bytes_tuned"], "device": env_device_name(run.device),
                              "dec_off_tokens_per_s": s["base_tokens_per_s"], "choice": s["choice"],
-                             "peak_gpu_bytes_dec_off": s["peak_gpu_bytes_dec_off"], "knobs": knobs_label()})
+                             "peak_gpu_bytes_dec_off": s["peak_gpu_bytes_dec_off"], "knobs": knobs})
                 print(rows[-1])
 
     dense = rows[0]["tokens_per_s"]
-    knobs = knobs_label()
     table = Table(title=f"decode tokens/s on {rows[0]['device']} ({stamp}); HBM copy {bw / 1e12 if bw else 0:.2f} TB/s"
                         + (f"; {knobs}" if knobs else ""))
     for col in ("setting", "tokens/s", "x dense", "floor tokens/s", "% of floor", "peak GPU GiB"):
